@@ -1,0 +1,43 @@
+# Set-up-and-run commands. Each target creates (or reuses) .venv and installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ftte-installed
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+export FLWR_TELEMETRY_ENABLED := 0
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: demo test test-all bench compare-flower install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned, so nothing later resolves a CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ftte bench secagg --clients 10 --dim 100000 --dropout 0.1 --json
+
+test: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/pytest -q bench --benchmark-enable --benchmark-json=bench-results.json
+
+$(VENV)/.ftte-flower: $(STAMP)
+	$(PIP) install -c constraints.txt -e ".[flower]"
+	touch $@
+
+compare-flower: $(VENV)/.ftte-flower
+	$(BIN)/ftte bench secagg --clients 10 --dim 1000000 --dropout 0.1 --compare flower --json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

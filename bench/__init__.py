@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark suites) and head-to-head comparison runners."""

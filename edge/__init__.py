@@ -1,0 +1,1 @@
+"""What runs on the device: profiles, models, memory, subset plans, training and update encoding."""

@@ -1,0 +1,1 @@
+"""The server stage: coordinator, strategies, simulator, datasets, config and reports."""

@@ -1,0 +1,1 @@
+"""Differential privacy: DP-SGD on a parameter subset, accountants, budgets, the ledger and its audit."""
