@@ -1,0 +1,259 @@
+"""The member side of secure aggregation, as a transport-free state machine.
+
+Stages: advertise keys -> share keys -> masked input -> consistency check -> unmask.
+Each method consumes the server's message for one stage and returns this member's reply;
+calling a method out of order raises, and a refused message leaves the state unchanged.
+Fresh X25519 keys and a fresh self-mask seed are drawn per session, and the member never
+releases both a seed share and a key share for the same owner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TypeVar
+
+import numpy as np
+
+from ftte import wire
+from ftte.crypto import shamir
+from ftte.crypto.prg import expand_mask, pairwise_seed, ring_dtype, self_mask_seed
+from ftte.crypto.primitives import (
+    CryptoError,
+    Signer,
+    aead_decrypt,
+    aead_encrypt,
+    ed25519_verify,
+    random_bytes,
+    x25519_agree,
+    x25519_keypair,
+)
+from ftte.crypto.secagg_session import (
+    MemberError,
+    ReplayError,
+    SecAggError,
+    SessionAborted,
+    SessionParams,
+    ShapeError,
+    SignatureError,
+    neighbours,
+    seed_commitment,
+    session_id,
+    share_aad,
+    share_index,
+    share_key,
+)
+from ftte.messages import (
+    AdvertiseKeys,
+    ConsistencyBundle,
+    ConsistencySignature,
+    MaskedInput,
+    Roster,
+    ShareDelivery,
+    ShareKeys,
+    SurvivorList,
+    UnmaskShares,
+    consistency_bytes,
+    signing_bytes,
+)
+
+
+M = TypeVar("M")
+
+
+class ClientStage(enum.Enum):
+    NEW = "new"
+    ADVERTISED = "advertised"
+    SHARED = "shared"
+    MASKED = "masked"
+    SIGNED = "signed"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+def sign_message(signer: Signer, msg: M) -> M:
+    """``msg`` with its identity signature filled in."""
+    return dataclasses.replace(msg, signature=signer.sign(signing_bytes(msg)))
+
+
+class SecAggClient:
+    def __init__(self, params: SessionParams, member: int, identity: Signer) -> None:
+        if not params.is_member(member):
+            raise MemberError(f"member {member} is not in this cohort")
+        if params.identity_key(member) != identity.public_key:
+            raise MemberError(f"identity key of member {member} does not match the cohort's")
+        self.params = params
+        self.member = member
+        self._identity = identity
+        self._context = params.context()
+        self.stage = ClientStage.NEW
+        self._c_sk, self.c_public = x25519_keypair()
+        self._s_sk, self.s_public = x25519_keypair()
+        self._seed = random_bytes(32)
+        self.session: bytes = b""
+        self.roster: dict[int, tuple[bytes, bytes]] = {}
+        self.neighbours: frozenset[int] = frozenset()
+        self.share_peers: tuple[int, ...] = ()  # members whose shares I hold (and who mask with me)
+        self._held: dict[int, tuple[shamir.Share, shamir.Share]] = {}  # owner -> (seed share, key share)
+        self._survivors: tuple[int, ...] = ()
+        self.released: dict[int, str] = {}  # owner -> "seed" | "key"
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _expect(self, stage: ClientStage) -> None:
+        if self.stage is not stage:
+            raise ReplayError(f"member {self.member}: message for another stage (now {self.stage.value})")
+
+    def _abort(self, why: str) -> SessionAborted:
+        self.stage = ClientStage.ABORTED
+        self._held.clear()
+        return SessionAborted(why)
+
+    def _check_session(self, session: bytes) -> None:
+        if session != self.session:
+            raise ReplayError(f"member {self.member}: message from another session")
+
+    # -- stage 0 ---------------------------------------------------------------------------
+    def advertise(self) -> AdvertiseKeys:
+        self._expect(ClientStage.NEW)
+        msg = sign_message(
+            self._identity, AdvertiseKeys(self._context, self.member, self.c_public, self.s_public)
+        )
+        self.stage = ClientStage.ADVERTISED
+        return msg
+
+    # -- stage 1 ---------------------------------------------------------------------------
+    def share_keys(self, roster_msg: Roster) -> ShareKeys:
+        """Check every advertisement, derive the session, and send encrypted shares to my holders."""
+        self._expect(ClientStage.ADVERTISED)
+        if roster_msg.context != self._context:
+            raise ReplayError("roster for another cohort context")
+        roster: dict[int, tuple[bytes, bytes]] = {}
+        for member, blob in roster_msg.adverts:
+            advert = wire.decode(blob, expect=AdvertiseKeys)
+            if advert.member != member or not self.params.is_member(member) or member in roster:
+                raise MemberError(f"roster lists unknown or duplicate member {member}")
+            if advert.context != self._context:
+                raise ReplayError(f"advertisement of member {member} belongs to another context")
+            try:
+                ed25519_verify(self.params.identity_key(member), advert.signature, signing_bytes(advert))
+            except CryptoError as exc:
+                raise SignatureError(f"advertisement of member {member}: {exc}") from None
+            roster[member] = (advert.c_public, advert.s_public)
+        if roster.get(self.member) != (self.c_public, self.s_public):
+            raise MemberError("roster does not carry my own advertisement")
+        if len(roster) < self.params.threshold:
+            raise self._abort(f"only {len(roster)} members advertised keys, threshold is {self.params.threshold}")
+        session = session_id(self._context, roster)
+        graph = neighbours(self.params, session, tuple(roster))
+        holders = sorted(graph[self.member] | {self.member})
+        if len(holders) < self.params.t:
+            raise self._abort(f"{len(holders)} share holders cannot reach share threshold {self.params.t}")
+        self.session, self.roster, self.neighbours = session, roster, graph[self.member]
+        indices = [share_index(h) for h in holders]
+        seed_shares = shamir.split(self._seed, self.params.t, indices)
+        key_shares = shamir.split(self._s_sk, self.params.t, indices)
+        ciphertexts = []
+        for holder, s_share, k_share in zip(holders, seed_shares, key_shares):
+            if holder == self.member:
+                self._held[self.member] = (s_share, k_share)
+                continue
+            secret = x25519_agree(self._c_sk, roster[holder][0])
+            key = share_key(secret, session, self.member, holder)
+            plaintext = s_share.value_bytes() + k_share.value_bytes()
+            ciphertexts.append((holder, aead_encrypt(key, plaintext, share_aad(session, self.member, holder))))
+        msg = ShareKeys(session, self.member, seed_commitment(session, self.member, self._seed), tuple(ciphertexts))
+        self.stage = ClientStage.SHARED
+        return sign_message(self._identity, msg)
+
+    # -- stage 2 ---------------------------------------------------------------------------
+    def masked_input(self, delivery: ShareDelivery, vector: np.ndarray) -> MaskedInput:
+        """Decrypt the shares I hold, then add my self mask and pairwise masks to ``vector``."""
+        self._expect(ClientStage.SHARED)
+        self._check_session(delivery.session)
+        dtype = ring_dtype(self.params.ring_bits)
+        vector = np.asarray(vector)
+        if vector.dtype != dtype or vector.shape != (self.params.dim,):
+            raise ShapeError(f"input must be a {dtype} vector of length {self.params.dim}, got {vector.dtype} {vector.shape}")
+        held: dict[int, tuple[shamir.Share, shamir.Share]] = {}
+        my_index = share_index(self.member)
+        for sender, ciphertext in delivery.ciphertexts:
+            if sender not in self.neighbours or sender in held:
+                raise MemberError(f"shares from member {sender}, who is not an unseen neighbour")
+            secret = x25519_agree(self._c_sk, self.roster[sender][0])
+            key = share_key(secret, self.session, sender, self.member)
+            try:
+                plain = aead_decrypt(key, ciphertext, share_aad(self.session, sender, self.member))
+            except CryptoError as exc:
+                raise SignatureError(f"shares from member {sender}: {exc}") from None
+            try:
+                held[sender] = (
+                    shamir.Share.from_bytes(my_index, plain[: shamir.SHARE_BYTES]),
+                    shamir.Share.from_bytes(my_index, plain[shamir.SHARE_BYTES :]),
+                )
+            except shamir.ShamirError as exc:
+                raise ShapeError(f"shares from member {sender}: {exc}") from None
+        if len(held) + 1 < self.params.threshold:
+            raise self._abort(f"only {len(held) + 1} members shared keys with me, threshold is {self.params.threshold}")
+        self._held.update(held)
+        self.share_peers = tuple(sorted(held))
+        masked = vector + expand_mask(self_mask_seed(self._seed, self.session, self.member), self.params.dim, self.params.ring_bits)
+        for peer in self.share_peers:
+            secret = x25519_agree(self._s_sk, self.roster[peer][1])
+            mask = expand_mask(pairwise_seed(secret, self.session, self.member, peer), self.params.dim, self.params.ring_bits)
+            if self.member < peer:
+                np.add(masked, mask, out=masked)
+            else:
+                np.subtract(masked, mask, out=masked)
+        self.stage = ClientStage.MASKED
+        return sign_message(self._identity, MaskedInput(self.session, self.member, masked))
+
+    # -- stage 3 ---------------------------------------------------------------------------
+    def consistency(self, survivors_msg: SurvivorList) -> ConsistencySignature:
+        """Sign the survivor list, so that no two members can be shown different lists."""
+        self._expect(ClientStage.MASKED)
+        self._check_session(survivors_msg.session)
+        survivors = survivors_msg.survivors
+        if list(survivors) != sorted(set(survivors)) or any(m not in self.roster for m in survivors):
+            raise MemberError("survivor list is unsorted, repeats or names members outside the roster")
+        if self.member not in survivors:
+            raise MemberError("survivor list omits me")
+        if len(survivors) < self.params.threshold:
+            raise self._abort(f"{len(survivors)} survivors, threshold is {self.params.threshold}")
+        self._survivors = tuple(survivors)
+        self.stage = ClientStage.SIGNED
+        return ConsistencySignature(
+            self.session, self.member, self._identity.sign(consistency_bytes(self.session, self._survivors))
+        )
+
+    # -- stage 4 ---------------------------------------------------------------------------
+    def unmask(self, bundle: ConsistencyBundle) -> UnmaskShares:
+        """Release, per owner I hold shares of, the seed share if it survived, else the key share."""
+        self._expect(ClientStage.SIGNED)
+        self._check_session(bundle.session)
+        signed: set[int] = set()
+        message = consistency_bytes(self.session, self._survivors)
+        for member, signature in bundle.signatures:
+            if member not in self._survivors or member in signed:
+                raise MemberError(f"consistency signature from non-survivor or duplicate member {member}")
+            try:
+                ed25519_verify(self.params.identity_key(member), signature, message)
+            except CryptoError:
+                raise SignatureError(f"consistency signature of member {member} does not verify") from None
+            signed.add(member)
+        if len(signed) < self.params.threshold:
+            raise self._abort(f"{len(signed)} consistency signatures, threshold is {self.params.threshold}")
+        survivors = set(self._survivors)
+        seed_shares, key_shares = [], []
+        for owner in sorted(self._held):
+            seed_share, key_share = self._held[owner]
+            kind = "seed" if owner in survivors else "key"
+            if self.released.get(owner, kind) != kind:
+                raise SecAggError(f"refusing to release both share kinds of member {owner}")
+            self.released[owner] = kind
+            if kind == "seed":
+                seed_shares.append((owner, seed_share.value_bytes()))
+            else:
+                key_shares.append((owner, key_share.value_bytes()))
+        self._held.clear()
+        self.stage = ClientStage.DONE
+        return sign_message(self._identity, UnmaskShares(self.session, self.member, tuple(seed_shares), tuple(key_shares)))

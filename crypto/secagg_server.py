@@ -1,0 +1,299 @@
+"""The server side of secure aggregation, as a transport-free state machine.
+
+``receive`` checks a message completely (stage, session, member, signature, shape)
+before it touches any state, so a refused message leaves the session as it was. Each
+``close_*`` method ends a stage, returns what to send next, and aborts the session when
+fewer than T members remain; an aborted session drops every masked input and share it
+held, so nothing it keeps could be unmasked.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+from ftte import wire
+from ftte.crypto import shamir
+from ftte.crypto.prg import expand_mask, pairwise_seed, ring_dtype, self_mask_seed
+from ftte.crypto.primitives import CryptoError, constant_time_equal, ed25519_verify, x25519_agree, x25519_public_from_private
+from ftte.crypto.secagg_session import (
+    MemberError,
+    ReplayError,
+    SecAggError,
+    SessionAborted,
+    SessionParams,
+    ShapeError,
+    SignatureError,
+    neighbours,
+    seed_commitment,
+    session_id,
+    share_index,
+)
+from ftte.messages import (
+    AdvertiseKeys,
+    ConsistencyBundle,
+    ConsistencySignature,
+    MaskedInput,
+    Roster,
+    ShareDelivery,
+    ShareKeys,
+    SurvivorList,
+    UnmaskShares,
+    consistency_bytes,
+    signing_bytes,
+)
+
+
+class ServerStage(enum.Enum):
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    UPLOAD = "upload"
+    CONSISTENCY = "consistency"
+    UNMASK = "unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+_STAGE_OF = {
+    AdvertiseKeys: ServerStage.ADVERTISE,
+    ShareKeys: ServerStage.SHARE,
+    MaskedInput: ServerStage.UPLOAD,
+    ConsistencySignature: ServerStage.CONSISTENCY,
+    UnmaskShares: ServerStage.UNMASK,
+}
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """The only thing the server learns: the ring sum of the survivors' inputs."""
+
+    total: np.ndarray
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]  # shared keys but sent no masked input: their pairwise masks were removed
+
+
+class SecAggServer:
+    def __init__(self, params: SessionParams) -> None:
+        self.params = params
+        self.stage = ServerStage.ADVERTISE
+        self._context = params.context()
+        self.session = b""
+        self.adverts: dict[int, AdvertiseKeys] = {}
+        self.roster: dict[int, tuple[bytes, bytes]] = {}
+        self.graph: dict[int, frozenset[int]] = {}
+        self.share_msgs: dict[int, ShareKeys] = {}
+        self.masked: dict[int, np.ndarray] = {}
+        self.survivors: tuple[int, ...] = ()
+        self.consistency_sigs: dict[int, bytes] = {}
+        self.unmask_msgs: dict[int, UnmaskShares] = {}
+        self.result: AggregateResult | None = None
+        self.abort_reason = ""
+
+    # -- receiving ---------------------------------------------------------------------------
+    def receive(self, msg: object) -> None:
+        """Validate and store one member message; raises a ``RejectedMessage`` without changing state."""
+        expected = _STAGE_OF.get(type(msg))
+        if expected is None:
+            raise ShapeError(f"not a member message: {type(msg).__name__}")
+        if self.stage is not expected:
+            raise ReplayError(f"{type(msg).__name__} arrived in stage {self.stage.value}")
+        member = msg.member  # type: ignore[attr-defined]
+        if not self.params.is_member(member):
+            raise MemberError(f"unknown member {member}")
+        if isinstance(msg, AdvertiseKeys):
+            if msg.context != self._context:
+                raise ReplayError(f"advertisement of member {member} belongs to another cohort context")
+        elif msg.session != self.session:  # type: ignore[attr-defined]
+            raise ReplayError(f"{type(msg).__name__} from member {member} belongs to another session")
+        if isinstance(msg, ConsistencySignature):
+            self._check_consistency(msg)
+            self.consistency_sigs[member] = msg.signature
+            return
+        self._check_signature(msg, member)
+        if isinstance(msg, AdvertiseKeys):
+            self._once(self.adverts, member)
+            self.adverts[member] = msg
+        elif isinstance(msg, ShareKeys):
+            self._check_share_keys(msg)
+            self.share_msgs[member] = msg
+        elif isinstance(msg, MaskedInput):
+            self._check_masked(msg)
+            self.masked[member] = msg.vector
+        elif isinstance(msg, UnmaskShares):
+            self._check_unmask(msg)
+            self.unmask_msgs[member] = msg
+
+    @staticmethod
+    def _once(store: dict, member: int) -> None:
+        if member in store:
+            raise MemberError(f"second message from member {member} in this stage")
+
+    def _check_signature(self, msg: object, member: int) -> None:
+        try:
+            ed25519_verify(self.params.identity_key(member), msg.signature, signing_bytes(msg))  # type: ignore[attr-defined]
+        except CryptoError:
+            raise SignatureError(f"{type(msg).__name__} from member {member}: bad signature") from None
+
+    def _check_share_keys(self, msg: ShareKeys) -> None:
+        self._once(self.share_msgs, msg.member)
+        if msg.member not in self.roster:
+            raise MemberError(f"member {msg.member} did not advertise keys")
+        recipients = [r for r, _ in msg.ciphertexts]
+        if sorted(recipients) != sorted(self.graph[msg.member]) or len(set(recipients)) != len(recipients):
+            raise MemberError(f"member {msg.member} addressed shares to the wrong holders")
+
+    def _check_masked(self, msg: MaskedInput) -> None:
+        self._once(self.masked, msg.member)
+        if msg.member not in self.share_msgs:
+            raise MemberError(f"member {msg.member} did not share keys")
+        dtype = ring_dtype(self.params.ring_bits)
+        if msg.vector.dtype != dtype or msg.vector.shape != (self.params.dim,):
+            raise ShapeError(
+                f"masked input of member {msg.member}: expected {dtype} x {self.params.dim}, "
+                f"got {msg.vector.dtype} x {msg.vector.shape[0]}"
+            )
+
+    def _check_consistency(self, msg: ConsistencySignature) -> None:
+        self._once(self.consistency_sigs, msg.member)
+        if msg.member not in self.masked:
+            raise MemberError(f"member {msg.member} is not a survivor")
+        try:
+            ed25519_verify(self.params.identity_key(msg.member), msg.signature, consistency_bytes(self.session, self.survivors))
+        except CryptoError:
+            raise SignatureError(f"consistency signature of member {msg.member} does not verify") from None
+
+    def _check_unmask(self, msg: UnmaskShares) -> None:
+        self._once(self.unmask_msgs, msg.member)
+        if msg.member not in self.consistency_sigs:
+            raise MemberError(f"member {msg.member} did not pass the consistency check")
+        survivors = set(self.survivors)
+        # The shares this member holds: its own and those of every member that shared with it.
+        held = {o for o in self.share_msgs if o == msg.member or msg.member in self.graph[o]}
+        seed_owners = [o for o, _ in msg.seed_shares]
+        key_owners = [o for o, _ in msg.key_shares]
+        if set(seed_owners) & set(key_owners):
+            raise MemberError(f"member {msg.member} released both share kinds for one owner")
+        if len(set(seed_owners)) != len(seed_owners) or len(set(key_owners)) != len(key_owners):
+            raise MemberError(f"member {msg.member} repeated an owner")
+        if not set(seed_owners) <= (held & survivors) or not set(key_owners) <= (held - survivors):
+            raise MemberError(f"member {msg.member} released shares of owners it does not hold or of the wrong kind")
+
+    # -- closing stages ----------------------------------------------------------------------
+    def _abort(self, why: str) -> SessionAborted:
+        self.stage = ServerStage.ABORTED
+        self.abort_reason = why
+        self.masked.clear()
+        self.unmask_msgs.clear()
+        self.share_msgs.clear()
+        return SessionAborted(why)
+
+    def _require(self, count: int, what: str) -> None:
+        if count < self.params.threshold:
+            raise self._abort(f"{count} {what}, threshold is {self.params.threshold}: session aborted, nothing revealed")
+
+    def close_advertise(self) -> Roster:
+        if self.stage is not ServerStage.ADVERTISE:
+            raise SecAggError(f"cannot close advertise in stage {self.stage.value}")
+        self._require(len(self.adverts), "members advertised keys")
+        self.roster = {m: (a.c_public, a.s_public) for m, a in self.adverts.items()}
+        self.session = session_id(self._context, self.roster)
+        self.graph = neighbours(self.params, self.session, tuple(self.roster))
+        if min(len(g) + 1 for g in self.graph.values()) < self.params.t:
+            raise self._abort(f"too few members advertised to reach share threshold {self.params.t}")
+        self.stage = ServerStage.SHARE
+        return Roster(self._context, tuple((m, wire.encode(self.adverts[m])) for m in sorted(self.adverts)))
+
+    def close_share(self) -> dict[int, ShareDelivery]:
+        if self.stage is not ServerStage.SHARE:
+            raise SecAggError(f"cannot close share in stage {self.stage.value}")
+        self._require(len(self.share_msgs), "members shared keys")
+        inbox: dict[int, list[tuple[int, bytes]]] = {m: [] for m in self.share_msgs}
+        for sender in sorted(self.share_msgs):
+            for recipient, ciphertext in self.share_msgs[sender].ciphertexts:
+                if recipient in inbox:
+                    inbox[recipient].append((sender, ciphertext))
+        self.stage = ServerStage.UPLOAD
+        return {m: ShareDelivery(self.session, tuple(box)) for m, box in inbox.items()}
+
+    def close_upload(self) -> SurvivorList:
+        if self.stage is not ServerStage.UPLOAD:
+            raise SecAggError(f"cannot close upload in stage {self.stage.value}")
+        self._require(len(self.masked), "masked inputs")
+        self.survivors = tuple(sorted(self.masked))
+        self.stage = ServerStage.CONSISTENCY
+        return SurvivorList(self.session, self.survivors)
+
+    def close_consistency(self) -> ConsistencyBundle:
+        if self.stage is not ServerStage.CONSISTENCY:
+            raise SecAggError(f"cannot close consistency in stage {self.stage.value}")
+        self._require(len(self.consistency_sigs), "consistency signatures")
+        self.stage = ServerStage.UNMASK
+        return ConsistencyBundle(self.session, tuple(sorted(self.consistency_sigs.items())))
+
+    def finish(self) -> AggregateResult:
+        """Remove every mask and return the survivors' sum, or abort if some secret cannot be recovered."""
+        if self.stage is not ServerStage.UNMASK:
+            raise SecAggError(f"cannot unmask in stage {self.stage.value}")
+        self._require(len(self.unmask_msgs), "unmask responses")
+        t = self.params.t
+        seed_shares: dict[int, list[shamir.Share]] = {}
+        key_shares: dict[int, list[shamir.Share]] = {}
+        for holder in sorted(self.unmask_msgs):
+            msg = self.unmask_msgs[holder]
+            x = share_index(holder)
+            for owner, value in msg.seed_shares:
+                seed_shares.setdefault(owner, []).append(shamir.Share.from_bytes(x, value))
+            for owner, value in msg.key_shares:
+                key_shares.setdefault(owner, []).append(shamir.Share.from_bytes(x, value))
+        survivors = self.survivors
+        dropped = tuple(sorted(set(self.share_msgs) - set(survivors)))
+        cache = shamir.LagrangeCache()
+        seeds = {m: self._recover(m, seed_shares.get(m, []), t, cache, "seed") for m in survivors}
+        keys = {m: self._recover(m, key_shares.get(m, []), t, cache, "key") for m in dropped}
+
+        dim, bits = self.params.dim, self.params.ring_bits
+        total = np.zeros(dim, dtype=ring_dtype(bits))
+        for m in survivors:
+            np.add(total, self.masked[m], out=total)
+        for m in survivors:
+            np.subtract(total, expand_mask(self_mask_seed(seeds[m], self.session, m), dim, bits), out=total)
+        survivor_set = set(survivors)
+        for j in dropped:
+            for i in sorted(self.graph[j] & survivor_set):
+                secret = x25519_agree(keys[j], self.roster[i][1])
+                mask = expand_mask(pairwise_seed(secret, self.session, i, j), dim, bits)
+                # member i added +mask if i < j, else -mask: undo it.
+                if i < j:
+                    np.subtract(total, mask, out=total)
+                else:
+                    np.add(total, mask, out=total)
+        self.masked.clear()
+        self.unmask_msgs.clear()
+        self.stage = ServerStage.DONE
+        self.result = AggregateResult(total, survivors, dropped)
+        return self.result
+
+    def _recover(self, owner: int, shares: list[shamir.Share], t: int, cache: shamir.LagrangeCache, kind: str) -> bytes:
+        if len(shares) < t:
+            raise self._abort(f"only {len(shares)} {kind} shares of member {owner}, need {t}: session aborted")
+        try:
+            secret = shamir.reconstruct(shares[:t], t, check_extra=False, cache=cache)
+            if self._matches(owner, secret, kind):
+                return secret
+        except shamir.ShamirError:
+            pass
+        # A wrong share among the first t: use all of them, which pins down the inconsistency.
+        try:
+            secret = shamir.reconstruct(shares, t, check_extra=True)
+        except shamir.ShamirError as exc:
+            raise self._abort(f"{kind} shares of member {owner} are inconsistent: {exc}") from None
+        if not self._matches(owner, secret, kind):
+            raise self._abort(f"recovered {kind} of member {owner} does not match its commitment")
+        return secret
+
+    def _matches(self, owner: int, secret: bytes, kind: str) -> bool:
+        if kind == "seed":
+            return constant_time_equal(seed_commitment(self.session, owner, secret), self.share_msgs[owner].seed_commitment)
+        return constant_time_equal(x25519_public_from_private(secret), self.roster[owner][1])

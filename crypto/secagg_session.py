@@ -1,0 +1,207 @@
+"""Secure-aggregation session parameters, their validation, the session id and the masking graph.
+
+Both state machines derive everything here from the same public inputs, so they agree
+on the session id, on who shares with whom and on the thresholds without exchanging it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ftte.crypto.prg import expand_mask, ring_dtype
+from ftte.crypto.primitives import hkdf, sha256
+
+GRAPHS = ("full", "ring")
+
+
+class SecAggError(Exception):
+    """Base of every protocol error."""
+
+
+class ConfigError(SecAggError, ValueError):
+    """Parameters under which privacy or recovery cannot be guaranteed."""
+
+
+class RejectedMessage(SecAggError):
+    """A message was refused; the session state is unchanged."""
+
+
+class ReplayError(RejectedMessage):
+    """A message from another session or context, or for a stage already closed."""
+
+
+class SignatureError(RejectedMessage):
+    """A signature or AEAD tag did not verify."""
+
+
+class MemberError(RejectedMessage):
+    """An unknown member, a member outside its role, or a duplicate message."""
+
+
+class ShapeError(RejectedMessage):
+    """A vector or share list of the wrong length, dtype or range."""
+
+
+class SessionAborted(SecAggError):
+    """Too few members remain; the session reveals nothing."""
+
+
+def _u64(x: int) -> bytes:
+    return x.to_bytes(8, "big")
+
+
+@dataclass(frozen=True)
+class SessionParams:
+    """What the server announces when a cohort closes; identical on every member.
+
+    ``threshold`` (T) is the minimum number of survivors for the sum to be revealed.
+    ``share_threshold`` (t) is how many of a member's share holders must answer to
+    recover its secrets: T in the full graph; in the ring graph it defaults to a strict
+    majority of the ``neighbors + 1`` holders (SecAgg+).
+    """
+
+    cohort_id: str
+    plan_id: str
+    model_hash: bytes
+    close_version: int
+    members: tuple[int, ...]
+    identity_keys: tuple[bytes, ...]
+    threshold: int
+    dim: int
+    ring_bits: int
+    graph: str = "full"
+    neighbors: int = 0
+    share_threshold: int = 0
+    _index: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+        self._index.update({m: i for i, m in enumerate(self.members)})
+
+    def validate(self) -> None:
+        n = len(self.members)
+        if list(self.members) != sorted(set(self.members)):
+            raise ConfigError("members must be sorted and unique")
+        if any(not 0 <= m < 2**63 for m in self.members):
+            raise ConfigError("member ids must be in [0, 2^63)")
+        if len(self.identity_keys) != n or any(len(k) != 32 for k in self.identity_keys):
+            raise ConfigError("one 32-byte Ed25519 identity key per member is required")
+        if len(self.model_hash) != 32:
+            raise ConfigError("model_hash must be 32 bytes")
+        if self.dim < 1:
+            raise ConfigError("dim must be >= 1")
+        ring_dtype(self.ring_bits)
+        if self.graph not in GRAPHS:
+            raise ConfigError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
+        if n < 2:
+            raise ConfigError("a cohort needs at least 2 members")
+        if not 2 <= self.threshold <= n:
+            raise ConfigError(
+                f"threshold T={self.threshold} must be in [2, {n}]: a sum of one input reveals it, "
+                "and more than n survivors can never arrive"
+            )
+        if self.graph == "full":
+            if self.neighbors not in (0, n - 1):
+                raise ConfigError("the full graph masks with every member; leave neighbors at 0")
+            if self.share_threshold not in (0, self.threshold):
+                raise ConfigError("in the full graph the share threshold equals T")
+            if 2 * self.threshold <= n:
+                raise ConfigError(
+                    f"threshold T={self.threshold} must exceed n/2={n / 2}: otherwise a server can collect "
+                    "both a member's seed shares and its key shares from two disjoint groups"
+                )
+        else:
+            k = self.neighbors
+            if k < 2 or k % 2 or k >= n:
+                raise ConfigError(f"ring graph needs an even neighbors count in [2, {n - 1}], got {k}")
+            holders = k + 1
+            t = self.share_threshold or self.default_share_threshold(k)
+            if not 2 * t > holders:
+                raise ConfigError(f"share threshold {t} must be a strict majority of the {holders} holders")
+            if t > holders:
+                raise ConfigError(f"share threshold {t} exceeds the {holders} holders: recovery impossible")
+
+    @staticmethod
+    def default_share_threshold(neighbors: int) -> int:
+        return (neighbors + 1) // 2 + 1
+
+    @property
+    def t(self) -> int:
+        if self.graph == "full":
+            return self.threshold
+        return self.share_threshold or self.default_share_threshold(self.neighbors)
+
+    def identity_key(self, member: int) -> bytes:
+        return self.identity_keys[self._index[member]]
+
+    def is_member(self, member: int) -> bool:
+        return member in self._index
+
+    def context(self) -> bytes:
+        """Everything known before keys are advertised; advertisements sign it."""
+        parts = [
+            b"ftte/secagg/context/v1",
+            self.cohort_id.encode(),
+            self.plan_id.encode(),
+            self.model_hash,
+            _u64(self.close_version),
+            _u64(self.threshold),
+            _u64(self.t),
+            _u64(self.dim),
+            _u64(self.ring_bits),
+            self.graph.encode(),
+            _u64(self.neighbors),
+        ]
+        for m, key in zip(self.members, self.identity_keys):
+            parts += [_u64(m), key]
+        return sha256(*parts)
+
+
+def session_id(context: bytes, roster: dict[int, tuple[bytes, bytes]]) -> bytes:
+    """Binds the context to the sorted advertised members and their fresh public keys."""
+    parts = [b"ftte/secagg/session/v1", context]
+    for m in sorted(roster):
+        c_pk, s_pk = roster[m]
+        parts += [_u64(m), c_pk, s_pk]
+    return sha256(*parts)
+
+
+def neighbours(params: SessionParams, session: bytes, roster: tuple[int, ...]) -> dict[int, frozenset[int]]:
+    """Who masks with whom among the advertised members ``roster`` (sorted).
+
+    Full graph: everyone. Ring graph: ``neighbors/2`` on each side of a random ring whose
+    order comes from the session id, so the server cannot choose it after seeing keys.
+    """
+    members = tuple(sorted(roster))
+    if params.graph == "full" or params.neighbors >= len(members) - 1:
+        everyone = frozenset(members)
+        return {m: everyone - {m} for m in members}
+    order_key = hkdf(session, salt=b"ftte/secagg/ring-order/v1", info=b"")
+    draws = expand_mask(order_key, len(members), 32)
+    ring = [members[i] for i in np.argsort(draws, kind="stable")]
+    half = params.neighbors // 2
+    n = len(ring)
+    out: dict[int, frozenset[int]] = {}
+    for pos, m in enumerate(ring):
+        out[m] = frozenset(ring[(pos + d) % n] for d in range(-half, half + 1) if d != 0)
+    return out
+
+
+def share_index(member: int) -> int:
+    """The Shamir x coordinate of a holder: never zero, never repeated."""
+    return member + 1
+
+
+def share_aad(session: bytes, sender: int, recipient: int) -> bytes:
+    return b"ftte/secagg/share/v1" + session + _u64(sender) + _u64(recipient)
+
+
+def share_key(shared_secret: bytes, session: bytes, sender: int, recipient: int) -> bytes:
+    """AEAD key for shares from ``sender`` to ``recipient`` (direction-bound)."""
+    return hkdf(shared_secret, salt=session, info=b"ftte/secagg/share-key/v1" + _u64(sender) + _u64(recipient))
+
+
+def seed_commitment(session: bytes, member: int, seed: bytes) -> bytes:
+    return sha256(b"ftte/secagg/seed-commitment/v1", session, _u64(member), seed)

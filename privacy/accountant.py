@@ -1,0 +1,329 @@
+"""Privacy accounting whose state survives restarts.
+
+A device's privacy loss is a function of its whole history of DP-SGD steps, not of the
+last round alone: ε composes over every Poisson-subsampled Gaussian step the device ever
+took on its records. If that history lived only in process memory, a device that
+restarts (an app update, a reboot, a crash) would silently begin again at ε = 0 and could
+spend its budget twice. So the history is the persistent state, stored in SQLite per
+device id, and ε is always *recomputed from the history* with Opacus's own accountants
+(PRV by default, RDP selectable) rather than accumulated as a running float that could
+drift from what the accountant would say.
+
+The history is kept one record per round, ``(noise_multiplier, sample_rate, steps)``.
+Before handing it to Opacus we merge consecutive records with the same noise and sample
+rate, exactly as Opacus's ``IAccountant.step`` does when it is fed one step at a time,
+so the numbers we report are the numbers Opacus itself would report for the same run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from typing import Iterable, Sequence
+
+SUPPORTED_ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
+"""Accountants that may be named in a config or a ledger row.
+
+``"none"`` is accepted only for non-private rounds (noise multiplier 0): their ε is
+infinite and no accountant is involved.
+"""
+
+NON_PRIVATE_ACCOUNTANT = "none"
+
+
+@dataclass(frozen=True)
+class PrivacyStep:
+    """One round of DP-SGD as the accountant sees it: ``steps`` Poisson-subsampled
+    Gaussian steps at one ``sample_rate`` and one ``noise_multiplier``.
+
+    Stored as plain Python floats/ints so that a value written to SQLite and read back
+    is bit-identical (REAL is an IEEE double), which keeps recomputed ε reproducible.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "noise_multiplier", float(self.noise_multiplier))
+        object.__setattr__(self, "sample_rate", float(self.sample_rate))
+        if isinstance(self.steps, bool) or int(self.steps) != self.steps:
+            raise ValueError(f"steps must be an integer, got {self.steps!r}")
+        object.__setattr__(self, "steps", int(self.steps))
+        if not (self.noise_multiplier >= 0.0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError(f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}")
+        if not (0.0 < self.sample_rate <= 1.0):
+            raise ValueError(f"sample_rate must lie in (0, 1], got {self.sample_rate}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    def as_tuple(self) -> tuple[float, float, int]:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def opacus_history(history: Iterable[PrivacyStep]) -> list[tuple[float, float, int]]:
+    """The ``history`` list an Opacus accountant would hold after the same steps.
+
+    Opacus appends ``(noise_multiplier, sample_rate, 1)`` per step and merges a step
+    into the last entry when both values are equal; we reproduce that merge so PRV's
+    discretisation (which depends on the grouping) sees the identical input.
+    """
+    merged: list[tuple[float, float, int]] = []
+    for step in history:
+        if merged and merged[-1][0] == step.noise_multiplier and merged[-1][1] == step.sample_rate:
+            nm, q, n = merged[-1]
+            merged[-1] = (nm, q, n + step.steps)
+        else:
+            merged.append(step.as_tuple())
+    return merged
+
+
+def check_accountant_name(name: str, *, allow_none: bool = False) -> str:
+    """Validate an accountant name early, with the list of valid names in the error."""
+    valid = SUPPORTED_ACCOUNTANTS + ((NON_PRIVATE_ACCOUNTANT,) if allow_none else ())
+    if name not in valid:
+        raise ValueError(f"unknown accountant {name!r}; expected one of {', '.join(valid)}")
+    return name
+
+
+def make_accountant(history: Iterable[PrivacyStep], mechanism: str = "prv"):
+    """An Opacus accountant (``PRVAccountant`` / ``RDPAccountant``) preloaded with
+    ``history``, so a restarted device continues where it stopped."""
+    from opacus.accountants import create_accountant  # heavy import: torch
+
+    check_accountant_name(mechanism)
+    acc = create_accountant(mechanism=mechanism)
+    acc.history = opacus_history(history)
+    return acc
+
+
+@lru_cache(maxsize=4096)
+def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float, mechanism: str) -> float:
+    # Pure function of its arguments, so caching only saves time (PRV costs ~0.2-1 s
+    # per call); the trainer, the budget check and the audit all ask for the same
+    # prefixes of the same histories.
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=mechanism)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
+def compute_epsilon(history: Sequence[PrivacyStep], delta: float, mechanism: str = "prv") -> float:
+    """ε at ``delta`` after ``history`` according to Opacus's ``mechanism`` accountant.
+
+    An empty history costs nothing (0.0). A history containing a non-private step
+    (noise multiplier 0) has no finite ε, so this returns ``inf``.
+    """
+    if not (0.0 < delta < 1.0):
+        raise ValueError(f"delta must lie in (0, 1), got {delta}")
+    if not history:
+        return 0.0
+    if any(step.noise_multiplier == 0.0 for step in history):
+        return math.inf
+    check_accountant_name(mechanism)
+    return _epsilon_cached(tuple(opacus_history(history)), float(delta), mechanism)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class DeviceAccountantState:
+    """Everything needed to answer "how much has this device spent?" after a restart.
+
+    ``accountant`` and ``delta`` are fixed when the device is first registered: a
+    budget is a statement about (ε, δ) under one accounting method, and letting δ
+    drift between rounds (for instance because the local dataset grew) would make the
+    cumulative figure meaningless.
+    """
+
+    device_id: str
+    accountant: str
+    delta: float
+    history: tuple[PrivacyStep, ...] = field(default_factory=tuple)
+    epsilon_total: float = 0.0
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.history)
+
+    def epsilon_after(self, planned: PrivacyStep) -> float:
+        """ε after ``planned`` were appended to the history (nothing is stored)."""
+        return compute_epsilon((*self.history, planned), self.delta, self.accountant)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accountant_devices (
+    device_id   TEXT PRIMARY KEY,
+    accountant  TEXT NOT NULL,
+    delta       REAL NOT NULL,
+    created_at  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS accountant_steps (
+    device_id        TEXT NOT NULL REFERENCES accountant_devices(device_id),
+    seq              INTEGER NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sample_rate      REAL NOT NULL,
+    steps            INTEGER NOT NULL,
+    epsilon_total    REAL NOT NULL,
+    recorded_at      TEXT NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+"""
+
+
+class AccountantStore:
+    """SQLite-backed accountant state, keyed by device id.
+
+    One connection per store object; writes run in ``BEGIN IMMEDIATE`` transactions so
+    two processes sharing a file cannot interleave a read-modify-write of the same
+    device. A new store object on the same file (a restarted process) sees the full
+    history. ``path=":memory:"`` gives a throw-away store for tests and simulations.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        self._conn.executescript(_SCHEMA)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "AccountantStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reads -----------------------------------------------------------------------
+    def devices(self) -> list[str]:
+        return [r[0] for r in self._conn.execute("SELECT device_id FROM accountant_devices ORDER BY device_id")]
+
+    def history(self, device_id: str) -> tuple[PrivacyStep, ...]:
+        rows = self._conn.execute(
+            "SELECT noise_multiplier, sample_rate, steps FROM accountant_steps WHERE device_id = ? ORDER BY seq",
+            (device_id,),
+        ).fetchall()
+        return tuple(PrivacyStep(nm, q, n) for nm, q, n in rows)
+
+    def state(self, device_id: str) -> DeviceAccountantState | None:
+        """The device's state, or None if it was never registered."""
+        head = self._conn.execute(
+            "SELECT accountant, delta FROM accountant_devices WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        if head is None:
+            return None
+        last = self._conn.execute(
+            "SELECT epsilon_total FROM accountant_steps WHERE device_id = ? ORDER BY seq DESC LIMIT 1",
+            (device_id,),
+        ).fetchone()
+        return DeviceAccountantState(
+            device_id=device_id,
+            accountant=head[0],
+            delta=float(head[1]),
+            history=self.history(device_id),
+            epsilon_total=float(last[0]) if last else 0.0,
+        )
+
+    def accountant(self, device_id: str):
+        """A fresh Opacus accountant holding the device's stored history."""
+        st = self._require(device_id)
+        return make_accountant(st.history, st.accountant)
+
+    def epsilon(self, device_id: str) -> float:
+        """ε spent so far, recomputed from the stored history (not the cached figure)."""
+        st = self._require(device_id)
+        return compute_epsilon(st.history, st.delta, st.accountant)
+
+    # -- writes ----------------------------------------------------------------------
+    def register(self, device_id: str, *, accountant: str, delta: float) -> DeviceAccountantState:
+        """Create the device's record, or return it if it exists with the same settings.
+
+        Raises ``ValueError`` if the device exists with a different accountant or δ:
+        silently switching either would change what the stored budget means.
+        """
+        check_accountant_name(accountant)
+        if not (0.0 < delta < 1.0):
+            raise ValueError(f"delta must lie in (0, 1), got {delta}")
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._conn.execute(
+                "SELECT accountant, delta FROM accountant_devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if row is None:
+                self._conn.execute(
+                    "INSERT INTO accountant_devices (device_id, accountant, delta, created_at) VALUES (?, ?, ?, ?)",
+                    (device_id, accountant, float(delta), _now()),
+                )
+            elif row[0] != accountant or float(row[1]) != float(delta):
+                raise ValueError(
+                    f"device {device_id!r} is registered with accountant={row[0]!r}, delta={row[1]!r}; "
+                    f"refusing to continue with accountant={accountant!r}, delta={delta!r}"
+                )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        st = self.state(device_id)
+        assert st is not None
+        return st
+
+    def record(
+        self,
+        device_id: str,
+        step: PrivacyStep,
+        *,
+        epsilon_total: float | None = None,
+        expected_rounds: int | None = None,
+    ) -> DeviceAccountantState:
+        """Append one round to the device's history, atomically.
+
+        ``epsilon_total`` is the cumulative ε after this round; it is stored only as a
+        cache for quick reads (``state().epsilon_total``) and is recomputed here when
+        not given. The authoritative value is always the one recomputed from history.
+
+        ``expected_rounds`` is the history length the caller based its decision on
+        (e.g. a budget check); if another writer appended in between, the record is
+        refused instead of being stored on top of a stale decision.
+        """
+        st = self._require(device_id)
+        if expected_rounds is None:
+            expected_rounds = len(st.history)
+        if epsilon_total is None:
+            epsilon_total = st.epsilon_after(step)
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            (last_seq,) = self._conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM accountant_steps WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if last_seq != expected_rounds:
+                raise RuntimeError(
+                    f"device {device_id!r}: history changed concurrently (expected {expected_rounds} rounds, "
+                    f"found {last_seq}); re-check the budget and retry"
+                )
+            self._conn.execute(
+                "INSERT INTO accountant_steps (device_id, seq, noise_multiplier, sample_rate, steps, epsilon_total,"
+                " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (device_id, last_seq + 1, step.noise_multiplier, step.sample_rate, step.steps,
+                 float(epsilon_total), _now()),
+            )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        st2 = self.state(device_id)
+        assert st2 is not None
+        return st2
+
+    def _require(self, device_id: str) -> DeviceAccountantState:
+        st = self.state(device_id)
+        if st is None:
+            raise KeyError(f"device {device_id!r} has no accountant state; call register() first")
+        return st
