@@ -192,8 +192,8 @@ class SecAggClient:
                 )
             except shamir.ShamirError as exc:
                 raise ShapeError(f"shares from member {sender}: {exc}") from None
-        if len(held) + 1 < self.params.threshold:
-            raise self._abort(f"only {len(held) + 1} members shared keys with me, threshold is {self.params.threshold}")
+        if len(held) + 1 < self.params.t:
+            raise self._abort(f"only {len(held) + 1} of my share holders shared keys, share threshold is {self.params.t}")
         self._held.update(held)
         self.share_peers = tuple(sorted(held))
         masked = vector + expand_mask(self_mask_seed(self._seed, self.session, self.member), self.params.dim, self.params.ring_bits)

@@ -205,3 +205,27 @@ def share_key(shared_secret: bytes, session: bytes, sender: int, recipient: int)
 
 def seed_commitment(session: bytes, member: int, seed: bytes) -> bytes:
     return sha256(b"ftte/secagg/seed-commitment/v1", session, _u64(member), seed)
+
+
+def _binomial_cdf_below(k: int, p: float, t: int) -> float:
+    """P[Binomial(k, p) < t]."""
+    from math import comb
+
+    return sum(comb(k, i) * p**i * (1 - p) ** (k - i) for i in range(min(t, k + 1)))
+
+
+def suggest_ring_neighbors(members: int, dropout: float, failure_bits: int = 20) -> int:
+    """The smallest even neighbour count for which, with members dropping independently at
+    rate ``dropout``, the chance that some member's secrets cannot be recovered (fewer
+    than a strict majority of its neighbours answer) stays below 2^-failure_bits (union
+    bound over members). Returns ``members - 1`` (the full graph) when no ring does better.
+    """
+    if members < 3:
+        return members - 1
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError("dropout must be in [0, 1)")
+    for k in range(2, members - 1, 2):
+        t = SessionParams.default_share_threshold(k)
+        if members * _binomial_cdf_below(k, 1.0 - dropout, t) <= 2.0**-failure_bits:
+            return k
+    return members - 1

@@ -123,12 +123,25 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             _fail(where, key, f"expected a list, got {value!r} ({_type_name(value)})")
         inner = args[0]
-        return tuple(_coerce(item, inner, where, f"{key}[{i}]") for i, item in enumerate(value))
+        items = []
+        for i, item in enumerate(value):
+            if isinstance(inner, type) and dataclasses.is_dataclass(inner) and isinstance(item, Mapping):
+                # e.g. the second [[fleet.classes]] table is located as "[[fleet.classes]] #2"
+                items.append(_build(inner, item, f"[[{getattr(inner, 'SECTION', key)}]] #{i + 1}"))
+            else:
+                items.append(_coerce(item, inner, where, f"{key}[{i}]"))
+        return tuple(items)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if isinstance(value, Mapping):
-            return _build(tp, value, f"{where} {key}")
+            try:
+                return _build(tp, value, f"{where} {key}")
+            except ConfigError as exc:
+                message = str(exc)
+                if message.startswith("["):  # already located
+                    raise
+                raise ConfigError(f"{where} {message}") from None
         _fail(where, key, f"expected a table, got {value!r} ({_type_name(value)})")
     raise TypeError(f"unsupported annotation {tp!r} for {where} {key}")  # programming error
 
@@ -165,19 +178,28 @@ def _allowed_keys(cls: type) -> list[str]:
 
 
 def _unknown(kind: str, name: str, where: str, allowed: list[str]) -> typing.NoReturn:
+    """Raise for an unknown key/section, suggesting the closest allowed name."""
     hint = difflib.get_close_matches(name, allowed, n=1)
-    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-    raise ConfigError(f"unknown {kind} {name!r} in {where}{did_you_mean}; allowed: {', '.join(allowed)}")
+    did_you_mean = f" (did you mean {hint[0]}?)" if hint else ""
+    shown = name if kind == "section" else repr(name)
+    raise ConfigError(f"{where}: unknown {kind} {shown}{did_you_mean}; allowed {kind}s: {', '.join(allowed)}")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    """Build dataclass ``cls`` from a mapping, rejecting unknown and missing keys."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a table, got {data!r} ({_type_name(data)})")
     allowed = _allowed_keys(cls)
     for key in data:
         if key not in allowed:
             _unknown("key", str(key), where, allowed)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s): {', '.join(missing)}")
     return cls(**dict(data))
 
 
@@ -196,6 +218,9 @@ class StageDropout(_Section):
     """
 
     SECTION: ClassVar[str] = "dropout"
+
+    def _where(self) -> str:
+        return "dropout"
 
     train: float = 0.0
     advertise: float = 0.0
@@ -581,7 +606,7 @@ class Config:
         sections: dict[str, Any] = {}
         for name, value in data.items():
             if name not in _SECTIONS:
-                _unknown("section", f"[{name}]", "the configuration", [f"[{s}]" for s in _SECTIONS])
+                _unknown("section", f"[{name}]", "configuration", [f"[{s}]" for s in _SECTIONS])
             sections[name] = _build(_SECTIONS[name], value, f"[{name}]")
         return cls(**sections)
 
@@ -626,14 +651,14 @@ class Config:
             if "." in key:
                 section, _, sub = key.partition(".")
                 if section not in _SECTIONS:
-                    _unknown("section", f"[{section}]", "the overrides", [f"[{s}]" for s in _SECTIONS])
+                    _unknown("section", f"[{section}]", f"override {key!r}", [f"[{s}]" for s in _SECTIONS])
                 allowed = _allowed_keys(_SECTIONS[section])
                 if sub not in allowed:
                     _unknown("key", sub, f"[{section}]", allowed)
                 data[section][sub] = _plain(dataclasses.asdict(value)) if dataclasses.is_dataclass(value) else value
             else:
                 if key not in _SECTIONS:
-                    _unknown("section", f"[{key}]", "the overrides", [f"[{s}]" for s in _SECTIONS])
+                    _unknown("section", f"[{key}]", f"override {key!r}", [f"[{s}]" for s in _SECTIONS])
                 if dataclasses.is_dataclass(value):
                     data[key] = _plain(dataclasses.asdict(value))
                 elif isinstance(value, Mapping):

@@ -1,0 +1,402 @@
+"""Federated datasets: a train set split over devices and a held-out server test set.
+
+:func:`load_dataset` returns a :class:`FederatedData` with ``float32`` features,
+``int64`` labels remapped to ``0 .. n_classes-1``, and one index array per device into
+the training arrays. Sources (``[data] name``):
+
+``digits``
+    sklearn's bundled 8x8 digits (1797 samples, 10 classes), kept as images of shape
+    ``(1, 8, 8)`` so a CNN can use them; :meth:`FederatedData.flat` gives the 64-wide
+    view for MLP/logistic models.
+``breast_cancer``
+    sklearn's bundled Wisconsin breast cancer table (569 x 30, 2 classes).
+``synthetic``
+    Synthetic(alpha, beta) of Li et al., "Federated Optimization in Heterogeneous
+    Networks" (FedProx): device ``k`` has its own softmax model ``W_k, b_k ~ N(u_k, 1)``
+    with ``u_k ~ N(0, alpha)`` and its own feature distribution ``x ~ N(v_k, Sigma)``
+    with ``v_k ~ N(B_k, 1)``, ``B_k ~ N(0, beta)``, ``Sigma = diag(j^-1.2)``; labels are
+    ``argmax(W_k x + b_k)``; 60 features, 10 classes; device sizes are lognormal
+    (heavy-tailed). Each device's shard is its own; the test set pools a
+    ``test_fraction`` share of every device's samples. ``[data] partition`` is ignored.
+``csv``
+    A user's CSV with a header row; ``target`` names the label column (numbers or
+    strings), every other column must be numeric.
+``npz``
+    A user's ``.npz`` with arrays ``x`` (samples first; ``x.ndim > 2`` is kept as images)
+    and ``y``.
+
+The test split is stratified by label; with ``standardize = true`` features are
+standardised with training statistics only (per feature for tables, one mean and
+standard deviation for images). Everything is deterministic under ``seed``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftte.pipeline.config import DataConfig
+from ftte.pipeline.partition import derive_rng, label_skew, partition_labels
+
+__all__ = ["DatasetError", "FederatedData", "load_dataset", "load_csv", "load_npz", "synthetic_shards"]
+
+SYNTHETIC_FEATURES = 60
+SYNTHETIC_CLASSES = 10
+
+
+class DatasetError(ValueError):
+    """A data source is missing or unusable; the message says which file/column/key."""
+
+
+@dataclass(frozen=True, eq=False)
+class FederatedData:
+    """Training data spread over devices plus the server's held-out test set."""
+
+    name: str
+    x_train: np.ndarray  # float32, (n_train, *input_shape)
+    y_train: np.ndarray  # int64, (n_train,), values in 0..n_classes-1
+    x_test: np.ndarray  # float32, (n_test, *input_shape)
+    y_test: np.ndarray  # int64, (n_test,)
+    n_classes: int
+    input_shape: tuple[int, ...]
+    device_indices: tuple[np.ndarray, ...]  # per device: sorted int64 indices into x_train
+    label_values: tuple[Any, ...]  # original label of each class index
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.device_indices)
+
+    @property
+    def n_features(self) -> int:
+        """Width of the flat view: ``prod(input_shape)``."""
+        return int(math.prod(self.input_shape))
+
+    def device_arrays(self, device_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels held by one device."""
+        idx = self.device_indices[device_id]
+        return self.x_train[idx], self.y_train[idx]
+
+    def device_sizes(self) -> np.ndarray:
+        return np.array([len(i) for i in self.device_indices], dtype=np.int64)
+
+    @staticmethod
+    def flat(x: np.ndarray) -> np.ndarray:
+        """``(n, *shape) -> (n, prod(shape))`` view for MLP/logistic models."""
+        return x.reshape(len(x), -1)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain numbers describing the data and its split, for run summaries."""
+        sizes = self.device_sizes()
+        return {
+            "name": self.name,
+            "n_train": int(len(self.y_train)),
+            "n_test": int(len(self.y_test)),
+            "n_classes": int(self.n_classes),
+            "input_shape": list(self.input_shape),
+            "n_devices": int(self.n_devices),
+            "device_samples_min": int(sizes.min()),
+            "device_samples_median": float(np.median(sizes)),
+            "device_samples_max": int(sizes.max()),
+            "label_skew_tv": round(label_skew(self.y_train, self.device_indices, self.n_classes), 4),
+        }
+
+
+# --------------------------------------------------------------------------------------
+# public entry
+
+
+def load_dataset(cfg: DataConfig, seed: int, n_devices: int) -> FederatedData:
+    """Load ``cfg.name``, hold out the test set, standardise, and split over devices."""
+    if n_devices < 1:
+        raise ValueError(f"n_devices must be >= 1, got {n_devices}")
+    if cfg.name == "synthetic":
+        return _synthetic(cfg, seed, n_devices)
+    if cfg.name == "digits":
+        x, y, values, image = _digits()
+    elif cfg.name == "breast_cancer":
+        x, y, values, image = _breast_cancer()
+    elif cfg.name == "csv":
+        x, y, values = load_csv(cfg.path, cfg.target)
+        image = False
+    elif cfg.name == "npz":
+        x, y, values = load_npz(cfg.path)
+        image = x.ndim > 2
+    else:  # guarded by DataConfig
+        raise DatasetError(f"unknown dataset {cfg.name!r}")
+
+    train, test = _stratified_split(y, cfg.test_fraction, derive_rng(seed, "data", "split"))
+    x_train, y_train, x_test, y_test = x[train], y[train], x[test], y[test]
+    if cfg.standardize:
+        x_train, x_test = _standardize(x_train, x_test, per_feature=not image)
+    n_min = n_devices * cfg.min_samples_per_device
+    if len(y_train) < n_min:
+        raise DatasetError(
+            f"dataset {cfg.name!r} has {len(y_train)} training samples after holding out "
+            f"test_fraction={cfg.test_fraction:g}, fewer than {n_devices} devices x "
+            f"min_samples_per_device={cfg.min_samples_per_device} = {n_min}"
+        )
+    parts = partition_labels(
+        y_train, n_devices, cfg.partition, seed=seed, alpha=cfg.alpha, min_samples=cfg.min_samples_per_device
+    )
+    return FederatedData(
+        name=cfg.name,
+        x_train=np.ascontiguousarray(x_train, dtype=np.float32),
+        y_train=y_train.astype(np.int64),
+        x_test=np.ascontiguousarray(x_test, dtype=np.float32),
+        y_test=y_test.astype(np.int64),
+        n_classes=len(values),
+        input_shape=tuple(int(s) for s in x.shape[1:]),
+        device_indices=tuple(parts),
+        label_values=tuple(values),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def _remap_labels(y: np.ndarray, where: str) -> tuple[np.ndarray, tuple[Any, ...]]:
+    values, inverse = np.unique(y, return_inverse=True)
+    if len(values) < 2:
+        shown = f" (only {values[0]!r})" if len(values) else ""
+        raise DatasetError(f"{where}: need at least 2 classes, found {len(values)}{shown}")
+    return inverse.astype(np.int64).reshape(-1), tuple(v.item() if hasattr(v, "item") else v for v in values)
+
+
+def _stratified_split(y: np.ndarray, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, send ``round(test_fraction * n_c)`` shuffled samples to the test set
+    (a class with a single sample stays in training); at least one test sample overall."""
+    train, test = [], []
+    for cls in np.unique(y):
+        idx = np.flatnonzero(y == cls)
+        rng.shuffle(idx)
+        k = int(round(test_fraction * len(idx))) if len(idx) > 1 else 0
+        k = min(k, len(idx) - 1)
+        test.append(idx[:k])
+        train.append(idx[k:])
+    tr, te = np.concatenate(train), np.concatenate(test)
+    if len(te) == 0:
+        if len(tr) < 2:
+            raise DatasetError("too few samples to hold out a test set")
+        te, tr = tr[:1], tr[1:]
+    return np.sort(tr), np.sort(te)
+
+
+def _standardize(x_train: np.ndarray, x_test: np.ndarray, per_feature: bool) -> tuple[np.ndarray, np.ndarray]:
+    x_train = x_train.astype(np.float64)
+    x_test = x_test.astype(np.float64)
+    if per_feature:
+        flat = x_train.reshape(len(x_train), -1)
+        mean = flat.mean(axis=0)
+        std = flat.std(axis=0)
+        std[std < 1e-12] = 1.0  # constant feature: centre only
+        mean = mean.reshape(x_train.shape[1:])
+        std = std.reshape(x_train.shape[1:])
+    else:
+        mean = x_train.mean()
+        std = x_train.std()
+        std = std if std > 1e-12 else 1.0
+    return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, tuple, bool]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images[:, None, :, :] / 16.0).astype(np.float32)  # (n, 1, 8, 8) in [0, 1]
+    y, values = _remap_labels(bunch.target, "digits")
+    return x, y, values, True
+
+
+def _breast_cancer() -> tuple[np.ndarray, np.ndarray, tuple, bool]:
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    y, values = _remap_labels(bunch.target, "breast_cancer")
+    return bunch.data.astype(np.float32), y, values, False
+
+
+def _parse_label(values: list[str]) -> np.ndarray:
+    """Numeric labels compare as numbers (``2`` < ``10``), anything else as strings."""
+    try:
+        nums = np.array([float(v) for v in values])
+    except ValueError:
+        return np.array(values, dtype=object).astype(str)
+    if np.all(np.isfinite(nums)) and np.all(nums == np.round(nums)):
+        return nums.astype(np.int64)
+    return nums
+
+
+def load_csv(path: str | Path, target: str) -> tuple[np.ndarray, np.ndarray, tuple[Any, ...]]:
+    """Read a CSV with a header: numeric feature columns and a label column ``target``.
+
+    Returns ``(x float32 (n, d), y int64 in 0..C-1, original label values)``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetError(f"CSV file not found: {p}")
+    with p.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or not any(h.strip() for h in header):
+            raise DatasetError(f"{p}: empty file or missing header row")
+        header = [h.strip() for h in header]
+        if target not in header:
+            raise DatasetError(f"{p}: no column named {target!r}; columns are: {', '.join(header)}")
+        if header.count(target) > 1:
+            raise DatasetError(f"{p}: column name {target!r} appears more than once")
+        t = header.index(target)
+        feature_cols = [i for i in range(len(header)) if i != t]
+        if not feature_cols:
+            raise DatasetError(f"{p}: no feature columns besides the target {target!r}")
+        rows: list[list[float]] = []
+        labels: list[str] = []
+        for line_no, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue  # blank line
+            if len(row) != len(header):
+                raise DatasetError(f"{p} line {line_no}: expected {len(header)} fields, found {len(row)}")
+            label = row[t].strip()
+            if not label:
+                raise DatasetError(f"{p} line {line_no}: missing value in target column {target!r}")
+            values = []
+            for i in feature_cols:
+                cell = row[i].strip()
+                try:
+                    v = float(cell)
+                except ValueError:
+                    v = math.nan
+                if not math.isfinite(v):
+                    what = "missing value" if not cell else f"non-numeric value {cell!r}"
+                    raise DatasetError(
+                        f"{p} line {line_no}: {what} in feature column {header[i]!r}; "
+                        "features must be finite numbers (encode categories numerically first)"
+                    )
+                values.append(v)
+            rows.append(values)
+            labels.append(label)
+    if not rows:
+        raise DatasetError(f"{p}: no data rows")
+    y, values = _remap_labels(_parse_label(labels), f"{p} column {target!r}")
+    return np.asarray(rows, dtype=np.float32), y, values
+
+
+def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[Any, ...]]:
+    """Read ``x`` (samples first, numeric) and ``y`` (one label per sample) from ``.npz``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetError(f"npz file not found: {p}")
+    try:
+        archive = np.load(p, allow_pickle=False)
+    except Exception as exc:  # zipfile/format errors
+        raise DatasetError(f"{p}: not a readable .npz archive ({exc})") from None
+    with archive:
+        missing = [k for k in ("x", "y") if k not in archive.files]
+        if missing:
+            raise DatasetError(f"{p}: missing array(s) {', '.join(missing)}; found: {', '.join(archive.files) or 'none'}")
+        x = archive["x"]
+        y = archive["y"]
+    if x.dtype.kind not in "biuf":
+        raise DatasetError(f"{p}: x must be numeric, got dtype {x.dtype}")
+    if x.ndim == 1:
+        x = x[:, None]
+    if y.ndim != 1:
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        else:
+            raise DatasetError(f"{p}: y must be one label per sample, got shape {y.shape}")
+    if len(x) != len(y):
+        raise DatasetError(f"{p}: x has {len(x)} samples but y has {len(y)}")
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise DatasetError(f"{p}: x contains NaN or infinite values")
+    if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        y = y.astype(np.int64)
+    yy, values = _remap_labels(y, f"{p} y")
+    return x, yy, values
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic(alpha, beta)
+
+
+def synthetic_shards(
+    n_devices: int,
+    alpha: float,
+    beta: float,
+    seed: int,
+    *,
+    median_samples: int = 50,
+    sigma: float = 1.0,
+    min_samples: int = 1,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Raw per-device ``(x float64 (n_k, 60), y int64 (n_k,))`` shards of
+    Synthetic(alpha, beta); ``n_k ~ lognormal(log(median_samples), sigma)`` clipped to
+    ``[min_samples, 100 * median_samples]``."""
+    rng = derive_rng(seed, "data", "synthetic")
+    d, c = SYNTHETIC_FEATURES, SYNTHETIC_CLASSES
+    feature_std = np.arange(1, d + 1, dtype=np.float64) ** -0.6  # Sigma_jj = j^-1.2
+    sizes = np.floor(rng.lognormal(math.log(median_samples), sigma, size=n_devices)).astype(np.int64)
+    sizes = np.clip(sizes, max(1, min_samples), 100 * median_samples)
+    shards = []
+    for k in range(n_devices):
+        u_k = rng.normal(0.0, math.sqrt(alpha))
+        w_k = rng.normal(u_k, 1.0, size=(d, c))
+        b_k = rng.normal(u_k, 1.0, size=c)
+        big_b_k = rng.normal(0.0, math.sqrt(beta))
+        v_k = rng.normal(big_b_k, 1.0, size=d)
+        x = v_k + feature_std * rng.standard_normal((int(sizes[k]), d))
+        y = np.argmax(x @ w_k + b_k, axis=1).astype(np.int64)
+        shards.append((x, y))
+    return shards
+
+
+def _synthetic(cfg: DataConfig, seed: int, n_devices: int) -> FederatedData:
+    # each device's training shard must keep min_samples after its test share is removed
+    train_sizes_needed = cfg.min_samples_per_device
+    total_min = math.ceil(train_sizes_needed / (1.0 - cfg.test_fraction)) + 1
+    shards = synthetic_shards(
+        n_devices,
+        cfg.synthetic_alpha,
+        cfg.synthetic_beta,
+        seed,
+        median_samples=cfg.synthetic_samples,
+        sigma=cfg.synthetic_sigma,
+        min_samples=total_min,
+    )
+    split_rng = derive_rng(seed, "data", "synthetic-split")
+    xs_tr, ys_tr, xs_te, ys_te, parts = [], [], [], [], []
+    offset = 0
+    for x, y in shards:
+        n = len(y)
+        k = min(int(round(cfg.test_fraction * n)), n - cfg.min_samples_per_device)
+        perm = split_rng.permutation(n)
+        te, tr = perm[:k], np.sort(perm[k:])
+        xs_tr.append(x[tr])
+        ys_tr.append(y[tr])
+        xs_te.append(x[te])
+        ys_te.append(y[te])
+        parts.append(np.arange(offset, offset + len(tr), dtype=np.int64))
+        offset += len(tr)
+    x_train, y_train = np.concatenate(xs_tr), np.concatenate(ys_tr)
+    x_test, y_test = np.concatenate(xs_te), np.concatenate(ys_te)
+    if len(y_test) == 0:
+        raise DatasetError("synthetic: the held-out test set is empty; raise test_fraction or synthetic_samples")
+    if cfg.standardize:
+        x_train, x_test = _standardize(x_train, x_test, per_feature=True)
+    return FederatedData(
+        name="synthetic",
+        x_train=np.ascontiguousarray(x_train, dtype=np.float32),
+        y_train=y_train,
+        x_test=np.ascontiguousarray(x_test, dtype=np.float32),
+        y_test=y_test,
+        n_classes=SYNTHETIC_CLASSES,
+        input_shape=(SYNTHETIC_FEATURES,),
+        device_indices=tuple(parts),
+        label_values=tuple(range(SYNTHETIC_CLASSES)),
+    )

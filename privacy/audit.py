@@ -1,0 +1,478 @@
+"""Audit a privacy ledger: integrity, recomputed ε, budgets, and a report.
+
+The auditor trusts the ledger file for nothing. It checks, in order:
+
+1. **Metadata**: format tag, ledger id and writer public key (optionally pinned).
+2. **Integrity** of every row: contiguous sequence numbers (a gap is a deletion), the
+   hash chain (each ``prev_hash`` equals the previous row's hash; row 1 links to the
+   genesis hash bound to ledger id and key), the recomputed SHA-256 of each row's
+   canonical encoding, and the Ed25519 signature over it.
+3. **Head**: the signed (count, last hash) summary matches the rows, which is what makes
+   truncating the tail visible.
+4. **ε recomputation**: for each device, the history of recorded (noise multiplier,
+   sample rate, steps) is replayed through the named Opacus accountant at the recorded
+   δ; every recorded cumulative ε and per-round ε must match within tolerance.
+5. **Budgets**: any device whose cumulative ε (recorded or recomputed) exceeds its
+   recorded ``epsilon_max`` is flagged.
+
+A row that fails integrity checks is still decoded and recomputed where possible, so
+the report shows what the tampered row claims.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .accountant import NON_PRIVATE_ACCOUNTANT, PrivacyStep, compute_epsilon
+from .ledger import (
+    LEDGER_FORMAT,
+    LedgerEntry,
+    compute_row_hash,
+    entry_from_record,
+    genesis_hash,
+    head_signing_message,
+    parse_head,
+    read_meta,
+    read_records,
+    row_signing_message,
+    verify_signature,
+)
+
+DEFAULT_RTOL = 1e-6
+DEFAULT_ATOL = 1e-9
+
+ISSUE_KINDS = ("meta", "key", "decode", "sequence", "chain", "hash", "signature", "head", "epsilon", "over_budget")
+
+
+@dataclass(frozen=True)
+class AuditIssue:
+    """One finding. ``kind`` is one of :data:`ISSUE_KINDS`."""
+
+    kind: str
+    message: str
+    seq: int | None = None
+    device_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RoundAudit:
+    """One ledger row as recorded, next to what the auditor recomputed."""
+
+    seq: int
+    device_id: str
+    plan_id: str
+    version: int
+    cohort_id: str | None
+    timestamp: str
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: str
+    delta: float
+    epsilon_max: float
+    epsilon_round_recorded: float
+    epsilon_round_recomputed: float
+    epsilon_total_recorded: float
+    epsilon_total_recomputed: float
+    integrity_ok: bool
+    epsilon_ok: bool
+    library_versions: str
+
+
+@dataclass(frozen=True)
+class DeviceAudit:
+    """A device's rounds in ledger order and its final standing against its budget."""
+
+    device_id: str
+    rounds: tuple[RoundAudit, ...]
+    epsilon_total_recorded: float
+    epsilon_total_recomputed: float
+    epsilon_max: float
+    delta: float
+    accountant: str
+    over_budget: bool
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """Everything the audit found. ``ok`` is the single pass/fail answer."""
+
+    path: str
+    n_rows: int
+    ledger_id: str | None
+    public_key_hex: str | None
+    head_hash: str | None
+    integrity_ok: bool
+    epsilon_ok: bool
+    budget_ok: bool
+    issues: tuple[AuditIssue, ...]
+    devices: dict[str, DeviceAudit] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.integrity_ok and self.epsilon_ok and self.budget_ok and not self.issues
+
+    def summary(self) -> str:
+        """A few lines for a terminal."""
+        status = "PASS" if self.ok else "FAIL"
+        lines = [
+            f"ledger {self.path}: {status}",
+            f"  rows {self.n_rows}, devices {len(self.devices)}, head {self.head_hash or '-'}",
+            f"  writer key {self.public_key_hex or '-'}",
+            f"  integrity {'ok' if self.integrity_ok else 'FAILED'}, "
+            f"epsilon {'ok' if self.epsilon_ok else 'MISMATCH'}, budgets {'ok' if self.budget_ok else 'EXCEEDED'}",
+        ]
+        by_kind: dict[str, int] = {}
+        for issue in self.issues:
+            by_kind[issue.kind] = by_kind.get(issue.kind, 0) + 1
+        if by_kind:
+            lines.append("  issues: " + ", ".join(f"{k} x{v}" for k, v in sorted(by_kind.items())))
+            for issue in self.issues[:10]:
+                where = f"row {issue.seq}" if issue.seq is not None else "ledger"
+                lines.append(f"    [{issue.kind}] {where}: {issue.message}")
+            if len(self.issues) > 10:
+                lines.append(f"    … {len(self.issues) - 10} more (see the report)")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "n_rows": self.n_rows,
+            "ledger_id": self.ledger_id,
+            "public_key": self.public_key_hex,
+            "head_hash": self.head_hash,
+            "integrity_ok": self.integrity_ok,
+            "epsilon_ok": self.epsilon_ok,
+            "budget_ok": self.budget_ok,
+            "issues": [vars(i) for i in self.issues],
+            "devices": {
+                d: {
+                    "rounds": len(a.rounds),
+                    "epsilon_total_recorded": _json_float(a.epsilon_total_recorded),
+                    "epsilon_total_recomputed": _json_float(a.epsilon_total_recomputed),
+                    "epsilon_max": _json_float(a.epsilon_max),
+                    "delta": a.delta,
+                    "accountant": a.accountant,
+                    "over_budget": a.over_budget,
+                }
+                for d, a in self.devices.items()
+            },
+        }
+
+
+def _json_float(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+def _close(a: float, b: float, rtol: float, atol: float) -> bool:
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
+
+
+def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """Open without any chance of modifying the file (or creating it)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no ledger at {p}")
+    return sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True)
+
+
+def verify_ledger(
+    path: str | os.PathLike[str],
+    *,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    expect_public_key: str | None = None,
+    expect_head: str | None = None,
+) -> AuditResult:
+    """Run every check on the ledger at ``path`` and return an :class:`AuditResult`.
+
+    Raises ``FileNotFoundError`` if there is no file and ``sqlite3.DatabaseError`` if it
+    is not an SQLite database; every other problem becomes an :class:`AuditIssue`.
+    """
+    conn = open_readonly(path)
+    try:
+        return _verify(conn, os.fspath(path), rtol, atol, expect_public_key, expect_head)
+    finally:
+        conn.close()
+
+
+def _verify(
+    conn: sqlite3.Connection,
+    path: str,
+    rtol: float,
+    atol: float,
+    expect_public_key: str | None,
+    expect_head: str | None,
+) -> AuditResult:
+    issues: list[AuditIssue] = []
+    integrity_bad: set[int] = set()
+
+    # 1. metadata -----------------------------------------------------------------------
+    try:
+        meta = read_meta(conn)
+        records = read_records(conn)
+    except sqlite3.DatabaseError as exc:
+        issues.append(AuditIssue("meta", f"ledger tables unreadable: {exc}"))
+        return AuditResult(path, 0, None, None, None, False, False, False, tuple(issues))
+    ledger_id, pub = meta.get("ledger_id"), meta.get("public_key")
+    if meta.get("format") != LEDGER_FORMAT:
+        issues.append(AuditIssue("meta", f"format is {meta.get('format')!r}, expected {LEDGER_FORMAT!r}"))
+    if not ledger_id or not pub:
+        issues.append(AuditIssue("meta", "ledger id or writer public key missing from metadata"))
+    if expect_public_key is not None and pub != expect_public_key.lower():
+        issues.append(AuditIssue("key", f"writer key {pub} is not the expected {expect_public_key}"))
+    genesis = genesis_hash(ledger_id or "", pub or "")
+
+    # 2. integrity per row ------------------------------------------------------------
+    entries: list[tuple[dict[str, Any], LedgerEntry | None]] = []
+    prev_hash = genesis
+    for expected_seq, rec in enumerate(records, start=1):
+        seq = rec.get("seq")
+        dev = rec.get("device_id") if isinstance(rec.get("device_id"), str) else None
+        try:
+            entry: LedgerEntry | None = entry_from_record(rec)
+        except (TypeError, ValueError, KeyError) as exc:
+            entry = None
+            integrity_bad.add(expected_seq)
+            issues.append(AuditIssue("decode", f"row does not decode: {exc}", seq, dev))
+        if seq != expected_seq:
+            integrity_bad.add(expected_seq)
+            issues.append(AuditIssue("sequence", f"expected seq {expected_seq}, found {seq} (row deleted or inserted)",
+                                     seq, dev))
+        if rec.get("prev_hash") != prev_hash:
+            integrity_bad.add(expected_seq)
+            issues.append(AuditIssue("chain", "prev_hash does not match the previous row's hash", seq, dev))
+        if entry is not None:
+            recomputed = compute_row_hash(entry.seq, entry.prev_hash, entry.row)
+            if recomputed != entry.row_hash:
+                integrity_bad.add(expected_seq)
+                issues.append(AuditIssue("hash", "row contents do not match its stored hash", seq, dev))
+            if pub is None or not _hex_ok(entry.row_hash) or not verify_signature(
+                pub, row_signing_message(entry.row_hash), entry.signature
+            ):
+                integrity_bad.add(expected_seq)
+                issues.append(AuditIssue("signature", "signature does not verify under the writer key", seq, dev))
+        prev_hash = rec.get("row_hash")  # type: ignore[assignment]
+        entries.append((rec, entry))
+
+    # 3. signed head --------------------------------------------------------------------
+    last_hash = records[-1].get("row_hash") if records else None
+    try:
+        head = parse_head(meta.get("head"))
+    except (ValueError, KeyError, TypeError) as exc:
+        head = None
+        issues.append(AuditIssue("head", f"head record unreadable: {exc}"))
+    if head is None:
+        if records:
+            issues.append(AuditIssue("head", "rows present but no signed head"))
+    else:
+        if head.count != len(records) or head.head_hash != last_hash:
+            issues.append(AuditIssue(
+                "head", f"signed head says {head.count} rows ending {head.head_hash[:16]}…, "
+                        f"ledger has {len(records)} rows ending {str(last_hash)[:16]}… (rows deleted or added)"))
+        if pub is None or not verify_signature(pub, head_signing_message(ledger_id or "", head.count, head.head_hash),
+                                               head.signature):
+            issues.append(AuditIssue("head", "head signature does not verify under the writer key"))
+    if expect_head is not None and last_hash != expect_head.lower():
+        issues.append(AuditIssue("head", f"last row hash {last_hash} is not the expected {expect_head}"))
+
+    integrity_ok = not any(i.kind in ("meta", "key", "decode", "sequence", "chain", "hash", "signature", "head")
+                           for i in issues)
+
+    # 4. ε recomputation, 5. budgets ----------------------------------------------------
+    histories: dict[str, list[PrivacyStep]] = {}
+    prev_total: dict[str, float] = {}
+    rounds: dict[str, list[RoundAudit]] = {}
+    epsilon_ok = True
+    for position, (rec, entry) in enumerate(entries, start=1):
+        if entry is None:
+            continue
+        row = entry.row
+        dev = row.device_id
+        try:
+            step = PrivacyStep(row.noise_multiplier, row.sample_rate, row.steps)
+            if row.accountant == NON_PRIVATE_ACCOUNTANT and row.noise_multiplier != 0.0:
+                raise ValueError("accountant 'none' recorded for a noisy round")
+            history = histories.setdefault(dev, [])
+            history.append(step)
+            mechanism = row.accountant if row.accountant != NON_PRIVATE_ACCOUNTANT else "prv"
+            total = compute_epsilon(history, row.delta, mechanism)
+            before = prev_total.get(dev, 0.0)
+            eps_round = total - before if math.isfinite(total) else math.inf
+            prev_total[dev] = total
+        except (ValueError, TypeError) as exc:
+            epsilon_ok = False
+            issues.append(AuditIssue("epsilon", f"cannot recompute epsilon: {exc}", entry.seq, dev))
+            total = eps_round = math.nan
+        ok = _close(row.epsilon_total, total, rtol, atol) and _close(row.epsilon_round, eps_round, rtol, atol)
+        if not ok and not math.isnan(total):
+            epsilon_ok = False
+            issues.append(AuditIssue(
+                "epsilon",
+                f"recorded epsilon_total={row.epsilon_total!r} (round {row.epsilon_round!r}) but "
+                f"{row.accountant} recomputes {total!r} (round {eps_round!r}) at delta={row.delta!r}",
+                entry.seq, dev))
+        rounds.setdefault(dev, []).append(RoundAudit(
+            seq=entry.seq, device_id=dev, plan_id=row.plan_id, version=row.version, cohort_id=row.cohort_id,
+            timestamp=row.timestamp, sample_rate=row.sample_rate, steps=row.steps,
+            noise_multiplier=row.noise_multiplier, max_grad_norm=row.max_grad_norm, accountant=row.accountant,
+            delta=row.delta, epsilon_max=row.epsilon_max, epsilon_round_recorded=row.epsilon_round,
+            epsilon_round_recomputed=eps_round, epsilon_total_recorded=row.epsilon_total,
+            epsilon_total_recomputed=total, integrity_ok=position not in integrity_bad, epsilon_ok=ok,
+            library_versions=f"torch {row.torch_version}, opacus {row.opacus_version}, ftte {row.ftte_version}",
+        ))
+
+    devices: dict[str, DeviceAudit] = {}
+    budget_ok = True
+    for dev, rs in rounds.items():
+        last = rs[-1]
+        over = any(
+            r.epsilon_total_recorded > r.epsilon_max or (not math.isnan(r.epsilon_total_recomputed)
+                                                          and r.epsilon_total_recomputed > r.epsilon_max)
+            for r in rs
+        )
+        if over:
+            budget_ok = False
+            worst = max(rs, key=lambda r: max(r.epsilon_total_recorded, _nan_to_neg(r.epsilon_total_recomputed)))
+            issues.append(AuditIssue(
+                "over_budget",
+                f"device {dev!r} reached epsilon={max(worst.epsilon_total_recorded, _nan_to_neg(worst.epsilon_total_recomputed)):.4g}"
+                f" > epsilon_max={worst.epsilon_max:.4g} at delta={worst.delta:.3g}",
+                worst.seq, dev))
+        devices[dev] = DeviceAudit(
+            device_id=dev, rounds=tuple(rs), epsilon_total_recorded=last.epsilon_total_recorded,
+            epsilon_total_recomputed=last.epsilon_total_recomputed, epsilon_max=last.epsilon_max,
+            delta=last.delta, accountant=last.accountant, over_budget=over,
+        )
+
+    return AuditResult(
+        path=path, n_rows=len(records), ledger_id=ledger_id, public_key_hex=pub,
+        head_hash=last_hash if isinstance(last_hash, str) else None,
+        integrity_ok=integrity_ok, epsilon_ok=epsilon_ok, budget_ok=budget_ok,
+        issues=tuple(issues), devices=devices,
+    )
+
+
+def _nan_to_neg(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
+
+
+def _hex_ok(s: Any) -> bool:
+    try:
+        bytes.fromhex(s)
+        return len(s) == 64
+    except (TypeError, ValueError):
+        return False
+
+
+# -- report --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReportFiles:
+    markdown: Path
+    plot: Path
+
+
+def _fmt(x: float) -> str:
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return str(x)
+    return f"{x:.6g}"
+
+
+def write_report(result: AuditResult, out_dir: str | os.PathLike[str]) -> ReportFiles:
+    """Write ``audit.md`` (summary, issues, one table per device) and ``epsilon.png``
+    (cumulative ε per device over its rounds, with each device's budget dashed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, png_path = out / "audit.md", out / "epsilon.png"
+    _plot(result, png_path)
+
+    lines = [
+        "# Privacy ledger audit",
+        "",
+        f"- Ledger: `{result.path}`",
+        f"- Result: **{'PASS' if result.ok else 'FAIL'}**",
+        f"- Rows: {result.n_rows}; devices: {len(result.devices)}",
+        f"- Ledger id: `{result.ledger_id}`",
+        f"- Writer public key (Ed25519): `{result.public_key_hex}`",
+        f"- Head hash (publish this to anchor the ledger): `{result.head_hash}`",
+        f"- Integrity (sequence, chain, hashes, signatures, head): {'ok' if result.integrity_ok else 'FAILED'}",
+        f"- Recomputed epsilon: {'matches' if result.epsilon_ok else 'MISMATCH'}",
+        f"- Budgets: {'respected' if result.budget_ok else 'EXCEEDED'}",
+        "",
+        f"![cumulative epsilon per device]({png_path.name})",
+        "",
+        "## Issues",
+        "",
+    ]
+    if result.issues:
+        lines += ["| kind | row | device | finding |", "|---|---|---|---|"]
+        for i in result.issues:
+            msg = i.message.replace("|", "\\|")
+            lines.append(f"| {i.kind} | {i.seq if i.seq is not None else '-'} | {i.device_id or '-'} | {msg} |")
+    else:
+        lines.append("None.")
+    for dev, audit in sorted(result.devices.items()):
+        lines += [
+            "",
+            f"## Device `{dev}`",
+            "",
+            f"Accountant {audit.accountant}, delta {_fmt(audit.delta)}, epsilon_max {_fmt(audit.epsilon_max)}; "
+            f"cumulative epsilon recorded {_fmt(audit.epsilon_total_recorded)}, recomputed "
+            f"{_fmt(audit.epsilon_total_recomputed)}{' — **over budget**' if audit.over_budget else ''}.",
+            "",
+            "| row | plan | version | cohort | sample rate | steps | noise | clip | eps round (rec / recomp) "
+            "| eps total (rec / recomp) | status | libraries | timestamp |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in audit.rounds:
+            status = "ok" if (r.integrity_ok and r.epsilon_ok) else (
+                "TAMPERED" if not r.integrity_ok else "EPS MISMATCH")
+            lines.append(
+                f"| {r.seq} | {r.plan_id} | {r.version} | {r.cohort_id or '-'} | {_fmt(r.sample_rate)} | {r.steps} "
+                f"| {_fmt(r.noise_multiplier)} | {_fmt(r.max_grad_norm)} "
+                f"| {_fmt(r.epsilon_round_recorded)} / {_fmt(r.epsilon_round_recomputed)} "
+                f"| {_fmt(r.epsilon_total_recorded)} / {_fmt(r.epsilon_total_recomputed)} | {status} "
+                f"| {r.library_versions} | {r.timestamp} |"
+            )
+    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return ReportFiles(markdown=md_path, plot=png_path)
+
+
+def _plot(result: AuditResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    try:
+        for dev, audit in sorted(result.devices.items()):
+            xs = list(range(1, len(audit.rounds) + 1))
+            ys = [r.epsilon_total_recorded for r in audit.rounds]
+            (line,) = ax.plot(xs, ys, marker="o", label=dev)
+            if math.isfinite(audit.epsilon_max):
+                ax.axhline(audit.epsilon_max, color=line.get_color(), linestyle="--", linewidth=0.8)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("round of the device")
+        ax.set_ylabel("cumulative epsilon (recorded)")
+        ax.set_title("Privacy spend per device (dashed: budget)")
+        if result.devices:
+            ax.legend(fontsize="small", loc="best")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
