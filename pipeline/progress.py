@@ -26,7 +26,7 @@ __all__ = ["Progress", "format_duration"]
 
 def format_duration(seconds: float) -> str:
     """``75.2 -> '1:15'``, ``3725 -> '1:02:05'``."""
-    seconds = max(0, int(seconds))
+    seconds = max(0, int(round(seconds)))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

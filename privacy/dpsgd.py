@@ -227,7 +227,7 @@ class PrivateTrainer:
                 "trainer or call its close() first — wrapping again would stack duplicate hooks"
             )
         self._module = module
-        self.config = config
+        self._config = config
         self.prefix = prefix
         self.device_id = device_id
         self.store = store if store is not None else AccountantStore(":memory:")
@@ -258,6 +258,18 @@ class PrivateTrainer:
         self._closed = False
 
     # -- properties ------------------------------------------------------------------
+    @property
+    def config(self) -> DPConfig:
+        return self._config
+
+    @config.setter
+    def config(self, value: DPConfig) -> None:
+        """Settings may change between rounds (e.g. the noise schedule); whether DP is
+        on may not, because that decides whether the module is wrapped."""
+        if value.enabled != self._config.enabled:
+            raise ValueError("cannot switch DP on/off on an existing trainer; build a new one")
+        self._config = value
+
     @property
     def module(self) -> nn.Module:
         """The caller's module (never the wrapper): its state_dict keys are unchanged."""
