@@ -31,12 +31,18 @@ class SessionStats:
     server_unmask_seconds: float = 0.0
     server_seconds: float = 0.0
     aborted: str = ""
+    # stage -> member -> bytes, for charging virtual network time per stage
+    stage_up: dict[str, dict[int, int]] = field(default_factory=dict)
+    stage_down: dict[str, dict[int, int]] = field(default_factory=dict)
 
-
-def _carry(msg, counter: dict[int, int], member: int):
-    data = wire.encode(msg)
-    counter[member] = counter.get(member, 0) + len(data)
-    return wire.decode(data, expect=type(msg))
+    def carry(self, msg, member: int, stage: str, upward: bool):
+        """Encode and decode ``msg`` as a transport would, counting its bytes."""
+        data = wire.encode(msg)
+        total, per_stage = (self.bytes_up, self.stage_up) if upward else (self.bytes_down, self.stage_down)
+        total[member] = total.get(member, 0) + len(data)
+        bucket = per_stage.setdefault(stage, {})
+        bucket[member] = bucket.get(member, 0) + len(data)
+        return wire.decode(data, expect=type(msg))
 
 
 def run_session(
@@ -70,30 +76,30 @@ def run_session(
 
     try:
         for m in still("advertise"):
-            server_time(server.receive, _carry(clients[m].advertise(), stats.bytes_up, m))
+            server_time(server.receive, stats.carry(clients[m].advertise(), m, "advertise", True))
         roster = server_time(server.close_advertise)
         for m in still("share"):
-            r = _carry(roster, stats.bytes_down, m)
-            server_time(server.receive, _carry(clients[m].share_keys(r), stats.bytes_up, m))
+            r = stats.carry(roster, m, "share", False)
+            server_time(server.receive, stats.carry(clients[m].share_keys(r), m, "share", True))
         deliveries = server_time(server.close_share)
         for m in still("upload"):
-            d = _carry(deliveries[m], stats.bytes_down, m)
+            d = stats.carry(deliveries[m], m, "upload", False)
             t0 = time.perf_counter()
             masked = clients[m].masked_input(d, inputs[m])
             stats.mask_seconds[m] = time.perf_counter() - t0
-            server_time(server.receive, _carry(masked, stats.bytes_up, m))
+            server_time(server.receive, stats.carry(masked, m, "upload", True))
         survivors = server_time(server.close_upload)
         for m in still("consistency"):
             if m not in survivors.survivors:
                 continue
-            s = _carry(survivors, stats.bytes_down, m)
-            server_time(server.receive, _carry(clients[m].consistency(s), stats.bytes_up, m))
+            s = stats.carry(survivors, m, "consistency", False)
+            server_time(server.receive, stats.carry(clients[m].consistency(s), m, "consistency", True))
         bundle = server_time(server.close_consistency)
         for m in still("unmask"):
             if m not in server.consistency_sigs:
                 continue
-            b = _carry(bundle, stats.bytes_down, m)
-            server_time(server.receive, _carry(clients[m].unmask(b), stats.bytes_up, m))
+            b = stats.carry(bundle, m, "unmask", False)
+            server_time(server.receive, stats.carry(clients[m].unmask(b), m, "unmask", True))
         t0 = time.perf_counter()
         result = server_time(server.finish)
         stats.server_unmask_seconds = time.perf_counter() - t0

@@ -390,6 +390,19 @@ class _Costs:
     approximate: bool = False
 
 
+def _conv_uses_mkldnn(m: nn.Conv2d, layer: _Layer, b: int) -> bool:
+    """Whether torch picks its oneDNN convolution (it does for batches > 1 on float32 CPU).
+
+    Mirrors the CPU heuristic in ATen's ``ConvParams::use_mkldnn`` (torch 2.x): grouped or
+    large-kernel convolutions, batches above one, or inputs above 20480 values; otherwise
+    the im2col ``slow_conv2d`` kernel runs, which allocates differently.
+    """
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled) or layer.in_elem != 4:
+        return False
+    kh, kw = m.kernel_size
+    return m.groups > 1 or (kh > 3 and kw > 3) or b > 1 or b * layer.in_numel > 20480
+
+
 def _layer_costs(layer: _Layer, b: int, *, grad_mode: bool, rg_in: bool, dp: bool) -> _Costs:
     """Byte costs of one layer in one step; ``rg_in``: its input requires grad."""
     m = layer.module
@@ -412,17 +425,23 @@ def _layer_costs(layer: _Layer, b: int, *, grad_mode: bool, rg_in: bool, dp: boo
             # backprops * batch (loss_reduction="mean"), einsum result, then zeros() it is copied into
             c.hook_work = outb + 2 * w + bias
     elif isinstance(m, nn.Conv2d):
-        c.fwd_work = outb  # mkldnn writes into its own buffer, then copies
+        cin, h, w_ = layer.in_shape
+        kh, kw = m.kernel_size
+        positions = layer.out_numel // m.out_channels
+        unfolded = b * (cin // m.groups) * m.groups * kh * kw * positions * layer.in_elem
         c.saves_in = node
-        if node:
-            c.node_work = outb + inb + 2 * sum(tr.values()) * e
+        if _conv_uses_mkldnn(m, layer, b):
+            c.fwd_work = outb  # oneDNN writes into its own buffer, then copies out
+            if node:
+                c.node_work = outb + inb + 2 * sum(tr.values()) * e
+        else:
+            # torch's im2col kernel ("slow_conv2d"): an unfolded-input buffer, forward and backward
+            c.fwd_work = unfolded
+            if node:
+                c.node_work = unfolded
         if hook:
-            cin, h, w_ = layer.in_shape
-            kh, kw = m.kernel_size
             ph, pw = (m.padding if isinstance(m.padding, tuple) else (0, 0)) if m.padding != "same" else (kh // 2, kw // 2)
             padded = b * cin * (h + 2 * ph) * (w_ + 2 * pw) * layer.in_elem
-            positions = layer.out_numel // m.out_channels
-            unfolded = b * (cin // m.groups) * m.groups * kh * kw * positions * layer.in_elem
             gw = b * tr.get("weight", 0) * e
             gb = b * tr.get("bias", 0) * e
             c.hook_work = outb + max(padded + unfolded, unfolded + gw + gb, 2 * gw + 2 * gb)
@@ -577,12 +596,15 @@ def estimate_training_memory(model: nn.Module, plan: SubsetPlan, setup: Training
     after_backward = held_grads + held_gs
 
     # -- optimizer step
-    largest = max(named[n].numel() * named[n].element_size() for n in plan.trainable)
+    sizes_tr = sorted((named[n].numel() * named[n].element_size() for n in plan.trainable), reverse=True)
+    # torch's single-tensor Adam keeps sqrt(v) and the step direction per tensor, one
+    # tensor's buffer outliving into the next; SGD (with or without momentum) is in place
+    optimizer_work = (2 * sizes_tr[0] + (sizes_tr[1] if len(sizes_tr) > 1 else 0)) if setup.optimizer == "adam" else 0
+    step_peak = after_backward + optimizer_work
     if setup.dp:
         # clipped sums (kept until zero_grad) plus one tensor's noise and noised grad at a time
-        step_peak = after_backward + trainable_bytes + 2 * largest
-    else:
-        step_peak = after_backward + (trainable_bytes if setup.optimizer == "adam" else 0)
+        dp_held = after_backward + trainable_bytes
+        step_peak = max(dp_held + 2 * sizes_tr[0], dp_held + optimizer_work)
     phase_peaks["step"] = step_peak
 
     phase = max(phase_peaks, key=lambda p: phase_peaks[p])

@@ -10,7 +10,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-from ftte.wire import IDS, KEY32, RING_VECTOR, SIG64, U64, Message, field, fixed_bytes, message, pairs, encode, var_bytes
+from ftte.wire import (
+    F32_VECTOR,
+    F64,
+    IDS,
+    KEY32,
+    RING_VECTOR,
+    SIG64,
+    U64,
+    Message,
+    encode,
+    field,
+    fixed_bytes,
+    message,
+    pairs,
+    text,
+    var_bytes,
+)
 
 import numpy as np
 
@@ -104,6 +120,27 @@ class UnmaskShares(Message):
     seed_shares: tuple = field(pairs(SHARE))  # (owner, share of owner's self-mask seed)
     key_shares: tuple = field(pairs(SHARE))  # (owner, share of owner's mask private key)
     signature: bytes = field(SIG64, default=EMPTY_SIGNATURE)
+
+
+@message(20)
+class ModelPull(Message):
+    """Server to device: the weights a device trains from (only the plan's subset when it holds the rest)."""
+
+    version: int = field(U64)
+    plan_id: str = field(text(128))
+    model_hash: bytes = field(KEY32)
+    weights: np.ndarray = field(F32_VECTOR)
+
+
+@message(21)
+class PlainUpdate(Message):
+    """Device to server when secure aggregation is off: the weighted update in float32, then w and σ²."""
+
+    member: int = field(U64)
+    version: int = field(U64)
+    vector: np.ndarray = field(F32_VECTOR)
+    weight: float = field(F64)
+    variance: float = field(F64)
 
 
 SIGNED_TYPES = (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskShares)

@@ -112,7 +112,28 @@ def _ring_vector_to_wire(vec: np.ndarray) -> list:
     raise WireError(f"ring vectors must be uint16 or uint32, got {vec.dtype}")
 
 
+def _f32_vector(value: Any, where: str) -> np.ndarray:
+    if type(value) is not bytes or len(value) % 4 or len(value) // 4 > MAX_COORDINATES:
+        raise WireError(f"{where}: expected float32 data of at most {MAX_COORDINATES} values")
+    vec = np.frombuffer(value, dtype="<f4")
+    if not np.isfinite(vec).all():
+        raise WireError(f"{where}: NaN or infinite values")
+    return vec
+
+
+def _f32_to_wire(vec: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vec, dtype="<f4").tobytes()
+
+
+def _f64(value: Any, where: str) -> float:
+    if type(value) is not float or not np.isfinite(value):
+        raise WireError(f"{where}: expected a finite float")
+    return value
+
+
 U64 = Kind("u64", _u64)
+F64 = Kind("f64", _f64, float)
+F32_VECTOR = Kind("f32_vector", _f32_vector, _f32_to_wire)
 IDS = Kind("ids", _id_list, list)
 KEY32 = _fixed_bytes(32)
 SIG64 = _fixed_bytes(64)

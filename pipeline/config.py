@@ -403,7 +403,7 @@ class PrivacyConfig(_Section):
     max_grad_norm: float = 1.0
     delta: float = 0.0
     epsilon_max: float = 10.0
-    accountant: Literal["prv", "rdp"] = "prv"
+    accountant: Literal["prv", "rdp"] = "rdp"
 
     def _check(self) -> None:
         self._require("noise_multiplier", 0.0 <= self.noise_multiplier < math.inf, "must be >= 0 and finite")
@@ -423,7 +423,7 @@ class SecAggConfig(_Section):
     neighbors: int = 4
     threshold: int = 0
     clip: float = 1.0
-    value_bits: int = 16
+    value_bits: int = 12
 
     def _check(self) -> None:
         self._require("neighbors", self.neighbors >= 2 and self.neighbors % 2 == 0, "must be even and >= 2")

@@ -110,7 +110,10 @@ def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float,
 
     acc = create_accountant(mechanism=mechanism)
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    # Opacus's RDP-to-(ε, δ) conversion can return a slightly negative number when the
+    # true ε is tiny (very small sample rates). ε is non-negative by definition and any
+    # larger value is still a valid bound, so we report max(0, ·).
+    return max(0.0, float(acc.get_epsilon(delta=delta)))
 
 
 def compute_epsilon(history: Sequence[PrivacyStep], delta: float, mechanism: str = "prv") -> float:

@@ -336,6 +336,8 @@ class Ledger:
     def __init__(self, path: str | os.PathLike[str], signing_key: Ed25519PrivateKey | None = None) -> None:
         self.path = os.fspath(path)
         self._key = signing_key
+        if signing_key is None and not os.path.isfile(self.path):
+            raise LedgerError(f"no ledger at {self.path} (open it with the writer's key to create one)")
         self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
         if signing_key is not None:
             self._initialise(public_key_hex(signing_key))

@@ -52,7 +52,7 @@ def clean_ledger(tmp_path_factory: pytest.TempPathFactory) -> dict:
             )
             for version, nm in enumerate(schedule):
                 trainer.config = DPConfig(noise_multiplier=nm, accountant=acct, epsilon_max=8.0)
-                stats = trainer.train_round((x, y), loss_fn=ce, lr=0.2, batch_size=8, steps=4)
+                stats = trainer.train_round((x, y), loss_fn=ce, lr=0.2, batch_size=4, steps=4)
                 ledger.append(stats.to_ledger_row(plan_id="plan-A", version=version, cohort_id=f"cohort-{version}"))
             trainer.close()
             store.close()

@@ -1,0 +1,88 @@
+"""One device's local round: load the pulled subset weights, train it with DP-SGD, return the update.
+
+A :class:`LocalTrainer` is built once per device process and per subset plan, because
+Opacus must wrap the trainable suffix exactly once (re-wrapping stacks hooks). The
+simulator runs many virtual devices in one process; they share one trainer and differ
+only in device id, data and seed, which is all a round depends on: every round starts
+from the pulled weights and a fresh optimizer state.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ftte.edge.plan import SubsetPlan, apply_subset_vector, split_model, subset_vector
+from ftte.privacy.accountant import AccountantStore
+from ftte.privacy.dpsgd import DPConfig, PrivateTrainer, RoundStats
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    local_steps: int = 5
+    batch_size: int = 16
+    lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError("local_steps and batch_size must be >= 1 and lr > 0")
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """What training produced on a device, before clipping, weighting and masking."""
+
+    device_id: int
+    base_version: int
+    delta: np.ndarray  # float32, the plan's coordinates
+    stats: RoundStats
+
+    @property
+    def loss(self) -> float:
+        return self.stats.mean_loss
+
+
+class LocalTrainer:
+    """Trains a plan's subset of a private copy of the model."""
+
+    def __init__(self, model: nn.Sequential, plan: SubsetPlan, dp: DPConfig, settings: TrainSettings,
+                 store: AccountantStore) -> None:
+        self.model = copy.deepcopy(model)
+        self.plan = plan
+        self.settings = settings
+        prefix, suffix = split_model(self.model, plan)
+        self._trainer = PrivateTrainer(suffix, dp, prefix=prefix, store=store)
+
+    @property
+    def store(self) -> AccountantStore:
+        return self._trainer.store
+
+    def epsilon(self, device_id: int) -> float:
+        self._trainer.device_id = str(device_id)
+        return self._trainer.epsilon()
+
+    def train(self, device_id: int, base_version: int, weights: np.ndarray, x: np.ndarray, y: np.ndarray,
+              seed: int) -> LocalUpdate:
+        """One round from the pulled subset ``weights``; raises ``BudgetExceededError`` before training if over budget."""
+        if len(x) == 0:
+            raise ValueError(f"device {device_id} has no training records")
+        apply_subset_vector(self.model, self.plan, weights)
+        self._trainer.device_id = str(device_id)
+        torch.manual_seed(seed)  # Poisson sampling and DP noise draw from torch's generator
+        stats = self._trainer.train_round(
+            (torch.as_tensor(x), torch.as_tensor(y)),
+            loss_fn=F.cross_entropy,
+            lr=self.settings.lr,
+            batch_size=self.settings.batch_size,
+            steps=self.settings.local_steps,
+        )
+        delta = subset_vector(self.model, self.plan) - weights.astype(np.float32)
+        return LocalUpdate(device_id, base_version, delta, stats)
+
+    def close(self) -> None:
+        self._trainer.close()

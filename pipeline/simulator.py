@@ -1,0 +1,459 @@
+"""The fleet simulator: a discrete-event run of one strategy over a heterogeneous fleet.
+
+Training is real (torch, Opacus DP-SGD on the plan's subset); secure aggregation is real
+(keys, masks, shares, encoded messages); only time is simulated. A device's round costs
+the download of its pull message, its compute (MACs over its ``compute_speed``) and,
+once its cohort closes, the protocol stages (bytes over its bandwidth, see
+:mod:`ftte.pipeline.cohort`). The server's state after every applied buffer is
+committed to ``ledger.db`` together with that buffer's ledger rows, so a stopped run
+resumes from its last applied buffer.
+
+Strategies share this engine (:mod:`ftte.pipeline.strategies`):
+
+* ``ftte`` and ``fedbuff`` are buffered and asynchronous: every idle, online device
+  pulls the current version and trains; finished devices join the open cohort, which
+  closes at ``buffer_size`` members (or at its deadline with at least the threshold);
+  several cohorts may be in flight.
+* ``fedavg`` is synchronous: each round selects devices, waits for the first
+  ``fedavg_clients_per_round`` of them (or the round deadline) and merges one cohort.
+
+Randomness is derived per purpose from the run seed (``derive_rng``), so the order in
+which events are handled never changes what a device draws.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ftte import wire
+from ftte.crypto.primitives import Signer
+from ftte.edge.encoding import clip_l2  # noqa: F401  (re-exported for strategy ablations)
+from ftte.edge.models import build_model, make_dp_compatible
+from ftte.edge.plan import SubsetPlan, apply_subset_vector, subset_vector
+from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
+from ftte.messages import ModelPull
+from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time
+from ftte.pipeline.cohort import CohortOutcome, CohortSpec, model_hash, run_cohort
+from ftte.pipeline.config import Config
+from ftte.pipeline.datasets import FederatedData, load_dataset
+from ftte.pipeline.fleet import SimDevice, build_fleet, weakest_memory_bytes
+from ftte.pipeline.merge import ServerOptimizer, weighted_mean
+from ftte.pipeline.partition import derive_rng
+from ftte.pipeline.report import time_to_target
+from ftte.pipeline.state import ServerState
+from ftte.pipeline.strategies import Strategy, strategy_for
+from ftte.pipeline.work import layer_macs, macs_per_sample, round_seconds
+from ftte.privacy.accountant import AccountantStore
+from ftte.privacy.budget import BudgetExceededError
+from ftte.privacy.dpsgd import DPConfig
+from ftte.privacy.ledger import Ledger, load_or_create_signing_key
+
+OFFLINE_MEAN_S = 60.0  # mean time an unavailable device stays offline before trying again
+
+
+# --- model and data ------------------------------------------------------------------------
+
+def build_global_model(cfg: Config, data: FederatedData) -> torch.nn.Sequential:
+    """The shared architecture with seeded initial weights."""
+    name = cfg.model.name
+    shape = data.input_shape
+    torch.manual_seed(cfg.run.seed)
+    if name in ("logistic", "mlp"):
+        model = build_model(name, in_features=int(math.prod(shape)), num_classes=data.n_classes)
+    elif name in ("cnn8", "cnn28"):
+        side = 8 if name == "cnn8" else 28
+        if len(shape) != 3 or shape[1:] != (side, side):
+            raise ValueError(f"model {name} needs (C, {side}, {side}) inputs, the data has {shape}")
+        model = build_model(name, in_channels=shape[0], num_classes=data.n_classes)
+    else:
+        model = build_model(name, input_shape=shape, num_classes=data.n_classes)
+    model = make_dp_compatible(model)
+    if not isinstance(model, torch.nn.Sequential):
+        raise ValueError(f"model {name!r} must be an nn.Sequential so a subset plan can split it")
+    return model
+
+
+def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.as_tensor(x))
+        loss = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)))
+        acc = float((logits.argmax(1).numpy() == y).mean())
+    return acc, loss
+
+
+# --- run state -----------------------------------------------------------------------------
+
+@dataclass
+class OpenCohort:
+    cohort_id: str
+    opened_at: float
+    members: list[tuple[SimDevice, LocalUpdate]] = field(default_factory=list)
+    deadline_passed: bool = False
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    weights: np.ndarray
+
+
+class Simulation:
+    """One run of one strategy; :meth:`run` returns its summary and per-version history."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path | None = None, *, on_version: Callable[[dict], None] | None = None,
+                 plan: SubsetPlan | None = None) -> None:
+        # Device models are tiny: intra-op threads buy nothing and, next to other busy
+        # processes on a 2-core machine, oversubscription made a step ~100x slower.
+        torch.set_num_threads(1)
+        self.cfg = cfg
+        self.strategy: Strategy = strategy_for(cfg)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.on_version = on_version
+        seed = cfg.run.seed
+        self.data = load_dataset(cfg.data, seed, cfg.fleet.devices)
+        self.fleet = build_fleet(cfg.fleet, cfg.fleet.devices, seed)
+        self.model = build_global_model(cfg, self.data)
+        self.plan = plan if plan is not None else self.strategy.choose_plan(self.model, self.data, self.fleet)
+        self.eval_model = copy.deepcopy(self.model)
+        self.dp = DPConfig(
+            enabled=cfg.privacy.enabled,
+            noise_multiplier=cfg.privacy.noise_multiplier,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            delta=cfg.privacy.delta or None,
+            accountant=cfg.privacy.accountant,
+            epsilon_max=cfg.privacy.epsilon_max,
+        )
+        self.settings = TrainSettings(cfg.train.local_steps, cfg.train.batch_size, cfg.train.lr)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            store_path: str | Path = self.out_dir / "accountants.db"
+            self.state: ServerState | None = ServerState(self.out_dir / "ledger.db")
+            self.ledger: Ledger | None = Ledger(self.out_dir / "ledger.db", load_or_create_signing_key(self.out_dir / "server.key"))
+        else:
+            store_path, self.state, self.ledger = ":memory:", None, None
+        self.store = AccountantStore(store_path)
+        self.trainer = LocalTrainer(self.model, self.plan, self.dp, self.settings, self.store)
+        self.identities = {d.device_id: Signer() for d in self.fleet}
+        layers = layer_macs(self.model, self.data.input_shape)
+        self.macs = macs_per_sample(layers, self.plan.trainable_layers[0], self.dp.enabled)
+        self.server_opt = ServerOptimizer(cfg.server.lr, cfg.server.momentum)
+        self.weights = subset_vector(self.model, self.plan).astype(np.float64)
+        self.version = 0
+        self.reference_variance: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.clock: VirtualClock = VirtualClock()
+        self.retired: set[int] = set()
+        self.busy: set[int] = set()
+        self.updates_applied = 0
+        self.upload_bytes: list[int] = []
+        self.download_bytes: list[int] = []
+        self.cohort_counter = 0
+        self.aborted_cohorts = 0
+        self.train_rounds = 0
+        self._resume()
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _resume(self) -> None:
+        if self.state is None:
+            return
+        saved_plan = self.state.get_meta("plan_id")
+        if saved_plan is not None and saved_plan != self.plan.plan_id:
+            raise ValueError(f"{self.out_dir} holds a run with plan {saved_plan}, this config chose {self.plan.plan_id}")
+        self.state.set_meta("plan_id", self.plan.plan_id)
+        self.state.set_meta("config", self.cfg.to_json())
+        ckpt = self.state.latest()
+        if ckpt is None:
+            return
+        self.version = ckpt.version
+        self.weights = ckpt.weights
+        self.server_opt.load_state(ckpt.velocity)
+        self.reference_variance = ckpt.reference_variance
+        self.history = ckpt.history
+        self.cohort_counter = ckpt.cohorts
+        self.clock = VirtualClock(start=ckpt.virtual_time_s)
+        self.resumed_from = ckpt.version
+
+    def close(self) -> None:
+        self.trainer.close()
+        self.store.close()
+        if self.state is not None:
+            self.state.close()
+        if self.ledger is not None:
+            self.ledger.close()
+
+    # -- device work -----------------------------------------------------------------------------
+    def _seed(self, *tags: Any) -> int:
+        return int(derive_rng(self.cfg.run.seed, *tags).integers(0, 2**31 - 1))
+
+    def _pull(self) -> ModelPull:
+        w32 = self.weights.astype(np.float32)
+        return ModelPull(self.version, self.plan.plan_id, model_hash(self.plan.plan_id, w32), w32)
+
+    def _train(self, device: SimDevice, attempt: int) -> tuple[LocalUpdate | None, float]:
+        """Pull and train now; returns (update or None if over budget, virtual seconds)."""
+        pull = self._pull()
+        down = len(wire.encode(pull))
+        self.download_bytes.append(down)
+        x, y = self.data.device_arrays(device.device_id)
+        try:
+            update = self.trainer.train(device.device_id, pull.version, pull.weights, x, y,
+                                        self._seed("train", device.device_id, attempt))
+        except BudgetExceededError:
+            self.retired.add(device.device_id)
+            return None, 0.0
+        self.train_rounds += 1
+        batch = min(float(self.settings.batch_size), float(len(x)))
+        seconds = transfer_time(down, device.profile.downlink_bps, self.cfg.fleet.latency_s) + compute_time(
+            round_seconds(self.settings.local_steps, batch, self.macs, 1.0), device.profile.compute_speed)
+        return update, seconds
+
+    # -- merging -----------------------------------------------------------------------------------
+    def _spec(self, cohort_id: str, size: int) -> CohortSpec:
+        cfg = self.cfg
+        threshold = cfg.secagg.effective_threshold(size)
+        if cfg.secagg.graph == "full":
+            threshold = max(threshold, size // 2 + 1)
+        return CohortSpec(
+            cohort_id=cohort_id,
+            plan_id=self.plan.plan_id,
+            model_hash=model_hash(self.plan.plan_id, self.weights.astype(np.float32)),
+            close_version=self.version,
+            reference_variance=self.reference_variance,
+            rule=self.strategy.weight_rule,
+            clip=cfg.secagg.clip,
+            secure=cfg.secagg.enabled,
+            value_bits=cfg.secagg.value_bits,
+            threshold=min(threshold, size),
+            graph=cfg.secagg.graph,
+            neighbors=cfg.secagg.neighbors,
+            latency_s=cfg.fleet.latency_s,
+        )
+
+    def _ledger_rows(self, members: list[tuple[SimDevice, LocalUpdate]], cohort_id: str | None) -> list[Any]:
+        if not self.dp.enabled or self.ledger is None:
+            return []
+        return [u.stats.to_ledger_row(plan_id=self.plan.plan_id, version=u.base_version, cohort_id=cohort_id)
+                for _, u in members]
+
+    def _apply(self, outcome: CohortOutcome, members: list[tuple[SimDevice, LocalUpdate]], now: float) -> None:
+        record: dict[str, Any] = {
+            "cohort_id": outcome.cohort_id,
+            "close_version": self.version,
+            "members": list(outcome.members),
+            "included": list(outcome.included),
+            "dropped": {str(k): v for k, v in outcome.dropped.items()},
+            "weight_sum": outcome.weight_sum,
+            "duration_s": outcome.duration_s,
+            "aborted": outcome.aborted,
+        }
+        for m in outcome.included:
+            self.upload_bytes.append(outcome.bytes_up[m])
+        history_row = None
+        if outcome.ok and outcome.weight_sum > 0:
+            mean = weighted_mean(outcome.weighted_sum, outcome.weight_sum)
+            self.weights = self.server_opt.step(self.weights, mean)
+            self.version += 1
+            self.updates_applied += len(outcome.included)
+            self.reference_variance = outcome.variance_sum / len(outcome.included)
+            record["applied_version"] = self.version
+            apply_subset_vector(self.eval_model, self.plan, self.weights.astype(np.float32))
+            acc, loss = evaluate(self.eval_model, self.data.x_test, self.data.y_test)
+            stal = [outcome.staleness[m] for m in outcome.included]
+            history_row = {
+                "version": self.version,
+                "virtual_time_s": round(now, 6),
+                "accuracy": acc,
+                "loss": loss,
+                "cohort_size": len(outcome.included),
+                "mean_staleness": float(np.mean(stal)) if stal else 0.0,
+                "mean_weight": outcome.weight_sum / len(outcome.included),
+                "dropped": len(outcome.dropped),
+            }
+            self.history.append(history_row)
+        else:
+            self.aborted_cohorts += 1
+        if self.state is not None:
+            self.state.commit_version(
+                version=self.version, virtual_time_s=now, weights=self.weights, velocity=self.server_opt.state(),
+                reference_variance=self.reference_variance, cohort=record, history_row=history_row,
+                ledger=self.ledger, ledger_rows=self._ledger_rows(members, outcome.cohort_id),
+            )
+        if history_row is not None and self.on_version is not None:
+            self.on_version(history_row)
+
+    def _done(self) -> bool:
+        return self.version >= self.cfg.run.max_versions or self.clock.now >= self.cfg.run.max_virtual_time_s
+
+    # -- the run -------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        t0 = time.perf_counter()
+        start_version = self.version
+        if self.strategy.synchronous:
+            self._run_sync()
+        else:
+            self._run_async()
+        wall = time.perf_counter() - t0
+        return RunResult(self.summary(wall, start_version), list(self.history), self.weights.copy())
+
+    def _new_cohort(self) -> OpenCohort:
+        self.cohort_counter += 1
+        return OpenCohort(f"{self.strategy.name}-{self.cohort_counter}", self.clock.now)
+
+    def _run_async(self) -> None:
+        cfg = self.cfg
+        k = cfg.server.buffer_size
+        min_size = cfg.secagg_threshold if cfg.secagg.enabled else 1
+        attempts: dict[int, int] = {d.device_id: 0 for d in self.fleet}
+        devices = {d.device_id: d for d in self.fleet}
+        open_cohort: OpenCohort | None = None
+        base = self.clock.now
+        for d in self.fleet:
+            self.clock.schedule(base, ("ready", d.device_id))
+
+        def close(cohort: OpenCohort) -> None:
+            nonlocal open_cohort
+            open_cohort = None
+            spec = self._spec(cohort.cohort_id, len(cohort.members))
+            outcome = run_cohort(spec, cohort.members, self.identities,
+                                 derive_rng(cfg.run.seed, "cohort", cohort.cohort_id))
+            self.clock.schedule(self.clock.now + outcome.duration_s, ("merged", (outcome, cohort.members)))
+
+        while self.clock and not self._done():
+            now, (kind, payload) = self.clock.pop()
+            if kind == "ready":
+                dev = devices[payload]
+                if dev.device_id in self.retired:
+                    continue
+                attempts[dev.device_id] += 1
+                n = attempts[dev.device_id]
+                rng = derive_rng(cfg.run.seed, "availability", dev.device_id, n)
+                if rng.random() > dev.profile.availability:
+                    self.clock.schedule(now + rng.exponential(OFFLINE_MEAN_S), ("ready", dev.device_id))
+                    continue
+                if dev.drops_at("train", rng):
+                    self.clock.schedule(now + rng.exponential(OFFLINE_MEAN_S), ("ready", dev.device_id))
+                    continue
+                update, seconds = self._train(dev, n)
+                if update is not None:
+                    self.clock.schedule(now + seconds, ("trained", (dev, update)))
+            elif kind == "trained":
+                if open_cohort is None:
+                    open_cohort = self._new_cohort()
+                    if math.isfinite(cfg.server.deadline_s):
+                        self.clock.schedule(now + cfg.server.deadline_s, ("deadline", open_cohort.cohort_id))
+                open_cohort.members.append(payload)
+                if len(open_cohort.members) >= k or (open_cohort.deadline_passed and len(open_cohort.members) >= min_size):
+                    close(open_cohort)
+            elif kind == "deadline":
+                if open_cohort is not None and open_cohort.cohort_id == payload:
+                    open_cohort.deadline_passed = True
+                    if len(open_cohort.members) >= min_size:
+                        close(open_cohort)
+            elif kind == "merged":
+                outcome, members = payload
+                self._apply(outcome, members, now)
+                for dev, _ in members:
+                    self.clock.schedule(now, ("ready", dev.device_id))
+
+    def _run_sync(self) -> None:
+        cfg = self.cfg
+        m = cfg.server.fedavg_clients_per_round
+        selected_n = cfg.server.fedavg_selected()
+        round_no = len(self.history)
+        while not self._done():
+            round_no += 1
+            now = self.clock.now
+            rng = derive_rng(cfg.run.seed, "fedavg-round", round_no)
+            pool = [d for d in self.fleet if d.device_id not in self.retired]
+            if len(pool) < max(2, min(m, cfg.secagg_threshold if cfg.secagg.enabled else 1)):
+                break
+            chosen = rng.choice(len(pool), size=min(selected_n, len(pool)), replace=False)
+            finished: list[tuple[float, SimDevice, LocalUpdate]] = []
+            for i in sorted(chosen):
+                dev = pool[i]
+                drng = derive_rng(cfg.run.seed, "fedavg-device", round_no, dev.device_id)
+                if drng.random() > dev.profile.availability or dev.drops_at("train", drng):
+                    continue
+                update, seconds = self._train(dev, round_no)
+                if update is not None:
+                    finished.append((seconds, dev, update))
+            finished.sort(key=lambda f: (f[0], f[1].device_id))
+            if cfg.server.fedavg_deadline_s > 0:
+                finished = [f for f in finished if f[0] <= cfg.server.fedavg_deadline_s]
+            taken, late = finished[:m], finished[m:]
+            min_size = cfg.secagg_threshold if cfg.secagg.enabled else 1
+            self.cohort_counter += 1
+            cohort_id = f"{self.strategy.name}-{self.cohort_counter}"
+            if len(taken) < max(1, min_size):
+                wait = cfg.server.fedavg_deadline_s or (finished[-1][0] if finished else OFFLINE_MEAN_S)
+                self.clock.advance_to(now + wait)
+                self.aborted_cohorts += 1
+                continue
+            close_at = now + taken[-1][0]
+            members = [(dev, upd) for _, dev, upd in taken]
+            outcome = run_cohort(self._spec(cohort_id, len(members)), members, self.identities,
+                                 derive_rng(cfg.run.seed, "cohort", cohort_id))
+            done_at = close_at + outcome.duration_s
+            self.clock.advance_to(done_at)
+            self._apply(outcome, members + [(dev, upd) for _, dev, upd in late], done_at)
+
+    # -- results ---------------------------------------------------------------------------------------
+    def peak_client_memory(self) -> int:
+        """Measured peak bytes of one DP-SGD step under this run's plan and batch size."""
+        from ftte.edge.memory import TrainingSetup, measure_training_memory
+
+        setup = TrainingSetup(batch_size=self.settings.batch_size, input_shape=self.data.input_shape,
+                              dp=self.dp.enabled, optimizer="sgd", num_classes=self.data.n_classes)
+        return int(measure_training_memory(self.model, self.plan, setup).peak_bytes)
+
+    def epsilon_max(self) -> float:
+        if not self.dp.enabled:
+            return math.inf
+        eps = [self.store.epsilon(dev) for dev in self.store.devices()]
+        return max(eps) if eps else 0.0
+
+    def summary(self, wall: float, start_version: int) -> dict[str, Any]:
+        cfg = self.cfg
+        target = cfg.run.target_accuracy
+        delta = self.dp.delta
+        if delta is None and self.dp.enabled:
+            deltas = [self.store.state(dev).delta for dev in self.store.devices()]
+            delta = max(deltas) if deltas else None
+        full_floats = sum(p.numel() for p in self.model.parameters())
+        return {
+            "strategy": self.strategy.name,
+            "devices": len(self.fleet),
+            "plan_id": self.plan.plan_id,
+            "trainable_coordinates": self.plan.num_coordinates,
+            "model_coordinates": int(full_floats),
+            "target_accuracy": target,
+            "time_to_target_s": time_to_target(self.history, target),
+            "final_accuracy": self.history[-1]["accuracy"] if self.history else None,
+            "best_accuracy": max((h["accuracy"] for h in self.history), default=None),
+            "virtual_time_s": self.history[-1]["virtual_time_s"] if self.history else self.clock.now,
+            "wall_time_s": wall,
+            "versions": self.version,
+            "resumed_from_version": start_version if start_version else None,
+            "updates_applied": self.updates_applied,
+            "aborted_cohorts": self.aborted_cohorts,
+            "train_rounds": self.train_rounds,
+            "bytes_up_per_update": float(np.mean(self.upload_bytes)) if self.upload_bytes else None,
+            "bytes_down_per_update": float(np.mean(self.download_bytes)) if self.download_bytes else None,
+            "float32_full_update_bytes": 4 * int(full_floats),
+            "peak_client_memory_bytes": self.peak_client_memory(),
+            "secure_aggregation": cfg.secagg.enabled,
+            "differential_privacy": self.dp.enabled,
+            "epsilon_max": self.epsilon_max(),
+            "delta": delta,
+            "devices_out_of_budget": len(self.retired),
+        }

@@ -1,0 +1,62 @@
+"""Strategies on one engine: what differs between ftte, fedbuff and fedavg.
+
+A :class:`Strategy` names three choices and nothing else: which parameters devices train
+(the plan), how updates are weighted, and whether rounds are synchronous. Secure
+aggregation and DP are switched by the config for every strategy, so their cost and
+effect can be measured in isolation.
+
+* ``ftte``: the plan is the best subset under the memory budget of the weakest device
+  class; weights ``(1+τ)^(-a) · r(σ²)``; buffered and asynchronous.
+* ``fedbuff``: the full model; age-only weights ``(1+τ)^(-1/2)``; buffered and asynchronous.
+* ``fedavg``: the full model; every update weighs 1 (all train from the same version);
+  synchronous rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import nn
+
+from ftte.edge.plan import SubsetPlan
+from ftte.edge.weighting import WeightRule
+from ftte.pipeline.config import Config
+from ftte.pipeline.datasets import FederatedData
+from ftte.pipeline.fleet import SimDevice, weakest_memory_bytes
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    synchronous: bool
+    subset: bool
+    weight_rule: WeightRule
+    cfg: Config
+
+    def memory_budget(self, fleet: Sequence[SimDevice]) -> int:
+        """Training memory allowed on the weakest admitted device class."""
+        return int(weakest_memory_bytes(fleet) * self.cfg.train.memory_budget_fraction)
+
+    def choose_plan(self, model: nn.Sequential, data: FederatedData, fleet: Sequence[SimDevice]) -> SubsetPlan:
+        if not self.subset:
+            return SubsetPlan.full(model)
+        from ftte.edge.memory import TrainingSetup
+        from ftte.edge.plan_search import search_plan
+
+        setup = TrainingSetup(batch_size=self.cfg.train.batch_size, input_shape=data.input_shape,
+                              dp=self.cfg.privacy.enabled, optimizer="sgd", num_classes=data.n_classes)
+        calib = data.x_train[:64], data.y_train[:64]
+        return search_plan(model, self.memory_budget(fleet), setup, calibration=calib).plan
+
+
+def strategy_for(cfg: Config) -> Strategy:
+    name = cfg.run.strategy
+    server = cfg.server
+    if name == "ftte":
+        return Strategy(name, False, True, WeightRule(server.staleness_exponent, server.variance_penalty), cfg)
+    if name == "fedbuff":
+        return Strategy(name, False, False, WeightRule(0.5, 0.0), cfg)
+    if name == "fedavg":
+        return Strategy(name, True, False, WeightRule(0.0, 0.0), cfg)
+    raise ValueError(f"unknown strategy {name!r}")
