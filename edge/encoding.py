@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ftte.crypto.quantize import Quantizer
-from ftte.edge.weighting import coordinate_variance
+from ftte.edge.weighting import WeightRule, coordinate_variance, update_weight
 
 EXTRA_COORDINATES = 2
 
@@ -68,7 +68,21 @@ class UpdateCodec:
         return total[: self.dim], float(total[self.dim] / r), float(total[self.dim + 1] / r * self.clip**2 / self.dim)
 
 
-def prepare_update(delta: np.ndarray, clip: float, weight: float) -> tuple[np.ndarray, float]:
-    """Clip to the aggregation norm, then weight; returns (w·clip(Δ), σ² of clip(Δ))."""
+@dataclass(frozen=True)
+class WeighedUpdate:
+    """A device's update ready to encode: clipped, weighted by age and variance."""
+
+    weighted: np.ndarray  # w · clip(Δ), float64
+    weight: float  # w in (0, 1]
+    variance: float  # σ² of clip(Δ)
+    staleness: int  # τ = t_c - v
+
+
+def weigh_update(delta: np.ndarray, base_version: int, close_version: int, reference_variance: float | None,
+                 rule: WeightRule, clip: float) -> WeighedUpdate:
+    """On the device, once the cohort's close version is known: clip, measure σ², weight."""
     clipped = clip_l2(np.asarray(delta, dtype=np.float64), clip)
-    return weight * clipped, coordinate_variance(clipped)
+    variance = coordinate_variance(clipped)
+    staleness = close_version - base_version
+    w = update_weight(staleness, variance, reference_variance, rule)
+    return WeighedUpdate(w * clipped, w, variance, staleness)

@@ -50,11 +50,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ftte.edge.plan import SubsetPlan, layer_of
+from ftte.edge.plan import SubsetPlan
 from ftte.edge.step import OptimizerKind, StepConfig, SubsetStep
 
 __all__ = [
     "TrainingSetup",
+    "MemoryEstimator",
     "MemoryEstimate",
     "MemoryMeasurement",
     "estimate_training_memory",
@@ -288,29 +289,27 @@ _SAVES_INPUT = (nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.ReLU6, 
 _VIEWS = (nn.Flatten, nn.Unflatten, nn.Identity)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Layer:
-    """One leaf layer of the flattened Sequential, with batch-1 shapes from the probe."""
+    """One leaf layer of the flattened Sequential, with per-sample shapes from the probe."""
 
-    path: str
-    top: str
+    path: str  # dotted module path, e.g. "3" or "block.1"
+    top: str  # top-level layer (what a plan splits at)
     module: nn.Module
     in_numel: int  # per sample
     in_elem: int
     in_shape: tuple[int, ...]  # per sample
     out_numel: int
     out_elem: int
-    out_shape: tuple[int, ...]
-    params: dict[str, int] = field(default_factory=dict)  # local name -> numel
-    trainable: dict[str, int] = field(default_factory=dict)
-    elem: int = 4
+    params: dict[str, str]  # local parameter name -> full model name
+    elem: int  # parameter element size
 
 
 def _leaves(model: nn.Sequential) -> list[tuple[str, str, nn.Module]]:
     """(dotted path, top-level layer, module) for every leaf in execution order.
 
     Nested ``nn.Sequential`` are opened; any other module with children is treated as one
-    opaque layer (its internal data flow is unknown).
+    opaque layer (its internal data flow is unknown, so it is costed by the generic rule).
     """
     out: list[tuple[str, str, nn.Module]] = []
 
@@ -325,13 +324,17 @@ def _leaves(model: nn.Sequential) -> list[tuple[str, str, nn.Module]]:
     return out
 
 
-def _probe(model: nn.Sequential, input_shape: tuple[int, ...], plan: SubsetPlan) -> list[_Layer]:
+def _probe(model: nn.Sequential, input_shape: tuple[int, ...]) -> list[_Layer]:
+    """Per-layer input/output sizes from one batch-1 forward pass without autograd."""
     leaves = _leaves(model)
-    shapes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = []
     for i, (_, _, mod) in enumerate(leaves):
+
         def hook(m: nn.Module, inp: tuple, out: torch.Tensor, i: int = i) -> None:
-            shapes[i] = (inp[0], out)
+            if i in seen:
+                raise ValueError(f"layer {leaves[i][0]!r} is called twice; the estimator needs each layer used once")
+            seen[i] = (inp[0], out)
 
         hooks.append(mod.register_forward_hook(hook))
     was_training = model.training
@@ -343,16 +346,13 @@ def _probe(model: nn.Sequential, input_shape: tuple[int, ...], plan: SubsetPlan)
         for h in hooks:
             h.remove()
         model.train(was_training)
-    trainable = set(plan.trainable)
     layers: list[_Layer] = []
     for i, (path, top, mod) in enumerate(leaves):
-        if i not in shapes:
+        if i not in seen:
             raise ValueError(f"layer {path!r} was not called by forward; the estimator needs every layer used once")
-        xin, xout = shapes[i]
-        if not isinstance(xout, torch.Tensor):
-            raise ValueError(f"layer {path!r} returns {type(xout).__name__}; the estimator needs tensor outputs")
-        params = {n: p.numel() for n, p in mod.named_parameters()}
-        full = {n: (f"{path}.{n}" if path else n) for n in params}
+        xin, xout = seen[i]
+        if not isinstance(xin, torch.Tensor) or not isinstance(xout, torch.Tensor):
+            raise ValueError(f"layer {path!r} does not map a tensor to a tensor; the estimator cannot cost it")
         layers.append(
             _Layer(
                 path=path,
@@ -363,9 +363,7 @@ def _probe(model: nn.Sequential, input_shape: tuple[int, ...], plan: SubsetPlan)
                 in_shape=tuple(xin.shape[1:]),
                 out_numel=xout.numel(),
                 out_elem=xout.element_size(),
-                out_shape=tuple(xout.shape[1:]),
-                params=params,
-                trainable={n: k for n, k in params.items() if full[n] in trainable},
+                params={n: (f"{path}.{n}" if path else n) for n, _ in mod.named_parameters()},
                 elem=next((p.element_size() for p in mod.parameters()), 4),
             )
         )
@@ -374,7 +372,7 @@ def _probe(model: nn.Sequential, input_shape: tuple[int, ...], plan: SubsetPlan)
 
 @dataclass
 class _Costs:
-    """Per-layer byte costs for a batch of ``b`` samples (see :func:`_layer_costs`)."""
+    """Byte costs of one layer in one step for a batch of ``b`` samples (see :func:`_layer_costs`)."""
 
     fwd_work: int  # allocated transiently by forward, besides the output
     out_alloc: int  # new storage for the output (0 for a view / in-place layer)
@@ -403,13 +401,12 @@ def _conv_uses_mkldnn(m: nn.Conv2d, layer: _Layer, b: int) -> bool:
     return m.groups > 1 or (kh > 3 and kw > 3) or b > 1 or b * layer.in_numel > 20480
 
 
-def _layer_costs(layer: _Layer, b: int, *, grad_mode: bool, rg_in: bool, dp: bool) -> _Costs:
-    """Byte costs of one layer in one step; ``rg_in``: its input requires grad."""
+def _layer_costs(layer: _Layer, tr: dict[str, int], b: int, *, grad_mode: bool, rg_in: bool, dp: bool) -> _Costs:
+    """Byte costs of one layer; ``tr``: its trainable tensors (local name -> numel); ``rg_in``: input needs grad."""
     m = layer.module
     e = layer.elem
     inb = b * layer.in_numel * layer.in_elem
     outb = b * layer.out_numel * layer.out_elem
-    tr = layer.trainable
     any_tr = bool(tr)
     node = grad_mode and (rg_in or any_tr)
     grads = sum(tr.values()) * e
@@ -433,7 +430,9 @@ def _layer_costs(layer: _Layer, b: int, *, grad_mode: bool, rg_in: bool, dp: boo
         if _conv_uses_mkldnn(m, layer, b):
             c.fwd_work = outb  # oneDNN writes into its own buffer, then copies out
             if node:
-                c.node_work = outb + inb + 2 * sum(tr.values()) * e
+                # reordered copies of output gradient and input for the weight gradient, or a
+                # second weight-sized buffer when .grad is written
+                c.node_work = max(outb + inb, tr.get("weight", 0) * e)
         else:
             # torch's im2col kernel ("slow_conv2d"): an unfolded-input buffer, forward and backward
             c.fwd_work = unfolded
@@ -492,133 +491,152 @@ def _layer_costs(layer: _Layer, b: int, *, grad_mode: bool, rg_in: bool, dp: boo
     return c
 
 
+class MemoryEstimator:
+    """Estimates peak step memory for any plan of one model, probing layer shapes only once.
+
+    The simulation follows one step (see the module docstring): the prefix without
+    autograd; the suffix forward, tracking which activation storages autograd or Opacus
+    keep; backward in reverse layer order, where a layer's saved storages are freed once
+    no earlier layer still needs them, its ``.grad`` and per-sample gradients appear, and
+    kernel/Opacus temporaries come and go; then the optimizer step. The peak of each phase
+    plus the baseline is reported, the largest being the estimate.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        if not isinstance(model, nn.Sequential):
+            raise TypeError(f"the estimator needs an nn.Sequential of layers, got {type(model).__name__}")
+        self.model = model
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.layers = _probe(model, self.input_shape)
+        self._named = {n: (p.numel(), p.element_size()) for n, p in model.named_parameters()}
+        self.parameter_bytes = _distinct_bytes(model.parameters())
+        self.num_classes = self.layers[-1].out_numel
+
+    def estimate(
+        self, plan: SubsetPlan, batch_size: int, *, dp: bool = True, optimizer: OptimizerKind = "momentum"
+    ) -> MemoryEstimate:
+        plan.check(self.model)
+        setup = TrainingSetup(batch_size, self.input_shape, dp=dp, optimizer=optimizer)
+        b = setup.batch_size
+        trainable = set(plan.trainable)
+        sizes_tr = [self._named[n][0] * self._named[n][1] for n in plan.trainable]
+        trainable_bytes = sum(sizes_tr)
+        optimizer_state_bytes = {"sgd": 0, "momentum": 1, "adam": 2}[optimizer] * trainable_bytes
+        if optimizer == "adam":
+            optimizer_state_bytes += 4 * len(plan.trainable)  # the float32 step counters
+        x_bytes = b * math.prod(self.input_shape) * 4
+        batch_bytes = x_bytes + b * 8  # int64 labels
+        baseline = self.parameter_bytes + optimizer_state_bytes + batch_bytes
+        logits = b * self.num_classes * 4
+        k = next(i for i, l in enumerate(self.layers) if l.top == plan.trainable_layers[0])
+
+        def tr_of(layer: _Layer) -> dict[str, int]:
+            return {local: self._named[full][0] for local, full in layer.params.items() if full in trainable}
+
+        phase_peaks: dict[str, int] = {}
+
+        # prefix: no autograd, so one layer's input and output (and kernel buffers) at a time
+        cur = 0  # bytes of the live activation; the batch itself is in the baseline
+        peak = 0
+        for layer in self.layers[:k]:
+            c = _layer_costs(layer, {}, b, grad_mode=False, rg_in=False, dp=False)
+            peak = max(peak, cur + c.out_alloc + c.fwd_work)
+            if c.out_alloc:
+                cur = c.out_alloc
+        phase_peaks["prefix"] = peak
+
+        # suffix forward; storages get ids (0 = the suffix input), a view keeps its input's id
+        suffix = self.layers[k:]
+        sizes: dict[int, int] = {0: cur if k else 0}
+        costs: list[_Costs] = []
+        in_id: list[int] = []
+        out_id: list[int] = []
+        refs: dict[int, set[int]] = {}  # storage id -> suffix layers whose backward still needs it
+        extras: list[int] = []  # per suffix layer: its private saved tensors (indices, statistics)
+        kept: set[int] = set()
+        cur_id, rg, peak = 0, False, 0
+        for j, layer in enumerate(suffix):
+            tr = tr_of(layer)
+            c = _layer_costs(layer, tr, b, grad_mode=True, rg_in=rg, dp=dp)
+            costs.append(c)
+            new_id = cur_id if c.out_alloc == 0 else len(sizes)
+            sizes[new_id] = sizes[cur_id] if c.out_alloc == 0 else c.out_alloc
+            in_id.append(cur_id)
+            out_id.append(new_id)
+            peak = max(peak, sum(sizes[s] for s in kept | {cur_id, new_id}) + sum(extras) + c.fwd_work + c.saved_extra)
+            for flag, sid in ((c.saves_in, cur_id), (c.saves_out, new_id)):
+                if flag:
+                    refs.setdefault(sid, set()).add(j)
+                    kept.add(sid)
+            extras.append(c.saved_extra)
+            cur_id, rg = new_id, rg or bool(tr)
+        # logits, and the log-softmax output cross-entropy saves
+        forward_end = sum(sizes[s] for s in kept | {cur_id}) + sum(extras) + logits
+        phase_peaks["forward"] = max(peak, forward_end)
+        saved_activation_bytes = sum(sizes[s] for s in kept) + sum(extras) + logits + b * 8
+        if k == 0 and 0 in kept:
+            saved_activation_bytes += x_bytes  # the batch itself is saved (counted in the baseline)
+
+        # backward, last layer first
+        held_grads = held_gs = 0
+        extras_live = sum(extras)
+        alive = kept | {cur_id}
+        g = logits  # gradient w.r.t. the current layer's output
+        peak = forward_end + g
+        for j in range(len(suffix) - 1, -1, -1):
+            c = costs[j]
+            live = sum(sizes[s] for s in alive) + extras_live + held_grads + held_gs + g
+            if j == 0:
+                # the suffix input needs no grad, so Opacus's hook fires before the layer's node
+                peak = max(peak, live + c.hook_work)
+                held_gs += c.grad_sample
+                peak = max(peak, live + c.grad_sample + c.node_work + c.grad_in + c.grads)
+                held_grads += c.grads
+            else:
+                peak = max(peak, live + c.node_work + c.grad_in + c.grads)
+                held_grads += c.grads
+                peak = max(peak, live + c.grads + c.grad_in + c.hook_work)
+                held_gs += c.grad_sample
+            extras_live -= extras[j]
+            for sid in (in_id[j], out_id[j]):
+                refs.get(sid, set()).discard(j)
+            alive = {sid for sid in alive if refs.get(sid)}
+            if not c.is_view:
+                g = c.grad_in  # a view layer passes on a view of the same gradient
+        phase_peaks["backward"] = peak
+        after_backward = held_grads + held_gs
+
+        # optimizer step. torch's single-tensor Adam allocates sqrt(v) and the step direction
+        # per tensor, one outliving into the next tensor's update; SGD (momentum or not) is in place
+        optimizer_work = 0
+        if optimizer == "adam":
+            optimizer_work = max(2 * sz + (sizes_tr[i - 1] if i else 0) for i, sz in enumerate(sizes_tr))
+        step_peak = after_backward + optimizer_work
+        if dp:
+            # clipped sums (kept until zero_grad), then one tensor's noise and noised grad at a time
+            dp_held = after_backward + trainable_bytes
+            step_peak = max(dp_held + 2 * max(sizes_tr), dp_held + optimizer_work)
+        phase_peaks["step"] = step_peak
+
+        phase = max(phase_peaks, key=lambda name: phase_peaks[name])
+        return MemoryEstimate(
+            peak_bytes=int(baseline + phase_peaks[phase]),
+            baseline_bytes=int(baseline),
+            parameter_bytes=int(self.parameter_bytes),
+            optimizer_state_bytes=int(optimizer_state_bytes),
+            batch_bytes=int(batch_bytes),
+            trainable_bytes=int(trainable_bytes),
+            gradient_bytes=int(trainable_bytes),
+            per_sample_gradient_bytes=int(b * trainable_bytes) if dp else 0,
+            saved_activation_bytes=int(saved_activation_bytes),
+            peak_phase=phase,
+            phase_peaks={name: int(baseline + v) for name, v in phase_peaks.items()},
+            approximate_layers=tuple(l.path for l, c in zip(suffix, costs) if c.approximate),
+        )
+
+
 def estimate_training_memory(model: nn.Module, plan: SubsetPlan, setup: TrainingSetup) -> MemoryEstimate:
-    """Predict the peak bytes of one step; see the module docstring for the model of a step."""
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"the estimator needs an nn.Sequential of layers, got {type(model).__name__}")
-    plan.check(model)
-    b = setup.batch_size
-    layers = _probe(model, setup.input_shape, plan)
-    first_top = plan.trainable_layers[0]
-    k = next(i for i, l in enumerate(layers) if l.top == first_top)
-
-    all_params = list(model.parameters())
-    parameter_bytes = _distinct_bytes(all_params)
-    named = dict(model.named_parameters())
-    trainable_bytes = sum(named[n].numel() * named[n].element_size() for n in plan.trainable)
-    opt_factor = {"sgd": 0, "momentum": 1, "adam": 2}[setup.optimizer]
-    optimizer_state_bytes = opt_factor * trainable_bytes + (4 * len(plan.trainable) if setup.optimizer == "adam" else 0)
-    x_bytes = b * math.prod(setup.input_shape) * 4
-    batch_bytes = x_bytes + b * 8
-    baseline = parameter_bytes + optimizer_state_bytes + batch_bytes
-
-    num_classes = layers[-1].out_numel
-    phase_peaks: dict[str, int] = {}
-
-    # -- prefix: no autograd; one layer's input and output (and kernel buffers) at a time
-    cur = 0  # bytes of the live activation (the batch itself is in the baseline)
-    peak = 0
-    for layer in layers[:k]:
-        c = _layer_costs(layer, b, grad_mode=False, rg_in=False, dp=False)
-        peak = max(peak, cur + c.out_alloc + c.fwd_work)
-        if c.out_alloc:
-            cur = c.out_alloc
-    phase_peaks["prefix"] = peak
-
-    # -- suffix forward: storages are ids; a view keeps its input's id
-    costs: list[_Costs] = []
-    storage_of_in: list[int] = []
-    storage_of_out: list[int] = []
-    sizes: dict[int, int] = {0: cur}  # storage 0: the suffix input (prefix output, or the batch)
-    if k == 0:
-        sizes[0] = 0
-    refs: dict[int, set[int]] = {}  # storage id -> layer indices (suffix-relative) that keep it
-    extras: dict[int, int] = {}  # suffix layer -> bytes of its private saved tensors
-    live_store = 0
-    kept: set[int] = set()
-    cur_id = 0
-    rg = False
-    peak = 0
-    for j, layer in enumerate(layers[k:]):
-        c = _layer_costs(layer, b, grad_mode=True, rg_in=rg, dp=setup.dp)
-        costs.append(c)
-        out_id = cur_id if c.out_alloc == 0 else len(sizes)
-        if c.out_alloc:
-            sizes[out_id] = c.out_alloc
-        storage_of_in.append(cur_id)
-        storage_of_out.append(out_id)
-        live_now = sum(sizes[s] for s in kept | {cur_id, out_id})
-        peak = max(peak, live_now + c.fwd_work + c.saved_extra)
-        if c.saves_in:
-            refs.setdefault(cur_id, set()).add(j)
-            kept.add(cur_id)
-        if c.saves_out:
-            refs.setdefault(out_id, set()).add(j)
-            kept.add(out_id)
-        extras[j] = c.saved_extra
-        cur_id = out_id
-        rg = rg or bool(layer.trainable)
-    saved_activation_bytes = sum(sizes[s] for s in kept) + sum(extras.values())
-    logits = b * num_classes * 4
-    forward_end = sum(sizes[s] for s in kept | {cur_id}) + sum(extras.values()) + logits  # + log-softmax
-    phase_peaks["forward"] = max(peak, forward_end)
-
-    # -- backward, last layer first
-    held_grads = 0
-    held_gs = 0
-    extras_live = sum(extras.values())
-    alive = set(kept) | {cur_id}
-    g = logits  # gradient w.r.t. the current layer's output
-    peak = forward_end + logits
-    suffix = layers[k:]
-    for j in range(len(suffix) - 1, -1, -1):
-        c = costs[j]
-        base = sum(sizes[s] for s in alive) + extras_live + held_grads + held_gs
-        hook_first = j == 0  # the first suffix layer's input needs no grad: Opacus's hook fires before its node
-        if hook_first:
-            peak = max(peak, base + g + c.hook_work)
-            held_gs += c.grad_sample
-            peak = max(peak, base + c.grad_sample + g + c.node_work + c.grad_in + c.grads)
-            held_grads += c.grads
-        else:
-            peak = max(peak, base + g + c.node_work + c.grad_in + c.grads)
-            held_grads += c.grads
-            peak = max(peak, base + c.grads + g + c.grad_in + c.hook_work)
-            held_gs += c.grad_sample
-        # release what only this layer (and later ones) kept
-        extras_live -= extras[j]
-        for s in (storage_of_in[j], storage_of_out[j]):
-            refs.get(s, set()).discard(j)
-        alive = {s for s in alive if refs.get(s)}
-        if not c.is_view:
-            g = c.grad_in  # a view layer passes on a view of the same gradient
-    phase_peaks["backward"] = peak
-    after_backward = held_grads + held_gs
-
-    # -- optimizer step
-    sizes_tr = sorted((named[n].numel() * named[n].element_size() for n in plan.trainable), reverse=True)
-    # torch's single-tensor Adam keeps sqrt(v) and the step direction per tensor, one
-    # tensor's buffer outliving into the next; SGD (with or without momentum) is in place
-    optimizer_work = (2 * sizes_tr[0] + (sizes_tr[1] if len(sizes_tr) > 1 else 0)) if setup.optimizer == "adam" else 0
-    step_peak = after_backward + optimizer_work
-    if setup.dp:
-        # clipped sums (kept until zero_grad) plus one tensor's noise and noised grad at a time
-        dp_held = after_backward + trainable_bytes
-        step_peak = max(dp_held + 2 * sizes_tr[0], dp_held + optimizer_work)
-    phase_peaks["step"] = step_peak
-
-    phase = max(phase_peaks, key=lambda p: phase_peaks[p])
-    return MemoryEstimate(
-        peak_bytes=int(baseline + phase_peaks[phase]),
-        baseline_bytes=int(baseline),
-        parameter_bytes=int(parameter_bytes),
-        optimizer_state_bytes=int(optimizer_state_bytes),
-        batch_bytes=int(batch_bytes),
-        trainable_bytes=int(trainable_bytes),
-        gradient_bytes=int(trainable_bytes),
-        per_sample_gradient_bytes=int(b * trainable_bytes) if setup.dp else 0,
-        saved_activation_bytes=int(saved_activation_bytes),
-        peak_phase=phase,
-        phase_peaks={p: int(baseline + v) for p, v in phase_peaks.items()},
-        approximate_layers=tuple(l.path for l, c in zip(suffix, costs) if c.approximate),
+    """Predict the peak bytes of one step (see :class:`MemoryEstimator` and the module docstring)."""
+    return MemoryEstimator(model, setup.input_shape).estimate(
+        plan, setup.batch_size, dp=setup.dp, optimizer=setup.optimizer
     )

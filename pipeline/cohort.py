@@ -23,9 +23,9 @@ from ftte import wire
 from ftte.crypto.primitives import Signer, sha256
 from ftte.crypto.secagg_local import STAGES, run_session
 from ftte.crypto.secagg_session import SessionParams
-from ftte.edge.encoding import UpdateCodec, clip_l2
+from ftte.edge.encoding import UpdateCodec, weigh_update
 from ftte.edge.runtime import LocalUpdate
-from ftte.edge.weighting import WeightRule, coordinate_variance, update_weight
+from ftte.edge.weighting import WeightRule
 from ftte.messages import PlainUpdate
 from ftte.pipeline.fleet import SimDevice
 
@@ -94,12 +94,9 @@ def _stage_seconds(devices: dict[int, SimDevice], up: dict[int, int], down: dict
 
 
 def prepare_member(update: LocalUpdate, spec: CohortSpec) -> tuple[np.ndarray, float, float, int]:
-    """On the device: clip, compute σ², weight by age and variance. Returns (w·Δ, w, σ², τ)."""
-    clipped = clip_l2(update.delta.astype(np.float64), spec.clip)
-    variance = coordinate_variance(clipped)
-    staleness = spec.close_version - update.base_version
-    w = update_weight(staleness, variance, spec.reference_variance, spec.rule)
-    return w * clipped, w, variance, staleness
+    """What the device does once it learns the close version: (w·Δ, w, σ², τ)."""
+    w = weigh_update(update.delta, update.base_version, spec.close_version, spec.reference_variance, spec.rule, spec.clip)
+    return w.weighted, w.weight, w.variance, w.staleness
 
 
 def run_cohort(spec: CohortSpec, members: Sequence[tuple[SimDevice, LocalUpdate]], identities: dict[int, Signer],

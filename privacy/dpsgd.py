@@ -113,6 +113,7 @@ class RoundPlan:
     delta: float
     accountant: str
     budget: BudgetCheck | None  # None when DP is disabled
+    prior_rounds: int = 0  # history length the budget check was based on
 
     @property
     def privacy_step(self) -> PrivacyStep:
@@ -123,7 +124,14 @@ class RoundPlan:
 class RoundStats:
     """What one round did. ``epsilon_round`` is the marginal cost of the round (see
     :class:`~ftte.privacy.budget.BudgetCheck`), ``epsilon_total`` the device's cumulative
-    ε at ``delta`` afterwards. Non-private rounds report ``inf`` for both."""
+    ε at ``delta`` afterwards. Non-private rounds report ``inf`` for both.
+
+    ``mean_loss``, ``n_records`` and ``empty_batches`` are computed from the raw records
+    and are *not* covered by the DP guarantee: keep them on the device (or treat them
+    as public only if the dataset size is). :meth:`to_ledger_row` leaves them out.
+    Note that ``sample_rate`` derived from a batch size (``batch_size / n``) and the
+    default δ (``1/(10 n)``) do reveal ``n``; example-level DP treats ``n`` as public.
+    """
 
     device_id: str
     enabled: bool
@@ -325,17 +333,20 @@ class PrivateTrainer:
             delta = state.delta
         else:
             delta = cfg.delta if cfg.delta is not None else default_delta(n_records)
-        noise = self._noise_multiplier(q, steps, delta)
-        budget = PrivacyBudget(cfg.epsilon_max, delta)
-        history = state.history if state is not None else ()
-        spent = state.epsilon_total if state is not None and state.accountant == cfg.accountant else None
         if state is not None and state.accountant != cfg.accountant:
             raise ValueError(
                 f"device {self.device_id!r} is accounted with {state.accountant!r}, config asks for {cfg.accountant!r}"
             )
+        if state is not None and cfg.delta is not None and cfg.delta != state.delta:
+            raise ValueError(f"device {self.device_id!r} is accounted at delta={state.delta!r}, config asks for "
+                             f"delta={cfg.delta!r}")
+        noise = self._noise_multiplier(q, steps, delta)
+        budget = PrivacyBudget(cfg.epsilon_max, delta)
+        history = state.history if state is not None else ()
+        spent = state.epsilon_total if state is not None else None  # cached; a pure function of history
         check = budget.check(history, PrivacyStep(noise, q, steps), accountant=cfg.accountant,
                              device_id=self.device_id, epsilon_spent=spent)
-        return RoundPlan(n_records, q, steps, noise, cfg.max_grad_norm, delta, cfg.accountant, check)
+        return RoundPlan(n_records, q, steps, noise, cfg.max_grad_norm, delta, cfg.accountant, check, len(history))
 
     def _noise_multiplier(self, q: float, steps: int, delta: float) -> float:
         cfg = self.config
@@ -386,10 +397,11 @@ class PrivateTrainer:
 
         if cfg.enabled:
             assert plan.budget is not None
-            state = self.store.register(self.device_id, accountant=plan.accountant, delta=plan.delta)
+            self.store.register(self.device_id, accountant=plan.accountant, delta=plan.delta)
             # Record before training: if the process dies mid-round, the cost is counted.
+            # expected_rounds makes the record fail if another writer got in since the check.
             self.store.record(self.device_id, plan.privacy_step, epsilon_total=plan.budget.epsilon_after,
-                              expected_rounds=len(state.history))
+                              expected_rounds=plan.prior_rounds)
             self._optimizer.noise_multiplier = plan.noise_multiplier  # type: ignore[attr-defined]
             self._optimizer.max_grad_norm = plan.max_grad_norm  # type: ignore[attr-defined]
             self._optimizer.expected_batch_size = plan.sample_rate * n  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ftte.crypto.quantize import choose_ring_bits
-from ftte.edge.encoding import UpdateCodec, clip_l2, prepare_update
+from ftte.edge.encoding import UpdateCodec, clip_l2, weigh_update
 from ftte.edge.weighting import WeightRule, staleness_factor, update_weight, variance_factor
 from ftte.pipeline.merge import ServerOptimizer, weighted_mean
 
@@ -50,18 +50,22 @@ def test_encode_sum_decode_recovers_weighted_sums():
     d, k, clip = 2000, 10, 1.0
     codec = UpdateCodec(d, clip, value_bits=14, ring_bits=choose_ring_bits(k, 14))
     deltas = [rng.normal(0, 1, d) for _ in range(k)]
-    weights = [0.3 + 0.07 * i for i in range(k)]
+    weights = []
     ring = np.zeros(codec.length, dtype=np.uint32 if codec.ring_bits == 32 else np.uint16)
     expect_sum, expect_var = np.zeros(d), 0.0
-    for delta, w in zip(deltas, weights):
-        weighted, var = prepare_update(delta, clip, w)
-        expect_sum += weighted
-        expect_var += var
-        ring += codec.encode(weighted, w, var, rng)
+    for i, delta in enumerate(deltas):
+        rule = WeightRule(staleness_exponent=1.0, variance_penalty=0.0)
+        prepared = weigh_update(delta, base_version=10 - i, close_version=10, reference_variance=None, rule=rule, clip=clip)
+        assert prepared.staleness == i and prepared.weight == pytest.approx(1 / (1 + i))
+        w = prepared.weight
+        expect_sum += prepared.weighted
+        expect_var += prepared.variance
+        ring += codec.encode(prepared.weighted, w, prepared.variance, rng)
+        weights.append(w)
     wsum, wtotal, vtotal = codec.decode_sum(ring, k)
     step = codec.coordinate_range / (2 ** 13 - 1)
     assert np.max(np.abs(wsum - expect_sum)) < k * step + 1e-12
-    assert wtotal == pytest.approx(sum(weights), abs=k * step)
+    assert wtotal == pytest.approx(sum(weights), abs=k / (2 ** 13 - 1))  # w rides in units of the range
     assert vtotal == pytest.approx(expect_var, rel=0.05)
 
 

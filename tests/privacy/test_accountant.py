@@ -41,6 +41,11 @@ def test_compute_epsilon_edge_cases():
     assert compute_epsilon([PrivacyStep(0.0, 0.1, 3)], 1e-5) == math.inf
     with pytest.raises(ValueError):
         compute_epsilon([PrivacyStep(1.0, 0.1, 3)], 1e-5, "gdp")
+    # Opacus's RDP conversion goes negative for tiny sample rates; ε is reported as >= 0
+    raw = RDPAccountant()
+    raw.history = [(1.0, 1e-5, 12)]
+    assert raw.get_epsilon(delta=0.02) < 0
+    assert compute_epsilon([PrivacyStep(1.0, 1e-5, 12)], 0.02, "rdp") == 0.0
     with pytest.raises(ValueError):
         PrivacyStep(1.0, 0.0, 3)
     with pytest.raises(ValueError):
@@ -53,25 +58,25 @@ def test_recorded_epsilon_equals_opacus_privacy_engine(easy_task, mechanism):
     """Train three rounds with a changing noise multiplier through PrivateTrainer, and the
     same number of steps through Opacus's PrivacyEngine.make_private; the ε we record must
     be the ε Opacus reports."""
-    x, y = easy_task  # 64 records; batch 4 -> sample rate exactly 1/16 in both
-    schedule = [1.0, 1.5, 1.0]
+    x, y = easy_task  # 64 records; batch 2 -> sample rate exactly 1/32 in both
+    schedule = [2.0, 2.5, 2.0]
     delta = 1e-3
     cfg = DPConfig(noise_multiplier=schedule[0], accountant=mechanism, delta=delta, epsilon_max=100.0)
     trainer = PrivateTrainer(nn.Linear(4, 2), cfg, generator=torch.Generator().manual_seed(0))
     totals = []
     for nm in schedule:
         trainer.config = replace(cfg, noise_multiplier=nm)
-        stats = trainer.train_round((x, y), loss_fn=ce, lr=0.1, batch_size=4, steps=5)
+        stats = trainer.train_round((x, y), loss_fn=ce, lr=0.1, batch_size=2, steps=5)
         totals.append(stats.epsilon_total)
-        assert stats.sample_rate == 1 / 16 and stats.steps == 5 and stats.delta == delta
+        assert stats.sample_rate == 1 / 32 and stats.steps == 5 and stats.delta == delta
 
     engine = PrivacyEngine(accountant=mechanism)
     model = nn.Linear(4, 2)
     model, opt, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(TensorDataset(x, y), batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=2), noise_multiplier=2.0, max_grad_norm=1.0,
     )
-    assert loader.sample_rate == 1 / 16
+    assert loader.sample_rate == 1 / 32
     for nm in schedule:
         opt.noise_multiplier = nm
         batches = iter(loader)
@@ -80,17 +85,17 @@ def test_recorded_epsilon_equals_opacus_privacy_engine(easy_task, mechanism):
             opt.zero_grad()
             ce(model(xb), yb).backward()
             opt.step()
-    assert engine.accountant.history == [(1.0, 1 / 16, 5), (1.5, 1 / 16, 5), (1.0, 1 / 16, 5)]
+    assert engine.accountant.history == [(2.0, 1 / 32, 5), (2.5, 1 / 32, 5), (2.0, 1 / 32, 5)]
     assert totals[-1] == pytest.approx(engine.get_epsilon(delta), rel=1e-12)
     # the first round alone equals an independent, step-by-step Opacus accountant
-    assert totals[0] == pytest.approx(_opacus_stepwise(mechanism, [(1.0, 1 / 16, 5)], delta), rel=1e-12)
+    assert totals[0] == pytest.approx(_opacus_stepwise(mechanism, [(2.0, 1 / 32, 5)], delta), rel=1e-12)
     assert totals[0] < totals[1] < totals[2]
 
 
 def test_restarted_device_continues_history(tmp_path, easy_task):
     x, y = easy_task
     path = tmp_path / "acc.db"
-    cfg = DPConfig(noise_multiplier=1.0, epsilon_max=50.0)  # delta from n at first round
+    cfg = DPConfig(noise_multiplier=2.0, epsilon_max=50.0)  # delta from n at first round
 
     store = AccountantStore(path)
     t1 = PrivateTrainer(nn.Linear(4, 2), cfg, device_id="dev-7", store=store)
@@ -103,14 +108,14 @@ def test_restarted_device_continues_history(tmp_path, easy_task):
     # "reboot": new store object and trainer on the same file; the local dataset grew,
     # but the device keeps the delta fixed at registration.
     store2 = AccountantStore(path)
-    assert store2.history("dev-7") == (PrivacyStep(1.0, 1 / 16, 4),) * 2
+    assert store2.history("dev-7") == (PrivacyStep(2.0, 1 / 16, 4),) * 2
     assert store2.state("dev-7").epsilon_total == s2.epsilon_total
     t2 = PrivateTrainer(nn.Linear(4, 2), cfg, device_id="dev-7", store=store2)
     assert t2.epsilon() == pytest.approx(s2.epsilon_total, rel=1e-12)
     x2, y2 = torch.cat([x, x[:16]]), torch.cat([y, y[:16]])
     s3 = t2.train_round((x2, y2), loss_fn=ce, lr=0.1, batch_size=4, steps=4)  # q = 4/80
     assert s3.delta == s1.delta
-    expected = _opacus_stepwise("prv", [(1.0, 1 / 16, 8), (1.0, 0.05, 4)], s1.delta)
+    expected = _opacus_stepwise("prv", [(2.0, 1 / 16, 8), (2.0, 0.05, 4)], s1.delta)
     assert s3.epsilon_total == pytest.approx(expected, rel=1e-12)
     assert s3.epsilon_total > s2.epsilon_total > s1.epsilon_total
     assert s3.epsilon_round == pytest.approx(s3.epsilon_total - s2.epsilon_total, rel=1e-12)
@@ -118,7 +123,7 @@ def test_restarted_device_continues_history(tmp_path, easy_task):
     # the store's opacus accountant is usable directly and agrees
     assert store2.accountant("dev-7").get_epsilon(delta=s1.delta) == pytest.approx(expected, rel=1e-12)
     # a device that restarted from zero would have reported far less
-    fresh = _opacus_stepwise("prv", [(1.0, 0.05, 4)], s1.delta)
+    fresh = _opacus_stepwise("prv", [(2.0, 0.05, 4)], s1.delta)
     assert s3.epsilon_total > fresh
     store2.close()
 

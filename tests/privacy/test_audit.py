@@ -160,11 +160,22 @@ def test_tampering_fails_the_audit_and_the_cli(clean_ledger, tmp_path, capsys, n
     assert not result.ok and not result.integrity_ok
     assert expected_kinds <= kinds, (kinds, result.summary())
 
-    report = tmp_path / "report"
-    rc = cli.main(["audit", str(path), "--report", str(report)])
+    rc = cli.main(["audit", str(path)])
     out = capsys.readouterr().out
     assert rc == 1 and "FAIL" in out
-    assert "**FAIL**" in (report / "audit.md").read_text()
+
+
+def test_report_of_a_tampered_ledger_marks_the_row(clean_ledger, tmp_path, capsys):
+    path = _copy(clean_ledger, tmp_path)
+    conn = _raw(path)
+    _edit_value(conn)
+    conn.close()
+    report = tmp_path / "report"
+    assert cli.main(["audit", str(path), "--report", str(report)]) == 1
+    md = (report / "audit.md").read_text()
+    assert "**FAIL**" in md and md.count("| TAMPERED |") == 1 and md.count("| ok |") == 5
+    assert (report / "epsilon.png").stat().st_size > 5000
+    capsys.readouterr()
 
 
 def test_forged_key_is_caught_when_the_key_is_pinned(clean_ledger, tmp_path, capsys):

@@ -90,8 +90,8 @@ def test_target_epsilon_spreads_budget_over_planned_rounds(easy_task):
     x, y = easy_task
     cfg = DPConfig(target_epsilon=2.0, planned_rounds=3, epsilon_max=2.0, accountant="rdp", delta=1e-3)
     trainer = PrivateTrainer(nn.Linear(4, 2), cfg)
-    totals = [trainer.train_round((x, y), loss_fn=nn.functional.cross_entropy, lr=0.1, batch_size=4,
+    totals = [trainer.train_round((x, y), loss_fn=nn.functional.cross_entropy, lr=0.1, batch_size=2,
                                   steps=5).epsilon_total for _ in range(3)]
     assert totals[-1] <= 2.0 and totals[-1] > 1.9  # close to the target, not wastefully below
     with pytest.raises(BudgetExceededError):
-        trainer.train_round((x, y), loss_fn=nn.functional.cross_entropy, lr=0.1, batch_size=4, steps=5)
+        trainer.train_round((x, y), loss_fn=nn.functional.cross_entropy, lr=0.1, batch_size=2, steps=5)
