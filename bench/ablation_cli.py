@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ftte.pipeline.report import plot_accuracy, write_summary_json
 from ftte.pipeline.run_outputs import ConfigError, add_common_arguments, config_from_args, fail, run_one
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -36,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
         configs = {name: base.with_overrides(**ov) if ov else base for name, ov in VARIANTS.items()}
     except (ConfigError, OSError, ValueError) as exc:
         return fail("ftte bench ablation", exc)
+    from ftte.pipeline.report import plot_accuracy, write_summary_json
+
     out = Path(args.out or "runs/ablation")
     runs: dict[str, dict[str, Any]] = {}
     histories = {}

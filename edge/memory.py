@@ -537,17 +537,18 @@ class MemoryEstimator:
 
         # prefix: no autograd, so one layer's input and output (and kernel buffers) at a time
         cur = 0  # bytes of the live activation; the batch itself is in the baseline
+        input_is_batch = True  # the suffix input is (a view of) the batch
         peak = 0
         for layer in self.layers[:k]:
             c = _layer_costs(layer, {}, b, grad_mode=False, rg_in=False, dp=False)
             peak = max(peak, cur + c.out_alloc + c.fwd_work)
             if c.out_alloc:
-                cur = c.out_alloc
+                cur, input_is_batch = c.out_alloc, False
         phase_peaks["prefix"] = peak
 
         # suffix forward; storages get ids (0 = the suffix input), a view keeps its input's id
         suffix = self.layers[k:]
-        sizes: dict[int, int] = {0: cur if k else 0}
+        sizes: dict[int, int] = {0: cur}
         costs: list[_Costs] = []
         in_id: list[int] = []
         out_id: list[int] = []
@@ -574,7 +575,7 @@ class MemoryEstimator:
         forward_end = sum(sizes[s] for s in kept | {cur_id}) + sum(extras) + logits
         phase_peaks["forward"] = max(peak, forward_end)
         saved_activation_bytes = sum(sizes[s] for s in kept) + sum(extras) + logits + b * 8
-        if k == 0 and 0 in kept:
+        if input_is_batch and 0 in kept:
             saved_activation_bytes += x_bytes  # the batch itself is saved (counted in the baseline)
 
         # backward, last layer first

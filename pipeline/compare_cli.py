@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ftte.pipeline.report import plot_accuracy, write_summary_json
 from ftte.pipeline.run_outputs import ConfigError, add_common_arguments, config_from_args, fail, print_summary, run_one
 
 STRATEGIES = ("ftte", "fedbuff", "fedavg")
@@ -47,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         configs = {s: base_cfg.with_overrides(**{"run.strategy": s}) for s in names}
     except (ConfigError, OSError, ValueError) as exc:
         return fail("ftte compare", exc)
+    from ftte.pipeline.report import plot_accuracy, write_summary_json
+
     out = Path(args.out or "runs/compare")
     summaries: dict[str, dict[str, Any]] = {}
     histories: dict[str, list[dict[str, Any]]] = {}

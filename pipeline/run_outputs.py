@@ -12,10 +12,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from ftte.pipeline.config import Config, ConfigError, load_config, parse_overrides
-from ftte.pipeline.progress import Progress
-from ftte.pipeline.report import plot_accuracy, write_history_csv, write_markdown_report, write_summary_json
-from ftte.pipeline.simulator import RunResult, Simulation
+
+if TYPE_CHECKING:  # the simulator pulls in torch; import it only when a run starts
+    from ftte.pipeline.simulator import RunResult
 
 
 def config_from_args(path: str | None, overrides: list[str] | None) -> Config:
@@ -33,8 +35,11 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run_one(cfg: Config, out_dir: Path, *, quiet: bool = False, label: str = "") -> RunResult:
+def run_one(cfg: Config, out_dir: Path, *, quiet: bool = False, label: str = "") -> "RunResult":
     """Run ``cfg`` into ``out_dir`` (resuming if it holds an earlier run) and write the outputs."""
+    from ftte.pipeline.progress import Progress
+    from ftte.pipeline.simulator import Simulation
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.toml").write_text(cfg.to_toml())
     desc = label or cfg.run.strategy
@@ -55,7 +60,9 @@ def run_one(cfg: Config, out_dir: Path, *, quiet: bool = False, label: str = "")
     return result
 
 
-def write_outputs(out_dir: Path, result: RunResult, cfg: Config) -> None:
+def write_outputs(out_dir: Path, result: "RunResult", cfg: Config) -> None:
+    from ftte.pipeline.report import plot_accuracy, write_history_csv, write_markdown_report, write_summary_json
+
     write_summary_json(out_dir / "summary.json", result.summary)
     write_history_csv(out_dir / "history.csv", result.history)
     plot = out_dir / "accuracy.png"
