@@ -7,7 +7,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 export FLWR_TELEMETRY_ENABLED := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test test-all bench compare-flower install clean
+.PHONY: demo test test-all bench bench-all compare-flower install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch first, pinned, so nothing later resolves a CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e ".[test]"
+	$(PIP) install -c constraints.txt -e ".[test,flower,http]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,13 +30,12 @@ test-all: $(STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
+	$(BIN)/pytest -q bench -m "not slow" --benchmark-enable --benchmark-json=bench-results.json
+
+bench-all: $(STAMP)
 	$(BIN)/pytest -q bench --benchmark-enable --benchmark-json=bench-results.json
 
-$(VENV)/.ftte-flower: $(STAMP)
-	$(PIP) install -c constraints.txt -e ".[flower]"
-	touch $@
-
-compare-flower: $(VENV)/.ftte-flower
+compare-flower: $(STAMP)
 	$(BIN)/ftte bench secagg --clients 10 --dim 1000000 --dropout 0.1 --compare flower --json
 
 clean:

@@ -77,8 +77,11 @@ class TrainingSetup:
     dp: bool = True
     optimizer: OptimizerKind = "momentum"
     num_classes: int | None = None
+    prefix_chunk: int | None = None
 
     def __post_init__(self) -> None:
+        if self.prefix_chunk is not None and int(self.prefix_chunk) < 1:
+            raise ValueError(f"prefix_chunk must be >= 1 or None, got {self.prefix_chunk}")
         if int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.optimizer not in ("sgd", "momentum", "adam"):
@@ -86,7 +89,7 @@ class TrainingSetup:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
 
     def step_config(self, **overrides: float) -> StepConfig:
-        return StepConfig(dp=self.dp, optimizer=self.optimizer, **overrides)
+        return StepConfig(dp=self.dp, optimizer=self.optimizer, prefix_chunk=self.prefix_chunk, **overrides)
 
 
 @dataclass(frozen=True)
@@ -513,10 +516,16 @@ class MemoryEstimator:
         self.num_classes = self.layers[-1].out_numel
 
     def estimate(
-        self, plan: SubsetPlan, batch_size: int, *, dp: bool = True, optimizer: OptimizerKind = "momentum"
+        self,
+        plan: SubsetPlan,
+        batch_size: int,
+        *,
+        dp: bool = True,
+        optimizer: OptimizerKind = "momentum",
+        prefix_chunk: int | None = None,
     ) -> MemoryEstimate:
         plan.check(self.model)
-        setup = TrainingSetup(batch_size, self.input_shape, dp=dp, optimizer=optimizer)
+        setup = TrainingSetup(batch_size, self.input_shape, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk)
         b = setup.batch_size
         trainable = set(plan.trainable)
         sizes_tr = [self._named[n][0] * self._named[n][1] for n in plan.trainable]
@@ -536,14 +545,21 @@ class MemoryEstimator:
         phase_peaks: dict[str, int] = {}
 
         # prefix: no autograd, so one layer's input and output (and kernel buffers) at a time
+        # (micro-batched: a chunk's working set on top of the full output being filled in)
+        chunked = k > 0 and prefix_chunk is not None and b > prefix_chunk
+        cb = int(prefix_chunk) if chunked else b  # type: ignore[arg-type]
         cur = 0  # bytes of the live activation; the batch itself is in the baseline
         input_is_batch = True  # the suffix input is (a view of) the batch
         peak = 0
         for layer in self.layers[:k]:
-            c = _layer_costs(layer, {}, b, grad_mode=False, rg_in=False, dp=False)
+            c = _layer_costs(layer, {}, cb, grad_mode=False, rg_in=False, dp=False)
             peak = max(peak, cur + c.out_alloc + c.fwd_work)
             if c.out_alloc:
                 cur, input_is_batch = c.out_alloc, False
+        if chunked:
+            last = self.layers[k - 1]
+            cur = b * last.out_numel * last.out_elem
+            peak, input_is_batch = peak + cur, False
         phase_peaks["prefix"] = peak
 
         # suffix forward; storages get ids (0 = the suffix input), a view keeps its input's id
@@ -639,5 +655,5 @@ class MemoryEstimator:
 def estimate_training_memory(model: nn.Module, plan: SubsetPlan, setup: TrainingSetup) -> MemoryEstimate:
     """Predict the peak bytes of one step (see :class:`MemoryEstimator` and the module docstring)."""
     return MemoryEstimator(model, setup.input_shape).estimate(
-        plan, setup.batch_size, dp=setup.dp, optimizer=setup.optimizer
+        plan, setup.batch_size, dp=setup.dp, optimizer=setup.optimizer, prefix_chunk=setup.prefix_chunk
     )

@@ -229,11 +229,21 @@ class FrozenPrefix(nn.Module):
     Running without autograd is the point: these activations are dropped as soon as the
     next layer has consumed them, so their memory cost is one layer's input and output,
     not the whole stack's.
+
+    ``chunk_size`` runs the prefix over micro-batches of that many samples and writes
+    the results into one output tensor, so the prefix's working set shrinks from the
+    batch's widest layer to a chunk's. The result is the same function: the prefix is
+    frozen, in eval mode, and GroupNorm (never BatchNorm) normalises each sample alone.
+    (Kernels may pick different algorithms for different batch sizes, so outputs can
+    differ in the last float bits.)
     """
 
-    def __init__(self, layers: nn.Sequential) -> None:
+    def __init__(self, layers: nn.Sequential, chunk_size: int | None = None) -> None:
         super().__init__()
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         self.layers = layers
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.layers.eval()
 
     def train(self, mode: bool = True) -> "FrozenPrefix":
@@ -243,7 +253,18 @@ class FrozenPrefix(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.layers(x)
+            c = self.chunk_size
+            if c is None or x.shape[0] <= c or len(self.layers) == 0:
+                return self.layers(x)
+            out: torch.Tensor | None = None
+            for start in range(0, x.shape[0], c):
+                part = self.layers(x[start : start + c])
+                if out is None:
+                    out = part.new_empty((x.shape[0],) + tuple(part.shape[1:]))
+                out[start : start + part.shape[0]].copy_(part)
+                del part
+            assert out is not None
+            return out
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -280,12 +301,15 @@ class PlannedModel(nn.Module):
         return self.suffix(self.prefix(x))
 
 
-def split_model(model: nn.Module, plan: SubsetPlan) -> tuple[FrozenPrefix, TrainableSuffix]:
+def split_model(
+    model: nn.Module, plan: SubsetPlan, *, prefix_chunk: int | None = None
+) -> tuple[FrozenPrefix, TrainableSuffix]:
     """Split ``model`` into ``(prefix, suffix)`` for training the plan's subset.
 
     The halves share parameters with ``model`` (no copies), so training the suffix
     trains the model. Side effect, on purpose: every parameter's ``requires_grad`` is set
-    from the plan, since that flag is what Opacus and the optimizer read. Only an
+    from the plan, since that flag is what Opacus and the optimizer read.
+    ``prefix_chunk`` micro-batches the prefix (see :class:`FrozenPrefix`). Only an
     ``nn.Sequential`` has layer boundaries to cut at; anything else raises ``TypeError``.
     """
     if not isinstance(model, nn.Sequential):
@@ -302,7 +326,7 @@ def split_model(model: nn.Module, plan: SubsetPlan) -> tuple[FrozenPrefix, Train
     if first_layer == "":
         raise ValueError("a parameter registered directly on the Sequential cannot be planned layer-wise")
     k = [name for name, _ in children].index(first_layer)
-    prefix = FrozenPrefix(nn.Sequential(OrderedDict(children[:k])))
+    prefix = FrozenPrefix(nn.Sequential(OrderedDict(children[:k])), chunk_size=prefix_chunk)
     suffix = TrainableSuffix(OrderedDict(children[k:]))
     suffix.train(model.training)
     return prefix, suffix

@@ -52,6 +52,7 @@ class StepConfig:
     momentum: float = 0.9
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
+    prefix_chunk: int | None = None  # micro-batch size for the frozen prefix (None: whole batch)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "momentum", "adam"):
@@ -92,7 +93,7 @@ class SubsetStep:
         self.model = model
         model.train()
         self.prefix: FrozenPrefix
-        self.prefix, suffix = split_model(model, plan)
+        self.prefix, suffix = split_model(model, plan, prefix_chunk=config.prefix_chunk)
         self.suffix_module = suffix
         self.params = [p for p in suffix.parameters() if p.requires_grad]
         base = _make_optimizer(self.params, config)

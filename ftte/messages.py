@@ -157,3 +157,177 @@ def consistency_bytes(session: bytes, survivors: tuple[int, ...]) -> bytes:
     """What a member signs in the consistency check: the session and the sorted survivor list."""
     body = b"".join(m.to_bytes(8, "big") for m in sorted(survivors))
     return b"ftte/secagg/consistency/v1" + session + hashlib.sha256(body).digest()
+
+
+# --- HTTP deployment (tags 40-59): what a device and ``ftte server`` exchange --------------
+#
+# Every request body is one of these (or a secure-aggregation message inside a ``Submit``),
+# and every response body too, so both directions cross ``wire.decode`` with its limits.
+# Floats that may be "unlimited" or "unknown" travel as 0.0 or -1.0 (the codec refuses
+# NaN and infinity on purpose).
+
+DEPLOY_TEXT = 64 * 1024  # plan JSON and similar documents
+DEPLOY_MAX_PAYLOAD = 64 * 1024 * 1024
+
+
+@message(40)
+class TaskRequest(Message):
+    """Device to server: what does this deployment train? (sent once per device process)."""
+
+    client: str = field(text(128))  # client software and version, for the server's logs
+
+
+@message(41)
+class TaskInfo(Message):
+    """Server to device: the plan, the architecture and its initial weights, training and privacy settings.
+
+    ``initial_weights`` holds every parameter of the model in ``named_parameters`` order, so a
+    device that builds the architecture gets the frozen part the server uses; the trainable
+    subset is refreshed by every :class:`ModelPull`. ``epsilon_max`` 0 means no server cap,
+    ``delta`` 0 means each device picks 1/(10 n) itself.
+    """
+
+    member: int = field(U64)
+    plan_json: str = field(text(DEPLOY_TEXT))
+    model_name: str = field(text(256))
+    model_kwargs_json: str = field(text(4096))
+    initial_weights: np.ndarray = field(F32_VECTOR)
+    local_steps: int = field(U64)
+    batch_size: int = field(U64)
+    lr: float = field(F64)
+    dp_enabled: int = field(U64)
+    noise_multiplier: float = field(F64)
+    max_grad_norm: float = field(F64)
+    delta: float = field(F64)
+    accountant: str = field(text(16))
+    epsilon_max: float = field(F64)
+    buffer_size: int = field(U64)
+    stage_timeout_ms: int = field(U64)
+    poll_wait_ms: int = field(U64)
+
+
+@message(42)
+class PullRequest(Message):
+    """Device to server: the current weights of ``plan_id``'s subset."""
+
+    plan_id: str = field(text(128))
+
+
+@message(43)
+class JoinRequest(Message):
+    """Device to server after local training: put me in the open cohort of my plan.
+
+    Carries the round's DP parameters (what the server writes into the privacy ledger);
+    never the loss or the record count, which are not covered by the DP guarantee.
+    """
+
+    plan_id: str = field(text(128))
+    base_version: int = field(U64)
+    model_hash: bytes = field(KEY32)
+    steps: int = field(U64)
+    sample_rate: float = field(F64)
+    noise_multiplier: float = field(F64)
+    max_grad_norm: float = field(F64)
+    accountant: str = field(text(16))
+    delta: float = field(F64)
+    epsilon_max: float = field(F64)  # 0 = unlimited
+    rng_source: str = field(text(256))
+    torch_version: str = field(text(64))
+    opacus_version: str = field(text(64))
+    ftte_version: str = field(text(64))
+
+
+@message(44)
+class JoinReply(Message):
+    """Server to device: the cohort it waits in."""
+
+    cohort_id: str = field(text(64))
+    base_version: int = field(U64)
+
+
+@message(45)
+class PollRequest(Message):
+    """Device to server: the server's message for ``stage`` of the cohort (long poll).
+
+    Stages: 0 cohort start, 1 roster, 2 share delivery, 3 survivor list, 4 consistency
+    bundle, 5 cohort end.
+    """
+
+    cohort_id: str = field(text(64))
+    stage: int = field(U64)
+
+
+@message(46)
+class Pending(Message):
+    """Server to device: nothing new yet; poll again."""
+
+    cohort_id: str = field(text(64))
+    stage: int = field(U64)
+    retry_after_ms: int = field(U64)
+
+
+@message(47)
+class CohortStart(Message):
+    """Server to members when a cohort closes: everything :class:`SessionParams` needs, and the weighting inputs.
+
+    ``reference_variance`` -1 means none yet (the first cohort).
+    """
+
+    cohort_id: str = field(text(64))
+    plan_id: str = field(text(128))
+    model_hash: bytes = field(KEY32)
+    close_version: int = field(U64)
+    members: tuple = field(IDS)
+    identity_keys: tuple = field(pairs(KEY32))  # (member, Ed25519 public key)
+    threshold: int = field(U64)
+    share_threshold: int = field(U64)
+    graph: str = field(text(16))
+    neighbors: int = field(U64)
+    dim: int = field(U64)
+    ring_bits: int = field(U64)
+    value_bits: int = field(U64)
+    clip: float = field(F64)
+    reference_variance: float = field(F64)
+    staleness_exponent: float = field(F64)
+    variance_penalty: float = field(F64)
+    r_min: float = field(F64)
+
+
+@message(48)
+class CohortEnd(Message):
+    """Server to a member: the cohort is over for it.
+
+    ``status`` is ``applied`` (``applied_version`` holds the merge), ``aborted`` (nothing
+    was revealed) or ``dropped`` (the member missed a stage; the cohort may go on without it).
+    """
+
+    cohort_id: str = field(text(64))
+    status: str = field(text(16))
+    applied_version: int = field(U64)
+    included: tuple = field(IDS)
+    reason: str = field(text(1024))
+
+
+@message(49)
+class Submit(Message):
+    """Device to server: one secure-aggregation message (encoded) for a cohort."""
+
+    cohort_id: str = field(text(64))
+    payload: bytes = field(var_bytes(DEPLOY_MAX_PAYLOAD))
+
+
+@message(50)
+class Ack(Message):
+    """Server to device: the message is stored durably and will survive a server crash."""
+
+    cohort_id: str = field(text(64))
+    stage: int = field(U64)
+
+
+@message(51)
+class ErrorReply(Message):
+    """Server to device with every 4xx/5xx: a stable code, a human-readable detail, the server's clock."""
+
+    code: str = field(text(64))
+    detail: str = field(text(1024))
+    server_time_ms: int = field(U64)

@@ -23,7 +23,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 SUPPORTED_ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 """Accountants that may be named in a config or a ledger row.
@@ -108,12 +108,37 @@ def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float,
     # prefixes of the same histories.
     from opacus.accountants import create_accountant
 
+    if mechanism == "rdp":
+        return max(0.0, _rdp_epsilon(history, delta))
     acc = create_accountant(mechanism=mechanism)
     acc.history = list(history)
     # Opacus's RDP-to-(ε, δ) conversion can return a slightly negative number when the
     # true ε is tiny (very small sample rates). ε is non-negative by definition and any
     # larger value is still a valid bound, so we report max(0, ·).
     return max(0.0, float(acc.get_epsilon(delta=delta)))
+
+
+@lru_cache(maxsize=1024)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> Any:
+    """RDP of one step at Opacus's default orders; composition is additive in steps."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    return rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                    orders=RDPAccountant.DEFAULT_ALPHAS)
+
+
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Exactly what ``RDPAccountant.get_epsilon`` computes (it, too, multiplies one
+    step's RDP by the step count and sums over entries), but with each distinct
+    (noise, rate) pair's per-step RDP computed once: a simulated device's budget check
+    then costs microseconds instead of ~0.1 s of fractional-order special functions."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    total = sum(_rdp_per_step(nm, q) * steps for nm, q, steps in history)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
+    return float(eps)
 
 
 def compute_epsilon(history: Sequence[PrivacyStep], delta: float, mechanism: str = "prv") -> float:

@@ -1,0 +1,329 @@
+"""The deployment's durable storage: one SQLite file, one thread, a write-ahead protocol journal.
+
+Why a journal: the secure-aggregation server state machine (:class:`SecAggServer`) is
+deterministic in the messages it accepted and the moments its stages were closed. So
+instead of serialising its internals, the server appends every accepted member message
+and every stage decision to ``deploy_journal`` *before* acknowledging it; after a crash
+(``SIGKILL`` included) replaying a cohort's entries in order rebuilds the exact state
+machine, and the devices, which retry, carry on where they were.
+
+Why one thread: sqlite3 connections belong to the thread that made them, and the
+coordinator runs on an asyncio loop that must never block on ``fsync``. Every database
+call therefore goes through :meth:`Database.call`, which runs it on a single dedicated
+thread owning the only connections (``ServerState`` and the privacy ``Ledger``, both on
+the same file, WAL, ``synchronous=FULL``).
+
+Why group commit: under load many devices upload at once. :class:`JournalWriter` queues
+entries and writes every queued entry in one transaction (one ``fsync``), resolving each
+entry's future only once it is durable; order is preserved, so a stage-close entry is
+never durable before the messages that led to it.
+
+An applied (or aborted) cohort is committed by :meth:`Database.commit_cohort`: model
+version, cohort record, history row and the ledger rows of its members in ONE
+transaction (:meth:`ServerState.commit_version`); its journal entries are deleted after
+that commit. A cohort id present in ``server_cohorts`` is finished, whatever the
+journal still says, so a crash between the two steps cannot apply a buffer twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import math
+import os
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+
+from ftte.pipeline.state import Checkpoint, ServerState
+from ftte.privacy.accountant import NON_PRIVATE_ACCOUNTANT, PrivacyStep, compute_epsilon
+from ftte.privacy.ledger import ROWS_TABLE, Ledger, LedgerRow, load_or_create_signing_key
+
+T = TypeVar("T")
+
+JOURNAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deploy_journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    cohort_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    member INTEGER,
+    stage TEXT,
+    data BLOB,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deploy_journal_cohort ON deploy_journal (cohort_id, seq);
+"""
+
+# Journal entry kinds, in the order a cohort produces them.
+OPEN, JOIN, START, MESSAGE, CLOSE = "open", "join", "start", "msg", "close"
+KINDS = (OPEN, JOIN, START, MESSAGE, CLOSE)
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    cohort_id: str
+    kind: str
+    at: float
+    member: int | None = None
+    stage: str | None = None
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class MemberRound:
+    """What the ledger needs about one member's round (from its JoinRequest)."""
+
+    device_id: str
+    plan_id: str
+    version: int
+    step: PrivacyStep
+    max_grad_norm: float
+    accountant: str
+    delta: float
+    epsilon_max: float
+    rng_source: str
+    torch_version: str
+    opacus_version: str
+    ftte_version: str
+
+
+@dataclass(frozen=True)
+class CohortCommit:
+    """One finished cohort, applied (``history_row`` set, version bumped) or aborted."""
+
+    version: int
+    elapsed_s: float
+    weights: np.ndarray
+    velocity: np.ndarray | None
+    reference_variance: float | None
+    record: dict[str, Any]
+    history_row: dict[str, Any] | None
+    rounds: tuple[MemberRound, ...]
+
+
+@dataclass
+class Recovered:
+    """What a (re)starting server reads back."""
+
+    checkpoint: Checkpoint | None
+    recent_weights: dict[int, np.ndarray]
+    finished: dict[str, dict[str, Any]]
+    journal: list[JournalEntry] = field(default_factory=list)
+    ledger_public_key: str = ""
+
+
+class Database:
+    """All SQLite access of one server, on one thread."""
+
+    def __init__(self, path: Path, ledger_key_path: Path) -> None:
+        self.path = Path(path)
+        self._key_path = Path(ledger_key_path)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftte-db")
+        self.state: ServerState | None = None
+        self.ledger: Ledger | None = None
+
+    # -- thread plumbing -----------------------------------------------------------------
+    def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._pool.submit(fn, *args).result()
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self._pool.submit(fn, *args))
+
+    def open(self) -> None:
+        self.call_sync(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.state = ServerState(self.path)
+        for stmt in JOURNAL_SCHEMA.strip().split(";"):
+            if stmt.strip():
+                self.state.conn.execute(stmt)
+        self.ledger = Ledger(self.path, load_or_create_signing_key(self._key_path))
+
+    def close(self) -> None:
+        def _close() -> None:
+            if self.ledger is not None:
+                self.ledger.close()
+            if self.state is not None:
+                self.state.close()
+        try:
+            self.call_sync(_close)
+        finally:
+            self._pool.shutdown(wait=True)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self.state is not None, "database not open"
+        return self.state.conn
+
+    # -- journal -------------------------------------------------------------------------
+    def write_entries(self, entries: list[JournalEntry]) -> None:
+        """Append entries in one transaction (runs on the database thread)."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.executemany(
+                "INSERT INTO deploy_journal (cohort_id, kind, member, stage, data, at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(e.cohort_id, e.kind, e.member, e.stage, e.data, e.at) for e in entries],
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def journal_bytes(self) -> int:
+        row = self.conn.execute("SELECT COALESCE(SUM(LENGTH(data)), 0), COUNT(*) FROM deploy_journal").fetchone()
+        return int(row[0])
+
+    # -- startup ---------------------------------------------------------------------------
+    def recover(self, keep_versions: int) -> Recovered:
+        """Checkpoint, recent model versions, finished cohorts, and the journal of unfinished ones."""
+        assert self.state is not None and self.ledger is not None
+        c = self.conn
+        ckpt = self.state.latest()
+        recent: dict[int, np.ndarray] = {}
+        if ckpt is not None:
+            for version, blob in c.execute(
+                    "SELECT version, weights FROM server_versions WHERE version >= ? ORDER BY version",
+                    (ckpt.version - keep_versions,)):
+                recent[int(version)] = np.frombuffer(blob, dtype="<f8").copy()
+        finished = {rec["cohort_id"]: rec for rec in self.state.cohort_records()}
+        # Cohorts committed just before a crash may still have journal entries: drop them now.
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute("DELETE FROM deploy_journal WHERE cohort_id IN (SELECT cohort_id FROM server_cohorts)")
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        journal = [
+            JournalEntry(cid, kind, at, member, stage, bytes(data) if data is not None else None)
+            for cid, kind, member, stage, data, at in c.execute(
+                "SELECT cohort_id, kind, member, stage, data, at FROM deploy_journal ORDER BY seq")
+        ]
+        return Recovered(ckpt, recent, finished, journal, self.ledger.public_key_hex)
+
+    def commit_initial(self, weights: np.ndarray, plan_id: str, config_json: str) -> None:
+        """Version 0 (the initial model) and the deployment's identity, once."""
+        assert self.state is not None
+        saved = self.state.get_meta("deploy_plan_id")
+        if saved is not None and saved != plan_id:
+            raise RuntimeError(f"{self.path} belongs to a deployment of plan {saved}, this config makes {plan_id}")
+        if saved is None:
+            self.state.set_meta("deploy_plan_id", plan_id)
+            self.state.set_meta("deploy_started_at", repr(time.time()))
+        self.state.set_meta("deploy_config", config_json)
+        if self.state.latest() is None:
+            self.state.commit_version(version=0, virtual_time_s=0.0, weights=weights, velocity=None,
+                                      reference_variance=None, cohort=None,
+                                      history_row={"version": 0, "elapsed_s": 0.0, "initial": True})
+
+    def started_at(self) -> float:
+        assert self.state is not None
+        value = self.state.get_meta("deploy_started_at")
+        return float(value) if value else time.time()
+
+    # -- finishing a cohort --------------------------------------------------------------
+    def commit_cohort(self, commit: CohortCommit) -> int:
+        """Ledger rows with ε recomputed from the ledger itself, then the one-transaction commit.
+
+        The ε written for a device is what its rounds *in this ledger* compose to (the
+        audit recomputes exactly that). A device's own accountant may count more: rounds
+        it trained but whose join never reached this server released nothing to it.
+        Returns the number of ledger rows written.
+        """
+        assert self.state is not None and self.ledger is not None
+        rows = self._ledger_rows(commit)
+        self.state.commit_version(
+            version=commit.version, virtual_time_s=commit.elapsed_s, weights=commit.weights,
+            velocity=commit.velocity, reference_variance=commit.reference_variance, cohort=commit.record,
+            history_row=commit.history_row, ledger=self.ledger, ledger_rows=rows,
+        )
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute("DELETE FROM deploy_journal WHERE cohort_id = ?", (commit.record["cohort_id"],))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return len(rows)
+
+    def _ledger_rows(self, commit: CohortCommit) -> list[LedgerRow]:
+        out: list[LedgerRow] = []
+        pending: dict[str, list[tuple[PrivacyStep, float, str]]] = {}
+        for r in commit.rounds:
+            prior = [(PrivacyStep(nm, q, n), d, a) for nm, q, n, d, a in self.conn.execute(
+                f"SELECT noise_multiplier, sample_rate, steps, delta, accountant FROM {ROWS_TABLE} "
+                "WHERE device_id = ? ORDER BY seq", (r.device_id,))]
+            prior += pending.get(r.device_id, [])
+            steps = [p[0] for p in prior]
+            if prior:
+                last_delta, last_acc = prior[-1][1], prior[-1][2]
+                before = compute_epsilon(steps, last_delta, _mechanism(last_acc))
+            else:
+                before = 0.0
+            total = compute_epsilon(steps + [r.step], r.delta, _mechanism(r.accountant))
+            eps_round = total - before if math.isfinite(total) else math.inf
+            out.append(LedgerRow(
+                device_id=r.device_id, plan_id=r.plan_id, version=r.version, sample_rate=r.step.sample_rate,
+                steps=r.step.steps, noise_multiplier=r.step.noise_multiplier, max_grad_norm=r.max_grad_norm,
+                accountant=r.accountant, rng_source=r.rng_source, epsilon_round=eps_round, epsilon_total=total,
+                delta=r.delta, epsilon_max=r.epsilon_max, cohort_id=commit.record["cohort_id"],
+                torch_version=r.torch_version, opacus_version=r.opacus_version, ftte_version=r.ftte_version,
+            ))
+            pending.setdefault(r.device_id, []).append((r.step, r.delta, r.accountant))
+        return out
+
+
+def _mechanism(accountant: str) -> str:
+    return accountant if accountant != NON_PRIVATE_ACCOUNTANT else "prv"
+
+
+class JournalWriter:
+    """Group commit: every entry queued while a write is in flight goes into the next transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._queue: list[tuple[JournalEntry, asyncio.Future]] = []
+        self._task: asyncio.Task | None = None
+        self.transactions = 0
+        self.entries = 0
+
+    def append(self, entry: JournalEntry) -> asyncio.Future:
+        """Queue ``entry`` (order-preserving) and return a future that resolves once it is durable."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.append((entry, fut))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain())
+        return fut
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                await self.db.call(self.db.write_entries, [e for e, _ in batch])
+            except BaseException as exc:  # the in-memory state is ahead of the disk: stop
+                print(f"ftte server: journal write failed ({exc!r}); exiting so a restart replays the journal",
+                      file=sys.stderr, flush=True)
+                os._exit(70)
+            self.transactions += 1
+            self.entries += len(batch)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def flush(self) -> None:
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+
+def dumps_record(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True)
