@@ -192,12 +192,11 @@ def _replace_batchnorm(module: nn.Module, max_groups: int) -> int:
     swapped = 0
     for child_name, child in list(module.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            if isinstance(child, nn.modules.lazy.LazyModuleMixin) and child.has_uninitialized_params():
-                raise UnsupportedModelError(
-                    f"lazy BatchNorm {child_name!r} has no channel count yet; run one forward pass first"
-                )
             channels = int(child.num_features)
-            gn = nn.GroupNorm(_groups_for(channels, max_groups), channels, eps=child.eps, affine=child.affine)
+            # BatchNorm1d usually sees (N, C): each group then needs >= 2 channels, or
+            # GroupNorm normalises single values to zero
+            cap = max(1, min(max_groups, channels // 2)) if isinstance(child, nn.BatchNorm1d) else max_groups
+            gn = nn.GroupNorm(_groups_for(channels, cap), channels, eps=child.eps, affine=child.affine)
             if child.affine:
                 # BatchNorm's gamma/beta play the same role after normalisation; keep them.
                 with torch.no_grad():
@@ -217,7 +216,9 @@ def make_dp_compatible(model: nn.Module, *, max_groups: int = 8) -> nn.Module:
     """Return a copy of ``model`` that Opacus can train with per-sample gradients.
 
     BatchNorm (1d/2d/3d, SyncBatchNorm) becomes GroupNorm with the largest group count
-    up to ``max_groups`` that divides the channel count, keeping the affine parameters.
+    up to ``max_groups`` that divides the channel count (for BatchNorm1d, which usually
+    sees ``(N, C)`` features, at least two channels per group), keeping the affine
+    parameters.
     Note the running statistics are dropped: GroupNorm normalises each sample by itself,
     so a pre-trained BatchNorm model changes its function and needs fine-tuning.
 
@@ -227,6 +228,12 @@ def make_dp_compatible(model: nn.Module, *, max_groups: int = 8) -> nn.Module:
     """
     from opacus.validators import ModuleValidator
 
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            kind = "lazy BatchNorm" if isinstance(module, nn.modules.batchnorm._BatchNorm) else "lazy module"
+            raise UnsupportedModelError(
+                f"{kind} {name!r} has no parameters yet; run one forward pass before making the model DP-compatible"
+            )
     fixed = copy.deepcopy(model)
     if isinstance(fixed, nn.modules.batchnorm._BatchNorm):
         wrapper = nn.Sequential(fixed)

@@ -32,6 +32,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -102,14 +103,17 @@ def default_budget(
 
 def parameter_importance(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
     loss_fn: nn.Module | None = None,
 ) -> dict[str, float]:
     """Squared gradient norm of the mean loss per parameter tensor, on a copy of ``model``.
 
-    One ordinary (non-private) backward pass on server-side calibration data.
+    One ordinary (non-private) backward pass on server-side calibration data
+    (``x`` float features, ``y`` integer class labels; tensors or arrays).
     """
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y).long()
     work = copy.deepcopy(model)
     work.train()
     for p in work.parameters():
@@ -138,12 +142,13 @@ def _units(model: nn.Module, granularity: str) -> list[tuple[str, ...]]:
 def search_plan(
     model: nn.Module,
     budget_bytes: int,
+    setup: TrainingSetup | None = None,
     *,
-    batch_size: int,
-    input_shape: tuple[int, ...],
+    batch_size: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
     dp: bool = True,
     optimizer: OptimizerKind = "momentum",
-    calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+    calibration: tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray] | None = None,
     granularity: Literal["layer", "tensor"] = "layer",
     method: Literal["auto", "exhaustive", "greedy"] = "auto",
     exhaustive_limit: int = 12,
@@ -153,11 +158,22 @@ def search_plan(
 ) -> PlanChoice:
     """The highest-benefit plan whose estimated peak memory is at most ``budget_bytes``.
 
-    ``prefix_chunk`` is the micro-batch size the device will run its frozen prefix with
-    (see :class:`ftte.edge.plan.FrozenPrefix`); the estimate, and the plan, depend on it.
+    The step is described either by ``setup`` (a :class:`TrainingSetup`, whose batch size,
+    input shape, DP flag, optimizer and prefix chunk are used) or by the keyword
+    arguments. ``prefix_chunk`` is the micro-batch size the device will run its frozen
+    prefix with (see :class:`ftte.edge.plan.FrozenPrefix`); the estimate, and the plan,
+    depend on it. ``calibration`` is ``(x, y)`` server-side data, tensors or arrays.
     Raises :class:`BudgetTooSmallError` if no plan fits. See the module docstring for
     score, cost and search.
     """
+    if setup is not None:
+        if batch_size is not None or input_shape is not None:
+            raise ValueError("give either setup or batch_size/input_shape, not both")
+        batch_size, input_shape = setup.batch_size, setup.input_shape
+        dp, optimizer, prefix_chunk = setup.dp, setup.optimizer, setup.prefix_chunk
+    if batch_size is None or input_shape is None:
+        raise ValueError("search_plan needs a TrainingSetup or both batch_size and input_shape")
+    input_shape = tuple(int(s) for s in input_shape)
     if budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be > 0, got {budget_bytes}")
     estimator = MemoryEstimator(model, input_shape)
@@ -195,8 +211,8 @@ def search_plan(
         plan, est = cost(best)
         measured = None
         if verify:
-            setup = TrainingSetup(batch_size, tuple(input_shape), dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk)
-            measured = measure_training_memory(model, plan, setup)
+            check = TrainingSetup(batch_size, input_shape, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk)
+            measured = measure_training_memory(model, plan, check)
             if measured.peak_bytes > budget_bytes:
                 # the estimate was optimistic for this plan: shrink the limit by the overshoot and retry
                 limit = int(limit * budget_bytes / measured.peak_bytes) - 1

@@ -19,7 +19,7 @@ from torch import nn
 
 from ftte.edge.plan import SubsetPlan, apply_subset_vector, split_model, subset_vector
 from ftte.privacy.accountant import AccountantStore
-from ftte.privacy.dpsgd import DPConfig, PrivateTrainer, RoundStats
+from ftte.privacy.dpsgd import DPConfig, PrivateTrainer, RoundPlan, RoundStats
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,17 @@ class LocalTrainer:
     @property
     def store(self) -> AccountantStore:
         return self._trainer.store
+
+    @store.setter
+    def store(self, store: AccountantStore) -> None:
+        """Swap the accountant store (a simulator worker hands each round a store seeded with that device's history)."""
+        self._trainer.store = store
+
+    def plan_round(self, device_id: int, n_records: int) -> RoundPlan:
+        """What :meth:`train` would do and cost for this device; raises ``BudgetExceededError`` if over budget.
+        Stores nothing."""
+        self._trainer.device_id = str(device_id)
+        return self._trainer.plan_round(n_records, batch_size=self.settings.batch_size, steps=self.settings.local_steps)
 
     def epsilon(self, device_id: int) -> float:
         self._trainer.device_id = str(device_id)

@@ -74,8 +74,8 @@ class SubsetStep:
 
     ``model`` is used in place (its parameters' ``requires_grad`` are set from the plan
     and, with DP, Opacus hooks the suffix's modules); pass a copy to keep the original.
-    ``expected_batch_size`` is the mean Poisson batch size DP-SGD normalises by; it
-    defaults to the batch size of the first step.
+    ``expected_batch_size`` is the mean (Poisson) batch size DP-SGD normalises the
+    noisy gradient sum by.
     """
 
     def __init__(
@@ -120,11 +120,14 @@ class SubsetStep:
         self.optimizer.zero_grad(set_to_none=True)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One step on batch ``(x, y)``; returns the loss (``nan`` for an empty DP batch).
+        """One step on batch ``(x, y)``; returns the loss (``nan`` for an empty batch).
 
-        An empty batch (Poisson sampling can draw one) still takes a DP step: the clipped
-        sum is zero, so the update is pure noise, which is what the accountant charged.
+        Gradients left by a previous step are cleared first (Opacus must not accumulate
+        per-sample gradients across Poisson batches). An empty batch (Poisson sampling
+        can draw one) still takes a DP step: the clipped sum is zero, so the update is
+        pure noise, which is what the accountant charged.
         """
+        self.zero_grad()
         if x.shape[0] == 0:
             if not self.config.dp:
                 return float("nan")

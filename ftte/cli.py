@@ -24,6 +24,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("audit",): ("ftte.privacy.audit_cli", "verify a privacy ledger and recompute every epsilon"),
     ("simulate",): ("ftte.pipeline.simulate_cli", "simulate a heterogeneous fleet training one strategy"),
     ("compare",): ("ftte.pipeline.compare_cli", "run ftte, fedbuff and fedavg on the same fleet and compare"),
+    ("server",): ("ftte.pipeline.server_cli", "serve the coordinator over HTTPS to allow-listed edge devices"),
+    ("edge",): ("ftte.edge.edge_cli", "run one edge device against an `ftte server`"),
+    ("keygen",): ("ftte.edge.keygen_cli", "create a device identity key and print its public key"),
+    ("bench", "http"): ("ftte.bench.http_load", "loopback load test of `ftte server`: requests/s, latency, memory"),
 }
 
 

@@ -191,6 +191,8 @@ class TaskInfo(Message):
     plan_json: str = field(text(DEPLOY_TEXT))
     model_name: str = field(text(256))
     model_kwargs_json: str = field(text(4096))
+    input_shape: tuple = field(IDS)  # one record, without the batch dimension
+    num_classes: int = field(U64)
     initial_weights: np.ndarray = field(F32_VECTOR)
     local_steps: int = field(U64)
     batch_size: int = field(U64)

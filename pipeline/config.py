@@ -323,10 +323,13 @@ class RunConfig(_Section):
     target_accuracy: float = 0.85
     max_versions: int = 100
     max_virtual_time_s: float = 14_400.0
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str = ""
+    ray_workers: int = 0
 
     def _check(self) -> None:
         self._require("seed", self.seed >= 0, "must be >= 0")
+        self._require("ray_workers", self.ray_workers >= 0, "must be >= 0 (0 = one per CPU)")
         self._require("target_accuracy", 0.0 < self.target_accuracy <= 1.0, "must be in (0, 1]")
         self._require("max_versions", self.max_versions >= 1, "must be >= 1")
         self._require("max_virtual_time_s", self.max_virtual_time_s > 0.0, "must be > 0")

@@ -310,6 +310,8 @@ class JournalWriter:
             batch, self._queue = self._queue, []
             try:
                 await self.db.call(self.db.write_entries, [e for e, _ in batch])
+            except asyncio.CancelledError:
+                raise
             except BaseException as exc:  # the in-memory state is ahead of the disk: stop
                 print(f"ftte server: journal write failed ({exc!r}); exiting so a restart replays the journal",
                       file=sys.stderr, flush=True)

@@ -40,6 +40,7 @@ from ftte.edge.models import build_model, make_dp_compatible
 from ftte.edge.plan import SubsetPlan, apply_subset_vector, subset_vector
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
 from ftte.messages import ModelPull
+from ftte.pipeline.backends import DeviceBackend, TrainTask, WorkerData, WorkerSpec, make_backend, reserve_round
 from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time
 from ftte.pipeline.cohort import CohortOutcome, CohortSpec, model_hash, run_cohort
 from ftte.pipeline.config import Config
@@ -111,7 +112,7 @@ class Simulation:
     """One run of one strategy; :meth:`run` returns its summary and per-version history."""
 
     def __init__(self, cfg: Config, out_dir: str | Path | None = None, *, on_version: Callable[[dict], None] | None = None,
-                 plan: SubsetPlan | None = None) -> None:
+                 plan: SubsetPlan | None = None, backend: DeviceBackend | None = None) -> None:
         # Device models are tiny: intra-op threads buy nothing and, next to other busy
         # processes on a 2-core machine, oversubscription made a step ~100x slower.
         torch.set_num_threads(1)
@@ -161,6 +162,13 @@ class Simulation:
         self.aborted_cohorts = 0
         self.train_rounds = 0
         self._resume()
+        # Device work: in this process, or on Ray (cfg.run.backend); started last, so nothing can fail after it.
+        self.backend: DeviceBackend = backend if backend is not None else make_backend(cfg.run)
+        try:
+            self.backend.start(WorkerSpec(self.model, self.plan, self.dp, self.settings), WorkerData.from_federated(self.data))
+        except BaseException:
+            self.close()
+            raise
 
     # -- persistence ---------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -182,14 +190,57 @@ class Simulation:
         self.cohort_counter = ckpt.cohorts
         self.clock = VirtualClock(start=ckpt.virtual_time_s)
         self.resumed_from = ckpt.version
+        self._reconcile_ledger()
+
+    def _reconcile_ledger(self) -> int:
+        """Write a ledger row for every spent round the ledger lacks; returns how many.
+
+        A device's accountant records a round before it trains, but the server writes the
+        round's row when the round's buffer is applied. Rounds still in flight when a run
+        stops (or crashes) were spent but never merged: without a row, the device's next
+        row would carry a cumulative ε the audit cannot rebuild from the rows. Such rounds
+        are recorded with ``cohort_id = "unmerged"`` and, as their trained-from version
+        is no longer known, the latest applied version.
+        """
+        if self.ledger is None or not self.dp.enabled:
+            return 0
+        from ftte.privacy.accountant import compute_epsilon
+        from ftte.privacy.dpsgd import RNG_SOURCE_DEFAULT
+        from ftte.privacy.ledger import LedgerRow
+
+        counts: dict[str, int] = {}
+        for entry in self.ledger.entries():
+            counts[entry.row.device_id] = counts.get(entry.row.device_id, 0) + 1
+        rows = []
+        for device in self.store.devices():
+            state = self.store.state(device)
+            history = list(state.history)
+            for i in range(counts.get(device, 0), len(history)):
+                before = compute_epsilon(history[:i], state.delta, state.accountant)
+                after = compute_epsilon(history[: i + 1], state.delta, state.accountant)
+                step = history[i]
+                rows.append(LedgerRow(
+                    device_id=device, plan_id=self.plan.plan_id, version=self.version,
+                    sample_rate=step.sample_rate, steps=step.steps, noise_multiplier=step.noise_multiplier,
+                    max_grad_norm=self.dp.max_grad_norm, accountant=state.accountant, rng_source=RNG_SOURCE_DEFAULT,
+                    epsilon_round=after - before, epsilon_total=after, delta=state.delta,
+                    epsilon_max=self.dp.epsilon_max, cohort_id="unmerged",
+                ))
+        if rows:
+            self.ledger.append_many(rows)
+        return len(rows)
 
     def close(self) -> None:
-        self.trainer.close()
-        self.store.close()
-        if self.state is not None:
-            self.state.close()
-        if self.ledger is not None:
-            self.ledger.close()
+        try:
+            if getattr(self, "backend", None) is not None:
+                self.backend.close()  # stops a Ray instance this run started
+        finally:
+            self.trainer.close()
+            self.store.close()
+            if self.state is not None:
+                self.state.close()
+            if self.ledger is not None:
+                self.ledger.close()
 
     # -- device work -----------------------------------------------------------------------------
     def _seed(self, *tags: Any) -> int:
@@ -199,23 +250,26 @@ class Simulation:
         w32 = self.weights.astype(np.float32)
         return ModelPull(self.version, self.plan.plan_id, model_hash(self.plan.plan_id, w32), w32)
 
-    def _train(self, device: SimDevice, attempt: int) -> tuple[LocalUpdate | None, float]:
-        """Pull and train now; returns (update or None if over budget, virtual seconds)."""
+    def _train(self, device: SimDevice, attempt: int) -> tuple[Any, float]:
+        """Pull, check the budget and hand the round to the backend; returns (pending update to
+        ``self.backend.resolve``, or None if over budget; virtual seconds). The seconds depend only
+        on the profile, the data size and the message bytes, never on the training result."""
         pull = self._pull()
         down = len(wire.encode(pull))
         self.download_bytes.append(down)
-        x, y = self.data.device_arrays(device.device_id)
-        try:
-            update = self.trainer.train(device.device_id, pull.version, pull.weights, x, y,
-                                        self._seed("train", device.device_id, attempt))
+        n_records = len(self.data.device_indices[device.device_id])
+        try:  # budget check and accountant record in the driver's store, before any training
+            account, expected = reserve_round(self.trainer, device.device_id, n_records)
         except BudgetExceededError:
             self.retired.add(device.device_id)
             return None, 0.0
+        pending = self.backend.submit(TrainTask(device.device_id, attempt, pull.version,
+                                                self._seed("train", device.device_id, attempt), account, expected), pull)
         self.train_rounds += 1
-        batch = min(float(self.settings.batch_size), float(len(x)))
+        batch = min(float(self.settings.batch_size), float(n_records))
         seconds = transfer_time(down, device.profile.downlink_bps, self.cfg.fleet.latency_s) + compute_time(
             round_seconds(self.settings.local_steps, batch, self.macs, 1.0), device.profile.compute_speed)
-        return update, seconds
+        return pending, seconds
 
     # -- merging -----------------------------------------------------------------------------------
     def _spec(self, cohort_id: str, size: int) -> CohortSpec:
@@ -302,6 +356,7 @@ class Simulation:
             self._run_sync()
         else:
             self._run_async()
+        self._reconcile_ledger()  # rounds still in flight at the stop were spent too
         wall = time.perf_counter() - t0
         return RunResult(self.summary(wall, start_version), list(self.history), self.weights.copy())
 
@@ -343,15 +398,21 @@ class Simulation:
                 if dev.drops_at("train", rng):
                     self.clock.schedule(now + rng.exponential(OFFLINE_MEAN_S), ("ready", dev.device_id))
                     continue
-                update, seconds = self._train(dev, n)
-                if update is not None:
-                    self.clock.schedule(now + seconds, ("trained", (dev, update)))
+                pending, seconds = self._train(dev, n)
+                if pending is not None:
+                    self.clock.schedule(now + seconds, ("trained", (dev, pending)))
             elif kind == "trained":
+                dev, pending = payload
+                update = self.backend.resolve(pending)
+                if update is None:  # its worker died mid-task: a dropout; the device comes back later
+                    rng = derive_rng(cfg.run.seed, "worker-lost", dev.device_id, attempts[dev.device_id])
+                    self.clock.schedule(now + rng.exponential(OFFLINE_MEAN_S), ("ready", dev.device_id))
+                    continue
                 if open_cohort is None:
                     open_cohort = self._new_cohort()
                     if math.isfinite(cfg.server.deadline_s):
                         self.clock.schedule(now + cfg.server.deadline_s, ("deadline", open_cohort.cohort_id))
-                open_cohort.members.append(payload)
+                open_cohort.members.append((dev, update))
                 if len(open_cohort.members) >= k or (open_cohort.deadline_passed and len(open_cohort.members) >= min_size):
                     close(open_cohort)
             elif kind == "deadline":
@@ -378,15 +439,19 @@ class Simulation:
             if len(pool) < max(2, min(m, cfg.secagg_threshold if cfg.secagg.enabled else 1)):
                 break
             chosen = rng.choice(len(pool), size=min(selected_n, len(pool)), replace=False)
-            finished: list[tuple[float, SimDevice, LocalUpdate]] = []
+            submitted: list[tuple[float, SimDevice, Any]] = []
             for i in sorted(chosen):
                 dev = pool[i]
                 drng = derive_rng(cfg.run.seed, "fedavg-device", round_no, dev.device_id)
                 if drng.random() > dev.profile.availability or dev.drops_at("train", drng):
                     continue
-                update, seconds = self._train(dev, round_no)
-                if update is not None:
-                    finished.append((seconds, dev, update))
+                pending, seconds = self._train(dev, round_no)
+                if pending is not None:
+                    submitted.append((seconds, dev, pending))
+            # A device whose worker died mid-task (resolve -> None) dropped out of this round.
+            finished: list[tuple[float, SimDevice, LocalUpdate]] = [
+                (seconds, dev, update) for seconds, dev, pending in submitted
+                if (update := self.backend.resolve(pending)) is not None]
             finished.sort(key=lambda f: (f[0], f[1].device_id))
             if cfg.server.fedavg_deadline_s > 0:
                 finished = [f for f in finished if f[0] <= cfg.server.fedavg_deadline_s]

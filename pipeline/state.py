@@ -51,7 +51,7 @@ class Checkpoint:
     velocity: np.ndarray | None
     reference_variance: float | None
     history: list[dict[str, Any]]
-    cohorts: int
+    cohorts: int  # highest cohort number recorded; new cohorts continue after it
 
 
 class ServerState:
@@ -113,8 +113,10 @@ class ServerState:
         if row is None:
             return None
         history = [json.loads(r[0]) for r in self.conn.execute("SELECT row FROM server_history ORDER BY version")]
-        cohorts = self.conn.execute("SELECT COUNT(*) FROM server_cohorts").fetchone()[0]
-        return Checkpoint(row[0], row[1], _vec(row[2]), _vec(row[3]), row[4], history, cohorts)
+        # cohorts merge out of order, so resume numbering after the highest id ever recorded
+        numbers = [int(cid.rsplit("-", 1)[1]) for (cid,) in self.conn.execute("SELECT cohort_id FROM server_cohorts")
+                   if cid.rsplit("-", 1)[-1].isdigit()]
+        return Checkpoint(row[0], row[1], _vec(row[2]), _vec(row[3]), row[4], history, max(numbers, default=0))
 
     def versions(self) -> list[int]:
         return [r[0] for r in self.conn.execute("SELECT version FROM server_versions ORDER BY version")]

@@ -1,0 +1,126 @@
+"""``ftte edge --server URL --key FILE --data FILE.csv --target COLUMN``: run one device as a process.
+
+The CSV has a header row; ``--target`` names the label column (integer class indices),
+every other column is a numeric feature. Features are used as given: preprocessing
+(standardisation and the like) is the app's business and must match what the model
+expects. The device keeps its accountant state in ``--state`` (default: next to the key)
+and runs until ``--rounds`` rounds are done or its budget is spent. ``--events`` prints one
+JSON line per protocol event on stdout (used by the tests to see acknowledged uploads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+STAGE_EVENTS = ("joined", "started", "advertised", "shared", "uploaded", "signed", "unmasked", "trained", "pulled")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", required=True, metavar="URL", help="https://host:port of `ftte server`")
+    parser.add_argument("--key", required=True, metavar="FILE", help="this device's Ed25519 key (see `ftte keygen`)")
+    parser.add_argument("--data", required=True, metavar="FILE.csv", help="local records, with a header row")
+    parser.add_argument("--target", required=True, metavar="COLUMN", help="label column of the CSV")
+    parser.add_argument("--ca", metavar="FILE", help="CA bundle that signed the server certificate (default: system CAs)")
+    parser.add_argument("--insecure-plaintext", action="store_true", help="the server speaks plain HTTP (local tests)")
+    parser.add_argument("--state", metavar="DIR", help="accountant state directory (default: KEY.state)")
+    parser.add_argument("--epsilon", type=float, default=10.0, help="this device's lifetime privacy budget")
+    parser.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: until the budget is spent)")
+    parser.add_argument("--model-factory", metavar="PKG.MOD:FN",
+                        help="callable(TaskInfo) -> nn.Sequential (default: the bundled model the task names)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for training and rounding (default: fresh entropy)")
+    parser.add_argument("--patience", type=float, default=60.0, help="seconds one request keeps retrying")
+    parser.add_argument("--events", action="store_true", help="print one JSON line per protocol event")
+    # Test hook: SIGKILL this process right after the named event (a device dying mid-protocol).
+    parser.add_argument("--exit-at", choices=STAGE_EVENTS, help=argparse.SUPPRESS)
+    parser.add_argument("--exit-round", type=int, default=1, help=argparse.SUPPRESS)
+
+
+def load_csv(path: str, target: str):
+    import csv
+
+    import numpy as np
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if not header or target not in header:
+            raise ValueError(f"{path}: no column {target!r} in the header")
+        t = header.index(target)
+        xs, ys = [], []
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{path}:{lineno}: expected {len(header)} fields, got {len(row)}")
+            try:
+                label = float(row[t])
+                values = [float(v) for i, v in enumerate(row) if i != t]
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: {exc}") from None
+            if label != int(label):
+                raise ValueError(f"{path}:{lineno}: label {row[t]!r} is not a class index")
+            xs.append(values)
+            ys.append(int(label))
+    if not xs:
+        raise ValueError(f"{path}: no records")
+    return np.asarray(xs, dtype=np.float32), np.asarray(ys, dtype=np.int64)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    import torch
+
+    # Two busy cores: intra-op threads only oversubscribe them (~100x slower steps here).
+    torch.set_num_threads(1)
+
+    from ftte.edge.http_client import EdgeClient, EdgeError, RetryPolicy
+    from ftte.edge.identity import load_identity
+    from ftte.edge.models import load_factory
+
+    try:
+        identity = load_identity(args.key)
+        x, y = load_csv(args.data, args.target)
+    except (OSError, ValueError) as exc:
+        print(f"ftte edge: {exc}", file=sys.stderr)
+        return 2
+    factory = load_factory(args.model_factory) if args.model_factory else None
+    rounds_seen = {"n": 0}
+
+    def on_event(name: str, info: dict) -> None:
+        if name == "trained":
+            rounds_seen["n"] += 1
+        if args.events:
+            print(json.dumps({"event": name, **info}), flush=True)
+        if args.exit_at == name and rounds_seen["n"] >= args.exit_round:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    verify = False if args.insecure_plaintext else (args.ca or True)
+    client = EdgeClient(args.server, identity, x, y, state_dir=args.state or (args.key + ".state"),
+                        epsilon_max=args.epsilon, model_factory=factory, verify=verify,
+                        retry=RetryPolicy(patience_s=args.patience), on_event=on_event, seed=args.seed)
+    try:
+        results = client.run(rounds=args.rounds)
+    except EdgeError as exc:
+        print(f"ftte edge: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+    summary = {
+        "event": "summary",
+        "member": client.member,
+        "rounds": len(results),
+        "statuses": [r.status for r in results],
+        "applied_versions": [r.applied_version for r in results if r.status == "applied"],
+        "epsilon": max((r.epsilon for r in results), default=0.0),
+        "bytes_up": client.transport.bytes_up,
+        "bytes_down": client.transport.bytes_down,
+    }
+    print(json.dumps(summary), flush=True)
+    return 0

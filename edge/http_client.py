@@ -1,0 +1,505 @@
+"""The edge client an app embeds: pull, train with DP-SGD, join a cohort, mask, upload, over HTTPS.
+
+::
+
+    client = EdgeClient("https://fl.example.org:8443", Signer(key_bytes), x, y,
+                        state_dir="/data/ftte", epsilon_max=8.0, verify="ca.pem")
+    client.run(rounds=10)
+
+One :meth:`EdgeClient.run_round` is: pull the current subset weights and check their hash
+against the plan this device was given (a mismatch is refused, never trained on); train
+locally with :class:`~ftte.edge.runtime.LocalTrainer` (the accountant state lives in
+``state_dir`` and survives restarts; a round that would exceed the budget is refused before
+it reads any data); join the open cohort; then follow the cohort through its five
+secure-aggregation stages with :class:`~ftte.crypto.secagg_client.SecAggClient`, long-polling
+for the server's message of each stage and submitting this member's reply.
+
+Network trouble is retried with exponential backoff and jitter (a fresh nonce and
+timestamp per attempt; the clock is corrected from the server's ``x-ftte-server-time``).
+If the server stays unreachable past a stage's patience, or says the device missed a
+stage, the device counts itself dropped from that cohort and the next round starts over
+with a fresh pull: secure aggregation tolerates dropped members by design.
+
+This module imports ``httpx`` and the device-side parts of ftte only (no web framework,
+nothing from ``ftte.pipeline``), so it stays installable on a device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import numpy as np
+import torch
+from torch import nn
+
+from ftte import __version__, wire
+from ftte.crypto.primitives import Signer
+from ftte.crypto.secagg_client import SecAggClient
+from ftte.crypto.secagg_session import SecAggError
+from ftte.edge.deploy_protocol import CohortRefused, check_cohort, model_hash, session_params, weight_rule
+from ftte.edge.encoding import UpdateCodec, weigh_update
+from ftte.edge.models import build_model, make_dp_compatible
+from ftte.edge.plan import SubsetPlan
+from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
+from ftte.http_auth import (
+    API_PREFIX,
+    CONTENT_TYPE,
+    HEADER_DEVICE,
+    HEADER_NONCE,
+    HEADER_SERVER_TIME,
+    HEADER_SIGNATURE,
+    HEADER_TIME,
+    NONCE_BYTES,
+    body_digest,
+    member_id,
+    request_signing_bytes,
+)
+from ftte.messages import (
+    Ack,
+    CohortEnd,
+    CohortStart,
+    ConsistencyBundle,
+    ErrorReply,
+    JoinReply,
+    JoinRequest,
+    ModelPull,
+    Pending,
+    PollRequest,
+    PullRequest,
+    Roster,
+    ShareDelivery,
+    Submit,
+    SurvivorList,
+    TaskInfo,
+    TaskRequest,
+)
+from ftte.privacy.accountant import AccountantStore
+from ftte.privacy.budget import BudgetExceededError
+from ftte.privacy.dpsgd import DPConfig
+from ftte.privacy.ledger import library_versions
+
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+EVENTS = ("task", "pulled", "trained", "joined", "started", "advertised", "shared", "uploaded", "signed",
+          "unmasked", "ended")
+
+
+class EdgeError(Exception):
+    """Base of the client's errors."""
+
+
+class ServerUnavailable(EdgeError):
+    """The server could not be reached (or kept failing) within the patience allowed."""
+
+
+class ServerRefused(EdgeError):
+    """The server refused a request with a 4xx; retrying the same request cannot help."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status, self.code, self.detail = status, code, detail
+
+
+class ModelMismatch(EdgeError):
+    """The server sent weights whose hash, plan or shape do not match the plan this device joined."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: ``uniform(0, min(cap, base * 2^attempt))``."""
+
+    base_s: float = 0.2
+    cap_s: float = 5.0
+    patience_s: float = 60.0  # give up on one call after this long without success
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0.0, min(self.cap_s, self.base_s * (2 ** min(attempt, 20))))
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    status: str  # applied | aborted | dropped | refused | budget_exhausted
+    base_version: int = -1
+    cohort_id: str = ""
+    applied_version: int = -1
+    uploaded: bool = False
+    reason: str = ""
+    epsilon: float = 0.0
+
+
+def make_ssl_verify(verify: bool | str | os.PathLike | Any) -> Any:
+    """``True`` (system CAs), a CA bundle path, or an ``ssl.SSLContext``; ``False`` only for plain HTTP tests."""
+    if isinstance(verify, (str, os.PathLike)):
+        import ssl
+
+        return ssl.create_default_context(cafile=os.fspath(verify))
+    return verify
+
+
+class Transport:
+    """Signed msgpack requests with retries, backoff and server-clock correction."""
+
+    def __init__(self, base_url: str, identity: Signer, *, verify: Any = True, timeout_s: float = 30.0,
+                 retry: RetryPolicy = RetryPolicy(), client: httpx.Client | None = None) -> None:
+        self.identity = identity
+        self.device_hex = identity.public_key.hex()
+        self.retry = retry
+        self.timeout_s = timeout_s
+        self.offset_ms = 0  # server clock minus ours
+        self._client = client or httpx.Client(base_url=base_url.rstrip("/"), verify=make_ssl_verify(verify),
+                                              timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _headers(self, path: str, body: bytes) -> dict[str, str]:
+        nonce = os.urandom(NONCE_BYTES).hex()
+        t_ms = int(time.time() * 1000) + self.offset_ms
+        sig = self.identity.sign(request_signing_bytes("POST", path, body_digest(body), nonce, t_ms, self.device_hex))
+        return {
+            "content-type": CONTENT_TYPE,
+            HEADER_DEVICE: self.device_hex,
+            HEADER_NONCE: nonce,
+            HEADER_TIME: str(t_ms),
+            HEADER_SIGNATURE: sig.hex(),
+        }
+
+    def _sync_clock(self, response: httpx.Response) -> None:
+        stamp = response.headers.get(HEADER_SERVER_TIME)
+        if stamp and stamp.isdigit():
+            self.offset_ms = int(stamp) - int(time.time() * 1000)
+
+    def call(self, endpoint: str, msg: Any, expect: tuple[type, ...], *, patience_s: float | None = None,
+             read_timeout_s: float | None = None) -> Any:
+        """POST ``msg`` to ``/v1/<endpoint>`` and return the decoded reply (one of ``expect``)."""
+        path = f"{API_PREFIX}/{endpoint}"
+        body = wire.encode(msg)
+        deadline = time.monotonic() + (self.retry.patience_s if patience_s is None else patience_s)
+        timeout = httpx.Timeout(read_timeout_s or self.timeout_s, connect=10.0)
+        attempt = resigned = 0
+        last = ""
+        while True:
+            try:
+                r = self._client.post(path, content=body, headers=self._headers(path, body), timeout=timeout)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                self._sync_clock(r)
+                self.bytes_up += len(body)
+                self.bytes_down += len(r.content)
+                if r.status_code == 200:
+                    try:
+                        reply = wire.decode(r.content)
+                    except wire.WireError as exc:
+                        raise EdgeError(f"{endpoint}: the server sent a malformed reply: {exc}") from None
+                    if not isinstance(reply, expect):
+                        raise EdgeError(f"{endpoint}: unexpected reply {type(reply).__name__}")
+                    return reply
+                code, detail = _error_of(r)
+                last = f"{r.status_code} {code}: {detail}"
+                if code in ("stale_timestamp", "replay"):
+                    resigned += 1  # the clock was resynchronised above: sign again at once
+                    if resigned <= 3:
+                        continue
+                elif r.status_code not in RETRYABLE_STATUS:
+                    raise ServerRefused(r.status_code, code, detail)
+            if time.monotonic() >= deadline:
+                raise ServerUnavailable(f"{endpoint}: gave up after {attempt + 1} attempts ({last})")
+            pause = self.retry.delay(attempt)
+            attempt += 1
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+
+
+def _error_of(r: httpx.Response) -> tuple[str, str]:
+    try:
+        err = wire.decode(r.content, expect=ErrorReply)
+        return err.code, err.detail
+    except wire.WireError:
+        return "http_error", r.text[:200]
+
+
+def default_model_factory(task: TaskInfo) -> nn.Module:
+    """Build the task's architecture from the bundled registry (or ``package.module:factory``)."""
+    return make_dp_compatible(build_model(task.model_name, **json.loads(task.model_kwargs_json)))
+
+
+def load_full_vector(model: nn.Module, vector: np.ndarray) -> None:
+    """Set every parameter, in ``named_parameters`` order, from one flat float32 vector."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    if vector.shape != (total,):
+        raise ModelMismatch(f"initial weights have {vector.shape[0]} values, the architecture {total}")
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.copy_(torch.as_tensor(vector[offset:offset + n].copy()).view_as(p))
+            offset += n
+
+
+class EdgeClient:
+    """One device: its identity, its data, its accountant state, and a connection to one server."""
+
+    def __init__(self, server_url: str, identity: Signer, x: np.ndarray, y: np.ndarray, *, state_dir: str | Path,
+                 epsilon_max: float = 10.0, model_factory: Callable[[TaskInfo], nn.Module] | None = None,
+                 verify: Any = True, retry: RetryPolicy = RetryPolicy(), timeout_s: float = 30.0,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None, seed: int | None = None,
+                 torch_threads: int | None = None, transport: Transport | None = None) -> None:
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError("x and y must be non-empty and of equal length")
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        self.identity = identity
+        self.member = member_id(identity.public_key)
+        self.x = np.asarray(x, dtype=np.float32)
+        self.y = np.asarray(y, dtype=np.int64)
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.epsilon_max = float(epsilon_max)
+        self.model_factory = model_factory or default_model_factory
+        self.retry = retry
+        self.on_event = on_event
+        self._rng = np.random.default_rng(seed)
+        self._seed = random.Random(seed)
+        self.transport = transport or Transport(server_url, identity, verify=verify, timeout_s=timeout_s, retry=retry)
+        self.task: TaskInfo | None = None
+        self.plan: SubsetPlan | None = None
+        self.trainer: LocalTrainer | None = None
+        self.store: AccountantStore | None = None
+        self.rounds_done = 0
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.trainer is not None:
+            self.trainer.close()
+        if self.store is not None:
+            self.store.close()
+        self.transport.close()
+
+    def __enter__(self) -> "EdgeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _event(self, name: str, **info: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(name, {"member": self.member, **info})
+
+    @property
+    def stage_patience(self) -> float:
+        assert self.task is not None
+        return max(self.retry.patience_s, 2.0 * self.task.stage_timeout_ms / 1000.0)
+
+    @property
+    def poll_read_timeout(self) -> float:
+        assert self.task is not None
+        return self.task.poll_wait_ms / 1000.0 + 15.0
+
+    def connect(self) -> TaskInfo:
+        """Fetch the task once: plan, architecture, initial weights, training and DP settings."""
+        if self.task is not None:
+            return self.task
+        task = self.transport.call("task", TaskRequest(f"ftte-edge/{__version__}"), (TaskInfo,),
+                                   patience_s=max(self.retry.patience_s, 300.0))
+        if task.member != self.member:
+            raise ModelMismatch("the server knows this device under another member id")
+        plan = SubsetPlan.from_json(task.plan_json)  # checks the plan id against its content
+        model = self.model_factory(task)
+        if not isinstance(model, nn.Sequential):
+            raise ModelMismatch("the model factory must return an nn.Sequential")
+        plan.check(model)
+        load_full_vector(model, np.asarray(task.initial_weights, dtype=np.float32))
+        if task.dp_enabled and task.epsilon_max > 0:
+            budget = min(self.epsilon_max, task.epsilon_max)
+        else:
+            budget = self.epsilon_max
+        dp = DPConfig(enabled=bool(task.dp_enabled), noise_multiplier=task.noise_multiplier,
+                      max_grad_norm=task.max_grad_norm, delta=task.delta if task.delta > 0 else None,
+                      accountant=task.accountant, epsilon_max=budget if math.isfinite(budget) else math.inf)
+        self.store = AccountantStore(self.state_dir / "accountant.db")
+        self.trainer = LocalTrainer(model, plan, dp, TrainSettings(task.local_steps, task.batch_size, task.lr),
+                                    self.store)
+        self.task, self.plan, self.dp = task, plan, dp
+        self._shape = tuple(task.input_shape)
+        if self.x.shape[1:] != self._shape:
+            if int(np.prod(self.x.shape[1:])) != int(np.prod(self._shape)):
+                raise ModelMismatch(f"records have shape {self.x.shape[1:]}, the model takes {self._shape}")
+            self.x = self.x.reshape((len(self.x),) + self._shape)
+        if self.y.min() < 0 or self.y.max() >= task.num_classes:
+            raise ValueError(f"labels must be class indices in [0, {task.num_classes})")
+        self._event("task", plan_id=plan.plan_id, coordinates=plan.num_coordinates)
+        return task
+
+    # -- one round ------------------------------------------------------------------------------
+    def pull(self) -> ModelPull:
+        assert self.plan is not None
+        pull = self.transport.call("pull", PullRequest(self.plan.plan_id), (ModelPull,),
+                                   patience_s=max(self.retry.patience_s, 300.0))
+        if pull.plan_id != self.plan.plan_id:
+            raise ModelMismatch(f"server sent plan {pull.plan_id}, this device joined {self.plan.plan_id}")
+        if pull.weights.shape != (self.plan.num_coordinates,):
+            raise ModelMismatch(f"server sent {pull.weights.shape[0]} weights, the plan has {self.plan.num_coordinates}")
+        if model_hash(pull.plan_id, pull.weights) != pull.model_hash:
+            raise ModelMismatch(f"weights of version {pull.version} do not match their announced hash")
+        self._event("pulled", version=pull.version)
+        return pull
+
+    def train(self, pull: ModelPull) -> LocalUpdate:
+        assert self.trainer is not None
+        seed = self._seed.randrange(2**31 - 1)
+        update = self.trainer.train(self.member, pull.version, np.array(pull.weights, dtype=np.float32),
+                                    self.x, self.y, seed)
+        self._event("trained", version=pull.version, epsilon=float(update.stats.epsilon_total))
+        return update
+
+    def run_round(self) -> RoundResult:
+        """Pull, train, join and follow one cohort to its end (or until this device is dropped)."""
+        self.connect()
+        pull = self.pull()
+        try:
+            update = self.train(pull)
+        except BudgetExceededError as exc:
+            return RoundResult("budget_exhausted", pull.version, reason=str(exc))
+        result = self.aggregate(pull, update)
+        self.rounds_done += 1
+        self._event("ended", status=result.status, cohort=result.cohort_id, applied_version=result.applied_version,
+                    uploaded=result.uploaded, reason=result.reason)
+        return result
+
+    def run(self, rounds: int | None = None, stop: Callable[[], bool] | None = None) -> list[RoundResult]:
+        """Rounds until ``rounds`` are done, the budget is spent or ``stop()`` says so."""
+        out: list[RoundResult] = []
+        while rounds is None or len(out) < rounds:
+            if stop is not None and stop():
+                break
+            result = self.run_round()
+            out.append(result)
+            if result.status == "budget_exhausted":
+                break
+            if result.status in ("dropped", "aborted", "refused"):
+                time.sleep(self.retry.delay(1))
+        return out
+
+    def aggregate(self, pull: ModelPull, update: LocalUpdate) -> RoundResult:
+        """Join and run the secure-aggregation member protocol for this update."""
+        assert self.plan is not None
+        eps = float(update.stats.epsilon_total)
+        s = update.stats
+        versions = library_versions()
+        join = JoinRequest(
+            plan_id=self.plan.plan_id, base_version=pull.version, model_hash=pull.model_hash,
+            steps=s.steps, sample_rate=float(s.sample_rate), noise_multiplier=float(s.noise_multiplier),
+            max_grad_norm=float(s.max_grad_norm), accountant=s.accountant,
+            delta=float(s.delta) if math.isfinite(s.delta) and s.delta > 0 else 0.0,
+            epsilon_max=float(s.epsilon_max) if math.isfinite(s.epsilon_max) else 0.0,
+            rng_source=s.rng_source[:256], torch_version=versions["torch"][:64],
+            opacus_version=versions["opacus"][:64], ftte_version=versions["ftte"][:64],
+        )
+        try:
+            reply = self.transport.call("join", join, (JoinReply,), patience_s=self.stage_patience)
+        except ServerRefused as exc:
+            return RoundResult("refused", pull.version, reason=str(exc), epsilon=eps)
+        except ServerUnavailable as exc:
+            return RoundResult("dropped", pull.version, reason=str(exc), epsilon=eps)
+        cid = reply.cohort_id
+        self._event("joined", cohort=cid, version=pull.version)
+        uploaded = False
+        try:
+            start = self._poll(cid, 0, CohortStart, forming=True)
+            if isinstance(start, CohortEnd):
+                return self._ended(start, pull.version, uploaded, eps)
+            check_cohort(start, member=self.member, identity_key=self.identity.public_key,
+                         plan_id=self.plan.plan_id, base_version=pull.version,
+                         coordinates=self.plan.num_coordinates)
+            client = SecAggClient(session_params(start), self.member, self.identity)
+            self._event("started", cohort=cid, members=len(start.members), close_version=start.close_version)
+
+            self._submit(cid, client.advertise())
+            self._event("advertised", cohort=cid)
+            roster = self._poll(cid, 1, Roster)
+            if isinstance(roster, CohortEnd):
+                return self._ended(roster, pull.version, uploaded, eps)
+            self._submit(cid, client.share_keys(roster))
+            self._event("shared", cohort=cid)
+
+            delivery = self._poll(cid, 2, ShareDelivery)
+            if isinstance(delivery, CohortEnd):
+                return self._ended(delivery, pull.version, uploaded, eps)
+            reference = None if start.reference_variance < 0 else start.reference_variance
+            w = weigh_update(update.delta, update.base_version, start.close_version, reference,
+                             weight_rule(start), start.clip)
+            codec = UpdateCodec(self.plan.num_coordinates, start.clip, start.value_bits, start.ring_bits)
+            vector = codec.encode(w.weighted, w.weight, w.variance, self._rng)
+            self._submit(cid, client.masked_input(delivery, vector))
+            uploaded = True
+            self._event("uploaded", cohort=cid, weight=w.weight, staleness=w.staleness)
+
+            survivors = self._poll(cid, 3, SurvivorList)
+            if isinstance(survivors, CohortEnd):
+                return self._ended(survivors, pull.version, uploaded, eps)
+            self._submit(cid, client.consistency(survivors))
+            self._event("signed", cohort=cid)
+
+            bundle = self._poll(cid, 4, ConsistencyBundle)
+            if isinstance(bundle, CohortEnd):
+                return self._ended(bundle, pull.version, uploaded, eps)
+            self._submit(cid, client.unmask(bundle))
+            self._event("unmasked", cohort=cid)
+
+            end = self._poll(cid, 5, CohortEnd)
+            return self._ended(end, pull.version, uploaded, eps)
+        except (ServerUnavailable, CohortRefused, SecAggError) as exc:
+            return RoundResult("dropped", pull.version, cid, uploaded=uploaded, reason=str(exc), epsilon=eps)
+        except ServerRefused as exc:
+            status = "dropped" if exc.status in (403, 404, 409) else "refused"
+            return RoundResult(status, pull.version, cid, uploaded=uploaded, reason=str(exc), epsilon=eps)
+
+    def _ended(self, end: CohortEnd, base_version: int, uploaded: bool, eps: float) -> RoundResult:
+        status = end.status
+        if status == "applied" and self.member not in end.included:
+            status = "dropped"
+        return RoundResult(status, base_version, end.cohort_id, end.applied_version if status == "applied" else -1,
+                           uploaded, end.reason, eps)
+
+    def _submit(self, cohort_id: str, msg: Any) -> Ack:
+        return self.transport.call("submit", Submit(cohort_id, wire.encode(msg)), (Ack,),
+                                   patience_s=self.stage_patience)
+
+    def _poll(self, cohort_id: str, stage: int, want: type, *, forming: bool = False):
+        """Long-poll until the server's message for ``stage`` (or the cohort's end) arrives."""
+        assert self.task is not None
+        # Forming waits for other devices to finish training; later stages are bounded by
+        # the server's stage timeout, after which it answers "dropped" or moves on.
+        patience = 3600.0 if forming else 4.0 * self.stage_patience
+        deadline = time.monotonic() + patience
+        while True:
+            reply = self.transport.call("poll", PollRequest(cohort_id, stage), (want, CohortEnd, Pending),
+                                        patience_s=self.stage_patience, read_timeout_s=self.poll_read_timeout)
+            if not isinstance(reply, Pending):
+                return reply
+            if time.monotonic() >= deadline:
+                raise ServerUnavailable(f"no progress in cohort {cohort_id} stage {stage} for {patience:.0f} s")
+            time.sleep(min(reply.retry_after_ms, 5000) / 1000.0)
+
+
+__all__ = [
+    "EdgeClient",
+    "EdgeError",
+    "ModelMismatch",
+    "RetryPolicy",
+    "RoundResult",
+    "ServerRefused",
+    "ServerUnavailable",
+    "Transport",
+    "default_model_factory",
+]

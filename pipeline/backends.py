@@ -1,0 +1,449 @@
+"""Where the simulator's device work runs: in the driver process, or on Ray actors.
+
+The coordinator, the virtual clock and every decision stay in the driver
+(:class:`~ftte.pipeline.simulator.Simulation`); a backend only trains. The driver
+
+1. checks the device's privacy budget and records the round in its persistent
+   accountant store (:func:`reserve_round`), exactly as
+   :meth:`~ftte.privacy.dpsgd.PrivateTrainer.train_round` would, so an over-budget device
+   is refused before any training and a round is counted before it starts;
+2. :meth:`DeviceBackend.submit`\\ s a :class:`TrainTask` (device, seed, base version and
+   the device's accountant state *before* this round) with the pulled weights;
+3. :meth:`DeviceBackend.resolve`\\ s it when the result is needed (the "trained" event of
+   the asynchronous loop; before the cohort of a synchronous round is built). ``None``
+   means the worker died mid-task: a dropout of that device.
+
+A worker (:class:`DeviceWorker`) wraps its copy of the model with Opacus once and trains
+each task from the weights, data and seed it names, with an in-memory accountant store
+seeded with the history it was handed. A round depends on nothing else, so which
+worker runs which task, and in what order, cannot change a result: the Ray backend
+reproduces the local backend bit for bit.
+
+``RayBackend`` puts the model, plan and settings and the training data into Ray's
+object store once (actors receive the references), and each model version's weights
+once, shared by every task of that version. Ray restarts a dead actor
+(``max_restarts=-1``); tasks are never retried by Ray. Of the tasks a dead actor held,
+the oldest unfinished one was running: that device is counted as dropped. The others
+had not started and are resubmitted (a round is a pure function of its inputs, so this
+changes nothing).
+
+Ray is an optional extra (``pip install 'ftte[ray]'``); nothing here imports it unless
+the Ray backend is used.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ftte.edge.plan import SubsetPlan
+from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
+from ftte.messages import ModelPull
+from ftte.privacy.accountant import AccountantStore, DeviceAccountantState
+from ftte.privacy.dpsgd import DPConfig
+
+__all__ = [
+    "BackendUnavailable",
+    "DeviceBackend",
+    "DeviceWorker",
+    "LocalBackend",
+    "RayBackend",
+    "TrainTask",
+    "WorkerData",
+    "WorkerSpec",
+    "make_backend",
+    "reserve_round",
+    "seeded_store",
+]
+
+
+class BackendUnavailable(ValueError):
+    """The configured backend cannot run here (for instance Ray is not installed)."""
+
+
+# --- what travels to a worker ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build its trainer; shipped once."""
+
+    model: nn.Sequential
+    plan: SubsetPlan
+    dp: DPConfig
+    settings: TrainSettings
+
+
+@dataclass(frozen=True)
+class WorkerData:
+    """The devices' training records; shipped once (the server's test set stays in the driver)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    device_indices: tuple[np.ndarray, ...]
+
+    @classmethod
+    def from_federated(cls, data: Any) -> "WorkerData":
+        return cls(data.x_train, data.y_train, tuple(data.device_indices))
+
+    def device_arrays(self, device_id: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.device_indices[device_id]
+        return self.x_train[idx], self.y_train[idx]
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """One device round as the driver hands it out."""
+
+    device_id: int
+    attempt: int
+    base_version: int
+    seed: int
+    account: DeviceAccountantState | None  # the device's accountant state before this round (None: first round / no DP)
+    expected: tuple[int, float, float, float]  # (steps, sample_rate, noise, epsilon_total) the driver recorded
+    crash: bool = False  # test hook: the worker exits (os._exit) instead of training
+
+
+# --- driver side of the privacy accounting ------------------------------------------------------
+
+def reserve_round(trainer: LocalTrainer, device_id: int, n_records: int) -> tuple[DeviceAccountantState | None,
+                                                                                   tuple[int, float, float, float]]:
+    """Budget check and record, in the driver's store, of the round ``device_id`` is about to train.
+
+    The same steps, in the same order, as ``PrivateTrainer.train_round`` takes before it
+    trains: plan (raises ``BudgetExceededError`` and stores nothing if the round would
+    exceed the budget), register, record with the history length the check was based on.
+    Returns the device's state before the round (what the worker is handed) and the
+    figures the worker's :class:`~ftte.privacy.dpsgd.RoundStats` must match.
+    """
+    plan = trainer.plan_round(device_id, n_records)
+    key = str(device_id)
+    if plan.budget is None:  # DP disabled: nothing is accounted
+        return None, (plan.steps, plan.sample_rate, plan.noise_multiplier, float("inf"))
+    store = trainer.store
+    prior = store.state(key)
+    store.register(key, accountant=plan.accountant, delta=plan.delta)
+    store.record(key, plan.privacy_step, epsilon_total=plan.budget.epsilon_after, expected_rounds=plan.prior_rounds)
+    return prior, (plan.steps, plan.sample_rate, plan.noise_multiplier, plan.budget.epsilon_after)
+
+
+def seeded_store(state: DeviceAccountantState | None) -> AccountantStore:
+    """A throw-away in-memory store holding one device's history (empty for ``None``).
+
+    Only the last row's cached ``epsilon_total`` is ever read (``state().epsilon_total``);
+    every row gets that figure, and ε itself is always recomputed from the history.
+    """
+    store = AccountantStore(":memory:")
+    if state is not None:
+        store.register(state.device_id, accountant=state.accountant, delta=state.delta)
+        for i, step in enumerate(state.history):
+            store.record(state.device_id, step, epsilon_total=state.epsilon_total, expected_rounds=i)
+    return store
+
+
+# --- the worker -----------------------------------------------------------------------------------
+
+class DeviceWorker:
+    """Trains rounds for any device; one per process (Ray actor) or one in the driver (local)."""
+
+    def __init__(self, spec: WorkerSpec, data: WorkerData) -> None:
+        # Device models are tiny: one intra-op thread. Oversubscribing a small machine made
+        # torch ~100x slower.
+        torch.set_num_threads(1)
+        self.data = data
+        self._idle_store = AccountantStore(":memory:")
+        self.trainer = LocalTrainer(spec.model, spec.plan, spec.dp, spec.settings, self._idle_store)
+
+    def train(self, task: TrainTask, weights: np.ndarray) -> LocalUpdate:
+        if task.crash:
+            os._exit(70)
+        if not weights.flags.writeable:  # zero-copy from Ray's object store; torch wants to own a buffer
+            weights = weights.copy()
+        x, y = self.data.device_arrays(task.device_id)
+        store = seeded_store(task.account)
+        self.trainer.store = store
+        try:
+            return self.trainer.train(task.device_id, task.base_version, weights, x, y, task.seed)
+        finally:
+            self.trainer.store = self._idle_store
+            store.close()
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        self.trainer.close()
+        self._idle_store.close()
+
+
+def _check(task: TrainTask, update: LocalUpdate) -> LocalUpdate:
+    s = update.stats
+    got = (s.steps, s.sample_rate, s.noise_multiplier, s.epsilon_total)
+    if got != task.expected or update.device_id != task.device_id or update.base_version != task.base_version:
+        raise RuntimeError(f"device {task.device_id}: the worker trained (steps, rate, noise, epsilon) = {got}, "
+                           f"the driver recorded {task.expected}; worker and driver disagree (library versions?)")
+    return update
+
+
+# --- backends ------------------------------------------------------------------------------------------
+
+class DeviceBackend(ABC):
+    """Submit device rounds now, resolve them when their result is needed."""
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        self.lost: list[tuple[int, int]] = []  # (device_id, attempt) of rounds whose worker died
+        self.puts: dict[str, int] = {"spec": 0, "data": 0, "weights": 0}
+
+    @abstractmethod
+    def start(self, spec: WorkerSpec, data: WorkerData) -> None: ...
+
+    @abstractmethod
+    def submit(self, task: TrainTask, pull: ModelPull) -> Any: ...
+
+    @abstractmethod
+    def resolve(self, pending: Any) -> LocalUpdate | None:
+        """The round's update, or ``None`` if its worker died (the device dropped out)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @property
+    def workers(self) -> int:
+        return 1
+
+
+class LocalBackend(DeviceBackend):
+    """In the driver process; trains at submit time. Needs nothing but the package."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._worker: DeviceWorker | None = None
+
+    def start(self, spec: WorkerSpec, data: WorkerData) -> None:
+        self._worker = DeviceWorker(spec, data)
+
+    def submit(self, task: TrainTask, pull: ModelPull) -> LocalUpdate:
+        assert self._worker is not None, "start() first"
+        return _check(task, self._worker.train(task, pull.weights))
+
+    def resolve(self, pending: LocalUpdate) -> LocalUpdate | None:
+        return pending
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+
+@dataclass(eq=False)
+class _RayPending:
+    task: TrainTask
+    weights_ref: Any
+    ref: Any = None
+    actor: int = -1
+    state: str = "running"  # running (on an actor) -> done | lost
+    finished: bool = False  # its actor is done with it (result or error waiting in the object store)
+    result: LocalUpdate | None = None
+
+
+@dataclass
+class _Actor:
+    handle: Any
+    inflight: list[_RayPending] = field(default_factory=list)  # unresolved, in submission = execution order
+
+    @property
+    def load(self) -> int:
+        return sum(not p.finished for p in self.inflight)
+
+
+class RayBackend(DeviceBackend):
+    """Device rounds on a pool of Ray actors (one CPU each), each wrapping its model once.
+
+    ``address``: join that cluster (it is left running); empty: use the Ray instance this
+    process already initialised, or start a local one with ``num_cpus`` CPUs
+    (default ``workers`` or the machine's CPU count) and shut it down in :meth:`close`.
+    ``workers`` actors (0: the cluster's CPU count). ``crash_on``: test hook, the
+    ``(device_id, attempt)`` rounds whose worker exits mid-task (once each).
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str = "", workers: int = 0, *, num_cpus: int | None = None,
+                 crash_on: Iterable[tuple[int, int]] = ()) -> None:
+        super().__init__()
+        if workers < 0:
+            raise ValueError("workers must be >= 0")
+        self.address = address
+        self._want_workers = workers
+        self._num_cpus = num_cpus
+        self._crash_on = set(crash_on)
+        self._ray: Any = None
+        self._owns_ray = False
+        self._actors: list[_Actor] = []
+        self._weights_key: tuple[int, str] | None = None
+        self._weights_ref: Any = None
+        self._spec_ref: Any = None
+        self._data_ref: Any = None
+        self.resubmitted = 0
+        self.worker_pids: list[int] = []  # tasks that were queued on an actor when it died, run again
+
+    @property
+    def workers(self) -> int:
+        return len(self._actors)
+
+    def start(self, spec: WorkerSpec, data: WorkerData) -> None:
+        try:
+            import ray
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise BackendUnavailable("backend 'ray' needs Ray: pip install 'ftte[ray]'") from exc
+        self._ray = ray
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        try:
+            if not ray.is_initialized():
+                if self.address:
+                    try:
+                        ray.init(address=self.address, log_to_driver=False)
+                    except ConnectionError as exc:
+                        raise BackendUnavailable(f"cannot join the Ray cluster at {self.address!r}: {exc}") from exc
+                else:
+                    cpus = self._num_cpus or self._want_workers or os.cpu_count() or 1
+                    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+                    self._owns_ray = True
+            n = self._want_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+            # Held for the backend's lifetime: a restarted actor is rebuilt from these objects.
+            self._spec_ref = spec_ref = ray.put(spec)
+            self._data_ref = data_ref = ray.put(data)
+            self.puts["spec"] += 1
+            self.puts["data"] += 1
+            actor_cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(DeviceWorker)
+            strategy = "SPREAD" if self.address else "DEFAULT"
+            self._actors = [_Actor(actor_cls.options(scheduling_strategy=strategy).remote(spec_ref, data_ref))
+                            for _ in range(n)]
+            # Fail here, not at the first round; the pids let a test see a restarted worker.
+            self.worker_pids = ray.get([a.handle.ping.remote() for a in self._actors])
+        except BaseException:
+            self.close()
+            raise
+
+    # -- dispatch ---------------------------------------------------------------------------------
+    def _weights(self, pull: ModelPull) -> Any:
+        key = (pull.version, pull.model_hash)
+        if key != self._weights_key:
+            # Tasks already submitted keep the previous version's object alive; Ray frees it after them.
+            self._weights_ref = self._ray.put(pull.weights)
+            self._weights_key = key
+            self.puts["weights"] += 1
+        return self._weights_ref
+
+    def _dispatch(self, p: _RayPending) -> None:
+        i = min(range(len(self._actors)), key=lambda j: (self._actors[j].load, j))
+        actor = self._actors[i]
+        p.actor, p.state, p.finished = i, "running", False
+        p.ref = actor.handle.train.remote(p.task, p.weights_ref)
+        actor.inflight.append(p)
+
+    def _refresh_load(self) -> None:
+        """Mark the tasks the actors are done with, so new work goes to the least busy actor."""
+        running = [p for a in self._actors for p in a.inflight if not p.finished]
+        if not running:
+            return
+        ready, _ = self._ray.wait([p.ref for p in running], num_returns=len(running), timeout=0, fetch_local=False)
+        done = set(ready)
+        for p in running:
+            if p.ref in done:
+                p.finished = True
+
+    def submit(self, task: TrainTask, pull: ModelPull) -> _RayPending:
+        key = (task.device_id, task.attempt)
+        if key in self._crash_on:
+            self._crash_on.discard(key)
+            task = replace(task, crash=True)
+        p = _RayPending(task, self._weights(pull))
+        self._refresh_load()
+        self._dispatch(p)
+        return p
+
+    # -- results ------------------------------------------------------------------------------------
+    def _failed(self) -> tuple[type[BaseException], ...]:
+        ex = self._ray.exceptions
+        return (ex.RayActorError, ex.WorkerCrashedError, ex.OutOfMemoryError)
+
+    def _recover(self, actor_index: int) -> None:
+        """The actor died. Of the unresolved tasks it held (oldest first), the first that failed was
+        running: its device dropped out. Later failures had not started: run them again (Ray has
+        restarted the actor; any actor may take them). Two deaths of one actor between two looks
+        count as one (the second victim is run again)."""
+        actor = self._actors[actor_index]
+        group, actor.inflight = actor.inflight, []
+        keep: list[_RayPending] = []
+        victim = False
+        for q in group:
+            if q.state == "running":
+                try:
+                    q.result = _check(q.task, self._ray.get(q.ref))
+                    q.state = "done"
+                except self._failed():
+                    if victim:
+                        q.task = replace(q.task, crash=False)
+                        self.resubmitted += 1
+                        self._dispatch(q)
+                        continue
+                    victim = True
+                    q.state = "lost"
+                    self.lost.append((q.task.device_id, q.task.attempt))
+            q.finished = True
+            keep.append(q)  # dropped from the list when the driver resolves it
+        actor.inflight = keep + actor.inflight
+
+    def resolve(self, pending: _RayPending) -> LocalUpdate | None:
+        while pending.state == "running":
+            try:
+                pending.result = _check(pending.task, self._ray.get(pending.ref))
+                pending.state = "done"
+            except self._failed():
+                self._recover(pending.actor)
+        actor = self._actors[pending.actor]
+        if pending in actor.inflight:
+            actor.inflight.remove(pending)
+        return pending.result if pending.state == "done" else None
+
+    def close(self) -> None:
+        ray = self._ray
+        if ray is None:
+            return
+        try:
+            if ray.is_initialized():
+                for a in self._actors:
+                    try:
+                        ray.kill(a.handle)
+                    except Exception:  # noqa: BLE001 - best effort while tearing down
+                        pass
+        finally:
+            self._actors = []
+            self._weights_ref = self._spec_ref = self._data_ref = None
+            if self._owns_ray and ray.is_initialized():
+                ray.shutdown()
+            self._owns_ray = False
+            self._ray = None
+
+
+def make_backend(run_cfg: Any) -> DeviceBackend:
+    """The backend a ``[run]`` section asks for (not started)."""
+    if run_cfg.backend == "local":
+        return LocalBackend()
+    if run_cfg.backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError as exc:
+            raise BackendUnavailable("[run] backend = \"ray\" needs Ray: pip install 'ftte[ray]'") from exc
+        return RayBackend(run_cfg.ray_address, run_cfg.ray_workers)
+    raise BackendUnavailable(f"unknown backend {run_cfg.backend!r}")

@@ -1,0 +1,96 @@
+"""What a deployment trains: the model, its subset plan, the initial weights and the task devices receive.
+
+Built once when the server starts, from the configuration alone, so a restarted server
+derives the same plan (its id is checked against the one stored in the state file) and
+devices of any restart receive the same architecture and frozen weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ftte.edge.plan import SubsetPlan, subset_vector
+from ftte.edge.weighting import WeightRule
+from ftte.messages import TaskInfo
+from ftte.pipeline.deploy_config import ServerSettings
+from ftte.pipeline.simulator import build_global_model
+from ftte.pipeline.strategies import strategy_for
+
+
+def model_kwargs(name: str, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+    """The factory arguments, chosen as the simulator chooses them (see ``build_global_model``)."""
+    if name in ("logistic", "mlp"):
+        return {"in_features": int(math.prod(input_shape)), "num_classes": num_classes}
+    if name in ("cnn8", "cnn28"):
+        return {"in_channels": int(input_shape[0]), "num_classes": num_classes}
+    return {"input_shape": list(input_shape), "num_classes": num_classes}
+
+
+def full_vector(model: torch.nn.Module) -> np.ndarray:
+    """Every parameter in ``named_parameters`` order, float32 (what a device loads first)."""
+    with torch.no_grad():
+        return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()]).numpy().copy()
+
+
+@dataclass(frozen=True)
+class DeployTask:
+    model: torch.nn.Sequential
+    plan: SubsetPlan
+    initial_subset: np.ndarray  # float64, the plan's coordinates at version 0
+    initial_full: np.ndarray  # float32, every parameter
+    kwargs: dict[str, Any]
+    rule: WeightRule
+    settings: ServerSettings
+
+    @property
+    def dim(self) -> int:
+        return self.plan.num_coordinates
+
+    def task_info(self, member: int, stage_timeout_s: float, poll_wait_s: float) -> TaskInfo:
+        cfg = self.settings.run
+        p = cfg.privacy
+        return TaskInfo(
+            member=member,
+            plan_json=self.plan.to_json(),
+            model_name=cfg.model.name,
+            model_kwargs_json=json.dumps(self.kwargs, sort_keys=True),
+            input_shape=tuple(self.settings.deploy.input_shape),
+            num_classes=self.settings.deploy.num_classes,
+            initial_weights=self.initial_full,
+            local_steps=cfg.train.local_steps,
+            batch_size=cfg.train.batch_size,
+            lr=cfg.train.lr,
+            dp_enabled=int(p.enabled),
+            noise_multiplier=p.noise_multiplier,
+            max_grad_norm=p.max_grad_norm,
+            delta=p.delta,
+            accountant=p.accountant,
+            epsilon_max=p.epsilon_max if math.isfinite(p.epsilon_max) else 0.0,
+            buffer_size=cfg.server.buffer_size,
+            stage_timeout_ms=int(stage_timeout_s * 1000),
+            poll_wait_ms=int(poll_wait_s * 1000),
+        )
+
+
+def build_task(settings: ServerSettings) -> DeployTask:
+    cfg = settings.run
+    d = settings.deploy
+    shape = tuple(d.input_shape)
+    model = build_global_model(cfg, SimpleNamespace(input_shape=shape, n_classes=d.num_classes))
+    plan = SubsetPlan.from_layers(model, d.trainable_layers) if d.trainable_layers else SubsetPlan.full(model)
+    return DeployTask(
+        model=model,
+        plan=plan,
+        initial_subset=subset_vector(model, plan).astype(np.float64),
+        initial_full=full_vector(model),
+        kwargs=model_kwargs(cfg.model.name, shape, d.num_classes),
+        rule=strategy_for(cfg).weight_rule,
+        settings=settings,
+    )

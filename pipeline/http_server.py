@@ -1,0 +1,319 @@
+"""The HTTP face of the coordinator: a Starlette ASGI app that treats every byte as hostile.
+
+Endpoints (all under ``/v1``; request and response bodies are ``ftte.wire`` msgpack with a
+versioned schema, except the two operator endpoints, which speak JSON):
+
+=================  =====================  ==========================================
+``POST /task``      ``TaskRequest``         ``TaskInfo`` (plan, architecture, settings)
+``POST /pull``      ``PullRequest``         ``ModelPull`` (version, plan id, hash, weights)
+``POST /join``      ``JoinRequest``         ``JoinReply`` (the cohort to wait in)
+``POST /poll``      ``PollRequest``         the stage's server message, ``CohortEnd`` or ``Pending``
+``POST /submit``    ``Submit``              ``Ack`` once the message is durable
+``GET /health``     —                       JSON: status, version, schema
+``GET /metrics``    —                       JSON: version, cohorts, devices seen, bytes in/out…
+=================  =====================  ==========================================
+
+Every ``POST`` goes through the same gate, in an order chosen so that the cheap checks
+run first and nothing is allocated for a request that will be refused:
+
+1. ``Content-Length`` above the endpoint's limit: **413** before a byte of the body is read
+   (the body is then streamed and cut off at the limit too, for chunked uploads);
+2. missing or malformed authentication headers, or a device key not on the allow-list: **401**;
+3. a timestamp outside ``±clock_skew_s`` of the server clock, or older than this process's
+   start (what makes nonces forgotten in a restart harmless): **400** ``stale_timestamp``,
+   with the server time in the reply so an honest device can resynchronise;
+4. the Ed25519 signature over method, path, body digest, nonce, timestamp and key: **401**;
+5. a nonce already seen inside the window: **409** ``replay``;
+6. the device's token bucket is empty: **429** with ``Retry-After``;
+7. ``wire.decode`` with the endpoint's limits (size, msgpack nesting and lengths, schema
+   version, tag, field kinds): **422**;
+8. the coordinator's own checks (plan, shapes, dtype, stage, membership): 4xx from
+   :class:`~ftte.pipeline.coordinator.ProtocolError`, always raised before any state change.
+
+Errors carry an :class:`~ftte.messages.ErrorReply` body. Every response carries the server
+clock in ``x-ftte-server-time``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ftte import wire
+from ftte.crypto.primitives import CryptoError, ed25519_verify
+from ftte.http_auth import (
+    API_PREFIX,
+    CONTENT_TYPE,
+    HEADER_DEVICE,
+    HEADER_NONCE,
+    HEADER_SERVER_TIME,
+    HEADER_SIGNATURE,
+    HEADER_TIME,
+    body_digest,
+    is_hex,
+    member_id,
+    request_signing_bytes,
+)
+from ftte.messages import ErrorReply, JoinRequest, PollRequest, PullRequest, Submit, TaskRequest
+from ftte.pipeline.coordinator import Coordinator, ProtocolError
+from ftte.pipeline.deploy_config import HttpSettings
+
+MAX_NONCES = 2_000_000
+
+
+@dataclass
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; one request costs one token."""
+
+    rate: float
+    burst: float
+    tokens: float
+    updated: float
+
+    def take(self, now: float) -> float:
+        """0 if a token was taken, else the seconds until one is available."""
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+@dataclass
+class Metrics:
+    started: float = field(default_factory=time.time)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    requests: dict[str, int] = field(default_factory=dict)
+    statuses: dict[int, int] = field(default_factory=dict)
+    devices_seen: set[int] = field(default_factory=set)
+
+    def count(self, route: str, status: int, n_in: int, n_out: int) -> None:
+        self.requests[route] = self.requests.get(route, 0) + 1
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.bytes_in += n_in
+        self.bytes_out += n_out
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Gate:
+    """Authentication, replay protection, rate limits and body limits for one server process."""
+
+    def __init__(self, http: HttpSettings, allow: dict[bytes, str], clock: Callable[[], float] = time.time) -> None:
+        self.http = http
+        self.clock = clock
+        self.devices = {key.hex(): (member_id(key), key) for key in allow}
+        if len({m for m, _ in self.devices.values()}) != len(self.devices):
+            raise ValueError("two allow-listed keys map to the same member id")
+        self.boot_ms = int(clock() * 1000)
+        self.nonces: OrderedDict[str, float] = OrderedDict()  # nonce -> expiry (seconds)
+        self.buckets: dict[int, TokenBucket] = {}
+
+    def _sweep(self, now: float) -> None:
+        while self.nonces:
+            nonce, expiry = next(iter(self.nonces.items()))
+            if expiry > now:
+                break
+            self.nonces.popitem(last=False)
+
+    async def admit(self, request: Request, limit: int) -> tuple[int, bytes]:
+        """(member, body) of an authentic, fresh, in-budget request; raises ``ProtocolError`` otherwise."""
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise ProtocolError(400, "bad_length", "Content-Length is not a number")
+            if int(length) > limit:
+                raise ProtocolError(413, "too_large", f"body of {length} bytes exceeds the limit of {limit}")
+        h = request.headers
+        device, nonce, stamp, sig = h.get(HEADER_DEVICE), h.get(HEADER_NONCE), h.get(HEADER_TIME), h.get(HEADER_SIGNATURE)
+        if not (device and nonce and stamp and sig):
+            raise ProtocolError(401, "unsigned", "missing authentication headers")
+        if not (is_hex(device, 64) and is_hex(nonce, 32) and is_hex(sig, 128) and stamp.isdigit() and len(stamp) < 16):
+            raise ProtocolError(401, "bad_auth_headers", "malformed authentication headers")
+        known = self.devices.get(device)
+        if known is None:
+            raise ProtocolError(401, "unknown_device", "this key is not on the allow-list")
+        member, key = known
+        now = self.clock()
+        t_ms = int(stamp)
+        skew_ms = self.http.clock_skew_s * 1000
+        if abs(t_ms - now * 1000) > skew_ms or t_ms < self.boot_ms:
+            raise ProtocolError(400, "stale_timestamp", "timestamp outside the accepted window; resynchronise")
+        try:
+            body = await self._read(request, limit)
+        except _BodyTooLarge:
+            raise ProtocolError(413, "too_large", f"body exceeds the limit of {limit} bytes") from None
+        message = request_signing_bytes(request.method, request.url.path, body_digest(body), nonce, t_ms, device)
+        try:
+            ed25519_verify(key, bytes.fromhex(sig), message)
+        except CryptoError:
+            raise ProtocolError(401, "bad_signature", "the request signature does not verify") from None
+        self._sweep(now)
+        if nonce in self.nonces:
+            raise ProtocolError(409, "replay", "this nonce was already used")
+        if len(self.nonces) >= MAX_NONCES:
+            raise ProtocolError(503, "busy", "too many requests in the replay window")
+        self.nonces[nonce] = now + 2 * self.http.clock_skew_s
+        bucket = self.buckets.get(member)
+        if bucket is None:
+            bucket = self.buckets[member] = TokenBucket(self.http.rate_per_s, float(self.http.rate_burst),
+                                                        float(self.http.rate_burst), now)
+        wait = bucket.take(now)
+        if wait > 0:
+            raise ProtocolError(429, "rate_limited", f"retry after {wait:.2f} s")
+        return member, body
+
+    @staticmethod
+    async def _read(request: Request, limit: int) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise _BodyTooLarge()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+Handler = Callable[[int, Any, bytes], Awaitable[Any]]
+
+
+class DeviceApi:
+    """Binds the gate, the coordinator and the metrics into Starlette routes."""
+
+    def __init__(self, coordinator: Coordinator, gate: Gate, http: HttpSettings) -> None:
+        self.coordinator = coordinator
+        self.gate = gate
+        self.http = http
+        self.metrics = Metrics()
+        self.upload_limit = submit_limit(coordinator.task.dim, coordinator.cfg.server.buffer_size)
+        self.latency: dict[str, list[float]] = {}
+
+    def _time_header(self) -> dict[str, str]:
+        return {HEADER_SERVER_TIME: str(int(self.gate.clock() * 1000))}
+
+    def _encode(self, status: int, msg: Any, extra: dict[str, str] | None = None) -> Response:
+        data = wire.encode(msg)
+        headers = self._time_header()
+        if extra:
+            headers.update(extra)
+        return Response(data, status_code=status, media_type=CONTENT_TYPE, headers=headers)
+
+    def _error(self, exc: ProtocolError) -> Response:
+        extra = {}
+        if exc.status == 429:
+            extra["retry-after"] = "1"
+        reply = ErrorReply(exc.code, exc.detail[:1000], int(self.gate.clock() * 1000))
+        return self._encode(exc.status, reply, extra)
+
+    def route(self, name: str, request_type: type, handler: Handler, limit: int | None = None):
+        limit_bytes = limit or self.http.max_request_bytes
+
+        async def endpoint(request: Request) -> Response:
+            body = b""
+            try:
+                member, body = await self.gate.admit(request, limit_bytes)
+                self.metrics.devices_seen.add(member)
+                try:
+                    msg = wire.decode(body, expect=request_type, max_bytes=limit_bytes)
+                except wire.WireError as exc:
+                    raise ProtocolError(422, "malformed", str(exc)) from None
+                reply = await handler(member, msg, body)
+                response = self._encode(200, reply)
+            except ProtocolError as exc:
+                response = self._error(exc)
+            self.metrics.count(name, response.status_code, len(body), len(response.body))
+            return response
+
+        return Route(f"{API_PREFIX}/{name}", endpoint, methods=["POST"])
+
+    # -- handlers -----------------------------------------------------------------------------
+    async def _task(self, member: int, msg: TaskRequest, raw: bytes):
+        return self.coordinator.task_info(member)
+
+    async def _pull(self, member: int, msg: PullRequest, raw: bytes):
+        return self.coordinator.pull(member, msg)
+
+    async def _join(self, member: int, msg: JoinRequest, raw: bytes):
+        return await self.coordinator.join(member, msg, raw)
+
+    async def _poll(self, member: int, msg: PollRequest, raw: bytes):
+        return await self.coordinator.poll(member, msg)
+
+    async def _submit(self, member: int, msg: Submit, raw: bytes):
+        return await self.coordinator.submit(member, msg, self.upload_limit)
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "version": self.coordinator.version, "schema": wire.SCHEMA_VERSION},
+                            headers=self._time_header())
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        m = self.metrics
+        doc = {
+            **self.coordinator.status(),
+            "uptime_s": round(time.time() - m.started, 3),
+            "devices_allowed": len(self.gate.devices),
+            "devices_seen": len(m.devices_seen),
+            "bytes_in": m.bytes_in,
+            "bytes_out": m.bytes_out,
+            "requests": m.requests,
+            "statuses": {str(k): v for k, v in sorted(m.statuses.items())},
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "nonces_held": len(self.gate.nonces),
+        }
+        return JSONResponse(doc, headers=self._time_header())
+
+    def routes(self) -> list[Route]:
+        return [
+            self.route("task", TaskRequest, self._task),
+            self.route("pull", PullRequest, self._pull),
+            self.route("join", JoinRequest, self._join),
+            self.route("poll", PollRequest, self._poll),
+            self.route("submit", Submit, self._submit, limit=self.upload_limit),
+            Route(f"{API_PREFIX}/health", self.health, methods=["GET"]),
+            Route(f"{API_PREFIX}/metrics", self.metrics_endpoint, methods=["GET"]),
+        ]
+
+
+def submit_limit(dim: int, cohort_size: int) -> int:
+    """Largest honest ``Submit``: a 32-bit masked vector of ``dim + 2`` coordinates, or the
+    share messages of a ``cohort_size`` cohort, plus envelope overhead."""
+    masked = 4 * (dim + 2) + 256
+    shares = 160 * cohort_size + 256
+    return max(masked, shares) + 4096
+
+
+def build_app(coordinator: Coordinator, gate: Gate, http: HttpSettings) -> tuple[Starlette, DeviceApi]:
+    api = DeviceApi(coordinator, gate, http)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await coordinator.recover()
+        timers = asyncio.get_running_loop().create_task(coordinator.run_timers())
+        try:
+            yield
+        finally:
+            timers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timers
+            await coordinator.drain()
+
+    app = Starlette(routes=api.routes(), lifespan=lifespan)
+    return app, api
+
+
+__all__ = ["build_app", "Gate", "DeviceApi", "TokenBucket", "submit_limit"]

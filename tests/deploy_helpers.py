@@ -1,0 +1,385 @@
+"""Real deployments for tests: a throwaway CA, device keys, digits split into CSVs, and processes.
+
+Everything here runs for real: ``ftte server`` and ``ftte edge`` are separate Python
+processes talking HTTPS over 127.0.0.1 with certificates made by :func:`make_pki`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ftte.crypto.primitives import Signer
+from ftte.http_auth import member_id
+
+CHILD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
+
+
+# -- PKI ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pki:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def make_pki(directory: Path) -> Pki:
+    """A fresh CA and a server certificate for 127.0.0.1 and localhost, signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ftte test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                    x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    pki = Pki(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
+    pki.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    pki.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pki.server_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+    return pki
+
+
+# -- devices and data -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    key_file: Path
+    data_file: Path
+    signer: Signer
+
+    @property
+    def member(self) -> int:
+        return member_id(self.signer.public_key)
+
+
+def digits_split(directory: Path, n_devices: int, seed: int = 0, test_fraction: float = 0.2):
+    """Sklearn digits, standardised with training statistics, IID over ``n_devices`` CSVs.
+
+    Returns (csv paths, test npz path, (x_train, y_train), (x_test, y_test)).
+    """
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    n_test = int(len(y) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    mean, std = x[train].mean(), x[train].std()
+    xs = ((x - mean) / std).astype(np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    test_file = directory / "test.npz"
+    np.savez(test_file, x=xs[test], y=y[test].astype(np.int64))
+    paths = []
+    for i, part in enumerate(np.array_split(train, n_devices)):
+        path = directory / f"device{i}.csv"
+        with open(path, "w") as fh:
+            fh.write(",".join([f"p{j}" for j in range(64)] + ["label"]) + "\n")
+            for r in part:
+                fh.write(",".join(f"{v:.6g}" for v in xs[r]) + f",{int(y[r])}\n")
+        paths.append(path)
+    return paths, test_file, (xs[train], y[train]), (xs[test], y[test])
+
+
+def make_devices(directory: Path, data_files: list[Path], extra_keys: int = 0) -> tuple[list[Device], Path]:
+    """One key per data file (plus ``extra_keys`` allow-listed keys without data); returns the allow-list."""
+    directory.mkdir(parents=True, exist_ok=True)
+    devices, lines = [], []
+    for i in range(len(data_files) + extra_keys):
+        signer = Signer()
+        key_file = directory / f"device{i}.key"
+        key_file.write_bytes(signer.private_bytes())
+        os.chmod(key_file, 0o600)
+        lines.append(f"{signer.public_key.hex()} device{i}")
+        devices.append(Device(i, key_file, data_files[i] if i < len(data_files) else Path(), signer))
+    allow = directory / "devices.txt"
+    allow.write_text("\n".join(lines) + "\n")
+    return devices, allow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_server_config(path: Path, *, pki: Pki | None, allow: Path, state: Path, port: int, test_data: Path | None,
+                        buffer_size: int = 4, deadline_s: float = 5.0, stage_timeout_s: float = 4.0,
+                        local_steps: int = 3, batch_size: int = 16, lr: float = 0.5, server_lr: float = 1.0,
+                        epsilon_max: float = 1000.0, noise_multiplier: float = 0.7, poll_wait_s: float = 5.0,
+                        rate_per_s: float = 50.0, rate_burst: int = 100, model: str = "logistic",
+                        extra: str = "") -> Path:
+    tls = (f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\n' if pki is not None
+           else "plaintext = true\n")
+    test_line = f'test_data = "{test_data}"\n' if test_data is not None else ""
+    path.write_text(f"""
+[run]
+strategy = "ftte"
+seed = 0
+
+[model]
+name = "{model}"
+
+[train]
+local_steps = {local_steps}
+batch_size = {batch_size}
+lr = {lr}
+
+[privacy]
+enabled = true
+noise_multiplier = {noise_multiplier}
+max_grad_norm = 1.0
+epsilon_max = {epsilon_max}
+accountant = "rdp"
+
+[secagg]
+clip = 2.0
+value_bits = 12
+
+[server]
+buffer_size = {buffer_size}
+deadline_s = {deadline_s}
+lr = {server_lr}
+
+[http]
+host = "127.0.0.1"
+port = {port}
+{tls}poll_wait_s = {poll_wait_s}
+rate_per_s = {rate_per_s}
+rate_burst = {rate_burst}
+
+[deploy]
+state = "{state}"
+ledger_key = "{state.parent / 'ledger.key'}"
+allow_list = "{allow}"
+input_shape = [64]
+num_classes = 10
+{test_line}stage_timeout_s = {stage_timeout_s}
+{extra}
+""")
+    return path
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CHILD_ENV)
+    return env
+
+
+class ServerProcess:
+    """``ftte server`` in a child process; restartable on the same port."""
+
+    def __init__(self, config: Path, port: int, log: Path, ca: Path | None) -> None:
+        self.config, self.port, self.log, self.ca = config, port, log, ca
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.ca else 'http'}://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.starts += 1
+        fh = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "ftte.cli", "server", "--config", str(self.config),
+                                      "--port", str(self.port)], stdout=fh, stderr=subprocess.STDOUT, env=_env())
+        fh.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                self.get("/v1/health", timeout=2.0)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"server did not come up:\n{self.log.read_text()[-4000:]}")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=str(self.ca)) if self.ca else None
+
+    def get(self, path: str, timeout: float = 10.0) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + path, timeout=timeout, context=self.ssl_context()) as r:
+            return json.loads(r.read())
+
+    def metrics(self) -> dict:
+        return self.get("/v1/metrics")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@dataclass
+class EdgeProcess:
+    """``ftte edge --events`` in a child process; its JSON event lines are collected as they come."""
+
+    device: Device
+    proc: subprocess.Popen
+    events: list[dict] = field(default_factory=list)
+    stderr_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line.startswith(b"{"):
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    pass
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def named(self, name: str) -> list[dict]:
+        return [e for e in list(self.events) if e.get("event") == name]
+
+
+def start_edge(server: ServerProcess, device: Device, state_root: Path, *, rounds: int, seed: int,
+               exit_at: str | None = None, exit_round: int = 1, patience: float = 30.0, epsilon: float = 1000.0
+               ) -> EdgeProcess:
+    cmd = [sys.executable, "-m", "ftte.cli", "edge", "--server", server.url, "--key", str(device.key_file),
+           "--data", str(device.data_file), "--target", "label", "--state", str(state_root / f"device{device.index}"),
+           "--epsilon", str(epsilon), "--rounds", str(rounds), "--seed", str(seed), "--events",
+           "--patience", str(patience)]
+    if server.ca:
+        cmd += ["--ca", str(server.ca)]
+    else:
+        cmd += ["--insecure-plaintext"]
+    if exit_at:
+        cmd += ["--exit-at", exit_at, "--exit-round", str(exit_round)]
+    err = state_root / f"edge{device.index}.log"
+    state_root.mkdir(parents=True, exist_ok=True)
+    fh = open(err, "ab")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=fh, env=_env())
+    fh.close()
+    return EdgeProcess(device, proc, stderr_path=err)
+
+
+# -- checks after a run ------------------------------------------------------------------------------
+
+def audit(ledger: Path) -> tuple[int, str]:
+    r = subprocess.run([sys.executable, "-m", "ftte.cli", "audit", str(ledger)], capture_output=True, text=True,
+                       env=_env(), timeout=300)
+    return r.returncode, r.stdout + r.stderr
+
+
+def read_state(db: Path) -> tuple[list[int], list[dict], list[dict]]:
+    """(versions, cohort records, history rows) from a server state file."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        versions = [r[0] for r in conn.execute("SELECT version FROM server_versions ORDER BY version")]
+        cohorts = [json.loads(r[0]) for r in conn.execute("SELECT record FROM server_cohorts ORDER BY rowid")]
+        history = [json.loads(r[0]) for r in conn.execute("SELECT row FROM server_history ORDER BY version")]
+        return versions, cohorts, history
+    finally:
+        conn.close()
+
+
+def ledger_cohorts(db: Path) -> set[tuple[str, str]]:
+    """(device_id, cohort_id) of every ledger row."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {(d, c) for d, c in conn.execute("SELECT device_id, cohort_id FROM privacy_ledger_rows")}
+    finally:
+        conn.close()
+
+
+def check_run(db: Path, edges: list[EdgeProcess]) -> dict:
+    """The invariants every deployment test checks; returns a summary for the assertions that vary."""
+    versions, cohorts, history = read_state(db)
+    assert versions == list(range(len(versions))), f"versions not contiguous: {versions}"
+    by_id = {c["cohort_id"]: c for c in cohorts}
+    applied = [c for c in cohorts if c.get("applied_version") is not None]
+    assert sorted(c["applied_version"] for c in applied) == versions[1:], "each version comes from one cohort"
+    rows = ledger_cohorts(db)
+    missing = []
+    for e in edges:
+        for up in e.named("uploaded"):
+            record = by_id.get(up["cohort"])
+            if record is None:
+                missing.append((up["member"], up["cohort"], "no cohort record"))
+            elif not record["aborted"] and up["member"] not in record["included"]:
+                missing.append((up["member"], up["cohort"], "acknowledged upload not in the sum"))
+            if (str(up["member"]), up["cohort"]) not in rows:
+                missing.append((up["member"], up["cohort"], "no ledger row"))
+    assert not missing, f"acknowledged uploads missing: {missing}"
+    code, out = audit(db)
+    assert code == 0, f"ftte audit failed:\n{out}"
+    return {"versions": versions, "cohorts": cohorts, "history": history, "applied": applied}
