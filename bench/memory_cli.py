@@ -22,14 +22,18 @@ __all__ = ["configure", "run"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="cnn28", help="bundled model name or 'package.module:factory' (default cnn28)")
+    parser.add_argument(
+        "--model", default="cnn28", help="bundled model name or 'package.module:factory' (default cnn28)"
+    )
     parser.add_argument(
         "--input-shape",
         default=None,
         help="per-sample input shape, comma separated (required for a 'module:factory' model), e.g. 1,28,28",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="samples per step (default 64)")
-    parser.add_argument("--budget-fraction", type=float, default=0.2, help="budget as a fraction of full_bytes (default 0.2)")
+    parser.add_argument(
+        "--budget-fraction", type=float, default=0.2, help="budget as a fraction of full_bytes (default 0.2)"
+    )
     parser.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default="momentum")
     parser.add_argument("--non-private", action="store_true", help="measure plain SGD steps instead of DP-SGD")
     parser.add_argument(
@@ -38,7 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="run the frozen prefix in micro-batches of this many samples (0: whole batch, the default)",
     )
-    parser.add_argument("--granularity", choices=("layer", "tensor"), default="layer", help="plan units (default layer)")
+    parser.add_argument(
+        "--granularity", choices=("layer", "tensor"), default="layer", help="plan units (default layer)"
+    )
     parser.add_argument(
         "--step-times",
         action="store_true",
@@ -155,7 +161,12 @@ def run(args: argparse.Namespace) -> int:
             result["step_times"] = {"error": "--step-times supports bundled models only"}
         else:
             result["step_times"] = compare_step_times(
-                args.model, batch_size=args.batch_size, budget_fraction=args.budget_fraction, rounds=args.rounds, seed=args.seed
+                args.model,
+                batch_size=args.batch_size,
+                budget_fraction=args.budget_fraction,
+                rounds=args.rounds,
+                seed=args.seed,
+                prefix_chunk=args.prefix_chunk or None,
             )
     result["versions"] = {"torch": torch.__version__, "opacus": opacus.__version__, "python": platform.python_version()}
     result["seconds"] = round(time.perf_counter() - t0, 2)

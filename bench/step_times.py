@@ -33,19 +33,37 @@ class StepBench:
     y: torch.Tensor
 
     def __call__(self) -> float:
-        self.step.zero_grad()
-        return self.step(self.x, self.y)
+        return self.step(self.x, self.y)  # the step clears the previous gradients itself
 
 
-def subset_plan_for(model: torch.nn.Module, input_shape: tuple[int, ...], batch_size: int, budget_fraction: float) -> SubsetPlan:
+def subset_plan_for(
+    model: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    budget_fraction: float,
+    prefix_chunk: int | None = None,
+) -> SubsetPlan:
     """The plan the memory command would pick: budget = fraction of the full model's estimated DP peak."""
     full = MemoryEstimator(model, input_shape).estimate(SubsetPlan.full(model), batch_size, dp=True)
-    choice = search_plan(model, int(budget_fraction * full.peak_bytes), batch_size=batch_size, input_shape=input_shape)
+    choice = search_plan(
+        model,
+        int(budget_fraction * full.peak_bytes),
+        batch_size=batch_size,
+        input_shape=input_shape,
+        prefix_chunk=prefix_chunk,
+    )
     return choice.plan
 
 
 def make_step(
-    model: torch.nn.Module, plan: SubsetPlan, *, dp: bool, batch_size: int, input_shape: tuple[int, ...], seed: int = 0
+    model: torch.nn.Module,
+    plan: SubsetPlan,
+    *,
+    dp: bool,
+    batch_size: int,
+    input_shape: tuple[int, ...],
+    seed: int = 0,
+    prefix_chunk: int | None = None,
 ) -> StepBench:
     """A :class:`StepBench` on a private copy of ``model`` with a fixed random batch."""
     gen = torch.Generator().manual_seed(seed)
@@ -56,7 +74,7 @@ def make_step(
     step = SubsetStep(
         copy.deepcopy(model),
         plan,
-        StepConfig(dp=dp),
+        StepConfig(dp=dp, prefix_chunk=prefix_chunk),
         expected_batch_size=batch_size,
         generator=torch.Generator().manual_seed(seed + 1),
     )
@@ -72,15 +90,16 @@ def compare_step_times(
     rounds: int = 30,
     warmup: int = 3,
     seed: int = 0,
+    prefix_chunk: int | None = None,
 ) -> dict:
     """Median step time of four configurations, interleaved in one run, and their ratios."""
     torch.manual_seed(seed)
     model = build_model(model_name)
     shape = model_input_shape(model_name)
-    subset = subset_plan_for(model, shape, batch_size, budget_fraction)
+    subset = subset_plan_for(model, shape, batch_size, budget_fraction, prefix_chunk)
     full = SubsetPlan.full(model)
     benches = [
-        make_step(model, plan, dp=dp, batch_size=batch_size, input_shape=shape, seed=seed)
+        make_step(model, plan, dp=dp, batch_size=batch_size, input_shape=shape, seed=seed, prefix_chunk=prefix_chunk)
         for plan in (full, subset)
         for dp in (True, False)
     ]
@@ -97,6 +116,7 @@ def compare_step_times(
         "model": model_name,
         "batch_size": batch_size,
         "rounds": rounds,
+        "prefix_chunk": prefix_chunk,
         "threads": torch.get_num_threads(),
         "plan_id": subset.plan_id,
         "trainable": list(subset.trainable),

@@ -31,6 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="callable(TaskInfo) -> nn.Sequential (default: the bundled model the task names)")
     parser.add_argument("--seed", type=int, default=None, help="seed for training and rounding (default: fresh entropy)")
     parser.add_argument("--patience", type=float, default=60.0, help="seconds one request keeps retrying")
+    parser.add_argument("--join-patience", type=float, default=600.0,
+                        help="seconds to wait for a cohort to fill before leaving it (default: 600)")
     parser.add_argument("--events", action="store_true", help="print one JSON line per protocol event")
     # Test hook: SIGKILL this process right after the named event (a device dying mid-protocol).
     parser.add_argument("--exit-at", choices=STAGE_EVENTS, help=argparse.SUPPRESS)
@@ -102,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     verify = False if args.insecure_plaintext else (args.ca or True)
     client = EdgeClient(args.server, identity, x, y, state_dir=args.state or (args.key + ".state"),
                         epsilon_max=args.epsilon, model_factory=factory, verify=verify,
-                        retry=RetryPolicy(patience_s=args.patience), on_event=on_event, seed=args.seed)
+                        retry=RetryPolicy(patience_s=args.patience), on_event=on_event, seed=args.seed,
+                        join_patience_s=args.join_patience)
     try:
         results = client.run(rounds=args.rounds)
     except EdgeError as exc:

@@ -70,6 +70,7 @@ from ftte.messages import (
     ErrorReply,
     JoinReply,
     JoinRequest,
+    LeaveRequest,
     ModelPull,
     Pending,
     PollRequest,
@@ -105,6 +106,10 @@ class ServerRefused(EdgeError):
     def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status, self.code, self.detail = status, code, detail
+
+
+class _NoProgress(ServerUnavailable):
+    """The server answers but the cohort does not move (for instance, it never fills up)."""
 
 
 class ModelMismatch(EdgeError):
@@ -253,7 +258,8 @@ class EdgeClient:
                  epsilon_max: float = 10.0, model_factory: Callable[[TaskInfo], nn.Module] | None = None,
                  verify: Any = True, retry: RetryPolicy = RetryPolicy(), timeout_s: float = 30.0,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None, seed: int | None = None,
-                 torch_threads: int | None = None, transport: Transport | None = None) -> None:
+                 torch_threads: int | None = None, transport: Transport | None = None,
+                 join_patience_s: float = 600.0) -> None:
         if len(x) != len(y) or len(x) == 0:
             raise ValueError("x and y must be non-empty and of equal length")
         if torch_threads is not None:
@@ -267,6 +273,7 @@ class EdgeClient:
         self.epsilon_max = float(epsilon_max)
         self.model_factory = model_factory or default_model_factory
         self.retry = retry
+        self.join_patience_s = join_patience_s
         self.on_event = on_event
         self._rng = np.random.default_rng(seed)
         self._seed = random.Random(seed)
@@ -415,7 +422,10 @@ class EdgeClient:
         self._event("joined", cohort=cid, version=pull.version)
         uploaded = False
         try:
-            start = self._poll(cid, 0, CohortStart, forming=True)
+            try:
+                start = self._poll(cid, 0, CohortStart, patience_s=self.join_patience_s)
+            except _NoProgress as exc:
+                return self._leave(cid, pull.version, str(exc), eps)
             if isinstance(start, CohortEnd):
                 return self._ended(start, pull.version, uploaded, eps)
             check_cohort(start, member=self.member, identity_key=self.identity.public_key,
@@ -475,12 +485,20 @@ class EdgeClient:
         return self.transport.call("submit", Submit(cohort_id, wire.encode(msg)), (Ack,),
                                    patience_s=self.stage_patience)
 
-    def _poll(self, cohort_id: str, stage: int, want: type, *, forming: bool = False):
+    def _leave(self, cohort_id: str, base_version: int, why: str, eps: float) -> RoundResult:
+        """Stop waiting for a cohort that does not fill up; if it started meanwhile, we are simply dropped."""
+        try:
+            self.transport.call("leave", LeaveRequest(cohort_id), (Ack,), patience_s=10.0)
+        except EdgeError:
+            pass
+        return RoundResult("dropped", base_version, cohort_id, reason=why, epsilon=eps)
+
+    def _poll(self, cohort_id: str, stage: int, want: type, *, patience_s: float | None = None):
         """Long-poll until the server's message for ``stage`` (or the cohort's end) arrives."""
         assert self.task is not None
-        # Forming waits for other devices to finish training; later stages are bounded by
-        # the server's stage timeout, after which it answers "dropped" or moves on.
-        patience = 3600.0 if forming else 4.0 * self.stage_patience
+        # Stages after the start are bounded by the server's stage timeout, after which it
+        # answers "dropped" or moves on; only waiting for the cohort to fill is open-ended.
+        patience = 4.0 * self.stage_patience if patience_s is None else patience_s
         deadline = time.monotonic() + patience
         while True:
             reply = self.transport.call("poll", PollRequest(cohort_id, stage), (want, CohortEnd, Pending),
@@ -488,7 +506,7 @@ class EdgeClient:
             if not isinstance(reply, Pending):
                 return reply
             if time.monotonic() >= deadline:
-                raise ServerUnavailable(f"no progress in cohort {cohort_id} stage {stage} for {patience:.0f} s")
+                raise _NoProgress(f"no progress in cohort {cohort_id} stage {stage} for {patience:.0f} s")
             time.sleep(min(reply.retry_after_ms, 5000) / 1000.0)
 
 

@@ -93,14 +93,15 @@ class SubsetPlan:
 
     def __post_init__(self) -> None:
         names = [n for n, _ in self.parameters]
-        if len(set(names)) != len(names):
+        known, wanted = set(names), set(self.trainable)
+        if len(known) != len(names):
             raise ValueError("SubsetPlan: duplicate parameter names in the model signature")
         if not self.trainable:
             raise ValueError("SubsetPlan: the trainable set must not be empty")
-        unknown = [n for n in self.trainable if n not in set(names)]
+        unknown = [n for n in self.trainable if n not in known]
         if unknown:
             raise ValueError(f"SubsetPlan: parameters not in the model: {unknown}")
-        ordered = tuple(n for n in names if n in set(self.trainable))
+        ordered = tuple(n for n in names if n in wanted)
         if ordered != tuple(self.trainable):
             raise ValueError("SubsetPlan: trainable names must be unique and in model order")
 
@@ -252,6 +253,7 @@ class FrozenPrefix(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.layers.eval()  # even if someone called train() on the full model these layers belong to
         with torch.no_grad():
             c = self.chunk_size
             if c is None or x.shape[0] <= c or len(self.layers) == 0:
@@ -283,10 +285,17 @@ class TrainableSuffix(nn.Sequential):
 
     def train(self, mode: bool = True) -> "TrainableSuffix":
         super().train(mode)
-        for module in self.modules():
-            if _is_frozen_norm(module):
-                module.eval()
+        self._freeze_norms()
         return self
+
+    def _freeze_norms(self) -> None:
+        for module in self.modules():
+            if _is_frozen_norm(module) and module.training:
+                module.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._freeze_norms()  # also after a train() call on the full model, which bypasses ours
+        return super().forward(x)
 
 
 class PlannedModel(nn.Module):

@@ -333,3 +333,10 @@ class ErrorReply(Message):
     code: str = field(text(64))
     detail: str = field(text(1024))
     server_time_ms: int = field(U64)
+
+
+@message(52)
+class LeaveRequest(Message):
+    """Device to server: take me out of a cohort that has not started (I stop waiting for it)."""
+
+    cohort_id: str = field(text(64))

@@ -34,6 +34,7 @@ the Ray backend is used.
 from __future__ import annotations
 
 import os
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
@@ -46,7 +47,7 @@ from ftte.edge.plan import SubsetPlan
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
 from ftte.messages import ModelPull
 from ftte.privacy.accountant import AccountantStore, DeviceAccountantState
-from ftte.privacy.dpsgd import DPConfig
+from ftte.privacy.dpsgd import RNG_SOURCE_DEFAULT, DPConfig, RoundPlan, RoundStats
 
 __all__ = [
     "BackendUnavailable",
@@ -105,31 +106,46 @@ class TrainTask:
     base_version: int
     seed: int
     account: DeviceAccountantState | None  # the device's accountant state before this round (None: first round / no DP)
-    expected: tuple[int, float, float, float]  # (steps, sample_rate, noise, epsilon_total) the driver recorded
+    plan: RoundPlan  # what the driver checked and recorded; the worker's RoundStats must agree
     crash: bool = False  # test hook: the worker exits (os._exit) instead of training
 
 
 # --- driver side of the privacy accounting ------------------------------------------------------
 
-def reserve_round(trainer: LocalTrainer, device_id: int, n_records: int) -> tuple[DeviceAccountantState | None,
-                                                                                   tuple[int, float, float, float]]:
+def reserve_round(trainer: LocalTrainer, device_id: int, n_records: int) -> tuple[DeviceAccountantState | None, RoundPlan]:
     """Budget check and record, in the driver's store, of the round ``device_id`` is about to train.
 
     The same steps, in the same order, as ``PrivateTrainer.train_round`` takes before it
     trains: plan (raises ``BudgetExceededError`` and stores nothing if the round would
     exceed the budget), register, record with the history length the check was based on.
-    Returns the device's state before the round (what the worker is handed) and the
-    figures the worker's :class:`~ftte.privacy.dpsgd.RoundStats` must match.
+    Returns the device's state before the round (what the worker is handed) and the plan.
     """
     plan = trainer.plan_round(device_id, n_records)
-    key = str(device_id)
     if plan.budget is None:  # DP disabled: nothing is accounted
-        return None, (plan.steps, plan.sample_rate, plan.noise_multiplier, float("inf"))
+        return None, plan
+    key = str(device_id)
     store = trainer.store
     prior = store.state(key)
     store.register(key, accountant=plan.accountant, delta=plan.delta)
     store.record(key, plan.privacy_step, epsilon_total=plan.budget.epsilon_after, expected_rounds=plan.prior_rounds)
-    return prior, (plan.steps, plan.sample_rate, plan.noise_multiplier, plan.budget.epsilon_after)
+    return prior, plan
+
+
+def lost_round_stats(task: TrainTask, dp: DPConfig) -> RoundStats:
+    """The :class:`RoundStats` of a round whose worker died: spent (recorded before it started),
+    never released. What the ledger needs comes from the plan; loss and wall time are unknown."""
+    plan = task.plan
+    if plan.budget is not None:
+        eps_round, eps_total, eps_max = plan.budget.round_cost, plan.budget.epsilon_after, dp.epsilon_max
+    else:
+        eps_round = eps_total = eps_max = float("inf")
+    return RoundStats(
+        device_id=str(task.device_id), enabled=dp.enabled, steps=plan.steps, sample_rate=plan.sample_rate,
+        noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm, epsilon_round=eps_round,
+        epsilon_total=eps_total, delta=plan.delta, epsilon_max=eps_max, accountant=plan.accountant,
+        mean_loss=float("nan"), n_records=plan.n_records, empty_batches=0, rng_source=RNG_SOURCE_DEFAULT,
+        wall_seconds=0.0,
+    )
 
 
 def seeded_store(state: DeviceAccountantState | None) -> AccountantStore:
@@ -182,11 +198,13 @@ class DeviceWorker:
 
 
 def _check(task: TrainTask, update: LocalUpdate) -> LocalUpdate:
-    s = update.stats
-    got = (s.steps, s.sample_rate, s.noise_multiplier, s.epsilon_total)
-    if got != task.expected or update.device_id != task.device_id or update.base_version != task.base_version:
-        raise RuntimeError(f"device {task.device_id}: the worker trained (steps, rate, noise, epsilon) = {got}, "
-                           f"the driver recorded {task.expected}; worker and driver disagree (library versions?)")
+    s, plan = update.stats, task.plan
+    eps_total = plan.budget.epsilon_after if plan.budget is not None else float("inf")
+    got = (update.device_id, update.base_version, s.steps, s.sample_rate, s.noise_multiplier, s.delta, s.epsilon_total)
+    want = (task.device_id, task.base_version, plan.steps, plan.sample_rate, plan.noise_multiplier, plan.delta, eps_total)
+    if got != want:
+        raise RuntimeError(f"device {task.device_id}: the worker trained (device, version, steps, rate, noise, delta, "
+                           f"epsilon) = {got}, the driver recorded {want}; do worker and driver run the same versions?")
     return update
 
 
@@ -205,7 +223,8 @@ class DeviceBackend(ABC):
     def start(self, spec: WorkerSpec, data: WorkerData) -> None: ...
 
     @abstractmethod
-    def submit(self, task: TrainTask, pull: ModelPull) -> Any: ...
+    def submit(self, task: TrainTask, pull: ModelPull) -> Any:
+        """Start the round; the returned handle has the ``task`` as an attribute."""
 
     @abstractmethod
     def resolve(self, pending: Any) -> LocalUpdate | None:
@@ -217,6 +236,12 @@ class DeviceBackend(ABC):
     @property
     def workers(self) -> int:
         return 1
+
+
+@dataclass(frozen=True)
+class _LocalPending:
+    task: TrainTask
+    update: LocalUpdate
 
 
 class LocalBackend(DeviceBackend):
@@ -231,12 +256,12 @@ class LocalBackend(DeviceBackend):
     def start(self, spec: WorkerSpec, data: WorkerData) -> None:
         self._worker = DeviceWorker(spec, data)
 
-    def submit(self, task: TrainTask, pull: ModelPull) -> LocalUpdate:
+    def submit(self, task: TrainTask, pull: ModelPull) -> "_LocalPending":
         assert self._worker is not None, "start() first"
-        return _check(task, self._worker.train(task, pull.weights))
+        return _LocalPending(task, _check(task, self._worker.train(task, pull.weights)))
 
-    def resolve(self, pending: LocalUpdate) -> LocalUpdate | None:
-        return pending
+    def resolve(self, pending: "_LocalPending") -> LocalUpdate | None:
+        return pending.update
 
     def close(self) -> None:
         if self._worker is not None:
@@ -294,6 +319,7 @@ class RayBackend(DeviceBackend):
         self._spec_ref: Any = None
         self._data_ref: Any = None
         self.resubmitted = 0
+        self.restart_timeout_s = 300.0
         self.worker_pids: list[int] = []  # tasks that were queued on an actor when it died, run again
 
     @property
@@ -379,12 +405,12 @@ class RayBackend(DeviceBackend):
 
     def _recover(self, actor_index: int) -> None:
         """The actor died. Of the unresolved tasks it held (oldest first), the first that failed was
-        running: its device dropped out. Later failures had not started: run them again (Ray has
-        restarted the actor; any actor may take them). Two deaths of one actor between two looks
-        count as one (the second victim is run again)."""
+        running: its device dropped out. Later failures had not started: once Ray has restarted the
+        actor they run again, on whichever actor is least busy. (Two deaths of one actor between
+        two looks count as one: the second victim runs again.)"""
         actor = self._actors[actor_index]
         group, actor.inflight = actor.inflight, []
-        keep: list[_RayPending] = []
+        again: list[_RayPending] = []
         victim = False
         for q in group:
             if q.state == "running":
@@ -393,16 +419,30 @@ class RayBackend(DeviceBackend):
                     q.state = "done"
                 except self._failed():
                     if victim:
-                        q.task = replace(q.task, crash=False)
-                        self.resubmitted += 1
-                        self._dispatch(q)
+                        again.append(q)
                         continue
                     victim = True
                     q.state = "lost"
                     self.lost.append((q.task.device_id, q.task.attempt))
             q.finished = True
-            keep.append(q)  # dropped from the list when the driver resolves it
-        actor.inflight = keep + actor.inflight
+            actor.inflight.append(q)  # dropped from the list when the driver resolves it
+        self._wait_restarted(actor)
+        for q in again:
+            q.task = replace(q.task, crash=False)
+            self.resubmitted += 1
+            self._dispatch(q)
+
+    def _wait_restarted(self, actor: _Actor) -> None:
+        """Block until Ray has restarted the actor (calls made while it restarts fail)."""
+        deadline = time.monotonic() + self.restart_timeout_s
+        while True:
+            try:
+                self._ray.get(actor.handle.ping.remote(), timeout=self.restart_timeout_s)
+                return
+            except self._failed() + (self._ray.exceptions.GetTimeoutError,) as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"a Ray worker died and was not restarted within {self.restart_timeout_s} s") from exc
+                time.sleep(0.2)
 
     def resolve(self, pending: _RayPending) -> LocalUpdate | None:
         while pending.state == "running":

@@ -53,6 +53,7 @@ from ftte.messages import (
     ConsistencySignature,
     JoinReply,
     JoinRequest,
+    LeaveRequest,
     MaskedInput,
     ModelPull,
     Pending,
@@ -72,6 +73,7 @@ from ftte.pipeline.deploy_task import DeployTask
 from ftte.pipeline.journal import (
     CLOSE,
     JOIN,
+    LEAVE,
     MESSAGE,
     OPEN,
     START,
@@ -250,6 +252,10 @@ class Coordinator:
             assert e.member is not None and e.data is not None
             c.joins[e.member] = wire.decode(e.data, expect=JoinRequest)
             c.join_bytes[e.member] = e.data
+        elif e.kind == LEAVE:
+            assert e.member is not None
+            c.joins.pop(e.member, None)
+            c.join_bytes.pop(e.member, None)
         elif e.kind == START:
             assert e.data is not None
             self._begin(c, wire.decode(e.data, expect=CohortStart), e.at)
@@ -364,6 +370,17 @@ class Coordinator:
             self._start(c)
         await asyncio.shield(asyncio.gather(*futs))
         return JoinReply(c.cohort_id, req.base_version)
+
+    async def leave(self, member: int, req: LeaveRequest) -> Ack:
+        """A device stops waiting for a cohort that has not started; too late once it has."""
+        c = self._cohort_for(member, req.cohort_id)
+        if c.start is not None:
+            raise ProtocolError(409, "started", "the cohort has started; a member that leaves now is dropped")
+        del c.joins[member]
+        del c.join_bytes[member]
+        c.durable.pop((-1, member), None)
+        await asyncio.shield(self.journal.append(JournalEntry(c.cohort_id, LEAVE, self.clock(), member)))
+        return Ack(c.cohort_id, 0)
 
     async def submit(self, member: int, req: Submit, max_payload: int) -> Ack:
         c = self._cohort_for(member, req.cohort_id)

@@ -9,6 +9,7 @@ versioned schema, except the two operator endpoints, which speak JSON):
 ``POST /join``      ``JoinRequest``         ``JoinReply`` (the cohort to wait in)
 ``POST /poll``      ``PollRequest``         the stage's server message, ``CohortEnd`` or ``Pending``
 ``POST /submit``    ``Submit``              ``Ack`` once the message is durable
+``POST /leave``     ``LeaveRequest``        ``Ack``: stop waiting for a cohort not yet started
 ``GET /health``     —                       JSON: status, version, schema
 ``GET /metrics``    —                       JSON: version, cohorts, devices seen, bytes in/out…
 =================  =====================  ==========================================
@@ -64,7 +65,7 @@ from ftte.http_auth import (
     member_id,
     request_signing_bytes,
 )
-from ftte.messages import ErrorReply, JoinRequest, PollRequest, PullRequest, Submit, TaskRequest
+from ftte.messages import ErrorReply, JoinRequest, LeaveRequest, PollRequest, PullRequest, Submit, TaskRequest
 from ftte.pipeline.coordinator import Coordinator, ProtocolError
 from ftte.pipeline.deploy_config import HttpSettings
 
@@ -251,6 +252,9 @@ class DeviceApi:
     async def _join(self, member: int, msg: JoinRequest, raw: bytes):
         return await self.coordinator.join(member, msg, raw)
 
+    async def _leave(self, member: int, msg: LeaveRequest, raw: bytes):
+        return await self.coordinator.leave(member, msg)
+
     async def _poll(self, member: int, msg: PollRequest, raw: bytes):
         return await self.coordinator.poll(member, msg)
 
@@ -282,6 +286,7 @@ class DeviceApi:
             self.route("task", TaskRequest, self._task),
             self.route("pull", PullRequest, self._pull),
             self.route("join", JoinRequest, self._join),
+            self.route("leave", LeaveRequest, self._leave),
             self.route("poll", PollRequest, self._poll),
             self.route("submit", Submit, self._submit, limit=self.upload_limit),
             Route(f"{API_PREFIX}/health", self.health, methods=["GET"]),

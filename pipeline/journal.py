@@ -61,8 +61,8 @@ CREATE INDEX IF NOT EXISTS deploy_journal_cohort ON deploy_journal (cohort_id, s
 """
 
 # Journal entry kinds, in the order a cohort produces them.
-OPEN, JOIN, START, MESSAGE, CLOSE = "open", "join", "start", "msg", "close"
-KINDS = (OPEN, JOIN, START, MESSAGE, CLOSE)
+OPEN, JOIN, LEAVE, START, MESSAGE, CLOSE = "open", "join", "leave", "start", "msg", "close"
+KINDS = (OPEN, JOIN, LEAVE, START, MESSAGE, CLOSE)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ from ftte.edge.models import build_model, make_dp_compatible
 from ftte.edge.plan import SubsetPlan, apply_subset_vector, subset_vector
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
 from ftte.messages import ModelPull
-from ftte.pipeline.backends import DeviceBackend, TrainTask, WorkerData, WorkerSpec, make_backend, reserve_round
+from ftte.pipeline.backends import (DeviceBackend, TrainTask, WorkerData, WorkerSpec, lost_round_stats, make_backend,
+                                    reserve_round)
 from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time
 from ftte.pipeline.cohort import CohortOutcome, CohortSpec, model_hash, run_cohort
 from ftte.pipeline.config import Config
@@ -259,17 +260,25 @@ class Simulation:
         self.download_bytes.append(down)
         n_records = len(self.data.device_indices[device.device_id])
         try:  # budget check and accountant record in the driver's store, before any training
-            account, expected = reserve_round(self.trainer, device.device_id, n_records)
+            account, round_plan = reserve_round(self.trainer, device.device_id, n_records)
         except BudgetExceededError:
             self.retired.add(device.device_id)
             return None, 0.0
         pending = self.backend.submit(TrainTask(device.device_id, attempt, pull.version,
-                                                self._seed("train", device.device_id, attempt), account, expected), pull)
+                                                self._seed("train", device.device_id, attempt), account, round_plan), pull)
         self.train_rounds += 1
         batch = min(float(self.settings.batch_size), float(n_records))
         seconds = transfer_time(down, device.profile.downlink_bps, self.cfg.fleet.latency_s) + compute_time(
             round_seconds(self.settings.local_steps, batch, self.macs, 1.0), device.profile.compute_speed)
         return pending, seconds
+
+    def _worker_lost(self, pending: Any) -> None:
+        """A worker died mid-round: the device dropped out, but its round was recorded (spent)
+        before it started, so the ledger gets the round's row now, in the device's order."""
+        if self.ledger is not None and self.dp.enabled:
+            row = lost_round_stats(pending.task, self.dp).to_ledger_row(
+                plan_id=self.plan.plan_id, version=pending.task.base_version, cohort_id="lost")
+            self.ledger.append_many([row])
 
     # -- merging -----------------------------------------------------------------------------------
     def _spec(self, cohort_id: str, size: int) -> CohortSpec:
@@ -405,6 +414,7 @@ class Simulation:
                 dev, pending = payload
                 update = self.backend.resolve(pending)
                 if update is None:  # its worker died mid-task: a dropout; the device comes back later
+                    self._worker_lost(pending)
                     rng = derive_rng(cfg.run.seed, "worker-lost", dev.device_id, attempts[dev.device_id])
                     self.clock.schedule(now + rng.exponential(OFFLINE_MEAN_S), ("ready", dev.device_id))
                     continue
@@ -448,10 +458,13 @@ class Simulation:
                 pending, seconds = self._train(dev, round_no)
                 if pending is not None:
                     submitted.append((seconds, dev, pending))
-            # A device whose worker died mid-task (resolve -> None) dropped out of this round.
-            finished: list[tuple[float, SimDevice, LocalUpdate]] = [
-                (seconds, dev, update) for seconds, dev, pending in submitted
-                if (update := self.backend.resolve(pending)) is not None]
+            finished: list[tuple[float, SimDevice, LocalUpdate]] = []
+            for seconds, dev, pending in submitted:
+                update = self.backend.resolve(pending)
+                if update is None:  # its worker died mid-task: the device dropped out of this round
+                    self._worker_lost(pending)
+                else:
+                    finished.append((seconds, dev, update))
             finished.sort(key=lambda f: (f[0], f[1].device_id))
             if cfg.server.fedavg_deadline_s > 0:
                 finished = [f for f in finished if f[0] <= cfg.server.fedavg_deadline_s]

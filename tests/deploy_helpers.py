@@ -293,6 +293,10 @@ class EdgeProcess:
                 except ValueError:
                     pass
 
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
     def wait(self, timeout: float) -> int:
         code = self.proc.wait(timeout=timeout)
         self._reader.join(timeout=5)
@@ -307,25 +311,131 @@ class EdgeProcess:
         return [e for e in list(self.events) if e.get("event") == name]
 
 
-def start_edge(server: ServerProcess, device: Device, state_root: Path, *, rounds: int, seed: int,
-               exit_at: str | None = None, exit_round: int = 1, patience: float = 30.0, epsilon: float = 1000.0
-               ) -> EdgeProcess:
-    cmd = [sys.executable, "-m", "ftte.cli", "edge", "--server", server.url, "--key", str(device.key_file),
-           "--data", str(device.data_file), "--target", "label", "--state", str(state_root / f"device{device.index}"),
-           "--epsilon", str(epsilon), "--rounds", str(rounds), "--seed", str(seed), "--events",
-           "--patience", str(patience)]
-    if server.ca:
-        cmd += ["--ca", str(server.ca)]
-    else:
-        cmd += ["--insecure-plaintext"]
+def edge_argv(server: ServerProcess, device: Device, state_root: Path, *, rounds: int, seed: int,
+              exit_at: str | None = None, exit_round: int = 1, patience: float = 30.0, epsilon: float = 1000.0,
+              join_patience: float = 10.0) -> list[str]:
+    """Arguments of ``ftte edge`` for one test device."""
+    argv = ["edge", "--server", server.url, "--key", str(device.key_file), "--data", str(device.data_file),
+            "--target", "label", "--state", str(state_root / f"device{device.index}"), "--epsilon", str(epsilon),
+            "--rounds", str(rounds), "--seed", str(seed), "--events", "--patience", str(patience),
+            "--join-patience", str(join_patience)]
+    argv += ["--ca", str(server.ca)] if server.ca else ["--insecure-plaintext"]
     if exit_at:
-        cmd += ["--exit-at", exit_at, "--exit-round", str(exit_round)]
-    err = state_root / f"edge{device.index}.log"
+        argv += ["--exit-at", exit_at, "--exit-round", str(exit_round)]
+    return argv
+
+
+def start_edge(server: ServerProcess, device: Device, state_root: Path, **kwargs) -> EdgeProcess:
+    """A real ``python -m ftte.cli edge`` process."""
     state_root.mkdir(parents=True, exist_ok=True)
+    err = state_root / f"edge{device.index}.log"
     fh = open(err, "ab")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=fh, env=_env())
+    proc = subprocess.Popen([sys.executable, "-m", "ftte.cli", *edge_argv(server, device, state_root, **kwargs)],
+                            stdout=subprocess.PIPE, stderr=fh, env=_env())
     fh.close()
     return EdgeProcess(device, proc, stderr_path=err)
+
+
+class ForkedEdge:
+    """A device process forked by :class:`EdgeFleet`; same interface as :class:`EdgeProcess`."""
+
+    def __init__(self, fleet: "EdgeFleet", device: Device, out: Path, err: Path) -> None:
+        self.fleet, self.device, self.out, self.stderr_path = fleet, device, out, err
+        self.pid: int | None = None
+
+    @property
+    def events(self) -> list[dict]:
+        out = []
+        if self.out.exists():
+            for line in self.out.read_text().splitlines():
+                if line.startswith("{"):
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        pass
+        return out
+
+    def named(self, name: str) -> list[dict]:
+        return [e for e in self.events if e.get("event") == name]
+
+    @property
+    def returncode(self) -> int | None:
+        return self.fleet.exits.get(self.device.index)
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.returncode is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"device {self.device.index} still running after {timeout} s")
+            time.sleep(0.1)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.pid is not None and self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class EdgeFleet:
+    """Runs ``tests/edge_zygote.py`` and forks devices from it (one torch import for the whole fleet)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = log_dir
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("edge_zygote.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log_dir / "zygote.log", "ab"),
+                                     env=_env(), text=True, bufsize=1)
+        self.exits: dict[int, int] = {}
+        self.edges: dict[int, ForkedEdge] = {}
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout=180):
+            raise RuntimeError("edge zygote did not start")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "ready" in msg:
+                self._ready.set()
+            elif "spawned" in msg:
+                self.edges[msg["spawned"]].pid = msg["pid"]
+            elif "exit" in msg:
+                self.exits[msg["exit"]] = msg["code"]
+
+    def spawn(self, server: ServerProcess, device: Device, state_root: Path, **kwargs) -> ForkedEdge:
+        state_root.mkdir(parents=True, exist_ok=True)
+        edge = ForkedEdge(self, device, state_root / f"edge{device.index}.out", state_root / f"edge{device.index}.log")
+        self.edges[device.index] = edge
+        self.exits.pop(device.index, None)
+        cmd = {"id": device.index, "argv": edge_argv(server, device, state_root, **kwargs),
+               "stdout": str(edge.out), "stderr": str(edge.stderr_path)}
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while edge.pid is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return edge
+
+    def close(self) -> None:
+        for edge in self.edges.values():
+            edge.kill()
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 # -- checks after a run ------------------------------------------------------------------------------

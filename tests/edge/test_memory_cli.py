@@ -18,7 +18,8 @@ def test_memory_command_json(capsys) -> None:
     code, out = _run(capsys, "--model", "cnn8", "--batch-size", "16", "--budget-fraction", "0.3", "--json")
     assert code == 0
     result = json.loads(out)
-    for key in ("model", "full_bytes", "subset_bytes", "ratio", "budget_bytes", "estimate_error", "plan_id", "trainable"):
+    keys = ("model", "full_bytes", "subset_bytes", "ratio", "budget_bytes", "estimate_error", "plan_id", "trainable")
+    for key in keys:
         assert key in result
     assert result["subset_bytes"] <= result["budget_bytes"] == int(0.3 * result["full_bytes"])
     assert result["ratio"] == pytest.approx(result["subset_bytes"] / result["full_bytes"], abs=1e-4)

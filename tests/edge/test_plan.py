@@ -204,3 +204,15 @@ def test_subset_vector_round_trip_property(chosen: set[str], seed: int) -> None:
     for n, p in model.named_parameters():
         if n in others:
             assert torch.equal(p.detach(), others[n])
+
+
+def test_frozen_parts_return_to_eval_even_after_full_model_train() -> None:
+    model = build_model("cnn28")
+    prefix, suffix = split_model(model, SubsetPlan.from_layers(model, ["8", "13", "15"]))
+    model.train()  # bypasses FrozenPrefix.train / TrainableSuffix.train
+    assert model[1].training and model[9].training
+    x = torch.randn(2, 1, 28, 28)
+    suffix(prefix(x))
+    assert not model[1].training  # prefix GroupNorm
+    assert not model[9].training  # frozen GroupNorm in the suffix
+    assert model[8].training  # trainable conv untouched

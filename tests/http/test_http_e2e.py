@@ -82,7 +82,7 @@ def test_eight_devices_train_through_several_buffers(tmp_path):
         for e in edges:
             e.kill()
         server.stop()
-    assert codes == [0] * N_DEVICES, [e.stderr_path.read_text()[-2000:] for e in edges if e.proc.returncode]
+    assert codes == [0] * N_DEVICES, [e.stderr_path.read_text()[-2000:] for e in edges if e.returncode]
 
     run = check_run(db, edges)
     versions = run["versions"]

@@ -1,0 +1,53 @@
+"""The driver/worker split of a round without Ray: budget first, worker handed the history."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_helpers import tiny
+
+from ftte.pipeline.backends import BackendUnavailable, LocalBackend, make_backend, seeded_store
+from ftte.pipeline.config import ConfigError
+from ftte.pipeline.simulator import Simulation
+from ftte.privacy.accountant import PrivacyStep
+
+
+def test_seeded_store_holds_the_history_it_was_handed():
+    from ftte.privacy.accountant import AccountantStore
+
+    src = AccountantStore(":memory:")
+    src.register("7", accountant="rdp", delta=1e-3)
+    for _ in range(3):
+        src.record("7", PrivacyStep(1.0, 0.25, 2))
+    state = src.state("7")
+    copy = seeded_store(state)
+    assert copy.state("7") == state
+    assert seeded_store(None).devices() == []
+
+
+def test_over_budget_devices_retire_before_any_training():
+    cfg = tiny(**{"run.strategy": "fedbuff", "run.max_versions": 8, "privacy.epsilon_max": 2.0})
+    sim = Simulation(cfg)
+    trained: list[int] = []
+    real_submit = sim.backend.submit
+    sim.backend.submit = lambda task, pull: (trained.append(task.device_id), real_submit(task, pull))[1]
+    try:
+        sim.run()
+        assert sim.retired
+        # every submitted round was recorded by the driver first, and none went past the budget
+        for dev in sim.store.devices():
+            assert len(sim.store.history(dev)) == trained.count(int(dev))
+            assert sim.store.epsilon(dev) <= 2.0
+    finally:
+        sim.close()
+
+
+def test_backend_config_keys():
+    assert isinstance(make_backend(tiny().run), LocalBackend)
+    cfg = tiny(**{"run.backend": "ray", "run.ray_workers": 2, "run.ray_address": "auto"})
+    assert (cfg.run.backend, cfg.run.ray_workers, cfg.run.ray_address) == ("ray", 2, "auto")
+    with pytest.raises(ConfigError, match="ray_workers"):
+        tiny(**{"run.ray_workers": -1})
+    with pytest.raises(ConfigError, match="backend"):
+        tiny(**{"run.backend": "dask"})
+    assert issubclass(BackendUnavailable, ValueError)

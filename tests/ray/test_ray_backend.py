@@ -1,0 +1,80 @@
+"""The Ray backend against the local one: same seed, same result; a dead worker is a dropout."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+
+from ray_helpers import RecordingLocal, reliable, run_traced, tiny  # noqa: E402
+
+from ftte.cli import main as cli_main  # noqa: E402
+from ftte.pipeline.backends import LocalBackend, RayBackend  # noqa: E402
+from ftte.pipeline.partition import derive_rng  # noqa: E402
+from ftte.pipeline.simulator import OFFLINE_MEAN_S  # noqa: E402
+
+
+def test_fedavg_on_ray_is_bit_identical_to_local_and_ships_data_once(ray_2cpu):
+    # a budget that retires devices mid-run, so the driver-side budget check is exercised too
+    cfg = tiny(**{"run.strategy": "fedavg", "run.max_versions": 6, "privacy.epsilon_max": 2.0})
+    local, local_events, lx = run_traced(cfg, LocalBackend())
+    remote, remote_events, rx = run_traced(cfg, RayBackend(workers=2))
+    assert remote.history == local.history
+    assert np.array_equal(remote.weights, local.weights)  # bit-identical
+    assert remote_events == local_events
+    for key in ("epsilon_max", "train_rounds", "retired"):
+        assert rx[key] == lx[key], key
+    assert rx["lost"] == [] and len(rx["worker_pids"]) == 2
+    # model + plan and the data went into the object store once; each version's weights once
+    assert rx["puts"]["spec"] == 1 and rx["puts"]["data"] == 1
+    assert rx["puts"]["weights"] == local.summary["versions"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ftte", "fedbuff"])
+def test_async_strategies_on_ray_keep_event_order_and_history(ray_2cpu, strategy):
+    cfg = tiny(**{"run.strategy": strategy, "run.max_versions": 8, "privacy.epsilon_max": 2.0})
+    local, local_events, lx = run_traced(cfg, LocalBackend())
+    remote, remote_events, rx = run_traced(cfg, RayBackend(workers=2))
+    assert remote_events == local_events  # the same events, in the same virtual-time order
+    assert remote.history == local.history
+    assert np.array_equal(remote.weights, local.weights)
+    assert rx["retired"] == lx["retired"] and rx["retired"]  # the budget bit, identically
+    assert rx["epsilon_max"] == lx["epsilon_max"]
+    assert rx["puts"]["spec"] == 1 and rx["puts"]["data"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ftte", "fedavg"])
+def test_a_worker_dying_mid_task_is_a_dropout_and_the_run_goes_on(ray_2cpu, strategy, tmp_path):
+    cfg = reliable(**{"run.strategy": strategy, "run.max_versions": 3 if strategy == "fedavg" else 8})
+    spy = RecordingLocal()
+    run_traced(cfg, spy)
+    victim = spy.submitted[1]  # a round that really trains; its worker exits (os._exit) mid-task
+    out = tmp_path / "run"
+    result, events, x = run_traced(cfg, RayBackend(workers=2, crash_on=[victim]), out)
+    assert x["lost"] == [victim]  # exactly that device's round, not the others queued on the same worker
+    assert result.summary["versions"] == 3
+    # Ray restarted the dead worker: still two workers, one of them a new process
+    assert len(x["pids_after"]) == 2 and set(x["pids_after"]) != set(x["worker_pids"])
+    dev = victim[0]
+    merged_members = set()
+    conn = sqlite3.connect(out / "ledger.db")
+    try:
+        for (record,) in conn.execute("SELECT record FROM server_cohorts"):
+            merged_members.update(json.loads(record)["members"])
+        lost_rows = conn.execute("SELECT device_id FROM privacy_ledger_rows WHERE cohort_id = 'lost'").fetchall()
+    finally:
+        conn.close()
+    if strategy == "ftte":
+        # the device comes back later: ready again after an offline spell drawn from the seed
+        lost_at = [t for t, kind, key in events if kind == "trained" and key == dev][0]
+        back_at = lost_at + derive_rng(cfg.run.seed, "worker-lost", dev, victim[1]).exponential(OFFLINE_MEAN_S)
+        assert events[-1][0] > back_at  # the run went on past it ...
+        assert (back_at, "ready", dev) in events  # ... and the device was back
+    assert lost_rows == [(str(dev),)]  # the spent round has its ledger row, so the audit still adds up
+    assert cli_main(["audit", str(out / "ledger.db")]) == 0

@@ -1,0 +1,96 @@
+"""Small configs and run helpers shared by the Ray backend tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftte.pipeline.backends import LocalBackend
+from ftte.pipeline.config import load_config
+from ftte.pipeline.simulator import Simulation
+
+NO_DROPOUT = {"train": 0.0, "advertise": 0.0, "share": 0.0, "upload": 0.0, "consistency": 0.0, "unmask": 0.0}
+
+
+def tiny(**overrides: Any):
+    base = {
+        "fleet.devices": 16,
+        "fleet.stragglers": 0.5,
+        "model.name": "logistic",
+        "server.buffer_size": 4,
+        "server.fedavg_clients_per_round": 4,
+        "server.fedavg_over_selection": 0.25,
+        "run.max_versions": 3,
+        "train.local_steps": 2,
+        "train.batch_size": 4,
+        "privacy.epsilon_max": 1000.0,
+    }
+    base.update(overrides)
+    return load_config(None).with_overrides(**base)
+
+
+def reliable(**overrides: Any):
+    """Every device always online and never dropping: every device trains at its first attempt."""
+    classes = [
+        {"name": "fast", "fraction": 0.5, "compute_speed": 1.0, "memory_bytes": 64 << 20, "uplink_bps": 2e6,
+         "downlink_bps": 1e7, "availability": 1.0, "dropout": NO_DROPOUT},
+        {"name": "slow", "fraction": 0.5, "compute_speed": 0.1, "memory_bytes": 2 << 20, "uplink_bps": 1e5,
+         "downlink_bps": 5e5, "availability": 1.0, "dropout": NO_DROPOUT},
+    ]
+    return tiny(**{"fleet.classes": classes, **overrides})
+
+
+class RecordingLocal(LocalBackend):
+    """The local backend, remembering which (device, attempt) rounds it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.submitted: list[tuple[int, int]] = []
+
+    def submit(self, task, pull):
+        self.submitted.append((task.device_id, task.attempt))
+        return super().submit(task, pull)
+
+
+def run_traced(cfg, backend, out=None):
+    """Run to the end; returns (result, popped events as (time, kind, key), simulation) and closes it."""
+    sim = Simulation(cfg, out, backend=backend)
+    events: list[tuple[float, str, Any]] = []
+    pop = sim.clock.pop
+
+    def traced_pop():
+        now, (kind, payload) = pop()
+        if kind in ("ready", "deadline"):
+            key = payload
+        elif kind == "trained":
+            key = payload[0].device_id
+        else:  # merged
+            key = payload[0].cohort_id
+        events.append((now, kind, key))
+        return now, (kind, payload)
+
+    try:
+        sim.clock = _TracedClock(sim.clock, traced_pop)  # VirtualClock has __slots__: wrap it
+        result = sim.run()
+        extra = {"epsilon_max": sim.epsilon_max(), "train_rounds": sim.train_rounds, "retired": sorted(sim.retired),
+                 "lost": list(sim.backend.lost), "puts": dict(sim.backend.puts),
+                 "resubmitted": getattr(sim.backend, "resubmitted", 0),
+                 "worker_pids": list(getattr(sim.backend, "worker_pids", []))}
+        if hasattr(sim.backend, "_actors") and sim.backend._actors:
+            import ray
+
+            extra["pids_after"] = ray.get([a.handle.ping.remote() for a in sim.backend._actors])
+        return result, events, extra
+    finally:
+        sim.close()
+
+
+class _TracedClock:
+    def __init__(self, clock, pop):
+        self._clock = clock
+        self.pop = pop
+
+    def __getattr__(self, name):
+        return getattr(self._clock, name)
+
+    def __bool__(self):
+        return bool(self._clock)
