@@ -7,7 +7,8 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 export FLWR_TELEMETRY_ENABLED := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test test-all bench bench-all compare-flower install clean
+
+.PHONY: demo demo-secagg test test-all bench bench-all compare-flower install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +22,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ftte bench secagg --clients 10 --dim 100000 --dropout 0.1 --json
+	$(BIN)/ftte compare --out runs/compare
 
 test: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
@@ -34,6 +35,9 @@ bench: $(STAMP)
 
 bench-all: $(STAMP)
 	$(BIN)/pytest -q bench --benchmark-enable --benchmark-json=bench-results.json
+
+demo-secagg: $(STAMP)
+	$(BIN)/ftte bench secagg --clients 10 --dim 100000 --dropout 0.1 --json
 
 compare-flower: $(STAMP)
 	$(BIN)/ftte bench secagg --clients 10 --dim 1000000 --dropout 0.1 --compare flower --json

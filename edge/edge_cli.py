@@ -73,6 +73,7 @@ def load_csv(path: str, target: str):
 def run(args: argparse.Namespace) -> int:
     import os
     import signal
+    import time
 
     import torch
 
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         if name == "trained":
             rounds_seen["n"] += 1
         if args.events:
-            print(json.dumps({"event": name, **info}), flush=True)
+            print(json.dumps({"event": name, "time": round(time.time(), 3), **info}), flush=True)
         if args.exit_at == name and rounds_seen["n"] >= args.exit_round:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)

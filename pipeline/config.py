@@ -320,8 +320,8 @@ class RunConfig(_Section):
 
     strategy: Literal["ftte", "fedbuff", "fedavg"] = "ftte"
     seed: int = 0
-    target_accuracy: float = 0.85
-    max_versions: int = 100
+    target_accuracy: float = 0.5
+    max_versions: int = 80
     max_virtual_time_s: float = 14_400.0
     backend: Literal["local", "ray"] = "local"
     ray_address: str = ""
@@ -385,10 +385,10 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     SECTION: ClassVar[str] = "train"
 
-    local_steps: int = 5
+    local_steps: int = 2
     batch_size: int = 16
-    lr: float = 0.1
-    memory_budget_fraction: float = 0.5
+    lr: float = 1.0
+    memory_budget_fraction: float = 0.25
 
     def _check(self) -> None:
         self._require("local_steps", self.local_steps >= 1, "must be >= 1")
@@ -402,7 +402,7 @@ class PrivacyConfig(_Section):
     SECTION: ClassVar[str] = "privacy"
 
     enabled: bool = True
-    noise_multiplier: float = 1.0
+    noise_multiplier: float = 1.5
     max_grad_norm: float = 1.0
     delta: float = 0.0
     epsilon_max: float = 10.0
@@ -425,7 +425,7 @@ class SecAggConfig(_Section):
     graph: Literal["full", "ring"] = "full"
     neighbors: int = 4
     threshold: int = 0
-    clip: float = 1.0
+    clip: float = 10.0
     value_bits: int = 12
 
     def _check(self) -> None:

@@ -493,3 +493,21 @@ def check_run(db: Path, edges: list[EdgeProcess]) -> dict:
     code, out = audit(db)
     assert code == 0, f"ftte audit failed:\n{out}"
     return {"versions": versions, "cohorts": cohorts, "history": history, "applied": applied}
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def settle(server: ServerProcess, timeout: float = 60.0) -> dict:
+    """Wait until no cohort is in flight (devices gone: stage timeouts finish or abort them)."""
+    def idle():
+        m = server.metrics()
+        return m if m["cohorts_in_flight"] == 0 else None
+    return wait_for(idle, timeout, 0.2, "in-flight cohorts to finish")

@@ -139,3 +139,18 @@ def test_simulate_cli_writes_outputs_and_rejects_bad_config(tmp_path, capsys):
 def test_impossible_threshold_is_refused_before_running(tmp_path):
     with pytest.raises(Exception, match="threshold"):
         tiny(**{"secagg.threshold": 9})
+
+
+def test_default_config_finishes_and_reaches_its_target(tmp_path):
+    """`ftte simulate` with no config: 100 devices, 90% stragglers, non-IID digits, a CNN,
+    ftte with DP-SGD and secure aggregation (about a minute on 2 cores)."""
+    out = tmp_path / "default"
+    assert cli_main(["simulate", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = load_config(None)
+    assert summary["devices"] == 100 and summary["strategy"] == "ftte"
+    assert summary["secure_aggregation"] and summary["differential_privacy"]
+    assert summary["versions"] == cfg.run.max_versions
+    assert summary["time_to_target_s"] is not None and summary["final_accuracy"] >= cfg.run.target_accuracy
+    assert summary["epsilon_max"] <= cfg.privacy.epsilon_max
+    assert summary["trainable_coordinates"] < summary["model_coordinates"]
