@@ -354,6 +354,19 @@ class Simulation:
         if history_row is not None and self.on_version is not None:
             self.on_version(history_row)
 
+    def _record_failed_round(self, cohort_id: str, members: list[tuple[SimDevice, LocalUpdate]], reason: str) -> None:
+        """A round that never formed a cohort still spent its members' budgets: record them now,
+        so every later row of those devices stays consistent with the rows before it."""
+        self.aborted_cohorts += 1
+        if self.state is not None:
+            record = {"cohort_id": cohort_id, "close_version": self.version, "members": [d.device_id for d, _ in members],
+                      "included": [], "dropped": {}, "weight_sum": 0.0, "duration_s": 0.0, "aborted": reason}
+            self.state.commit_version(
+                version=self.version, virtual_time_s=self.clock.now, weights=self.weights,
+                velocity=self.server_opt.state(), reference_variance=self.reference_variance, cohort=record,
+                history_row=None, ledger=self.ledger, ledger_rows=self._ledger_rows(members, cohort_id),
+            )
+
     def _done(self) -> bool:
         return self.version >= self.cfg.run.max_versions or self.clock.now >= self.cfg.run.max_virtual_time_s
 
@@ -445,15 +458,23 @@ class Simulation:
             round_no += 1
             now = self.clock.now
             rng = derive_rng(cfg.run.seed, "fedavg-round", round_no)
+            min_size = cfg.secagg_threshold if cfg.secagg.enabled else 1
             pool = [d for d in self.fleet if d.device_id not in self.retired]
-            if len(pool) < max(2, min(m, cfg.secagg_threshold if cfg.secagg.enabled else 1)):
+            if len(pool) < max(2, min(m, min_size)):
                 break
-            chosen = rng.choice(len(pool), size=min(selected_n, len(pool)), replace=False)
+            # Like a real FedAvg server, select among the devices that check in (are online)
+            # this round; offline devices are never picked, so they cost the round nothing.
+            online = [d for d in pool
+                      if derive_rng(cfg.run.seed, "fedavg-online", round_no, d.device_id).random() <= d.profile.availability]
+            if len(online) < max(1, min_size):
+                self.clock.advance_to(now + OFFLINE_MEAN_S)
+                continue
+            chosen = rng.choice(len(online), size=min(selected_n, len(online)), replace=False)
             submitted: list[tuple[float, SimDevice, Any]] = []
             for i in sorted(chosen):
-                dev = pool[i]
+                dev = online[i]
                 drng = derive_rng(cfg.run.seed, "fedavg-device", round_no, dev.device_id)
-                if drng.random() > dev.profile.availability or dev.drops_at("train", drng):
+                if dev.drops_at("train", drng):
                     continue
                 pending, seconds = self._train(dev, round_no)
                 if pending is not None:
@@ -469,13 +490,13 @@ class Simulation:
             if cfg.server.fedavg_deadline_s > 0:
                 finished = [f for f in finished if f[0] <= cfg.server.fedavg_deadline_s]
             taken, late = finished[:m], finished[m:]
-            min_size = cfg.secagg_threshold if cfg.secagg.enabled else 1
             self.cohort_counter += 1
             cohort_id = f"{self.strategy.name}-{self.cohort_counter}"
             if len(taken) < max(1, min_size):
                 wait = cfg.server.fedavg_deadline_s or (finished[-1][0] if finished else OFFLINE_MEAN_S)
                 self.clock.advance_to(now + wait)
-                self.aborted_cohorts += 1
+                self._record_failed_round(cohort_id, [(dev, upd) for _, dev, upd in finished],
+                                          f"{len(taken)} devices finished, threshold is {min_size}")
                 continue
             close_at = now + taken[-1][0]
             members = [(dev, upd) for _, dev, upd in taken]

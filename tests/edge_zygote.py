@@ -29,6 +29,29 @@ import ftte.edge.http_client  # noqa: E402,F401
 from ftte.cli import build_parser  # noqa: E402
 
 
+def _warm_up() -> None:
+    """Run one tiny DP round so every lazy import (Opacus, accountants, optimizers) happens here, once."""
+    import numpy as np
+
+    from ftte.edge.models import build_model, make_dp_compatible
+    from ftte.edge.plan import SubsetPlan
+    from ftte.edge.runtime import LocalTrainer, TrainSettings
+    from ftte.privacy.accountant import AccountantStore
+    from ftte.privacy.dpsgd import DPConfig
+
+    model = make_dp_compatible(build_model("logistic", in_features=4, num_classes=2))
+    store = AccountantStore(":memory:")
+    trainer = LocalTrainer(model, SubsetPlan.full(model), DPConfig(accountant="rdp", epsilon_max=1e6),
+                           TrainSettings(1, 4, 0.1), store)
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    trainer.train(0, 0, np.zeros(10, dtype=np.float32), x, (x[:, 0] > 0).astype(np.int64), 0)
+    trainer.close()
+    store.close()
+
+
+_warm_up()
+
+
 def _child(cmd: dict) -> None:
     out = os.open(cmd["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     err = os.open(cmd["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -1,5 +1,9 @@
 """End to end: `ftte server` and eight `ftte edge` processes over HTTPS on 127.0.0.1.
 
+Seven devices are forked from one process that imported torch once (``edge_zygote.py``;
+each child runs the `ftte edge` command path), the eighth is a plain
+``python -m ftte.cli edge`` process: the same code, without the shared import.
+
 Logistic regression on sklearn digits split over the devices by the test, DP-SGD on with
 a generous budget, secure aggregation in cohorts of four. Afterwards: versions are
 contiguous, every acknowledged upload is in an applied sum (or its cohort aborted
@@ -16,6 +20,7 @@ import pytest
 import torch
 
 from deploy_helpers import (
+    EdgeFleet,
     ServerProcess,
     check_run,
     digits_split,
@@ -23,6 +28,7 @@ from deploy_helpers import (
     make_devices,
     make_pki,
     start_edge,
+    wait_for,
     write_server_config,
 )
 
@@ -72,15 +78,23 @@ def test_eight_devices_train_through_several_buffers(tmp_path):
         local_steps=TRAIN["local_steps"], batch_size=TRAIN["batch_size"], lr=TRAIN["lr"],
         noise_multiplier=TRAIN["noise_multiplier"])
     server = ServerProcess(config, port, tmp_path / "server.log", pki.ca_cert)
+    fleet = EdgeFleet(tmp_path / "fleet")
     server.start()
     edges = []
     try:
-        edges = [start_edge(server, d, tmp_path / "edges", rounds=ROUNDS, seed=i) for i, d in enumerate(devices)]
+        # The plain process needs the longest to start: let it fetch its task first.
+        real = start_edge(server, devices[-1], tmp_path / "edges", rounds=ROUNDS, seed=N_DEVICES - 1,
+                          join_patience=6.0)
+        edges.append(real)
+        wait_for(lambda: real.named("task") or real.returncode is not None, 180, 0.1, "the edge process to start")
+        edges += [fleet.spawn(server, d, tmp_path / "edges", rounds=ROUNDS, seed=i, join_patience=6.0)
+                  for i, d in enumerate(devices[:-1])]
         codes = [e.wait(timeout=240) for e in edges]
         metrics = server.metrics()
     finally:
         for e in edges:
             e.kill()
+        fleet.close()
         server.stop()
     assert codes == [0] * N_DEVICES, [e.stderr_path.read_text()[-2000:] for e in edges if e.returncode]
 

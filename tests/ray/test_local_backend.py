@@ -26,7 +26,7 @@ def test_seeded_store_holds_the_history_it_was_handed():
 
 
 def test_over_budget_devices_retire_before_any_training():
-    cfg = tiny(**{"run.strategy": "fedbuff", "run.max_versions": 8, "privacy.epsilon_max": 2.0})
+    cfg = tiny(**{"run.strategy": "fedbuff", "run.max_versions": 8, "privacy.epsilon_max": 0.5})
     sim = Simulation(cfg)
     trained: list[int] = []
     real_submit = sim.backend.submit
@@ -37,7 +37,7 @@ def test_over_budget_devices_retire_before_any_training():
         # every submitted round was recorded by the driver first, and none went past the budget
         for dev in sim.store.devices():
             assert len(sim.store.history(dev)) == trained.count(int(dev))
-            assert sim.store.epsilon(dev) <= 2.0
+            assert sim.store.epsilon(dev) <= 0.5
     finally:
         sim.close()
 

@@ -20,7 +20,7 @@ from ftte.pipeline.simulator import OFFLINE_MEAN_S  # noqa: E402
 
 def test_fedavg_on_ray_is_bit_identical_to_local_and_ships_data_once(ray_2cpu):
     # a budget that retires devices mid-run, so the driver-side budget check is exercised too
-    cfg = tiny(**{"run.strategy": "fedavg", "run.max_versions": 6, "privacy.epsilon_max": 2.0})
+    cfg = tiny(**{"run.strategy": "fedavg", "run.max_versions": 6, "privacy.epsilon_max": 0.5})
     local, local_events, lx = run_traced(cfg, LocalBackend())
     remote, remote_events, rx = run_traced(cfg, RayBackend(workers=2))
     assert remote.history == local.history
@@ -28,6 +28,7 @@ def test_fedavg_on_ray_is_bit_identical_to_local_and_ships_data_once(ray_2cpu):
     assert remote_events == local_events
     for key in ("epsilon_max", "train_rounds", "retired"):
         assert rx[key] == lx[key], key
+    assert lx["retired"]  # the budget bit: devices were refused by the driver, identically
     assert rx["lost"] == [] and len(rx["worker_pids"]) == 2
     # model + plan and the data went into the object store once; each version's weights once
     assert rx["puts"]["spec"] == 1 and rx["puts"]["data"] == 1
@@ -37,7 +38,7 @@ def test_fedavg_on_ray_is_bit_identical_to_local_and_ships_data_once(ray_2cpu):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ftte", "fedbuff"])
 def test_async_strategies_on_ray_keep_event_order_and_history(ray_2cpu, strategy):
-    cfg = tiny(**{"run.strategy": strategy, "run.max_versions": 8, "privacy.epsilon_max": 2.0})
+    cfg = tiny(**{"run.strategy": strategy, "run.max_versions": 8, "privacy.epsilon_max": 0.5})
     local, local_events, lx = run_traced(cfg, LocalBackend())
     remote, remote_events, rx = run_traced(cfg, RayBackend(workers=2))
     assert remote_events == local_events  # the same events, in the same virtual-time order

@@ -154,3 +154,14 @@ def test_default_config_finishes_and_reaches_its_target(tmp_path):
     assert summary["time_to_target_s"] is not None and summary["final_accuracy"] >= cfg.run.target_accuracy
     assert summary["epsilon_max"] <= cfg.privacy.epsilon_max
     assert summary["trainable_coordinates"] < summary["model_coordinates"]
+
+
+@pytest.mark.parametrize("strategy", ["ftte", "fedbuff", "fedavg"])
+def test_every_strategy_leaves_a_ledger_that_audits(tmp_path, strategy):
+    """Rounds that never merge (aborted cohorts, late or failed fedavg rounds) spent budget too."""
+    out = tmp_path / strategy
+    # a flaky fleet with a high threshold, so that some cohorts and rounds fail
+    cfg = tiny(**{"run.strategy": strategy, "run.max_versions": 4, "fleet.stragglers": 0.75,
+                  "server.buffer_size": 4, "server.fedavg_clients_per_round": 4, "secagg.threshold": 4})
+    run(cfg, out)
+    assert cli_main(["audit", str(out / "ledger.db")]) == 0
