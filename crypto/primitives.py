@@ -61,12 +61,26 @@ def x25519_public_from_private(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(_RAW, _RAW_PUB)
 
 
+class X25519Key:
+    """An X25519 private key parsed once: a member agrees with up to n-1 peers per session."""
+
+    def __init__(self, private: bytes | None = None) -> None:
+        self._sk = X25519PrivateKey.from_private_bytes(private) if private else X25519PrivateKey.generate()
+        self.public_key = self._sk.public_key().public_bytes(_RAW, _RAW_PUB)
+
+    def private_bytes(self) -> bytes:
+        return self._sk.private_bytes(_RAW, _RAW_PRIV, _NO_ENC)
+
+    def agree(self, peer_public: bytes) -> bytes:
+        """Raw shared secret; never used directly as a key, always through :func:`hkdf`."""
+        if len(peer_public) != KEY_BYTES:
+            raise CryptoError("X25519 public key must be 32 bytes")
+        return self._sk.exchange(X25519PublicKey.from_public_bytes(peer_public))
+
+
 def x25519_agree(private: bytes, peer_public: bytes) -> bytes:
     """Raw shared secret; never used directly as a key, always through :func:`hkdf`."""
-    if len(peer_public) != KEY_BYTES:
-        raise CryptoError("X25519 public key must be 32 bytes")
-    shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
-    return shared
+    return X25519Key(private).agree(peer_public)
 
 
 # --- HKDF -----------------------------------------------------------------------------

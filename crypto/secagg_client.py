@@ -24,9 +24,8 @@ from ftte.crypto.primitives import (
     aead_decrypt,
     aead_encrypt,
     ed25519_verify,
+    X25519Key,
     random_bytes,
-    x25519_agree,
-    x25519_keypair,
 )
 from ftte.crypto.secagg_session import (
     MemberError,
@@ -87,8 +86,10 @@ class SecAggClient:
         self._identity = identity
         self._context = params.context()
         self.stage = ClientStage.NEW
-        self._c_sk, self.c_public = x25519_keypair()
-        self._s_sk, self.s_public = x25519_keypair()
+        self._c = X25519Key()  # encrypts shares
+        self._s = X25519Key()  # pairwise masks
+        self.c_public, self.s_public = self._c.public_key, self._s.public_key
+        self._c_secrets: dict[int, bytes] = {}  # peer -> X25519(c) secret, agreed once per session
         self._seed = random_bytes(32)
         self.session: bytes = b""
         self.roster: dict[int, tuple[bytes, bytes]] = {}
@@ -151,13 +152,13 @@ class SecAggClient:
         self.session, self.roster, self.neighbours = session, roster, graph[self.member]
         indices = [share_index(h) for h in holders]
         seed_shares = shamir.split(self._seed, self.params.t, indices)
-        key_shares = shamir.split(self._s_sk, self.params.t, indices)
+        key_shares = shamir.split(self._s.private_bytes(), self.params.t, indices)
         ciphertexts = []
         for holder, s_share, k_share in zip(holders, seed_shares, key_shares):
             if holder == self.member:
                 self._held[self.member] = (s_share, k_share)
                 continue
-            secret = x25519_agree(self._c_sk, roster[holder][0])
+            secret = self._c_secrets[holder] = self._c.agree(roster[holder][0])
             key = share_key(secret, session, self.member, holder)
             plaintext = s_share.value_bytes() + k_share.value_bytes()
             ciphertexts.append((holder, aead_encrypt(key, plaintext, share_aad(session, self.member, holder))))
@@ -179,7 +180,7 @@ class SecAggClient:
         for sender, ciphertext in delivery.ciphertexts:
             if sender not in self.neighbours or sender in held:
                 raise MemberError(f"shares from member {sender}, who is not an unseen neighbour")
-            secret = x25519_agree(self._c_sk, self.roster[sender][0])
+            secret = self._c_secrets.get(sender) or self._c.agree(self.roster[sender][0])
             key = share_key(secret, self.session, sender, self.member)
             try:
                 plain = aead_decrypt(key, ciphertext, share_aad(self.session, sender, self.member))
@@ -198,7 +199,7 @@ class SecAggClient:
         self.share_peers = tuple(sorted(held))
         masked = vector + expand_mask(self_mask_seed(self._seed, self.session, self.member), self.params.dim, self.params.ring_bits)
         for peer in self.share_peers:
-            secret = x25519_agree(self._s_sk, self.roster[peer][1])
+            secret = self._s.agree(self.roster[peer][1])
             mask = expand_mask(pairwise_seed(secret, self.session, self.member, peer), self.params.dim, self.params.ring_bits)
             if self.member < peer:
                 np.add(masked, mask, out=masked)

@@ -17,7 +17,7 @@ import numpy as np
 from ftte import wire
 from ftte.crypto import shamir
 from ftte.crypto.prg import expand_mask, pairwise_seed, ring_dtype, self_mask_seed
-from ftte.crypto.primitives import CryptoError, constant_time_equal, ed25519_verify, x25519_agree, x25519_public_from_private
+from ftte.crypto.primitives import X25519Key, CryptoError, constant_time_equal, ed25519_verify, x25519_public_from_private
 from ftte.crypto.secagg_session import (
     MemberError,
     ReplayError,
@@ -261,8 +261,9 @@ class SecAggServer:
             np.subtract(total, expand_mask(self_mask_seed(seeds[m], self.session, m), dim, bits), out=total)
         survivor_set = set(survivors)
         for j in dropped:
+            key_j = X25519Key(keys[j])
             for i in sorted(self.graph[j] & survivor_set):
-                secret = x25519_agree(keys[j], self.roster[i][1])
+                secret = key_j.agree(self.roster[i][1])
                 mask = expand_mask(pairwise_seed(secret, self.session, i, j), dim, bits)
                 # member i added +mask if i < j, else -mask: undo it.
                 if i < j:

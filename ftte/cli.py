@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "secagg"): ("ftte.bench.secagg_cli", "one secure-aggregation session with real crypto; timings and bytes"),
     ("bench", "memory"): ("ftte.bench.memory_cli", "measured DP-SGD training memory: full model versus budgeted subset"),
     ("bench", "ablation"): ("ftte.bench.ablation_cli", "ftte with and without the variance term and secure aggregation"),
+    ("bench", "ray"): ("ftte.bench.ray_scaling", "simulated device updates per second: local backend versus Ray workers"),
     ("audit",): ("ftte.privacy.audit_cli", "verify a privacy ledger and recompute every epsilon"),
     ("simulate",): ("ftte.pipeline.simulate_cli", "simulate a heterogeneous fleet training one strategy"),
     ("compare",): ("ftte.pipeline.compare_cli", "run ftte, fedbuff and fedavg on the same fleet and compare"),

@@ -432,7 +432,7 @@ class SecAggConfig(_Section):
         self._require("neighbors", self.neighbors >= 2 and self.neighbors % 2 == 0, "must be even and >= 2")
         self._require("threshold", self.threshold >= 0, "must be >= 0 (0 = auto)")
         self._require("clip", 0.0 < self.clip < math.inf, "must be > 0 and finite")
-        self._require("value_bits", 2 <= self.value_bits <= 32, "must be in [2, 32]")
+        self._require("value_bits", 2 <= self.value_bits <= 31, "must be in [2, 31]")
 
     def holders(self, cohort_size: int) -> int:
         """How many members hold shares of one member's secrets: the whole cohort on the
@@ -578,6 +578,12 @@ class Config:
             return
         k = self.cohort_size
         what = "fedavg_clients_per_round" if self.run.strategy == "fedavg" else "buffer_size"
+        # k quantized values of value_bits must sum inside a 32-bit ring without wrapping
+        if k * (2 ** (self.secagg.value_bits - 1) - 1) > 2**31 - 1:
+            raise ConfigError(
+                f"[secagg] value_bits: {k} values of {self.secagg.value_bits} bits can overflow a 32-bit ring "
+                f"([server] {what} = {k}); lower value_bits"
+            )
         if k < 2:
             raise ConfigError(f"[server] {what}: secure aggregation needs a cohort of >= 2, got {k}")
         sa = self.secagg

@@ -229,13 +229,17 @@ class Coordinator:
         for entry in rec.journal:
             self._replay(entry)
         now = self.clock()
-        for c in self.live.values():
+        for c in list(self.live.values()):
             c.published = min(c.stage, 4) if c.start is not None else -1
             c.stage_opened_at = now  # give surviving members a whole stage to come back
             if c.aborted:
                 self._spawn(self._conclude(c, None))
             elif c.stage == 5:
                 self._spawn(self._finish(c))
+            elif c.start is None and len(c.joins) >= self.cfg.server.buffer_size:
+                self._start(c)  # the crash fell between the last join and the start entry
+            elif 0 <= c.stage <= 4 and c.expected() <= c.got[c.stage]:
+                self._close_stage(c, now, journal=True)  # ... or between the last message and the close
         self.counters.recovered_cohorts = len(self.live)
 
     def _replay(self, e: JournalEntry) -> None:

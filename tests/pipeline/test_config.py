@@ -176,3 +176,11 @@ def test_parse_overrides():
     assert cfg.run.seed == 3 and cfg.data.name == "synthetic" and not cfg.privacy.enabled
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_overrides(["seed=3"])
+
+
+def test_value_bits_that_could_wrap_the_ring_are_refused():
+    from ftte.pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="value_bits"):
+        load_config(None).with_overrides(**{"secagg.value_bits": 30, "server.buffer_size": 10})
+    assert load_config(None).with_overrides(**{"secagg.value_bits": 27, "server.buffer_size": 10}).secagg.value_bits == 27

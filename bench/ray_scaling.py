@@ -1,0 +1,219 @@
+"""``ftte bench ray``: simulated device updates per second, local backend versus Ray with 1..n workers.
+
+Two figures per backend, measured side by side in one run (repeats interleaved so that
+load from other jobs on a shared machine hits every backend alike):
+
+* ``device_work``: the driver's device path alone. ``--rounds`` rounds are handed to the
+  backend exactly as the simulator does it (pull, budget check and accountant record in
+  the driver, submit), then all are resolved. Updates per second = rounds / wall time.
+* ``simulation``: a whole ``Simulation.run()`` (``--versions`` merges with secure
+  aggregation and evaluation in the driver); updates per second = device rounds trained /
+  wall time of ``run()``. The backend's start-up (Ray workers importing torch and wrapping
+  the model) is reported apart, as ``startup_s``.
+
+Ratios are against the local backend (and Ray n workers against Ray 1). ``identical``
+checks that every Ray simulation produced the local backend's history and weights.
+Without ``--address`` a local Ray instance gets ``max(--workers)`` CPUs and is shut down
+at the end; with it the cluster is joined and left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+__all__ = ["configure", "run"]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", default="1,2", help="Ray worker counts to measure, comma separated (default 1,2)")
+    parser.add_argument("--address", default="", help="join this Ray cluster instead of starting a local instance")
+    parser.add_argument("--model", default="cnn8", help="model name (default cnn8, the default config's)")
+    parser.add_argument("--strategy", choices=("ftte", "fedbuff", "fedavg"), default="ftte")
+    parser.add_argument("--devices", type=int, default=100, help="fleet size (default 100)")
+    parser.add_argument("--rounds", type=int, default=200, help="device rounds per device_work measurement (default 200)")
+    parser.add_argument("--versions", type=int, default=10, help="merges per simulation measurement (default 10)")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per backend; the median is reported")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from ftte.pipeline.config import load_config
+
+    return load_config(None).with_overrides(**{
+        "run.seed": args.seed,
+        "run.strategy": args.strategy,
+        "run.max_versions": args.versions,
+        "model.name": args.model,
+        "fleet.devices": args.devices,
+        # measure throughput, not budget exhaustion: no device may retire mid-measurement
+        "privacy.epsilon_max": 1e9,
+    })
+
+
+def _backend(name: str, workers: int, address: str) -> Any:
+    from ftte.pipeline.backends import LocalBackend, RayBackend
+
+    return LocalBackend() if name == "local" else RayBackend(address, workers)
+
+
+def _device_work(cfg: Any, backend: Any, rounds: int, repeats: int) -> dict[str, Any]:
+    """``repeats`` timed batches of ``rounds`` device rounds on one started backend."""
+    from ftte.pipeline.simulator import Simulation
+
+    t0 = time.perf_counter()
+    sim = Simulation(cfg, backend=backend)
+    startup = time.perf_counter() - t0
+    try:
+        fleet = sim.fleet
+        attempt = 0
+        walls = []
+        for _ in range(repeats):
+            attempt += 1
+            t = time.perf_counter()
+            pending = []
+            for i in range(rounds):
+                dev = fleet[i % len(fleet)]
+                p, _ = sim._train(dev, attempt * rounds + i)
+                pending.append(p)
+            for p in pending:
+                if sim.backend.resolve(p) is None:
+                    raise RuntimeError("a worker died during the benchmark")
+            walls.append(time.perf_counter() - t)
+        return {"startup_s": startup, "walls_s": walls}
+    finally:
+        sim.close()
+
+
+def _simulation(cfg: Any, backend: Any) -> dict[str, Any]:
+    from ftte.pipeline.simulator import Simulation
+
+    t0 = time.perf_counter()
+    sim = Simulation(cfg, backend=backend)
+    startup = time.perf_counter() - t0
+    try:
+        t = time.perf_counter()
+        result = sim.run()
+        wall = time.perf_counter() - t
+        return {"startup_s": startup, "wall_s": wall, "train_rounds": sim.train_rounds,
+                "history": result.history, "weights": result.weights}
+    finally:
+        sim.close()
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    worker_counts = sorted({int(w) for w in str(args.workers).split(",") if w.strip()})
+    if not worker_counts or worker_counts[0] < 1:
+        raise ValueError("--workers needs positive counts, e.g. 1,2")
+    cfg = _config(args)
+    modes = [("local", 0)] + [("ray", w) for w in worker_counts]
+    label = {m: ("local" if m[0] == "local" else f"ray_{m[1]}") for m in modes}
+    load_before = _load()
+
+    owns = False
+    if not ray.is_initialized():
+        if args.address:
+            ray.init(address=args.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=max(worker_counts), include_dashboard=False, log_to_driver=False)
+            owns = True
+    try:
+        cluster_cpus = ray.cluster_resources().get("CPU")
+        # device work: one started backend per mode, its repeats back to back
+        work: dict[str, dict[str, Any]] = {}
+        for m in modes:
+            work[label[m]] = _device_work(cfg, _backend(m[0], m[1], args.address), args.rounds, args.repeats)
+        # simulations: repeats interleaved across modes
+        sims: dict[str, list[dict[str, Any]]] = {label[m]: [] for m in modes}
+        for _ in range(args.repeats):
+            for m in modes:
+                sims[label[m]].append(_simulation(cfg, _backend(m[0], m[1], args.address)))
+    finally:
+        if owns:
+            ray.shutdown()
+
+    ref = sims["local"][0]
+    identical = all(r["history"] == ref["history"] and np.array_equal(r["weights"], ref["weights"])
+                    for runs in sims.values() for r in runs)
+    device_work = {}
+    for name, w in work.items():
+        wall = statistics.median(w["walls_s"])
+        device_work[name] = {"updates_per_s": args.rounds / wall, "median_wall_s": wall, "walls_s": w["walls_s"],
+                             "startup_s": w["startup_s"]}
+    simulation = {}
+    for name, runs in sims.items():
+        rates = [r["train_rounds"] / r["wall_s"] for r in runs]
+        simulation[name] = {"updates_per_s": statistics.median(rates), "rates": rates,
+                            "train_rounds": runs[0]["train_rounds"], "walls_s": [r["wall_s"] for r in runs],
+                            "startup_s": statistics.median(r["startup_s"] for r in runs)}
+
+    def ratios(table: dict[str, dict[str, Any]]) -> dict[str, float]:
+        out = {}
+        for w in worker_counts:
+            out[f"ray_{w}_vs_local"] = table[f"ray_{w}"]["updates_per_s"] / table["local"]["updates_per_s"]
+            if w != worker_counts[0]:
+                first = worker_counts[0]
+                out[f"ray_{w}_vs_ray_{first}"] = (table[f"ray_{w}"]["updates_per_s"]
+                                                  / table[f"ray_{first}"]["updates_per_s"])
+        return out
+
+    return {
+        "command": "ftte bench ray " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "ray"] else None,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "ray": ray.__version__, "load_avg_before": load_before, "load_avg_after": _load(),
+                    "ray_cluster_cpus": cluster_cpus, "address": args.address or None},
+        "config": {"model": args.model, "strategy": args.strategy, "devices": args.devices, "rounds": args.rounds,
+                   "versions": args.versions, "repeats": args.repeats, "seed": args.seed,
+                   "local_steps": cfg.train.local_steps, "batch_size": cfg.train.batch_size,
+                   "dp": cfg.privacy.enabled, "secagg": cfg.secagg.enabled},
+        "device_work": device_work,
+        "simulation": simulation,
+        "ratios": {"device_work": ratios(device_work), "simulation": ratios(simulation)},
+        "identical": identical,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("ftte bench ray: needs Ray: pip install 'ftte[ray]'", file=sys.stderr)
+        return 2
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out = measure(args)
+    except (ValueError, RuntimeError, ConnectionError) as exc:
+        print(f"ftte bench ray: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    else:
+        for section in ("device_work", "simulation"):
+            for name, row in out[section].items():
+                print(f"{section:>12} {name:>8}: {row['updates_per_s']:8.2f} updates/s  (startup {row['startup_s']:.1f} s)")
+        for section, table in out["ratios"].items():
+            for key, value in table.items():
+                print(f"{section:>12} {key:>16}: {value:.3f}")
+        print(f"{'identical':>12}: {out['identical']}")
+    return 0 if out["identical"] else 1

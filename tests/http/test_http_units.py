@@ -1,0 +1,352 @@
+"""The deployment's parts without sockets: import isolation, wire messages, config, rate limits,
+and the coordinator's journal replay after a crash at every point of a cohort's life."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ftte import wire
+from ftte.crypto.primitives import Signer
+from ftte.crypto.secagg_client import SecAggClient
+from ftte.edge.deploy_protocol import model_hash as edge_model_hash
+from ftte.edge.deploy_protocol import session_params
+from ftte.edge.encoding import UpdateCodec
+from ftte.http_auth import member_id
+from ftte.messages import (
+    CohortEnd,
+    CohortStart,
+    ConsistencyBundle,
+    JoinRequest,
+    Pending,
+    PollRequest,
+    Roster,
+    ShareDelivery,
+    Submit,
+    SurvivorList,
+    TaskInfo,
+)
+
+starlette = pytest.importorskip("starlette")
+
+
+def test_edge_client_does_not_import_the_server_stack():
+    code = ("import sys, ftte.edge.http_client, ftte.edge.edge_cli; "
+            "print(sorted(m for m in ('starlette', 'uvicorn', 'ftte.pipeline', 'fastapi', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]"
+
+
+def test_model_hash_is_the_one_the_pipeline_uses():
+    from ftte.pipeline.cohort import model_hash
+
+    w = np.random.default_rng(0).normal(size=650).astype(np.float32)
+    assert edge_model_hash("plan-x", w) == model_hash("plan-x", w)
+    assert edge_model_hash("plan-y", w) != model_hash("plan-x", w)
+
+
+def test_member_id_is_stable_and_in_range():
+    key = bytes(range(32))
+    assert member_id(key) == member_id(key) and 0 <= member_id(key) < 2**63
+
+
+def test_deploy_messages_round_trip():
+    info = TaskInfo(1, "{}", "logistic", "{}", (64,), 10, np.zeros(650, np.float32), 5, 32, 1.0, 1, 0.7, 1.0, 0.0,
+                    "rdp", 0.0, 4, 4000, 5000)
+    back = wire.decode(wire.encode(info), expect=TaskInfo)
+    assert back.input_shape == (64,) and back.initial_weights.shape == (650,)
+    start = CohortStart("c", "p", bytes(32), 3, (1, 2), ((1, bytes(32)), (2, bytes(32))), 2, 0, "full", 0, 652, 16, 12,
+                        2.0, -1.0, 0.5, 1.0, 0.25)
+    assert wire.decode(wire.encode(start), expect=CohortStart) == start
+
+
+def test_server_config_is_strict(tmp_path):
+    from ftte.pipeline.config import ConfigError
+    from ftte.pipeline.deploy_config import load_allow_list, parse_server_config
+
+    ok = parse_server_config('[http]\nplaintext = true\n[server]\nbuffer_size = 4\n', base_dir=tmp_path)
+    assert ok.http.plaintext and ok.run.server.buffer_size == 4 and ok.deploy.state == "ftte-server.db"
+    for text, message in [
+        ("[http]\nport = 1\n", "tls_cert and tls_key are required"),
+        ("[http]\nplaintext = true\nbogus = 1\n", "unknown key 'bogus'"),
+        ("[http]\nplaintext = true\n[fleet]\ndevices = 3\n", "simulated fleet"),
+        ("[http]\nplaintext = true\n[run]\nstrategy = \"fedavg\"\n", "buffered"),
+        ("[http]\nplaintext = true\n[secagg]\nenabled = false\n", "always aggregates securely"),
+        ("[http]\nplaintext = true\n[deploy]\nnum_classes = \"ten\"\n", "[deploy] num_classes"),
+        ("[http]\nplaintext = true\nrate_per_s = 0\n", "[http] rate_per_s"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            parse_server_config(text, base_dir=tmp_path)
+    allow = tmp_path / "allow.txt"
+    allow.write_text("# devices\n" + "ab" * 32 + " phone\n")
+    assert list(load_allow_list(allow).values()) == ["phone"]
+    allow.write_text("abcd\n")
+    with pytest.raises(ConfigError, match="64-digit hex"):
+        load_allow_list(allow)
+
+
+def test_token_bucket_refills_at_its_rate():
+    from ftte.pipeline.http_server import TokenBucket
+
+    b = TokenBucket(rate=10.0, burst=2.0, tokens=2.0, updated=0.0)
+    assert b.take(0.0) == 0 and b.take(0.0) == 0
+    assert b.take(0.0) == pytest.approx(0.1)
+    assert b.take(0.1) == 0
+
+
+def test_submit_limit_fits_an_honest_upload_and_little_more():
+    from ftte.pipeline.http_server import submit_limit
+
+    dim, k = 650, 4
+    limit = submit_limit(dim, k)
+    upload = Submit("c-" + "0" * 16, wire.encode(__import__("ftte.messages", fromlist=["MaskedInput"]).MaskedInput(
+        bytes(32), 1, np.zeros(dim + 2, np.uint32), bytes(64))))
+    assert len(wire.encode(upload)) < limit < 4 * (dim + 2) + 8192
+
+
+# -- the coordinator, driven directly, crashed and recovered at every point -------------------------
+
+CONFIG = """
+[run]
+seed = 0
+[model]
+name = "logistic"
+[train]
+local_steps = 2
+batch_size = 8
+[privacy]
+noise_multiplier = 1.0
+accountant = "rdp"
+epsilon_max = 100.0
+[secagg]
+clip = 2.0
+[server]
+buffer_size = 4
+deadline_s = 5.0
+[http]
+plaintext = true
+[deploy]
+state = "state.db"
+ledger_key = "ledger.key"
+allow_list = "allow.txt"
+stage_timeout_s = 5.0
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_coordinator(tmp: Path, signers: list[Signer], clock: Clock):
+    from ftte.pipeline.coordinator import Coordinator
+    from ftte.pipeline.deploy_config import parse_server_config
+    from ftte.pipeline.deploy_task import build_task
+    from ftte.pipeline.journal import Database
+
+    (tmp / "allow.txt").write_text("".join(s.public_key.hex() + "\n" for s in signers))
+    settings = parse_server_config(CONFIG, base_dir=tmp)
+    task = build_task(settings)
+    db = Database(settings.path("state.db"), settings.path("ledger.key"))
+    db.open()
+    return Coordinator(task, db, {member_id(s.public_key): s.public_key for s in signers}, clock=clock), db
+
+
+def join_request(coord, base_version: int) -> JoinRequest:
+    return JoinRequest(plan_id=coord.plan_id, base_version=base_version, model_hash=coord.hashes[base_version],
+                       steps=2, sample_rate=0.05, noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp",
+                       delta=1e-5, epsilon_max=100.0, rng_source="test", torch_version="t", opacus_version="o",
+                       ftte_version="f")
+
+
+def crash(coord, db) -> None:
+    """What SIGKILL leaves: the write in progress completes or not (here: completes), nothing else runs."""
+    for task in list(coord._tasks) + ([coord.journal._task] if coord.journal._task else []):
+        task.cancel()
+    db._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# Points at which the server "dies": (stage index, members that already sent that stage's message).
+CRASH_POINTS = [(-1, 2), (0, 0), (0, 2), (1, 3), (2, 1), (3, 2), (4, 3), (4, 4)]
+
+
+@pytest.mark.parametrize("crash_stage,crash_after", CRASH_POINTS)
+def test_journal_replay_resumes_the_cohort(tmp_path, crash_stage, crash_after):
+    """Members keep their client state; the server restarts from its file and the cohort completes."""
+    from ftte.pipeline.coordinator import ProtocolError
+    from ftte.privacy.audit import verify_ledger
+
+    signers = [Signer() for _ in range(4)]
+    members = [member_id(s.public_key) for s in signers]
+    clock = Clock()
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, clock)
+        await coord.recover()
+        alive = {"coord": coord, "db": db, "crashed": False}
+
+        async def maybe_crash(stage: int, done: int) -> None:
+            if alive["crashed"] or (stage, done) != (crash_stage, crash_after):
+                return
+            # SIGKILL: nothing is flushed or closed; the next server opens the same file.
+            alive["crashed"] = True
+            crash(alive["coord"], alive["db"])
+            coord2, db2 = make_coordinator(tmp_path, signers, clock)
+            await coord2.recover()
+            alive["coord"], alive["db"] = coord2, db2
+
+        async def poll(m, cid, stage):
+            reply = await alive["coord"].poll(m, PollRequest(cid, stage), wait_s=5.0)
+            assert not isinstance(reply, Pending), (stage, reply)
+            return reply
+
+        cid = None
+        for i, m in enumerate(members):
+            await maybe_crash(-1, i)
+            cid = (await alive["coord"].join(m, join_request(alive["coord"], 0), wire.encode(
+                join_request(alive["coord"], 0)))).cohort_id
+        start = await poll(members[0], cid, 0)
+        assert isinstance(start, CohortStart) and start.members == tuple(sorted(members))
+        clients = {m: SecAggClient(session_params(start), m, s) for m, s in zip(members, signers)}
+        codec = UpdateCodec(alive["coord"].task.dim, start.clip, start.value_bits, start.ring_bits)
+        rng = np.random.default_rng(0)
+        updates = {m: rng.normal(scale=0.01, size=codec.dim) for m in members}
+
+        async def stage(index, make):
+            for i, m in enumerate(members):
+                await maybe_crash(index, i)
+                msg = make(m)
+                ack = await alive["coord"].submit(m, Submit(cid, wire.encode(msg)), 1 << 20)
+                assert ack.stage == index
+            await maybe_crash(index, len(members))
+
+        await stage(0, lambda m: clients[m].advertise())
+        rosters = {m: await poll(m, cid, 1) for m in members}
+        await stage(1, lambda m: clients[m].share_keys(rosters[m]))
+        deliveries = {m: await poll(m, cid, 2) for m in members}
+        await stage(2, lambda m: clients[m].masked_input(deliveries[m], codec.encode(updates[m], 1.0, 1e-5, rng)))
+        survivors = {m: await poll(m, cid, 3) for m in members}
+        await stage(3, lambda m: clients[m].consistency(survivors[m]))
+        bundles = {m: await poll(m, cid, 4) for m in members}
+        assert all(isinstance(b, ConsistencyBundle) for b in bundles.values())
+        await stage(4, lambda m: clients[m].unmask(bundles[m]))
+        end = await poll(members[0], cid, 5)
+        assert isinstance(end, CohortEnd) and end.status == "applied" and end.applied_version == 1, end
+        assert sorted(end.included) == sorted(members)
+        # A late duplicate is acknowledged idempotently, a different one refused, the cohort is over.
+        with pytest.raises(ProtocolError) as refused:
+            await alive["coord"].submit(members[0], Submit(cid, b"\x00"), 1 << 20)
+        assert refused.value.status == 409
+        expected = sum(updates.values())
+        got = alive["coord"].weights - alive["coord"].task.initial_subset
+        await alive["coord"].drain()
+        alive["db"].close()
+        return expected / 4, got
+
+    expected, got = asyncio.run(scenario())
+    step = 2.0 * 4 / math.sqrt(650) / (2**11 - 1)  # quantisation step of the codec (clip 2, 12 bits)
+    assert np.max(np.abs(got - expected)) < 2 * step
+    result = verify_ledger(tmp_path / "state.db")
+    assert result.ok and result.n_rows == 4, result.summary()
+
+
+def test_a_refused_message_leaves_the_journal_untouched(tmp_path):
+    from ftte.pipeline.coordinator import ProtocolError
+
+    signers = [Signer() for _ in range(4)]
+    members = [member_id(s.public_key) for s in signers]
+    clock = Clock()
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, clock)
+        await coord.recover()
+        for m in members:
+            cid = (await coord.join(m, join_request(coord, 0), wire.encode(join_request(coord, 0)))).cohort_id
+        start = await coord.poll(members[0], PollRequest(cid, 0), wait_s=5)
+        client = SecAggClient(session_params(start), members[0], signers[0])
+        before = coord.journal.entries
+        bad = [
+            (Submit(cid, b"\x91" * 5000 + b"\xc0"), 422),  # nested junk
+            (Submit(cid, wire.encode(join_request(coord, 0))), 422),  # not a member message
+            (Submit("c-nope", wire.encode(client.advertise())), 404),  # unknown cohort
+        ]
+        for submit, status in bad:
+            with pytest.raises(ProtocolError) as refused:
+                await coord.submit(members[0], submit, 1 << 20)
+            assert refused.value.status == status
+        other = SecAggClient(session_params(start), members[1], signers[1]).advertise()
+        with pytest.raises(ProtocolError) as refused:  # member 1's message posted by member 0
+            await coord.submit(members[0], Submit(cid, wire.encode(other)), 1 << 20)
+        assert refused.value.status == 403
+        with pytest.raises(ProtocolError) as refused:  # right shape, wrong stage
+            roster = Roster(bytes(32), ())
+            await coord.submit(members[0], Submit(cid, wire.encode(roster)), 1 << 20)
+        assert refused.value.status == 422
+        await coord.drain()
+        assert coord.journal.entries == before
+        db.close()
+
+    asyncio.run(scenario())
+
+
+def test_stage_timeout_drops_the_silent_member_and_survives_a_restart(tmp_path):
+    signers = [Signer() for _ in range(4)]
+    members = [member_id(s.public_key) for s in signers]
+    clock = Clock()
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, clock)
+        await coord.recover()
+        for m in members:
+            cid = (await coord.join(m, join_request(coord, 0), wire.encode(join_request(coord, 0)))).cohort_id
+        start = await coord.poll(members[0], PollRequest(cid, 0), wait_s=5)
+        live = members[:3]
+        clients = {m: SecAggClient(session_params(start), m, s) for m, s in zip(members, signers)}
+        for m in live:
+            await coord.submit(m, Submit(cid, wire.encode(clients[m].advertise())), 1 << 20)
+        clock.now += 6.0  # past the stage timeout: the fourth member is dropped at "advertise"
+        coord.tick()
+        await coord.drain()
+        silent = await coord.poll(members[3], PollRequest(cid, 1), wait_s=5)
+        assert isinstance(silent, CohortEnd) and silent.status == "dropped"
+        crash(coord, db)
+        coord2, db2 = make_coordinator(tmp_path, signers, clock)  # crash + restart
+        await coord2.recover()
+        rosters = {m: await coord2.poll(m, PollRequest(cid, 1), wait_s=5) for m in live}
+        for m in live:
+            await coord2.submit(m, Submit(cid, wire.encode(clients[m].share_keys(rosters[m]))), 1 << 20)
+        codec = UpdateCodec(coord2.task.dim, start.clip, start.value_bits, start.ring_bits)
+        rng = np.random.default_rng(1)
+        for m in live:
+            d = await coord2.poll(m, PollRequest(cid, 2), wait_s=5)
+            assert isinstance(d, ShareDelivery)
+            msg = clients[m].masked_input(d, codec.encode(np.zeros(codec.dim), 1.0, 0.0, rng))
+            await coord2.submit(m, Submit(cid, wire.encode(msg)), 1 << 20)
+        for m in live:
+            s = await coord2.poll(m, PollRequest(cid, 3), wait_s=5)
+            assert isinstance(s, SurvivorList)
+            await coord2.submit(m, Submit(cid, wire.encode(clients[m].consistency(s))), 1 << 20)
+        for m in live:
+            b = await coord2.poll(m, PollRequest(cid, 4), wait_s=5)
+            await coord2.submit(m, Submit(cid, wire.encode(clients[m].unmask(b))), 1 << 20)
+        end = await coord2.poll(members[0], PollRequest(cid, 5), wait_s=5)
+        await coord2.drain()
+        record = coord2.db.call_sync(lambda: coord2.db.state.cohort_records())[-1]
+        db2.close()
+        return end, record
+
+    end, record = asyncio.run(scenario())
+    assert end.status == "applied" and len(end.included) == 3
+    assert record["dropped"] == {str(members[3]): "advertise"}
+    assert json.dumps(record)  # plain JSON, as committed
