@@ -11,7 +11,9 @@ load from other jobs on a shared machine hits every backend alike):
   wall time of ``run()``. The backend's start-up (Ray workers importing torch and wrapping
   the model) is reported apart, as ``startup_s``.
 
-Ratios are against the local backend (and Ray n workers against Ray 1). ``identical``
+Before any timing the driver's accountant cache is warmed for every device (an RDP curve
+per distinct sample rate costs up to half a second, once per process; workers never
+compute it, the driver hands them the checked plan). Ratios are against the local backend (and Ray n workers against Ray 1). ``identical``
 checks that every Ray simulation produced the local backend's history and weights.
 Without ``--address`` a local Ray instance gets ``max(--workers)`` CPUs and is shut down
 at the end; with it the cluster is joined and left running.
@@ -92,6 +94,21 @@ def _device_work(cfg: Any, backend: Any, rounds: int, repeats: int) -> dict[str,
         sim.close()
 
 
+def _warm_up(cfg: Any) -> float:
+    """Fill this process's accountant cache (one RDP curve per distinct sample rate, up to half a
+    second each) for every device, so no backend's timing includes the driver's one-off maths."""
+    from ftte.pipeline.simulator import Simulation
+
+    t = time.perf_counter()
+    sim = Simulation(cfg)
+    try:
+        for dev in sim.fleet:
+            sim.trainer.plan_round(dev.device_id, len(sim.data.device_indices[dev.device_id]))
+    finally:
+        sim.close()
+    return time.perf_counter() - t
+
+
 def _simulation(cfg: Any, backend: Any) -> dict[str, Any]:
     from ftte.pipeline.simulator import Simulation
 
@@ -127,6 +144,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     modes = [("local", 0)] + [("ray", w) for w in worker_counts]
     label = {m: ("local" if m[0] == "local" else f"ray_{m[1]}") for m in modes}
     load_before = _load()
+    warm_up = _warm_up(cfg)
 
     owns = False
     if not ray.is_initialized():
@@ -184,6 +202,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                    "versions": args.versions, "repeats": args.repeats, "seed": args.seed,
                    "local_steps": cfg.train.local_steps, "batch_size": cfg.train.batch_size,
                    "dp": cfg.privacy.enabled, "secagg": cfg.secagg.enabled},
+        "driver_warm_up_s": warm_up,
         "device_work": device_work,
         "simulation": simulation,
         "ratios": {"device_work": ratios(device_work), "simulation": ratios(simulation)},

@@ -78,8 +78,9 @@ class LocalTrainer:
         return self._trainer.epsilon()
 
     def train(self, device_id: int, base_version: int, weights: np.ndarray, x: np.ndarray, y: np.ndarray,
-              seed: int) -> LocalUpdate:
-        """One round from the pulled subset ``weights``; raises ``BudgetExceededError`` before training if over budget."""
+              seed: int, plan: RoundPlan | None = None) -> LocalUpdate:
+        """One round from the pulled subset ``weights``; raises ``BudgetExceededError`` before training if over budget.
+        ``plan``: a :meth:`plan_round` result the caller already checked (no second check)."""
         if len(x) == 0:
             raise ValueError(f"device {device_id} has no training records")
         apply_subset_vector(self.model, self.plan, weights)
@@ -91,6 +92,7 @@ class LocalTrainer:
             lr=self.settings.lr,
             batch_size=self.settings.batch_size,
             steps=self.settings.local_steps,
+            plan=plan,
         )
         delta = subset_vector(self.model, self.plan) - weights.astype(np.float32)
         return LocalUpdate(device_id, base_version, delta, stats)

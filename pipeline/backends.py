@@ -184,7 +184,8 @@ class DeviceWorker:
         store = seeded_store(task.account)
         self.trainer.store = store
         try:
-            return self.trainer.train(task.device_id, task.base_version, weights, x, y, task.seed)
+            # The driver checked the budget; the plan it checked replaces a second check here.
+            return self.trainer.train(task.device_id, task.base_version, weights, x, y, task.seed, plan=task.plan)
         finally:
             self.trainer.store = self._idle_store
             store.close()

@@ -35,7 +35,6 @@ import torch
 
 from ftte import wire
 from ftte.crypto.primitives import Signer
-from ftte.edge.encoding import clip_l2  # noqa: F401  (re-exported for strategy ablations)
 from ftte.edge.models import build_model, make_dp_compatible
 from ftte.edge.plan import SubsetPlan, apply_subset_vector, subset_vector
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
@@ -46,7 +45,7 @@ from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time
 from ftte.pipeline.cohort import CohortOutcome, CohortSpec, model_hash, run_cohort
 from ftte.pipeline.config import Config
 from ftte.pipeline.datasets import FederatedData, load_dataset
-from ftte.pipeline.fleet import SimDevice, build_fleet, weakest_memory_bytes
+from ftte.pipeline.fleet import SimDevice, build_fleet
 from ftte.pipeline.merge import ServerOptimizer, weighted_mean
 from ftte.pipeline.partition import derive_rng
 from ftte.pipeline.report import time_to_target

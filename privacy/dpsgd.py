@@ -379,12 +379,19 @@ class PrivateTrainer:
         sample_rate: float | None = None,
         steps: int | None = None,
         epochs: float | None = None,
+        plan: RoundPlan | None = None,
     ) -> RoundStats:
         """One local round: budget check, record, then ``steps`` Poisson-sampled steps.
 
         ``loss_fn(output, target)`` must reduce by the *mean* over the batch (Opacus
         rescales per-sample gradients accordingly). ``steps`` defaults to
         ``epochs / sample_rate`` with ``epochs=1``.
+
+        ``plan``: a :meth:`plan_round` result for this device and data that the caller has
+        already checked against the budget (a simulator's driver does, then hands the round
+        to a worker); it replaces the second check, whose accountant maths can cost up to a
+        second. The round is still recorded in :attr:`store`, which must hold the history
+        the plan was based on.
         """
         if self._closed:
             raise RuntimeError("trainer is closed")
@@ -392,7 +399,12 @@ class PrivateTrainer:
 
         ds = _as_dataset(data)
         n = len(ds)  # type: ignore[arg-type]
-        plan = self.plan_round(n, batch_size=batch_size, sample_rate=sample_rate, steps=steps, epochs=epochs)
+        if plan is None:
+            plan = self.plan_round(n, batch_size=batch_size, sample_rate=sample_rate, steps=steps, epochs=epochs)
+        elif plan.n_records != n or (plan.budget is None) == self.config.enabled:
+            raise ValueError(f"the given plan is for {plan.n_records} records with DP "
+                             f"{'off' if plan.budget is None else 'on'}; this round has {n} records, DP "
+                             f"{'on' if self.config.enabled else 'off'}")
         cfg = self.config
 
         if cfg.enabled:

@@ -6,8 +6,6 @@ processes talking HTTPS over 127.0.0.1 with certificates made by :func:`make_pki
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import signal
@@ -35,54 +33,7 @@ CHILD_ENV = {
 
 # -- PKI ----------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Pki:
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-
-
-def make_pki(directory: Path) -> Pki:
-    """A fresh CA and a server certificate for 127.0.0.1 and localhost, signed by it."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ftte test CA")])
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                    x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    pki = Pki(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
-    pki.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    pki.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pki.server_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()))
-    return pki
+from ftte.bench.http_pki import Pki, make_pki  # noqa: E402  (a throwaway CA, shared with the benchmark)
 
 
 # -- devices and data -----------------------------------------------------------------------------
@@ -391,9 +342,7 @@ class EdgeFleet:
         self.edges: dict[int, ForkedEdge] = {}
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        if not self._ready.wait(timeout=180):
-            raise RuntimeError("edge zygote did not start")
+        self._reader.start()  # the import runs while the caller starts the server; spawn() waits for it
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -410,6 +359,8 @@ class EdgeFleet:
                 self.exits[msg["exit"]] = msg["code"]
 
     def spawn(self, server: ServerProcess, device: Device, state_root: Path, **kwargs) -> ForkedEdge:
+        if not self._ready.wait(timeout=180):
+            raise RuntimeError(f"edge zygote did not start: {(self.log_dir / 'zygote.log').read_text()[-2000:]}")
         state_root.mkdir(parents=True, exist_ok=True)
         edge = ForkedEdge(self, device, state_root / f"edge{device.index}.out", state_root / f"edge{device.index}.log")
         self.edges[device.index] = edge

@@ -79,13 +79,13 @@ def test_eight_devices_train_through_several_buffers(tmp_path):
         noise_multiplier=TRAIN["noise_multiplier"])
     server = ServerProcess(config, port, tmp_path / "server.log", pki.ca_cert)
     fleet = EdgeFleet(tmp_path / "fleet")
-    server.start()
-    edges = []
+    # The plain process needs the longest to start: it imports while the server starts (it
+    # retries until the server answers), and fetches its task before the others train.
+    real = start_edge(server, devices[-1], tmp_path / "edges", rounds=ROUNDS, seed=N_DEVICES - 1,
+                      join_patience=6.0)
+    edges = [real]
     try:
-        # The plain process needs the longest to start: let it fetch its task first.
-        real = start_edge(server, devices[-1], tmp_path / "edges", rounds=ROUNDS, seed=N_DEVICES - 1,
-                          join_patience=6.0)
-        edges.append(real)
+        server.start()
         wait_for(lambda: real.named("task") or real.returncode is not None, 180, 0.1, "the edge process to start")
         edges += [fleet.spawn(server, d, tmp_path / "edges", rounds=ROUNDS, seed=i, join_patience=6.0)
                   for i, d in enumerate(devices[:-1])]
