@@ -39,6 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="cnn8", help="model name (default cnn8, the default config's)")
     parser.add_argument("--strategy", choices=("ftte", "fedbuff", "fedavg"), default="ftte")
     parser.add_argument("--devices", type=int, default=100, help="fleet size (default 100)")
+    parser.add_argument("--local-steps", type=int, default=0,
+                        help="DP-SGD steps per device round (default 0: the config's); more = heavier device work")
     parser.add_argument("--rounds", type=int, default=200, help="device rounds per device_work measurement (default 200)")
     parser.add_argument("--versions", type=int, default=10, help="merges per simulation measurement (default 10)")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per backend; the median is reported")
@@ -49,7 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> Any:
     from ftte.pipeline.config import load_config
 
-    return load_config(None).with_overrides(**{
+    extra = {"train.local_steps": args.local_steps} if args.local_steps else {}
+    return load_config(None).with_overrides(**extra, **{
         "run.seed": args.seed,
         "run.strategy": args.strategy,
         "run.max_versions": args.versions,

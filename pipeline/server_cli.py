@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if not http.plaintext:
         kwargs = {"ssl_certfile": str(settings.path(http.tls_cert)), "ssl_keyfile": str(settings.path(http.tls_key))}
     config = uvicorn.Config(app, log_level=args.log_level, lifespan="on", access_log=False,
-                            timeout_keep_alive=max(30, int(http.poll_wait_s) + 10), backlog=1024, **kwargs)
+                            timeout_keep_alive=max(30, int(http.poll_wait_s) + 10), backlog=1024,
+                            timeout_graceful_shutdown=5, **kwargs)
     server = uvicorn.Server(config)
     if args.port_file:
         tmp = args.port_file + ".tmp"
