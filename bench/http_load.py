@@ -42,6 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="mlp", help="model whose subset is uploaded (default mlp: 17,226 floats)")
     parser.add_argument("--stage-timeout", type=float, default=20.0, help="server stage timeout, seconds")
     parser.add_argument("--plaintext", action="store_true", help="plain HTTP instead of TLS")
+    parser.add_argument("--synchronous", choices=("full", "normal"), default="full",
+                        help="SQLite durability of the server state (default full: fsync every commit)")
     parser.add_argument("--keep", metavar="DIR", help="run in DIR and keep the server state (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
 
@@ -83,6 +85,7 @@ input_shape = [64]
 num_classes = 10
 stage_timeout_s = {args.stage_timeout}
 max_staleness = 1000
+synchronous = "{args.synchronous}"
 """)
     return cfg
 
@@ -95,6 +98,14 @@ def _peak_rss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def _established(port: int) -> int:
@@ -269,6 +280,10 @@ def _worker(url: str, keys: list[bytes], ca: str | None, start_at: float, stop_a
             t.cancel()
 
     asyncio.run(main())
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu_s"] = usage.ru_utime + usage.ru_stime
     out["crash_examples"] = out.get("crash_examples", [])[:5]
     queue.put(out)
 
@@ -309,6 +324,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
     try:
         _wait_healthy(url, pki, server, timeout=120)
+        cpu_at_start = _cpu_seconds(server.pid)
         ctx = mp.get_context("spawn")
         queue: mp.Queue = ctx.Queue()
         start_at = time.time() + 3.0  # let the workers import first
@@ -341,17 +357,20 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             if w.is_alive():
                 w.kill()
         metrics = _get_json(url, pki, "/v1/metrics")
+        server_cpu = _cpu_seconds(server.pid) - cpu_at_start
         uploads = [x for p in parts for x in p["upload_s"]]
         refused: dict[str, int] = {}
         for p in parts:
             for k, v in p["refused"].items():
                 refused[k] = refused.get(k, 0) + v
         server_upload = metrics.get("latency", {}).get("upload", {})
+        server_processing = metrics.get("latency", {}).get("upload_processing", {})
         result = {
             "devices": args.devices,
             "workers": args.workers,
             "duration_s": args.duration,
             "tls": pki is not None,
+            "synchronous": args.synchronous,
             "model": args.model,
             "upload_coordinates": metrics.get("last_history_row", {}) and None,
             "buffer_size": args.buffer,
@@ -363,6 +382,8 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             "upload_p99_ms": round(1000 * _percentile(uploads, 0.99), 2),
             "server_upload_p50_ms": round(server_upload.get("p50_ms", float("nan")), 2),
             "server_upload_p99_ms": round(server_upload.get("p99_ms", float("nan")), 2),
+            "server_upload_processing_p50_ms": round(server_processing.get("p50_ms", float("nan")), 2),
+            "server_upload_processing_p99_ms": round(server_processing.get("p99_ms", float("nan")), 2),
             "server_peak_rss_bytes": max(_peak_rss(server.pid), int(metrics.get("peak_rss_bytes", 0))),
             "peak_established_connections": peak_conn,
             "mean_established_connections": round(sum(samples) / len(samples), 1) if samples else 0,
@@ -379,6 +400,12 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             "device_crashes": sum(p["crashed"] for p in parts),
             "crash_examples": [e for p in parts for e in p.get("crash_examples", [])][:5],
             "wall_s": round(time.time() - t_begin, 1),
+            "server_cpu_s": round(server_cpu, 1),
+            "load_workers_cpu_s": round(sum(p.get("cpu_s", 0.0) for p in parts), 1),
+            "cpus": os.cpu_count(),
+            "journal_write_ms": metrics.get("journal_write_ms"),
+            "cohort_commit_ms": metrics.get("cohort_commit_ms"),
+            "server_latency_ms": {k: {q: round(x, 2) for q, x in v.items()} for k, v in metrics.get("latency", {}).items()},
         }
         del result["upload_coordinates"]
     finally:

@@ -78,6 +78,17 @@ class X25519Key:
         return self._sk.exchange(X25519PublicKey.from_public_bytes(peer_public))
 
 
+def x25519_check_public(public: bytes) -> None:
+    """Refuse a public key no honest party could have made (wrong length, low order):
+    agreeing with it fails for everyone, so one bad advertisement would stall a cohort."""
+    if type(public) is not bytes or len(public) != KEY_BYTES:
+        raise CryptoError("X25519 public key must be 32 bytes")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError as exc:
+        raise CryptoError(f"unusable X25519 public key: {exc}") from None
+
+
 def x25519_agree(private: bytes, peer_public: bytes) -> bytes:
     """Raw shared secret; never used directly as a key, always through :func:`hkdf`."""
     return X25519Key(private).agree(peer_public)

@@ -26,6 +26,7 @@ from ftte.crypto.primitives import (
     ed25519_verify,
     X25519Key,
     random_bytes,
+    x25519_check_public,
 )
 from ftte.crypto.secagg_session import (
     MemberError,
@@ -130,7 +131,12 @@ class SecAggClient:
             raise ReplayError("roster for another cohort context")
         roster: dict[int, tuple[bytes, bytes]] = {}
         for member, blob in roster_msg.adverts:
-            advert = wire.decode(blob, expect=AdvertiseKeys)
+            try:
+                advert = wire.decode(blob, expect=AdvertiseKeys)
+                x25519_check_public(advert.c_public)
+                x25519_check_public(advert.s_public)
+            except (wire.WireError, CryptoError) as exc:
+                raise ShapeError(f"advertisement of member {member}: {exc}") from None
             if advert.member != member or not self.params.is_member(member) or member in roster:
                 raise MemberError(f"roster lists unknown or duplicate member {member}")
             if advert.context != self._context:
@@ -218,6 +224,12 @@ class SecAggClient:
             raise MemberError("survivor list is unsorted, repeats or names members outside the roster")
         if self.member not in survivors:
             raise MemberError("survivor list omits me")
+        # A neighbour I did not mask with (the server withheld its shares from me) must not
+        # count as a survivor: otherwise the server could declare every peer I did mask with
+        # dropped, collect their key shares and my seed shares, and strip all masks off my input.
+        unmasked = [m for m in survivors if m in self.neighbours and m not in self.share_peers]
+        if unmasked:
+            raise MemberError(f"survivor list names neighbours I never masked with: {unmasked}")
         if len(survivors) < self.params.threshold:
             raise self._abort(f"{len(survivors)} survivors, threshold is {self.params.threshold}")
         self._survivors = tuple(survivors)
@@ -244,14 +256,15 @@ class SecAggClient:
         if len(signed) < self.params.threshold:
             raise self._abort(f"{len(signed)} consistency signatures, threshold is {self.params.threshold}")
         survivors = set(self._survivors)
+        kinds = {owner: "seed" if owner in survivors else "key" for owner in self._held}
+        for owner, kind in kinds.items():
+            if self.released.get(owner, kind) != kind:
+                raise SecAggError(f"refusing to release both share kinds of member {owner}")
+        self.released.update(kinds)
         seed_shares, key_shares = [], []
         for owner in sorted(self._held):
             seed_share, key_share = self._held[owner]
-            kind = "seed" if owner in survivors else "key"
-            if self.released.get(owner, kind) != kind:
-                raise SecAggError(f"refusing to release both share kinds of member {owner}")
-            self.released[owner] = kind
-            if kind == "seed":
+            if kinds[owner] == "seed":
                 seed_shares.append((owner, seed_share.value_bytes()))
             else:
                 key_shares.append((owner, key_share.value_bytes()))

@@ -17,7 +17,14 @@ import numpy as np
 from ftte import wire
 from ftte.crypto import shamir
 from ftte.crypto.prg import expand_mask, pairwise_seed, ring_dtype, self_mask_seed
-from ftte.crypto.primitives import X25519Key, CryptoError, constant_time_equal, ed25519_verify, x25519_public_from_private
+from ftte.crypto.primitives import (
+    CryptoError,
+    X25519Key,
+    constant_time_equal,
+    ed25519_verify,
+    x25519_check_public,
+    x25519_public_from_private,
+)
 from ftte.crypto.secagg_session import (
     MemberError,
     ReplayError,
@@ -105,6 +112,11 @@ class SecAggServer:
         if isinstance(msg, AdvertiseKeys):
             if msg.context != self._context:
                 raise ReplayError(f"advertisement of member {member} belongs to another cohort context")
+            try:
+                x25519_check_public(msg.c_public)
+                x25519_check_public(msg.s_public)
+            except CryptoError as exc:
+                raise ShapeError(f"advertisement of member {member}: {exc}") from None
         elif msg.session != self.session:  # type: ignore[attr-defined]
             raise ReplayError(f"{type(msg).__name__} from member {member} belongs to another session")
         if isinstance(msg, ConsistencySignature):
@@ -179,6 +191,12 @@ class SecAggServer:
             raise MemberError(f"member {msg.member} repeated an owner")
         if not set(seed_owners) <= (held & survivors) or not set(key_owners) <= (held - survivors):
             raise MemberError(f"member {msg.member} released shares of owners it does not hold or of the wrong kind")
+        x = share_index(msg.member)
+        try:
+            for _, value in msg.seed_shares + msg.key_shares:
+                shamir.Share.from_bytes(x, value)
+        except shamir.ShamirError as exc:
+            raise ShapeError(f"member {msg.member} sent a malformed share: {exc}") from None
 
     # -- closing stages ----------------------------------------------------------------------
     def _abort(self, why: str) -> SessionAborted:

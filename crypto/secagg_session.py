@@ -56,7 +56,8 @@ def _u64(x: int) -> bytes:
 class SessionParams:
     """What the server announces when a cohort closes; identical on every member.
 
-    ``threshold`` (T) is the minimum number of survivors for the sum to be revealed.
+    ``threshold`` (T) is the minimum number of survivors for the sum to be revealed; it
+    must exceed ``(n + max_corrupt) / 2`` in both graphs (see :meth:`validate`).
     ``share_threshold`` (t) is how many of a member's share holders must answer to
     recover its secrets: T in the full graph; in the ring graph it defaults to a strict
     majority of the ``neighbors + 1`` holders (SecAgg+).
@@ -74,6 +75,7 @@ class SessionParams:
     graph: str = "full"
     neighbors: int = 0
     share_threshold: int = 0
+    max_corrupt: int = 0  # members that may collude with the server (sign anything, reveal anything)
     _index: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -102,24 +104,35 @@ class SessionParams:
                 f"threshold T={self.threshold} must be in [2, {n}]: a sum of one input reveals it, "
                 "and more than n survivors can never arrive"
             )
+        if self.max_corrupt < 0 or self.max_corrupt >= n:
+            raise ConfigError(f"max_corrupt must be in [0, {n - 1}], got {self.max_corrupt}")
+        # Any two survivor lists that honest members sign must share an honest signer, or a
+        # server could show two disjoint groups different lists and collect a member's seed
+        # shares from one and its neighbours' key shares from the other. With up to
+        # max_corrupt members signing anything, that needs 2T > n + max_corrupt, whatever
+        # the masking graph.
+        if 2 * self.threshold <= n + self.max_corrupt:
+            raise ConfigError(
+                f"threshold T={self.threshold} must exceed (n + max_corrupt)/2 = {(n + self.max_corrupt) / 2}: "
+                "otherwise a server can collect both a member's seed shares and the key shares that unmask it "
+                "from groups shown different survivor lists"
+            )
         if self.graph == "full":
             if self.neighbors not in (0, n - 1):
                 raise ConfigError("the full graph masks with every member; leave neighbors at 0")
             if self.share_threshold not in (0, self.threshold):
                 raise ConfigError("in the full graph the share threshold equals T")
-            if 2 * self.threshold <= n:
-                raise ConfigError(
-                    f"threshold T={self.threshold} must exceed n/2={n / 2}: otherwise a server can collect "
-                    "both a member's seed shares and its key shares from two disjoint groups"
-                )
         else:
             k = self.neighbors
             if k < 2 or k % 2 or k >= n:
                 raise ConfigError(f"ring graph needs an even neighbors count in [2, {n - 1}], got {k}")
             holders = k + 1
             t = self.share_threshold or self.default_share_threshold(k)
-            if not 2 * t > holders:
-                raise ConfigError(f"share threshold {t} must be a strict majority of the {holders} holders")
+            if not 2 * t > holders + self.max_corrupt:
+                raise ConfigError(
+                    f"share threshold {t} must exceed (holders + max_corrupt)/2 = {(holders + self.max_corrupt) / 2} "
+                    f"for the {holders} holders"
+                )
             if t > holders:
                 raise ConfigError(f"share threshold {t} exceeds the {holders} holders: recovery impossible")
 
@@ -153,6 +166,7 @@ class SessionParams:
             _u64(self.ring_bits),
             self.graph.encode(),
             _u64(self.neighbors),
+            _u64(self.max_corrupt),
         ]
         for m, key in zip(self.members, self.identity_keys):
             parts += [_u64(m), key]

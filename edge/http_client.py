@@ -77,6 +77,7 @@ from ftte.messages import (
     PullRequest,
     Roster,
     ShareDelivery,
+    SpentRound,
     Submit,
     SurvivorList,
     TaskInfo,
@@ -88,6 +89,7 @@ from ftte.privacy.dpsgd import DPConfig
 from ftte.privacy.ledger import library_versions
 
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+MAX_LATE_ROUNDS = 1000  # late rounds sent with one join (the server's limit); the rest go with the next
 EVENTS = ("task", "pulled", "trained", "joined", "started", "advertised", "shared", "uploaded", "signed",
           "unmasked", "ended")
 
@@ -282,6 +284,8 @@ class EdgeClient:
         self.plan: SubsetPlan | None = None
         self.trainer: LocalTrainer | None = None
         self.store: AccountantStore | None = None
+        self.dp: DPConfig | None = None
+        self._told: set[int] = set()
         self.rounds_done = 0
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -403,6 +407,7 @@ class EdgeClient:
         eps = float(update.stats.epsilon_total)
         s = update.stats
         versions = library_versions()
+        seq, late = self._late_rounds()
         join = JoinRequest(
             plan_id=self.plan.plan_id, base_version=pull.version, model_hash=pull.model_hash,
             steps=s.steps, sample_rate=float(s.sample_rate), noise_multiplier=float(s.noise_multiplier),
@@ -411,6 +416,7 @@ class EdgeClient:
             epsilon_max=float(s.epsilon_max) if math.isfinite(s.epsilon_max) else 0.0,
             rng_source=s.rng_source[:256], torch_version=versions["torch"][:64],
             opacus_version=versions["opacus"][:64], ftte_version=versions["ftte"][:64],
+            round_seq=seq, unreported=tuple((i, wire.encode(r)) for i, r in late),
         )
         try:
             reply = self.transport.call("join", join, (JoinReply,), patience_s=self.stage_patience)
@@ -418,6 +424,9 @@ class EdgeClient:
             return RoundResult("refused", pull.version, reason=str(exc), epsilon=eps)
         except ServerUnavailable as exc:
             return RoundResult("dropped", pull.version, reason=str(exc), epsilon=eps)
+        told = {seq, *(i for i, _ in late)}
+        self._mark_reported(told, True)  # the server stored the join: these rounds will reach the ledger
+        self._told = told
         cid = reply.cohort_id
         self._event("joined", cohort=cid, version=pull.version)
         uploaded = False
@@ -490,8 +499,50 @@ class EdgeClient:
         try:
             self.transport.call("leave", LeaveRequest(cohort_id), (Ack,), patience_s=10.0)
         except EdgeError:
-            pass
+            pass  # the join stays with the server, and so does the ledger row it will get
+        else:
+            self._mark_reported(self._told, False)  # the server forgot the join: report these rounds again
         return RoundResult("dropped", base_version, cohort_id, reason=why, epsilon=eps)
+
+    # -- rounds the ledger must eventually hold -------------------------------------------------
+    @property
+    def _reported_file(self) -> Path:
+        return self.state_dir / "reported.json"
+
+    def _reported(self) -> set[int]:
+        try:
+            doc = json.loads(self._reported_file.read_text())
+        except (OSError, ValueError):
+            return set()
+        return {int(i) for i in doc.get("reported", [])} if doc.get("member") == self.member else set()
+
+    def _mark_reported(self, seqs: set[int], reported: bool) -> None:
+        done = self._reported()
+        done = done | seqs if reported else done - seqs
+        tmp = self._reported_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"member": self.member, "reported": sorted(done)}))
+        os.replace(tmp, self._reported_file)
+
+    def _late_rounds(self) -> tuple[int, list[tuple[int, SpentRound]]]:
+        """(this round's place in the accountant history, earlier rounds the server never heard of).
+
+        A round is spent when the accountant records it, before training; if the device then
+        died or lost the server before its join was acknowledged, the server never heard of
+        it. Reporting such rounds with the next join keeps the ledger's ε equal to the one
+        this device's accountant holds. (If the device died between the server's ack and
+        writing ``reported.json``, a round is reported twice: the ledger over-counts, never under.)
+        """
+        assert self.store is not None and self.dp is not None
+        device = str(self.member)
+        history = self.store.history(device)
+        state = self.store.state(device)
+        if not self.dp.enabled or state is None:
+            return len(history), []
+        done = self._reported()
+        late = [(i, SpentRound(step.steps, float(step.sample_rate), float(step.noise_multiplier),
+                               float(self.dp.max_grad_norm), float(state.delta)))
+                for i, step in enumerate(history[:-1], start=1) if i not in done]
+        return len(history), late[:MAX_LATE_ROUNDS]
 
     def _poll(self, cohort_id: str, stage: int, want: type, *, patience_s: float | None = None):
         """Long-poll until the server's message for ``stage`` (or the cohort's end) arrives."""

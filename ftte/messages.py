@@ -237,6 +237,21 @@ class JoinRequest(Message):
     torch_version: str = field(text(64))
     opacus_version: str = field(text(64))
     ftte_version: str = field(text(64))
+    round_seq: int = field(U64, default=0)  # this round's place in the device's accountant history (1-based)
+    unreported: tuple = field(pairs(var_bytes(256)), default=())  # (seq, encoded SpentRound) never reported
+
+
+@message(53)
+class SpentRound(Message):
+    """A round the device's accountant counted but whose join never reached the server
+    (the device died or lost the server in between). Reported with the next join, so the
+    ledger ends up holding every round the device's own accountant holds."""
+
+    steps: int = field(U64)
+    sample_rate: float = field(F64)
+    noise_multiplier: float = field(F64)
+    max_grad_norm: float = field(F64)
+    delta: float = field(F64)
 
 
 @message(44)

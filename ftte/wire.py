@@ -201,8 +201,9 @@ def decode(data: bytes, expect: type[M] | None = None, max_bytes: int = MAX_MESS
     """Decode untrusted bytes into a message, checking everything before building arrays."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError("message must be bytes")
-    if len(data) > max_bytes:
-        raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)  # len() of a typed view counts items
+    if size > max_bytes:
+        raise WireError(f"message of {size} bytes exceeds the limit of {max_bytes}")
     try:
         values = msgpack.unpackb(
             data,
@@ -215,7 +216,7 @@ def decode(data: bytes, expect: type[M] | None = None, max_bytes: int = MAX_MESS
             max_map_len=0,
             max_ext_len=0,
         )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError, BufferError) as exc:
         raise WireError(f"not a valid msgpack message: {exc}") from None
     if type(values) is not list or len(values) < 2:
         raise WireError("message must be a msgpack array [version, tag, fields...]")

@@ -7,15 +7,19 @@ The coordinator, the virtual clock and every decision stay in the driver
    accountant store (:func:`reserve_round`), exactly as
    :meth:`~ftte.privacy.dpsgd.PrivateTrainer.train_round` would, so an over-budget device
    is refused before any training and a round is counted before it starts;
-2. :meth:`DeviceBackend.submit`\\ s a :class:`TrainTask` (device, seed, base version and
-   the device's accountant state *before* this round) with the pulled weights;
+2. :meth:`DeviceBackend.submit`\\ s a :class:`TrainTask` (device, seed, base version, the
+   device's accountant state *before* this round and the plan it checked) with the pulled
+   weights;
 3. :meth:`DeviceBackend.resolve`\\ s it when the result is needed (the "trained" event of
    the asynchronous loop; before the cohort of a synchronous round is built). ``None``
    means the worker died mid-task: a dropout of that device.
 
 A worker (:class:`DeviceWorker`) wraps its copy of the model with Opacus once and trains
 each task from the weights, data and seed it names, with an in-memory accountant store
-seeded with the history it was handed. A round depends on nothing else, so which
+seeded with the history it was handed; it trains under the plan the driver checked
+instead of checking again (an accountant evaluation can cost up to a second, and every
+worker process would repeat it). The driver compares the worker's ``RoundStats`` with that
+plan when it resolves the round. A round depends on nothing else, so which
 worker runs which task, and in what order, cannot change a result: the Ray backend
 reproduces the local backend bit for bit.
 
@@ -298,7 +302,12 @@ class RayBackend(DeviceBackend):
     process already initialised, or start a local one with ``num_cpus`` CPUs
     (default ``workers`` or the machine's CPU count) and shut it down in :meth:`close`.
     ``workers`` actors (0: the cluster's CPU count). ``crash_on``: test hook, the
-    ``(device_id, attempt)`` rounds whose worker exits mid-task (once each).
+    ``(device_id, attempt)`` rounds whose worker process exits (``os._exit``) while running
+    them, once each.
+
+    Each actor is restarted by Ray when it dies (``max_restarts=-1``, no task retries).
+    :meth:`resolve` then returns ``None`` for the round that was running (a dropout) and
+    runs the actor's other queued rounds again, once the actor is back.
     """
 
     name = "ray"
@@ -319,9 +328,9 @@ class RayBackend(DeviceBackend):
         self._weights_ref: Any = None
         self._spec_ref: Any = None
         self._data_ref: Any = None
-        self.resubmitted = 0
+        self.resubmitted = 0  # tasks that were queued on an actor when it died, run again
         self.restart_timeout_s = 300.0
-        self.worker_pids: list[int] = []  # tasks that were queued on an actor when it died, run again
+        self.worker_pids: list[int] = []  # the actors' processes at start
 
     @property
     def workers(self) -> int:

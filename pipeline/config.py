@@ -434,19 +434,16 @@ class SecAggConfig(_Section):
         self._require("clip", 0.0 < self.clip < math.inf, "must be > 0 and finite")
         self._require("value_bits", 2 <= self.value_bits <= 31, "must be in [2, 31]")
 
-    def holders(self, cohort_size: int) -> int:
-        """How many members hold shares of one member's secrets: the whole cohort on the
-        full graph, the ``neighbors`` ring neighbours on the ring (SecAgg+)."""
-        return cohort_size if self.graph == "full" else self.neighbors
-
     def effective_threshold(self, cohort_size: int) -> int:
-        """The Shamir threshold in force for a cohort of ``cohort_size`` members.
+        """The survivor threshold T in force for a cohort of ``cohort_size`` members.
 
-        ``threshold = 0`` means ``floor(h/2) + 1`` with ``h`` = :meth:`holders`: the
-        smallest honest majority of the share holders, so the server can never gather
-        threshold-many shares of both kinds for one member.
+        ``threshold = 0`` means ``floor(K/2) + 1``: the smallest strict majority of the
+        cohort, on either graph, so that any two survivor lists honest members sign share
+        an honest signer and the server can never gather both share kinds that unmask one
+        member. (On the ring, the per-member share threshold is a strict majority of its
+        ``neighbors + 1`` holders, derived by the protocol.)
         """
-        return self.threshold if self.threshold else self.holders(cohort_size) // 2 + 1
+        return self.threshold if self.threshold else cohort_size // 2 + 1
 
 
 @dataclass(frozen=True)
@@ -593,17 +590,15 @@ class Config:
                 f"got {sa.neighbors}; use graph = 'full' for small cohorts"
             )
         t = sa.effective_threshold(k)
-        h = sa.holders(k)
         label = f"threshold (in force: {t}{', auto' if sa.threshold == 0 else ''})"
-        holders = f"[server] {what} = {k}" if sa.graph == "full" else f"[secagg] neighbors = {sa.neighbors}"
         if t < 2:
             raise ConfigError(f"[secagg] {label}: must be >= 2")
-        if t > h:
-            raise ConfigError(f"[secagg] {label}: must be <= the share holders ({holders})")
-        if 2 * t <= h:
+        if t > k:
+            raise ConfigError(f"[secagg] {label}: must be <= the cohort size ([server] {what} = {k})")
+        if 2 * t <= k:
             raise ConfigError(
-                f"[secagg] {label}: must be > half the share holders ({holders}) so the server can never "
-                "reconstruct both the self-mask and the mask key of one member"
+                f"[secagg] {label}: must be > half the cohort ([server] {what} = {k}) so that the server can "
+                "never reconstruct both the self-mask and the mask keys that unmask one member"
             )
 
     # conversions -------------------------------------------------------------------------

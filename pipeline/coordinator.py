@@ -26,6 +26,7 @@ import math
 import secrets
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -62,6 +63,7 @@ from ftte.messages import (
     Roster,
     ShareDelivery,
     ShareKeys,
+    SpentRound,
     Submit,
     SurvivorList,
     TaskInfo,
@@ -93,6 +95,8 @@ STAGE_OF_MESSAGE = {cls: i for i, cls in enumerate(MEMBER_MESSAGES)}
 POLL_END = 5  # poll stages: 0 start, 1 roster, 2 delivery, 3 survivors, 4 bundle, 5 end
 ENDED_CACHE = 512
 TICK_S = 0.1
+MAX_UNREPORTED = 1000  # late-reported rounds accepted in one join
+UNMERGED = "unmerged"  # cohort id of a ledger row for a round that was spent but never aggregated
 
 
 class ProtocolError(Exception):
@@ -197,6 +201,7 @@ class Coordinator:
         self.started_at = 0.0
         self.history_tail: dict[str, Any] | None = None
         self._merge_lock = asyncio.Lock()
+        self.commit_seconds: deque[float] = deque(maxlen=1000)
         self._tasks: set[asyncio.Task] = set()
         self._pull_cache: tuple[int, ModelPull] | None = None
         self._eval_model = None
@@ -230,6 +235,12 @@ class Coordinator:
             self._replay(entry)
         now = self.clock()
         for c in list(self.live.values()):
+            if c.start is None and not c.joins:  # every member left before the crash
+                del self.live[c.cohort_id]
+                if self.forming is c:
+                    self.forming = None
+                await self.db.call(self.db.forget_cohort, c.cohort_id)
+                continue
             c.published = min(c.stage, 4) if c.start is not None else -1
             c.stage_opened_at = now  # give surviving members a whole stage to come back
             if c.aborted:
@@ -347,6 +358,26 @@ class Coordinator:
                 raise ProtocolError(422, "dp_mismatch", "steps or sample rate outside the task")
             if not 0.0 < req.delta < 1.0 or req.epsilon_max < 0.0:
                 raise ProtocolError(422, "dp_mismatch", "delta must lie in (0, 1) and epsilon_max >= 0")
+            self._spent_rounds(req)  # validates the late-reported rounds
+
+    @staticmethod
+    def _spent_rounds(req: JoinRequest) -> list[tuple[int, SpentRound]]:
+        """The rounds a join reports late, decoded and range-checked (raises ``ProtocolError``)."""
+        if len(req.unreported) > MAX_UNREPORTED:
+            raise ProtocolError(422, "malformed", f"more than {MAX_UNREPORTED} late rounds in one join")
+        out: list[tuple[int, SpentRound]] = []
+        for seq, blob in req.unreported:
+            try:
+                r = wire.decode(blob, expect=SpentRound, max_bytes=256)
+            except wire.WireError as exc:
+                raise ProtocolError(422, "malformed", f"late round {seq}: {exc}") from None
+            if not (1 <= seq < req.round_seq and r.steps >= 1 and 0.0 < r.sample_rate <= 1.0
+                    and r.noise_multiplier > 0.0 and r.max_grad_norm > 0.0 and 0.0 < r.delta < 1.0):
+                raise ProtocolError(422, "dp_mismatch", f"late round {seq} is out of range")
+            out.append((seq, r))
+        if len({seq for seq, _ in out}) != len(out):
+            raise ProtocolError(422, "malformed", "a late round is reported twice")
+        return sorted(out, key=lambda x: x[0])
 
     async def join(self, member: int, req: JoinRequest, raw: bytes) -> JoinReply:
         self._check_join(req)
@@ -383,7 +414,14 @@ class Coordinator:
         del c.joins[member]
         del c.join_bytes[member]
         c.durable.pop((-1, member), None)
+        empty = not c.joins
+        if empty:  # nobody waits any more: a later join opens a fresh cohort with a fresh deadline
+            del self.live[c.cohort_id]
+            if self.forming is c:
+                self.forming = None
         await asyncio.shield(self.journal.append(JournalEntry(c.cohort_id, LEAVE, self.clock(), member)))
+        if empty:
+            await self.db.call(self.db.forget_cohort, c.cohort_id)
         return Ack(c.cohort_id, 0)
 
     async def submit(self, member: int, req: Submit, max_payload: int) -> Ack:
@@ -628,9 +666,11 @@ class Coordinator:
                         history_row.update(accuracy=acc, loss=loss)
                 else:
                     record["aborted"] = c.aborted = "the cohort's weights summed to zero"
-            rounds = tuple(self._member_round(m, c) for m in sorted(c.joins)) if self.cfg.privacy.enabled else ()
+            rounds = tuple(r for m in sorted(c.joins) for r in self._member_rounds(m, c)) if self.cfg.privacy.enabled else ()
             commit = CohortCommit(version, now - self.started_at, weights, velocity, ref, record, history_row, rounds)
+            t0 = time.perf_counter()
             written = await self.db.call(self.db.commit_cohort, commit)
+            self.commit_seconds.append(time.perf_counter() - t0)
             self.counters.ledger_rows += written
             if history_row is not None:
                 self.version, self.weights, self.velocity, self.reference_variance = version, weights, velocity, ref
@@ -648,15 +688,19 @@ class Coordinator:
             self._trim_ended()
             c.notify()
 
-    def _member_round(self, member: int, c: LiveCohort) -> MemberRound:
+    def _member_rounds(self, member: int, c: LiveCohort) -> list[MemberRound]:
+        """Ledger rows of one member: rounds it reports late (``unmerged``), then this round."""
         j = c.joins[member]
-        return MemberRound(
-            device_id=str(member), plan_id=j.plan_id, version=j.base_version,
-            step=PrivacyStep(j.noise_multiplier, j.sample_rate, j.steps), max_grad_norm=j.max_grad_norm,
-            accountant=j.accountant, delta=j.delta, epsilon_max=j.epsilon_max if j.epsilon_max > 0 else math.inf,
-            rng_source=j.rng_source, torch_version=j.torch_version, opacus_version=j.opacus_version,
-            ftte_version=j.ftte_version,
-        )
+        eps_max = j.epsilon_max if j.epsilon_max > 0 else math.inf
+        common = dict(device_id=str(member), plan_id=j.plan_id, version=j.base_version, accountant=j.accountant,
+                      epsilon_max=eps_max, rng_source=j.rng_source, torch_version=j.torch_version,
+                      opacus_version=j.opacus_version, ftte_version=j.ftte_version)
+        rows = [MemberRound(step=PrivacyStep(r.noise_multiplier, r.sample_rate, r.steps),
+                            max_grad_norm=r.max_grad_norm, delta=r.delta, cohort_id=UNMERGED, **common)
+                for _, r in self._spent_rounds(j)]
+        rows.append(MemberRound(step=PrivacyStep(j.noise_multiplier, j.sample_rate, j.steps),
+                                max_grad_norm=j.max_grad_norm, delta=j.delta, **common))
+        return rows
 
     def _evaluate(self, weights: np.ndarray) -> tuple[float, float]:
         from ftte.pipeline.simulator import evaluate
@@ -691,8 +735,18 @@ class Coordinator:
             "recovered_cohorts": self.counters.recovered_cohorts,
             "journal_transactions": self.journal.transactions,
             "journal_entries": self.journal.entries,
+            "journal_write_ms": _quantiles_ms(self.journal.write_seconds),
+            "cohort_commit_ms": _quantiles_ms(self.commit_seconds),
             "last_history_row": self.history_tail,
         }
+
+
+def _quantiles_ms(values) -> dict[str, float]:
+    v = sorted(values)
+    if not v:
+        return {}
+    return {"p50": round(1000 * v[len(v) // 2], 2), "p99": round(1000 * v[min(len(v) - 1, int(0.99 * len(v)))], 2),
+            "max": round(1000 * v[-1], 2)}
 
 
 def _end_from_record(record: dict[str, Any]) -> CohortEnd:

@@ -18,8 +18,12 @@ missing), ``allow_list`` (one hex Ed25519 public key per line; ``#`` starts a co
 ``input_shape`` and ``num_classes`` (what the model is built for), ``trainable_layers``
 (top-level layer names of the plan; empty = the whole model), ``test_data`` (optional
 ``.npz`` with ``x`` and ``y`` the server evaluates every version on),
-``stage_timeout_s`` (how long a protocol stage waits for slow members) and
-``max_staleness`` (versions a device may lag when it joins).
+``stage_timeout_s`` (how long a protocol stage waits for slow members),
+``max_staleness`` (versions a device may lag when it joins) and ``synchronous``:
+``"full"`` (default) fsyncs every commit, so an acknowledged message survives even a power
+cut; ``"normal"`` (SQLite WAL) survives any crash of the server process, ``SIGKILL``
+included, but may lose the last commits on a power cut or kernel crash, for a multiple of
+the upload throughput on slow disks.
 
 ``[data]`` and ``[fleet]`` describe a simulated fleet and are refused here. Relative
 paths are resolved against the configuration file's directory. Unknown keys, wrong
@@ -111,9 +115,12 @@ class DeploySettings:
     test_data: str = ""
     stage_timeout_s: float = 30.0
     max_staleness: int = 50
+    synchronous: str = "full"
 
     def __post_init__(self) -> None:
         _check_fields(self, "deploy")
+        _require("deploy", "synchronous", self.synchronous in ("full", "normal"), "must be 'full' or 'normal'",
+                 self.synchronous)
         _require("deploy", "input_shape", len(self.input_shape) >= 1 and all(s >= 1 for s in self.input_shape),
                  "must be a non-empty list of positive integers", self.input_shape)
         _require("deploy", "num_classes", self.num_classes >= 2, "must be >= 2", self.num_classes)

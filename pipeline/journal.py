@@ -20,8 +20,8 @@ never durable before the messages that led to it.
 
 An applied (or aborted) cohort is committed by :meth:`Database.commit_cohort`: model
 version, cohort record, history row and the ledger rows of its members in ONE
-transaction (:meth:`ServerState.commit_version`); its journal entries are deleted after
-that commit. A cohort id present in ``server_cohorts`` is finished, whatever the
+transaction (:meth:`ServerState.commit_version`); its journal entries are deleted by the
+next journal transaction. A cohort id present in ``server_cohorts`` is finished, whatever the
 journal still says, so a crash between the two steps cannot apply a buffer twice.
 """
 
@@ -35,6 +35,7 @@ import os
 import sqlite3
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -91,6 +92,7 @@ class MemberRound:
     torch_version: str
     opacus_version: str
     ftte_version: str
+    cohort_id: str | None = None  # None: the committed cohort; "unmerged" for a round reported late
 
 
 @dataclass(frozen=True)
@@ -121,12 +123,16 @@ class Recovered:
 class Database:
     """All SQLite access of one server, on one thread."""
 
-    def __init__(self, path: Path, ledger_key_path: Path) -> None:
+    def __init__(self, path: Path, ledger_key_path: Path, synchronous: str = "full") -> None:
+        if synchronous not in ("full", "normal"):
+            raise ValueError("synchronous must be 'full' or 'normal'")
+        self.synchronous = synchronous
         self.path = Path(path)
         self._key_path = Path(ledger_key_path)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftte-db")
         self.state: ServerState | None = None
         self.ledger: Ledger | None = None
+        self._finished: list[str] = []  # committed cohorts whose journal entries are still to delete
 
     # -- thread plumbing -----------------------------------------------------------------
     def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
@@ -141,10 +147,14 @@ class Database:
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.state = ServerState(self.path)
+        self.state.conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
         for stmt in JOURNAL_SCHEMA.strip().split(";"):
             if stmt.strip():
                 self.state.conn.execute(stmt)
         self.ledger = Ledger(self.path, load_or_create_signing_key(self._key_path))
+        # The accountants import Opacus lazily (seconds): pay that now, not in the first commit,
+        # which would hold up every journal write queued behind it.
+        compute_epsilon([PrivacyStep(1.0, 0.01, 1)], 1e-5, "rdp")
 
     def close(self) -> None:
         def _close() -> None:
@@ -166,12 +176,26 @@ class Database:
     def write_entries(self, entries: list[JournalEntry]) -> None:
         """Append entries in one transaction (runs on the database thread)."""
         c = self.conn
+        finished, self._finished = self._finished, []
         c.execute("BEGIN IMMEDIATE")
         try:
             c.executemany(
                 "INSERT INTO deploy_journal (cohort_id, kind, member, stage, data, at) VALUES (?, ?, ?, ?, ?, ?)",
                 [(e.cohort_id, e.kind, e.member, e.stage, e.data, e.at) for e in entries],
             )
+            c.executemany("DELETE FROM deploy_journal WHERE cohort_id = ?", [(cid,) for cid in finished])
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            self._finished = finished + self._finished
+            raise
+
+    def forget_cohort(self, cohort_id: str) -> None:
+        """Drop the journal of a cohort that never started and has no member left."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute("DELETE FROM deploy_journal WHERE cohort_id = ?", (cohort_id,))
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -245,14 +269,10 @@ class Database:
             velocity=commit.velocity, reference_variance=commit.reference_variance, cohort=commit.record,
             history_row=commit.history_row, ledger=self.ledger, ledger_rows=rows,
         )
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            c.execute("DELETE FROM deploy_journal WHERE cohort_id = ?", (commit.record["cohort_id"],))
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
+        # Its journal entries are dead now; the next journal transaction deletes them (one fsync
+        # fewer per cohort). If the server dies first, recover() deletes them: the cohort is in
+        # server_cohorts, which is what marks it finished.
+        self._finished.append(commit.record["cohort_id"])
         return len(rows)
 
     def _ledger_rows(self, commit: CohortCommit) -> list[LedgerRow]:
@@ -275,7 +295,7 @@ class Database:
                 device_id=r.device_id, plan_id=r.plan_id, version=r.version, sample_rate=r.step.sample_rate,
                 steps=r.step.steps, noise_multiplier=r.step.noise_multiplier, max_grad_norm=r.max_grad_norm,
                 accountant=r.accountant, rng_source=r.rng_source, epsilon_round=eps_round, epsilon_total=total,
-                delta=r.delta, epsilon_max=r.epsilon_max, cohort_id=commit.record["cohort_id"],
+                delta=r.delta, epsilon_max=r.epsilon_max, cohort_id=r.cohort_id or commit.record["cohort_id"],
                 torch_version=r.torch_version, opacus_version=r.opacus_version, ftte_version=r.ftte_version,
             ))
             pending.setdefault(r.device_id, []).append((r.step, r.delta, r.accountant))
@@ -295,6 +315,7 @@ class JournalWriter:
         self._task: asyncio.Task | None = None
         self.transactions = 0
         self.entries = 0
+        self.write_seconds: deque[float] = deque(maxlen=10_000)  # per transaction, for the metrics
 
     def append(self, entry: JournalEntry) -> asyncio.Future:
         """Queue ``entry`` (order-preserving) and return a future that resolves once it is durable."""
@@ -308,6 +329,7 @@ class JournalWriter:
     async def _drain(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
+            t0 = time.perf_counter()
             try:
                 await self.db.call(self.db.write_entries, [e for e, _ in batch])
             except asyncio.CancelledError:
@@ -316,6 +338,7 @@ class JournalWriter:
                 print(f"ftte server: journal write failed ({exc!r}); exiting so a restart replays the journal",
                       file=sys.stderr, flush=True)
                 os._exit(70)
+            self.write_seconds.append(time.perf_counter() - t0)
             self.transactions += 1
             self.entries += len(batch)
             for _, fut in batch:

@@ -22,6 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
+    import signal
     import socket
 
     import numpy as np
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     http = settings.http
     task = build_task(settings)
-    db = Database(settings.path(settings.deploy.state), settings.path(settings.deploy.ledger_key))
+    db = Database(settings.path(settings.deploy.state), settings.path(settings.deploy.ledger_key),
+                  settings.deploy.synchronous)
     db.open()
     identities = {member_id(k): k for k in allow}
     coordinator = Coordinator(task, db, identities)
@@ -79,8 +81,16 @@ def run(args: argparse.Namespace) -> int:
     scheme = "http" if http.plaintext else "https"
     print(f"ftte server: plan {task.plan.plan_id}, {len(allow)} devices allowed, listening on "
           f"{scheme}://{http.host}:{bound}", file=sys.stderr, flush=True)
+    # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then re-raises the signal
+    # under the previous handler: make that one an ordinary exit, so the database closes.
+    def _exit(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _exit)
     try:
         server.run(sockets=[sock])
+    except SystemExit:
+        pass
     finally:
         db.close()
     return 0

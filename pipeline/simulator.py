@@ -282,9 +282,7 @@ class Simulation:
     # -- merging -----------------------------------------------------------------------------------
     def _spec(self, cohort_id: str, size: int) -> CohortSpec:
         cfg = self.cfg
-        threshold = cfg.secagg.effective_threshold(size)
-        if cfg.secagg.graph == "full":
-            threshold = max(threshold, size // 2 + 1)
+        threshold = max(cfg.secagg.effective_threshold(size), size // 2 + 1)
         return CohortSpec(
             cohort_id=cohort_id,
             plan_id=self.plan.plan_id,

@@ -462,3 +462,29 @@ def settle(server: ServerProcess, timeout: float = 60.0) -> dict:
         m = server.metrics()
         return m if m["cohorts_in_flight"] == 0 else None
     return wait_for(idle, timeout, 0.2, "in-flight cohorts to finish")
+
+
+def epsilons(db: Path, state_root: Path, devices: list[Device]) -> dict[int, tuple[float, float]]:
+    """member -> (ε of its last ledger row, ε its own accountant holds)."""
+    import sqlite3
+
+    from ftte.privacy.accountant import AccountantStore
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        last = {d: e for d, e in conn.execute(
+            "SELECT device_id, epsilon_total FROM privacy_ledger_rows ORDER BY seq")}
+    finally:
+        conn.close()
+    out = {}
+    for d in devices:
+        path = state_root / f"device{d.index}" / "accountant.db"
+        if not path.exists():
+            continue
+        store = AccountantStore(path)
+        try:
+            own = store.epsilon(str(d.member)) if store.state(str(d.member)) else 0.0
+        finally:
+            store.close()
+        out[d.member] = (last.get(str(d.member), 0.0), own)
+    return out

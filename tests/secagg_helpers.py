@@ -17,7 +17,8 @@ def signer(member: int) -> Signer:
 
 
 def make_params(n: int, *, threshold: int | None = None, dim: int = 32, bits: int = 16, graph: str = "full",
-                neighbors: int = 0, cohort: str = "c", version: int = 1, members=None) -> SessionParams:
+                neighbors: int = 0, cohort: str = "c", version: int = 1, members=None,
+                max_corrupt: int = 0) -> SessionParams:
     members = tuple(members if members is not None else range(n))
     return SessionParams(
         cohort_id=cohort,
@@ -31,6 +32,7 @@ def make_params(n: int, *, threshold: int | None = None, dim: int = 32, bits: in
         ring_bits=bits,
         graph=graph,
         neighbors=neighbors,
+        max_corrupt=max_corrupt,
     )
 
 

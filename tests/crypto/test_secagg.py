@@ -25,7 +25,7 @@ from ftte.crypto.secagg_session import (
     SignatureError,
     session_id,
 )
-from ftte.messages import ConsistencyBundle, MaskedInput, ShareDelivery, UnmaskShares
+from ftte.messages import ConsistencyBundle, MaskedInput, ShareDelivery, SurvivorList, UnmaskShares
 
 
 def identities_for(params):
@@ -43,7 +43,7 @@ def test_unmasked_sum_is_exact_ring_sum(data):
     dim = data.draw(st.integers(1, 300), label="dim")
     if graph == "ring":
         neighbors = data.draw(st.sampled_from([k for k in range(2, n, 2)]), label="k")
-        threshold = data.draw(st.integers(2, n), label="T")
+        threshold = data.draw(st.integers(n // 2 + 1, n), label="T")
         params = make_params(n, threshold=threshold, dim=dim, bits=bits, graph="ring", neighbors=neighbors)
     else:
         threshold = data.draw(st.integers(n // 2 + 1, n), label="T")
@@ -154,10 +154,12 @@ def test_session_context_binds_cohort_members_and_version(change):
     "kwargs,match",
     [
         (dict(threshold=1), "threshold"),
-        (dict(threshold=3), "exceed n/2"),  # 2T <= n: two disjoint groups could unmask both kinds
+        (dict(threshold=3), "exceed"),  # 2T <= n: two disjoint groups could unmask both kinds
         (dict(threshold=7), "threshold"),
-        (dict(graph="ring", neighbors=3, threshold=3), "even"),
-        (dict(graph="ring", neighbors=6, threshold=3), "even"),
+        (dict(graph="ring", neighbors=3, threshold=4), "even"),
+        (dict(graph="ring", neighbors=6, threshold=4), "even"),
+        (dict(graph="ring", neighbors=2, threshold=3), "exceed"),  # 2T > n holds for the ring too
+        (dict(threshold=4, max_corrupt=2), "max_corrupt"),  # 2T must exceed n + colluders
         (dict(graph="star", threshold=4), "graph"),
         (dict(bits=8, threshold=4), "ring bits"),
     ],
@@ -357,3 +359,45 @@ def test_fresh_keys_per_session():
     a, b = Harness(), Harness()
     assert a.clients[0].c_public != b.clients[0].c_public
     assert a.clients[0].s_public != b.clients[0].s_public
+
+
+def test_client_refuses_survivors_it_never_masked_with():
+    """A server that withholds a peer's shares from u, then lists that peer as a survivor and
+    u's real mask partners as dropped, would unmask u alone: u must refuse to sign."""
+    h = Harness(n=5, t=3)
+    h.advertise(); h.share()
+    full = h.deliveries[0]
+    withheld = ShareDelivery(full.session, tuple((m, ct) for m, ct in full.ciphertexts if m not in (3, 4)))
+    h.clients[0].masked_input(withheld, h.inputs[0])  # masks with 1 and 2 only
+    with pytest.raises(MemberError, match="never masked"):
+        h.clients[0].consistency(SurvivorList(full.session, (0, 3, 4)))
+    assert h.clients[0].released == {}
+    # a list within its mask partners is signed
+    h.clients[0].consistency(SurvivorList(full.session, (0, 1, 2)))
+
+
+def test_low_order_x25519_key_is_refused_at_advertisement():
+    h = Harness()
+    bad = sign_message(signer(1), dataclasses.replace(h.clients[1].advertise(), c_public=bytes(32)))
+    with pytest.raises(ShapeError, match="X25519"):
+        h.server.receive(bad)
+    assert h.server.adverts == {}
+
+
+def test_out_of_field_share_is_refused_without_touching_state():
+    h = Harness(n=5, t=3)
+    h.advertise(); h.share(); h.upload()
+    live = h.survivors.survivors
+    for m in live:
+        h.server.receive(h.clients[m].consistency(h.survivors))
+    bundle = h.server.close_consistency()
+    reply = h.clients[0].unmask(bundle)
+    owner, _ = reply.seed_shares[0]
+    forged = sign_message(signer(0), dataclasses.replace(reply, seed_shares=((owner, b"\xff" * 33),) + reply.seed_shares[1:]))
+    with pytest.raises(ShapeError, match="share"):
+        h.server.receive(forged)
+    assert 0 not in h.server.unmask_msgs
+    h.server.receive(reply)
+    for m in live[1:]:
+        h.server.receive(h.clients[m].unmask(bundle))
+    assert np.array_equal(h.server.finish().total, ring_sum(h.inputs, live, 16))

@@ -24,6 +24,7 @@ from deploy_helpers import (
     ServerProcess,
     check_run,
     digits_split,
+    epsilons,
     free_port,
     make_devices,
     make_pki,
@@ -34,6 +35,7 @@ from deploy_helpers import (
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
+pytest.importorskip("httpx")
 
 N_DEVICES = 8
 ROUNDS = 3
@@ -102,11 +104,20 @@ def test_eight_devices_train_through_several_buffers(tmp_path):
     versions = run["versions"]
     assert len(versions) - 1 >= 4, f"only {len(versions) - 1} buffers applied: {run['cohorts']}"
     assert metrics["devices_seen"] == N_DEVICES and metrics["bytes_in"] > 0 and metrics["bytes_out"] > 0
-    assert metrics["statuses"].keys() == {"200"}, metrics["statuses"]
+    assert set(metrics["statuses"]) <= {"200", "409"}, metrics["statuses"]  # 409: a leave that came too late
     summaries = [e.named("summary")[0] for e in edges]
     assert all(s["rounds"] == ROUNDS for s in summaries)
     applied = sum(s["statuses"].count("applied") for s in summaries)
     assert applied >= 0.75 * N_DEVICES * ROUNDS
+
+    # The ledger never claims more than a device spent, and equals its accountant
+    # whenever the device's last round reached the server.
+    eps = epsilons(db, tmp_path / "edges", devices)
+    for e in edges:
+        ledger, own = eps[e.device.member]
+        assert ledger <= own * (1 + 1e-9) + 1e-12, (ledger, own)
+        if e.named("ended")[-1]["status"] == "applied":
+            assert ledger == pytest.approx(own, rel=1e-9), (e.device.index, ledger, own)
 
     final = run["history"][-1]["accuracy"]
     torch.set_num_threads(1)

@@ -16,6 +16,7 @@ from deploy_helpers import (
     ServerProcess,
     check_run,
     digits_split,
+    epsilons,
     free_port,
     make_devices,
     make_pki,
@@ -26,6 +27,7 @@ from deploy_helpers import (
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
+pytest.importorskip("httpx")
 
 LATE_STAGES = {"share", "upload", "consistency", "unmask", "finishing"}
 
@@ -44,6 +46,12 @@ def deployment(tmp_path, n_devices: int, **config):
     return server, devices, db
 
 
+def assert_ledger_within_devices(db, state_root, devices) -> None:
+    """Killed devices leave rounds the server never heard of: the ledger may hold less, never more."""
+    for member, (ledger, own) in epsilons(db, state_root, devices).items():
+        assert ledger <= own * (1 + 1e-9) + 1e-12, (member, ledger, own)
+
+
 @pytest.fixture
 def fleet(tmp_path):
     f = EdgeFleet(tmp_path / "fleet")
@@ -51,14 +59,18 @@ def fleet(tmp_path):
     f.close()
 
 
-def _kill_mid_buffer(server: ServerProcess, min_version: int, timeout: float) -> dict:
-    """SIGKILL the server at the first moment a cohort with journaled member messages is in flight."""
+def _kill_mid_buffer(server: ServerProcess, min_version: int, timeout: float, prefer: str | None = None) -> dict:
+    """SIGKILL the server at the first moment a cohort with journaled member messages is in flight
+    (in stage ``prefer`` if that is seen within half the timeout)."""
+    t0 = time.monotonic()
+
     def mid_buffer():
         m = server.metrics()
-        late = [cid for cid, stage in m["cohort_stages"].items() if stage in LATE_STAGES]
+        wanted = {prefer} if prefer and time.monotonic() - t0 < timeout / 2 else LATE_STAGES
+        late = [cid for cid, stage in m["cohort_stages"].items() if stage in wanted]
         return (m, late) if m["version"] >= min_version and late else None
 
-    metrics, late = wait_for(mid_buffer, timeout, 0.02, "a cohort mid-protocol")
+    metrics, late = wait_for(mid_buffer, timeout, 0.01, "a cohort mid-protocol")
     server.kill()
     return {"version": metrics["version"], "late": late, "stages": metrics["cohort_stages"]}
 
@@ -71,7 +83,8 @@ def _run_with_server_kills(tmp_path, fleet, kills: int):
     killed = []
     try:
         for k in range(kills):
-            killed.append(_kill_mid_buffer(server, min_version=1 + 2 * k, timeout=120))
+            prefer = ("share", "upload", "unmask")[k % 3]
+            killed.append(_kill_mid_buffer(server, min_version=1 + 2 * k, timeout=120, prefer=prefer))
             time.sleep(0.3)
             server.start()
             recovered = server.metrics()["recovered_cohorts"]
@@ -86,6 +99,7 @@ def _run_with_server_kills(tmp_path, fleet, kills: int):
             e.kill()
         server.stop()
     run = check_run(db, edges)
+    assert_ledger_within_devices(db, tmp_path / "edges", devices)
     records = {c["cohort_id"]: c for c in run["cohorts"]}
     for k in killed:
         assert k["recovered"] >= 1, k
@@ -136,6 +150,7 @@ def test_devices_killed_at_each_protocol_stage(tmp_path, fleet):
             e.kill()
         server.stop()
     run = check_run(db, edges + [v for v, _ in victims])
+    assert_ledger_within_devices(db, tmp_path / "edges", devices)
     records = {c["cohort_id"]: c for c in run["cohorts"]}
     outcomes = {}
     for v, event in victims:

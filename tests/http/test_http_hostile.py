@@ -12,7 +12,6 @@ import dataclasses
 import os
 import time
 
-import httpx
 import numpy as np
 import pytest
 
@@ -32,6 +31,7 @@ from deploy_helpers import (
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
 
 from ftte import wire  # noqa: E402
 from ftte.crypto.primitives import Signer  # noqa: E402

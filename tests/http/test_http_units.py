@@ -35,7 +35,8 @@ from ftte.messages import (
     TaskInfo,
 )
 
-starlette = pytest.importorskip("starlette")
+pytest.importorskip("starlette")
+pytest.importorskip("httpx")
 
 
 def test_edge_client_does_not_import_the_server_stack():
@@ -350,3 +351,90 @@ def test_stage_timeout_drops_the_silent_member_and_survives_a_restart(tmp_path):
     assert end.status == "applied" and len(end.included) == 3
     assert record["dropped"] == {str(members[3]): "advertise"}
     assert json.dumps(record)  # plain JSON, as committed
+
+
+async def drive_cohort(coord, signers: list[Signer], joins: dict[int, JoinRequest]) -> CohortEnd:
+    """Join every member with its request and run the five stages honestly, in process."""
+    members = [member_id(s.public_key) for s in signers]
+    for m in members:
+        cid = (await coord.join(m, joins[m], wire.encode(joins[m]))).cohort_id
+    start = await coord.poll(members[0], PollRequest(cid, 0), wait_s=5)
+    clients = {m: SecAggClient(session_params(start), m, s) for m, s in zip(members, signers)}
+    codec = UpdateCodec(coord.task.dim, start.clip, start.value_bits, start.ring_bits)
+    rng = np.random.default_rng(2)
+    make = [
+        lambda m, x: clients[m].advertise(),
+        lambda m, x: clients[m].share_keys(x),
+        lambda m, x: clients[m].masked_input(x, codec.encode(np.zeros(codec.dim), 1.0, 0.0, rng)),
+        lambda m, x: clients[m].consistency(x),
+        lambda m, x: clients[m].unmask(x),
+    ]
+    previous = {m: None for m in members}
+    for stage in range(5):
+        if stage:
+            previous = {m: await coord.poll(m, PollRequest(cid, stage), wait_s=5) for m in members}
+        for m in members:
+            await coord.submit(m, Submit(cid, wire.encode(make[stage](m, previous[m]))), 1 << 20)
+    return await coord.poll(members[0], PollRequest(cid, 5), wait_s=5)
+
+
+def test_rounds_reported_late_reach_the_ledger_before_the_round(tmp_path):
+    """A device that died after training reports that round with its next join: the ledger
+    then composes to exactly what the device's own accountant holds."""
+    import dataclasses
+
+    from ftte.messages import SpentRound
+    from ftte.privacy.accountant import PrivacyStep, compute_epsilon
+    from ftte.privacy.audit import verify_ledger
+    from ftte.privacy.ledger import Ledger
+
+    signers = [Signer() for _ in range(4)]
+    members = [member_id(s.public_key) for s in signers]
+    late = SpentRound(2, 0.05, 1.0, 1.0, 1e-5)
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, Clock())
+        await coord.recover()
+        joins = {m: join_request(coord, 0) for m in members}
+        joins[members[0]] = dataclasses.replace(joins[members[0]], round_seq=3,
+                                                unreported=((1, wire.encode(late)), (2, wire.encode(late))))
+        end = await drive_cohort(coord, signers, joins)
+        bad = dataclasses.replace(join_request(coord, 1), round_seq=2, unreported=((2, wire.encode(late)),))
+        from ftte.pipeline.coordinator import ProtocolError
+
+        with pytest.raises(ProtocolError):  # a late round must come before this one
+            await coord.join(members[0], bad, wire.encode(bad))
+        await coord.drain()
+        db.close()
+        return end
+
+    end = asyncio.run(scenario())
+    assert end.status == "applied"
+    result = verify_ledger(tmp_path / "state.db")
+    assert result.ok and result.n_rows == 6, result.summary()
+    rows = [e.row for e in Ledger(tmp_path / "state.db").entries() if e.row.device_id == str(members[0])]
+    assert [r.cohort_id for r in rows] == ["unmerged", "unmerged", end.cohort_id]
+    device_eps = compute_epsilon([PrivacyStep(1.0, 0.05, 2)] * 3, 1e-5, "rdp")
+    assert rows[-1].epsilon_total == pytest.approx(device_eps, rel=1e-12)
+
+
+def test_an_emptied_forming_cohort_is_forgotten(tmp_path):
+    from ftte.messages import LeaveRequest
+
+    signers = [Signer() for _ in range(4)]
+    m = member_id(signers[0].public_key)
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, Clock())
+        await coord.recover()
+        cid = (await coord.join(m, join_request(coord, 0), wire.encode(join_request(coord, 0)))).cohort_id
+        await coord.leave(m, LeaveRequest(cid))
+        assert coord.forming is None and cid not in coord.live
+        rows = coord.db.call_sync(lambda: coord.db.conn.execute("SELECT COUNT(*) FROM deploy_journal").fetchone()[0])
+        cid2 = (await coord.join(m, join_request(coord, 0), wire.encode(join_request(coord, 0)))).cohort_id
+        await coord.drain()
+        db.close()
+        return rows, cid, cid2
+
+    rows, cid, cid2 = asyncio.run(scenario())
+    assert rows == 0 and cid2 != cid

@@ -102,7 +102,8 @@ def test_bad_values_are_named(toml, needles):
         ("[server]\nbuffer_size = 10\n[secagg]\nthreshold = 11", ["[secagg] threshold", "<="]),
         ("[server]\nbuffer_size = 1", ["buffer_size", ">= 2"]),
         ("[server]\nbuffer_size = 20\n[secagg]\ngraph = 'ring'\nneighbors = 20", ["[secagg] neighbors", "< the cohort"]),
-        ("[server]\nbuffer_size = 20\n[secagg]\ngraph = 'ring'\nneighbors = 6\nthreshold = 7", ["threshold", "neighbors = 6"]),
+        # the ring graph needs a majority of the whole cohort too (a majority of neighbours is not enough)
+        ("[server]\nbuffer_size = 20\n[secagg]\ngraph = 'ring'\nneighbors = 6\nthreshold = 7", ["threshold", "half the cohort"]),
         ("[fleet]\ndevices = 5", ["[server] buffer_size", "[fleet] devices"]),
         ("[run]\nstrategy = 'fedavg'\n[fleet]\ndevices = 12", ["fedavg_clients_per_round", "13"]),
     ],
@@ -116,7 +117,7 @@ def test_cross_field_rules(toml, needles):
 
 def test_valid_threshold_and_ring_settings():
     cfg = parse_config("[server]\nbuffer_size = 50\n[secagg]\ngraph = 'ring'\nneighbors = 8")
-    assert cfg.secagg_threshold == 5
+    assert cfg.secagg_threshold == 26
     cfg = parse_config("[server]\nbuffer_size = 10\n[secagg]\nthreshold = 6")
     assert cfg.secagg_threshold == 6
     # secagg off: the threshold rules do not apply

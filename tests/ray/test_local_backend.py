@@ -51,3 +51,34 @@ def test_backend_config_keys():
     with pytest.raises(ConfigError, match="backend"):
         tiny(**{"run.backend": "dask"})
     assert issubclass(BackendUnavailable, ValueError)
+
+
+def test_train_round_under_a_checked_plan_equals_the_ordinary_round():
+    import torch
+    from torch import nn
+
+    from ftte.privacy.accountant import AccountantStore
+    from ftte.privacy.dpsgd import DPConfig, PrivateTrainer
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(40, 4, generator=g), torch.randint(0, 2, (40,), generator=g)
+    results = []
+    for given in (False, True):
+        torch.manual_seed(0)
+        module = nn.Linear(4, 2)
+        store = AccountantStore(":memory:")
+        trainer = PrivateTrainer(module, DPConfig(accountant="rdp"), device_id="d", store=store)
+        plan = trainer.plan_round(40, batch_size=8, steps=3) if given else None
+        torch.manual_seed(1)
+        stats = trainer.train_round((x, y), loss_fn=nn.functional.cross_entropy, lr=0.5, batch_size=8, steps=3,
+                                    plan=plan)
+        results.append((stats.epsilon_total, stats.steps, store.history("d"), module.weight.detach().clone()))
+        if given:
+            with pytest.raises(ValueError, match="records"):
+                trainer.train_round((x[:20], y[:20]), loss_fn=nn.functional.cross_entropy, lr=0.5, batch_size=8,
+                                    steps=3, plan=plan)
+        trainer.close()
+        store.close()
+    (e0, s0, h0, w0), (e1, s1, h1, w1) = results
+    assert (e0, s0, h0) == (e1, s1, h1)
+    assert torch.equal(w0, w1)
