@@ -16,7 +16,7 @@ $(BIN)/python:
 # torch first, pinned, so nothing later resolves a CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e ".[test,flower,http]"
+	$(PIP) install -c constraints.txt -e ".[test,flower,http,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

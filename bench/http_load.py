@@ -135,18 +135,42 @@ def _percentile(values: list[float], q: float) -> float:
 async def _device_loop(url: str, key: bytes, ca: str | None, stop_at: float, hard_stop: float, out: dict) -> None:
     import httpx
     import numpy as np
-
-    from ftte import wire
     from ftte.crypto.primitives import Signer
     from ftte.crypto.secagg_client import SecAggClient
     from ftte.edge.deploy_protocol import session_params
     from ftte.edge.encoding import UpdateCodec
     from ftte.edge.plan import SubsetPlan
-    from ftte.http_auth import (CONTENT_TYPE, HEADER_DEVICE, HEADER_NONCE, HEADER_SERVER_TIME, HEADER_SIGNATURE,
-                                HEADER_TIME, body_digest, request_signing_bytes)
-    from ftte.messages import (Ack, CohortEnd, CohortStart, ConsistencyBundle, ErrorReply, JoinReply, JoinRequest,
-                               ModelPull, Pending, PollRequest, PullRequest, Roster, ShareDelivery, Submit,
-                               SurvivorList, TaskInfo, TaskRequest)
+
+    from ftte import wire
+    from ftte.http_auth import (
+        CONTENT_TYPE,
+        HEADER_DEVICE,
+        HEADER_NONCE,
+        HEADER_SERVER_TIME,
+        HEADER_SIGNATURE,
+        HEADER_TIME,
+        body_digest,
+        request_signing_bytes,
+    )
+    from ftte.messages import (
+        Ack,
+        CohortEnd,
+        CohortStart,
+        ConsistencyBundle,
+        ErrorReply,
+        JoinReply,
+        JoinRequest,
+        ModelPull,
+        Pending,
+        PollRequest,
+        PullRequest,
+        Roster,
+        ShareDelivery,
+        Submit,
+        SurvivorList,
+        TaskInfo,
+        TaskRequest,
+    )
 
     signer = Signer(key)
     device = signer.public_key.hex()
@@ -258,7 +282,7 @@ async def _device_loop(url: str, key: bytes, ca: str | None, stop_at: float, har
 
 
 def _worker(url: str, keys: list[bytes], ca: str | None, start_at: float, stop_at: float, hard_stop: float,
-            queue: "mp.Queue") -> None:
+            queue: mp.Queue) -> None:
     out: dict[str, Any] = {"requests": 0, "requests_in_window": 0, "uploads": 0, "upload_s": [],
                            "transport_errors": 0, "refused": {}, "crashed": 0}
 

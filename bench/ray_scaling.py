@@ -13,8 +13,10 @@ load from other jobs on a shared machine hits every backend alike):
 
 Before any timing the driver's accountant cache is warmed for every device (an RDP curve
 per distinct sample rate costs up to half a second, once per process; workers never
-compute it, the driver hands them the checked plan). Ratios are against the local backend (and Ray n workers against Ray 1). ``identical``
-checks that every Ray simulation produced the local backend's history and weights.
+compute it, the driver hands them the checked plan). Ratios are against the local
+backend (and Ray n workers against Ray 1), for medians (``ratios``) and for the best
+repeat of each (``ratios_best``). ``identical`` checks that every Ray simulation produced
+the local backend's history and weights.
 Without ``--address`` a local Ray instance gets ``max(--workers)`` CPUs and is shut down
 at the end; with it the cluster is joined and left running.
 """

@@ -9,12 +9,12 @@ rule it announces, and the checks a device makes before it trusts a cohort.
 from __future__ import annotations
 
 import numpy as np
-
 from ftte.crypto.primitives import sha256
 from ftte.crypto.quantize import choose_ring_bits
 from ftte.crypto.secagg_session import SessionParams
 from ftte.edge.encoding import EXTRA_COORDINATES
 from ftte.edge.weighting import WeightRule
+
 from ftte.messages import CohortStart
 
 

@@ -31,24 +31,35 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import numpy as np
 import torch
-from torch import nn
-
-from ftte import __version__, wire
 from ftte.crypto.primitives import Signer
 from ftte.crypto.secagg_client import SecAggClient
 from ftte.crypto.secagg_session import SecAggError
-from ftte.edge.deploy_protocol import CohortRefused, check_cohort, model_hash, session_params, weight_rule
+from ftte.edge.deploy_protocol import (
+    CohortRefused,
+    check_cohort,
+    model_hash,
+    session_params,
+    weight_rule,
+)
 from ftte.edge.encoding import UpdateCodec, weigh_update
 from ftte.edge.models import build_model, make_dp_compatible
 from ftte.edge.plan import SubsetPlan
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
+from ftte.privacy.accountant import AccountantStore
+from ftte.privacy.budget import BudgetExceededError
+from ftte.privacy.dpsgd import DPConfig
+from ftte.privacy.ledger import library_versions
+from torch import nn
+
+from ftte import __version__, wire
 from ftte.http_auth import (
     API_PREFIX,
     CONTENT_TYPE,
@@ -83,10 +94,6 @@ from ftte.messages import (
     TaskInfo,
     TaskRequest,
 )
-from ftte.privacy.accountant import AccountantStore
-from ftte.privacy.budget import BudgetExceededError
-from ftte.privacy.dpsgd import DPConfig
-from ftte.privacy.ledger import library_versions
 
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 MAX_LATE_ROUNDS = 1000  # late rounds sent with one join (the server's limit); the rest go with the next
@@ -296,7 +303,7 @@ class EdgeClient:
             self.store.close()
         self.transport.close()
 
-    def __enter__(self) -> "EdgeClient":
+    def __enter__(self) -> EdgeClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

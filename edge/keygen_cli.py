@@ -13,6 +13,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ftte.edge.identity import create_identity, load_identity
+
     from ftte.http_auth import member_id
 
     try:

@@ -27,26 +27,48 @@ import secrets
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-
-from ftte import wire
 from ftte.crypto.quantize import QuantizationError, choose_ring_bits
 from ftte.crypto.secagg_server import SecAggServer
+from ftte.crypto.secagg_session import ConfigError as SessionConfigError
 from ftte.crypto.secagg_session import (
     MemberError,
     ReplayError,
+    SecAggError,
     SessionAborted,
     ShapeError,
     SignatureError,
 )
 from ftte.edge.deploy_protocol import session_params
-from ftte.edge.encoding import UpdateCodec
+from ftte.edge.encoding import EXTRA_COORDINATES, UpdateCodec
 from ftte.edge.plan import apply_subset_vector
+from ftte.pipeline.cohort import model_hash
+from ftte.pipeline.deploy_task import DeployTask
+from ftte.pipeline.journal import (
+    CLOSE,
+    JOIN,
+    LEAVE,
+    MESSAGE,
+    OPEN,
+    START,
+    CohortCommit,
+    Database,
+    JournalEntry,
+    JournalWriter,
+    MemberRound,
+    Recovered,
+)
+from ftte.pipeline.merge import ServerOptimizer, weighted_mean
+from ftte.privacy.accountant import PrivacyStep
+
+from ftte import wire
 from ftte.messages import (
+    Ack,
     AdvertiseKeys,
     CohortEnd,
     CohortStart,
@@ -68,26 +90,7 @@ from ftte.messages import (
     SurvivorList,
     TaskInfo,
     UnmaskShares,
-    Ack,
 )
-from ftte.pipeline.cohort import model_hash
-from ftte.pipeline.deploy_task import DeployTask
-from ftte.pipeline.journal import (
-    CLOSE,
-    JOIN,
-    LEAVE,
-    MESSAGE,
-    OPEN,
-    START,
-    CohortCommit,
-    Database,
-    JournalEntry,
-    JournalWriter,
-    MemberRound,
-    Recovered,
-)
-from ftte.pipeline.merge import ServerOptimizer, weighted_mean
-from ftte.privacy.accountant import PrivacyStep
 
 STAGES = ("advertise", "share", "upload", "consistency", "unmask")
 MEMBER_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySignature, UnmaskShares)
@@ -278,7 +281,11 @@ class Coordinator:
             assert e.member is not None and e.data is not None
             msg = wire.decode(e.data)
             assert c.server is not None
-            c.server.receive(msg)
+            try:
+                c.server.receive(msg)
+            except SecAggError as exc:  # cannot happen with the same code; never stop a restart for it
+                print(f"ftte server: replayed message refused in {c.cohort_id}: {exc}", file=sys.stderr)
+                return
             stage = STAGE_OF_MESSAGE[type(msg)]
             c.got[stage].add(e.member)
             c.accepted[(stage, e.member)] = e.data
@@ -319,12 +326,6 @@ class Coordinator:
     @property
     def min_cohort(self) -> int:
         return max(2, self.cfg.secagg_threshold)
-
-    def _threshold(self, n: int) -> int:
-        t = self.cfg.secagg.effective_threshold(n)
-        if self.cfg.secagg.graph == "full":
-            t = max(t, n // 2 + 1)
-        return min(t, n)
 
     # -- device requests -----------------------------------------------------------------
     def task_info(self, member: int) -> TaskInfo:
@@ -531,28 +532,41 @@ class Coordinator:
         return CohortEnd(cohort_id, "dropped", 0, (), f"missed the {stage} stage")
 
     # -- cohort life cycle (synchronous state changes; journal queued in the same step) ------------
-    def _start(self, c: LiveCohort) -> None:
-        """Close the cohort to new members and fix its session parameters."""
-        members = tuple(sorted(c.joins))
+    def _cohort_start(self, cohort_id: str, members: tuple[int, ...], keys: tuple[bytes, ...],
+                      model_hash: bytes | None = None) -> CohortStart:
+        """The session a cohort of these members gets: graph, thresholds and ring as the simulator picks them."""
         n = len(members)
         sa = self.cfg.secagg
-        ring = sa.graph == "ring" and sa.neighbors < n - 1
-        try:
-            ring_bits = choose_ring_bits(n, sa.value_bits)
-        except QuantizationError as exc:  # configuration cannot carry this cohort: refuse loudly
-            raise RuntimeError(str(exc)) from exc
-        codec = UpdateCodec(self.task.dim, sa.clip, sa.value_bits, ring_bits)
+        ring = sa.graph == "ring" and sa.neighbors < n - 1  # a small cohort falls back to the full graph
+        threshold = sa.effective_threshold(n)
+        if not ring:
+            threshold = max(threshold, n // 2 + 1)
+        ring_bits = choose_ring_bits(n, sa.value_bits)
         rule = self.task.rule
-        start = CohortStart(
-            cohort_id=c.cohort_id, plan_id=self.plan_id, model_hash=self.hashes[self.version],
-            close_version=self.version, members=members,
-            identity_keys=tuple((m, self.identities[m]) for m in members),
-            threshold=self._threshold(n), share_threshold=0, graph="ring" if ring else "full",
-            neighbors=sa.neighbors if ring else 0, dim=codec.length, ring_bits=ring_bits,
+        return CohortStart(
+            cohort_id=cohort_id, plan_id=self.plan_id,
+            model_hash=self.hashes[self.version] if model_hash is None else model_hash,
+            close_version=self.version, members=members, identity_keys=tuple(zip(members, keys)),
+            threshold=min(threshold, n), share_threshold=0, graph="ring" if ring else "full",
+            neighbors=sa.neighbors if ring else 0, dim=self.task.dim + EXTRA_COORDINATES, ring_bits=ring_bits,
             value_bits=sa.value_bits, clip=sa.clip,
             reference_variance=-1.0 if self.reference_variance is None else float(self.reference_variance),
             staleness_exponent=rule.staleness_exponent, variance_penalty=rule.variance_penalty, r_min=rule.r_min,
         )
+
+    def check_sessions(self) -> None:
+        """Fail at start-up, not at the first full cohort, if some cohort size could not form a session."""
+        for n in range(self.min_cohort, self.cfg.server.buffer_size + 1):
+            members = tuple(range(1, n + 1))
+            try:
+                session_params(self._cohort_start("check", members, tuple(bytes(32) for _ in members), bytes(32)))
+            except (SessionConfigError, QuantizationError) as exc:
+                raise ValueError(f"a cohort of {n} members cannot run secure aggregation: {exc}") from None
+
+    def _start(self, c: LiveCohort) -> None:
+        """Close the cohort to new members and fix its session parameters."""
+        members = tuple(sorted(c.joins))
+        start = self._cohort_start(c.cohort_id, members, tuple(self.identities[m] for m in members))
         now = self.clock()
         data = wire.encode(start)
         self._begin(c, start, now)
@@ -756,4 +770,4 @@ def _end_from_record(record: dict[str, Any]) -> CohortEnd:
     return CohortEnd(record["cohort_id"], "aborted", 0, (), str(record.get("aborted", ""))[:1000])
 
 
-__all__ = ["Coordinator", "ProtocolError", "LiveCohort"]
+__all__ = ["Coordinator", "LiveCohort", "ProtocolError"]

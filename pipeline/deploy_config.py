@@ -33,12 +33,13 @@ types and out-of-range values raise :class:`ConfigError` naming the key.
 from __future__ import annotations
 
 import math
-import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+import tomllib
 from ftte.pipeline.config import Config, ConfigError
 
 SIMULATION_ONLY = ("data", "fleet")

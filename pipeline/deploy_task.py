@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from ftte.edge.plan import SubsetPlan, subset_vector
 from ftte.edge.weighting import WeightRule
-from ftte.messages import TaskInfo
 from ftte.pipeline.deploy_config import ServerSettings
 from ftte.pipeline.simulator import build_global_model
 from ftte.pipeline.strategies import strategy_for
+
+from ftte.messages import TaskInfo
 
 
 def model_kwargs(name: str, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:

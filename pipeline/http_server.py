@@ -42,11 +42,14 @@ import contextlib
 import resource
 import time
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from ftte.pipeline.coordinator import Coordinator, ProtocolError
+from ftte.pipeline.deploy_config import HttpSettings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -66,9 +69,16 @@ from ftte.http_auth import (
     member_id,
     request_signing_bytes,
 )
-from ftte.messages import Ack, ErrorReply, JoinRequest, LeaveRequest, PollRequest, PullRequest, Submit, TaskRequest
-from ftte.pipeline.coordinator import Coordinator, ProtocolError
-from ftte.pipeline.deploy_config import HttpSettings
+from ftte.messages import (
+    Ack,
+    ErrorReply,
+    JoinRequest,
+    LeaveRequest,
+    PollRequest,
+    PullRequest,
+    Submit,
+    TaskRequest,
+)
 
 MAX_NONCES = 2_000_000
 LATENCY_WINDOW = 20_000  # most recent successful requests per endpoint kept for the percentiles
@@ -353,4 +363,4 @@ def build_app(coordinator: Coordinator, gate: Gate, http: HttpSettings) -> tuple
     return app, api
 
 
-__all__ = ["build_app", "Gate", "DeviceApi", "TokenBucket", "submit_limit"]
+__all__ = ["DeviceApi", "Gate", "TokenBucket", "build_app", "submit_limit"]

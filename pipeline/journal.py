@@ -36,15 +36,20 @@ import sqlite3
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-
 from ftte.pipeline.state import Checkpoint, ServerState
 from ftte.privacy.accountant import NON_PRIVATE_ACCOUNTANT, PrivacyStep, compute_epsilon
-from ftte.privacy.ledger import ROWS_TABLE, Ledger, LedgerRow, load_or_create_signing_key
+from ftte.privacy.ledger import (
+    ROWS_TABLE,
+    Ledger,
+    LedgerRow,
+    load_or_create_signing_key,
+)
 
 T = TypeVar("T")
 

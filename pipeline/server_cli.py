@@ -28,9 +28,6 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
     import uvicorn
-
-    from ftte.crypto.quantize import choose_ring_bits
-    from ftte.http_auth import member_id
     from ftte.pipeline.config import ConfigError
     from ftte.pipeline.coordinator import Coordinator
     from ftte.pipeline.deploy_config import load_allow_list, load_server_config
@@ -38,11 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from ftte.pipeline.http_server import Gate, build_app
     from ftte.pipeline.journal import Database
 
+    from ftte.http_auth import member_id
+
     torch.set_num_threads(1)
     try:
         settings = load_server_config(args.config)
         allow = load_allow_list(settings.path(settings.deploy.allow_list))
-        choose_ring_bits(settings.run.server.buffer_size, settings.run.secagg.value_bits)
     except (ConfigError, ValueError) as exc:
         print(f"ftte server: {exc}", file=sys.stderr)
         return 2
@@ -53,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
     db.open()
     identities = {member_id(k): k for k in allow}
     coordinator = Coordinator(task, db, identities)
+    try:
+        coordinator.check_sessions()
+    except ValueError as exc:
+        print(f"ftte server: {exc}", file=sys.stderr)
+        db.close()
+        return 2
     if settings.deploy.test_data:
         with np.load(settings.path(settings.deploy.test_data)) as data:
             coordinator.load_test_data(data["x"], data["y"])

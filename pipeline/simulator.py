@@ -552,4 +552,6 @@ class Simulation:
             "epsilon_max": self.epsilon_max(),
             "delta": delta,
             "devices_out_of_budget": len(self.retired),
+            "worker_dropouts": len(getattr(self.backend, "lost", ())),
+            "backend": cfg.run.backend,
         }

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from ftte.crypto.primitives import Signer
+
 from ftte.http_auth import member_id
 
 CHILD_ENV = {
@@ -33,8 +33,7 @@ CHILD_ENV = {
 
 # -- PKI ----------------------------------------------------------------------------------------
 
-from ftte.bench.http_pki import Pki, make_pki  # noqa: E402  (a throwaway CA, shared with the benchmark)
-
+from ftte.bench.http_pki import Pki, make_pki  # noqa: F401  (re-exported: the tests make their CA here)
 
 # -- devices and data -----------------------------------------------------------------------------
 
@@ -72,8 +71,7 @@ def digits_split(directory: Path, n_devices: int, seed: int = 0, test_fraction: 
         path = directory / f"device{i}.csv"
         with open(path, "w") as fh:
             fh.write(",".join([f"p{j}" for j in range(64)] + ["label"]) + "\n")
-            for r in part:
-                fh.write(",".join(f"{v:.6g}" for v in xs[r]) + f",{int(y[r])}\n")
+            fh.writelines(",".join(f"{v:.6g}" for v in xs[r]) + f",{int(y[r])}\n" for r in part)
         paths.append(path)
     return paths, test_file, (xs[train], y[train]), (xs[test], y[test])
 
@@ -290,7 +288,7 @@ def start_edge(server: ServerProcess, device: Device, state_root: Path, **kwargs
 class ForkedEdge:
     """A device process forked by :class:`EdgeFleet`; same interface as :class:`EdgeProcess`."""
 
-    def __init__(self, fleet: "EdgeFleet", device: Device, out: Path, err: Path) -> None:
+    def __init__(self, fleet: EdgeFleet, device: Device, out: Path, err: Path) -> None:
         self.fleet, self.device, self.out, self.stderr_path = fleet, device, out, err
         self.pid: int | None = None
 

@@ -24,15 +24,15 @@ import torch
 
 torch.set_num_threads(1)
 
-import ftte.edge.edge_cli as edge_cli  # noqa: E402  (after the thread setting, before any fork)
-import ftte.edge.http_client  # noqa: E402,F401
-from ftte.cli import build_parser  # noqa: E402
+import ftte.edge.http_client  # noqa: F401
+from ftte.edge import edge_cli
+
+from ftte.cli import build_parser
 
 
 def _warm_up() -> None:
     """Run one tiny DP round so every lazy import (Opacus, accountants, optimizers) happens here, once."""
     import numpy as np
-
     from ftte.edge.models import build_model, make_dp_compatible
     from ftte.edge.plan import SubsetPlan
     from ftte.edge.runtime import LocalTrainer, TrainSettings

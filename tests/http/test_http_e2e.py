@@ -18,7 +18,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from deploy_helpers import (
     EdgeFleet,
     ServerProcess,

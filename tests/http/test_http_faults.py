@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from deploy_helpers import (
     EdgeFleet,
     ServerProcess,

@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-
 from deploy_helpers import (
     EdgeFleet,
     ServerProcess,
@@ -33,14 +32,15 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from ftte import wire  # noqa: E402
-from ftte.crypto.primitives import Signer  # noqa: E402
-from ftte.crypto.secagg_client import SecAggClient, sign_message  # noqa: E402
-from ftte.edge.deploy_protocol import session_params  # noqa: E402
-from ftte.edge.encoding import UpdateCodec  # noqa: E402
-from ftte.edge.http_client import RetryPolicy, ServerRefused, Transport  # noqa: E402
-from ftte.edge.plan import SubsetPlan  # noqa: E402
-from ftte.http_auth import (  # noqa: E402
+from ftte.crypto.primitives import Signer
+from ftte.crypto.secagg_client import SecAggClient, sign_message
+from ftte.edge.deploy_protocol import session_params
+from ftte.edge.encoding import UpdateCodec
+from ftte.edge.http_client import RetryPolicy, ServerRefused, Transport
+from ftte.edge.plan import SubsetPlan
+
+from ftte import wire
+from ftte.http_auth import (
     CONTENT_TYPE,
     HEADER_DEVICE,
     HEADER_NONCE,
@@ -49,7 +49,7 @@ from ftte.http_auth import (  # noqa: E402
     body_digest,
     request_signing_bytes,
 )
-from ftte.messages import (  # noqa: E402
+from ftte.messages import (
     Ack,
     CohortEnd,
     CohortStart,

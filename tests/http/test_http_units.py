@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from ftte import wire
 from ftte.crypto.primitives import Signer
 from ftte.crypto.secagg_client import SecAggClient
 from ftte.edge.deploy_protocol import model_hash as edge_model_hash
 from ftte.edge.deploy_protocol import session_params
 from ftte.edge.encoding import UpdateCodec
+
+from ftte import wire
 from ftte.http_auth import member_id
 from ftte.messages import (
     CohortEnd,
@@ -383,10 +383,11 @@ def test_rounds_reported_late_reach_the_ledger_before_the_round(tmp_path):
     then composes to exactly what the device's own accountant holds."""
     import dataclasses
 
-    from ftte.messages import SpentRound
     from ftte.privacy.accountant import PrivacyStep, compute_epsilon
     from ftte.privacy.audit import verify_ledger
     from ftte.privacy.ledger import Ledger
+
+    from ftte.messages import SpentRound
 
     signers = [Signer() for _ in range(4)]
     members = [member_id(s.public_key) for s in signers]
@@ -438,3 +439,15 @@ def test_an_emptied_forming_cohort_is_forgotten(tmp_path):
 
     rows, cid, cid2 = asyncio.run(scenario())
     assert rows == 0 and cid2 != cid
+
+
+@pytest.mark.parametrize("secagg", ["graph = \"ring\"\nneighbors = 4", "graph = \"full\"\nthreshold = 6"])
+def test_every_cohort_size_can_form_a_session(tmp_path, secagg):
+    """From the deadline's minimum to the buffer size: a small ring cohort falls back to the full graph."""
+    from ftte.pipeline.coordinator import Coordinator
+    from ftte.pipeline.deploy_config import parse_server_config
+    from ftte.pipeline.deploy_task import build_task
+
+    text = CONFIG.replace("buffer_size = 4", "buffer_size = 10").replace("clip = 2.0", f"clip = 2.0\n{secagg}")
+    coord = Coordinator(build_task(parse_server_config(text, base_dir=tmp_path)), None, {})  # type: ignore[arg-type]
+    coord.check_sessions()
