@@ -96,7 +96,7 @@ from ftte.messages import (
 )
 
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
-MAX_LATE_ROUNDS = 1000  # late rounds sent with one join (the server's limit); the rest go with the next
+MAX_LATE_ROUNDS = 500  # late rounds sent with one join (the server's limit); the rest go with the next
 EVENTS = ("task", "pulled", "trained", "joined", "started", "advertised", "shared", "uploaded", "signed",
           "unmasked", "ended")
 
@@ -331,11 +331,14 @@ class EdgeClient:
                                    patience_s=max(self.retry.patience_s, 300.0))
         if task.member != self.member:
             raise ModelMismatch("the server knows this device under another member id")
-        plan = SubsetPlan.from_json(task.plan_json)  # checks the plan id against its content
-        model = self.model_factory(task)
-        if not isinstance(model, nn.Sequential):
-            raise ModelMismatch("the model factory must return an nn.Sequential")
-        plan.check(model)
+        try:
+            plan = SubsetPlan.from_json(task.plan_json)  # checks the plan id against its content
+            model = self.model_factory(task)
+            if not isinstance(model, nn.Sequential):
+                raise ModelMismatch("the model factory must return an nn.Sequential")
+            plan.check(model)  # names and shapes of every parameter
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelMismatch(f"the task's plan does not fit this device's model: {exc}") from None
         load_full_vector(model, np.asarray(task.initial_weights, dtype=np.float32))
         if task.dp_enabled and task.epsilon_max > 0:
             budget = min(self.epsilon_max, task.epsilon_max)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -272,6 +273,9 @@ class DeviceApi:
                 response = self._encode(200, reply)
             except ProtocolError as exc:
                 response = self._error(exc)
+            except Exception as exc:  # a server bug: say so in the protocol's own terms, and log it
+                print(f"ftte server: {name} failed: {exc!r}", file=sys.stderr, flush=True)
+                response = self._error(ProtocolError(500, "internal", "internal error"))
             self.metrics.count(name, response.status_code, len(body), len(response.body))
             if response.status_code == 200:
                 # total: from the request's arrival (includes receiving the body from a slow

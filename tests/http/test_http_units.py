@@ -451,3 +451,86 @@ def test_every_cohort_size_can_form_a_session(tmp_path, secagg):
     text = CONFIG.replace("buffer_size = 4", "buffer_size = 10").replace("clip = 2.0", f"clip = 2.0\n{secagg}")
     coord = Coordinator(build_task(parse_server_config(text, base_dir=tmp_path)), None, {})  # type: ignore[arg-type]
     coord.check_sessions()
+
+
+def test_edge_reports_rounds_the_server_never_heard_of(tmp_path):
+    """The client's bookkeeping: rounds whose join was never acknowledged go with the next join."""
+    from ftte.edge.http_client import EdgeClient
+    from ftte.privacy.accountant import AccountantStore, PrivacyStep
+    from ftte.privacy.dpsgd import DPConfig
+
+    class NoTransport:
+        def close(self) -> None:
+            pass
+
+    signer = Signer()
+    client = EdgeClient("https://unused", signer, np.zeros((4, 64), np.float32), np.zeros(4, np.int64),
+                        state_dir=tmp_path, transport=NoTransport())  # type: ignore[arg-type]
+    device = str(client.member)
+    client.store = AccountantStore(tmp_path / "accountant.db")
+    client.dp = DPConfig(accountant="rdp", epsilon_max=100.0)
+    client.store.register(device, accountant="rdp", delta=1e-5)
+    for _ in range(3):
+        client.store.record(device, PrivacyStep(1.0, 0.05, 2))
+    seq, late = client._late_rounds()
+    assert seq == 3 and [i for i, _ in late] == [1, 2] and late[0][1].delta == 1e-5
+    client._mark_reported({3, 1, 2}, True)  # the join was acknowledged
+    client.store.record(device, PrivacyStep(1.0, 0.05, 2))
+    assert client._late_rounds() == (4, [])
+    client._mark_reported({4}, True)
+    client._mark_reported({4}, False)  # ... then the device left that cohort before it started
+    client.store.record(device, PrivacyStep(1.0, 0.05, 2))
+    seq, late = client._late_rounds()
+    assert seq == 5 and [i for i, _ in late] == [4]
+    fresh = EdgeClient("https://unused", signer, np.zeros((4, 64), np.float32), np.zeros(4, np.int64),
+                       state_dir=tmp_path, transport=NoTransport())  # type: ignore[arg-type]
+    assert fresh._reported() == {1, 2, 3}  # survives a restart of the device
+    client.close()
+
+
+def test_edge_refuses_weights_that_do_not_match_the_plan(tmp_path):
+    import dataclasses
+
+    from ftte.edge.http_client import EdgeClient, ModelMismatch
+    from ftte.messages import ModelPull
+    from ftte.pipeline.deploy_config import parse_server_config
+    from ftte.pipeline.deploy_task import build_task
+
+    task = build_task(parse_server_config(CONFIG, base_dir=tmp_path))
+    signer = Signer()
+    info = task.task_info(member_id(signer.public_key), 5.0, 5.0)
+    w = task.initial_subset.astype(np.float32)
+    good = ModelPull(0, task.plan.plan_id, edge_model_hash(task.plan.plan_id, w), w)
+
+    class Canned:
+        def __init__(self) -> None:
+            self.replies: list = [info]
+
+        def call(self, endpoint, msg, expect, **kw):
+            return self.replies.pop(0)
+
+        def close(self) -> None:
+            pass
+
+    transport = Canned()
+    client = EdgeClient("https://unused", signer, np.zeros((4, 64), np.float32), np.zeros(4, np.int64),
+                        state_dir=tmp_path / "dev", transport=transport)  # type: ignore[arg-type]
+    client.connect()
+    transport.replies = [good]
+    assert client.pull().version == 0
+    tampered = w.copy()
+    tampered[0] += 1.0
+    for bad in (dataclasses.replace(good, weights=tampered),  # weights that are not the announced ones
+                dataclasses.replace(good, plan_id="plan-0000000000000000"),  # another plan
+                dataclasses.replace(good, weights=w[:-1], model_hash=edge_model_hash(task.plan.plan_id, w[:-1]))):
+        transport.replies = [bad]
+        with pytest.raises(ModelMismatch):
+            client.pull()
+    client.close()
+
+    other = EdgeClient("https://unused", signer, np.zeros((4, 64), np.float32), np.zeros(4, np.int64),
+                       state_dir=tmp_path / "dev2", transport=Canned(),  # type: ignore[arg-type]
+                       model_factory=lambda t: __import__("ftte.edge.models", fromlist=["mlp"]).mlp())
+    with pytest.raises(ModelMismatch, match="does not fit"):
+        other.connect()  # the task's logistic plan on an MLP
+    other.close()
