@@ -43,8 +43,20 @@ def weight_rule(start: CohortStart) -> WeightRule:
 
 
 def check_cohort(start: CohortStart, *, member: int, identity_key: bytes, plan_id: str, base_version: int,
-                 coordinates: int) -> None:
-    """What a device verifies before masking into a cohort (raises :class:`CohortRefused`)."""
+                 coordinates: int, trusted_keys: frozenset[bytes] | None = None, min_members: int = 2) -> None:
+    """What a device verifies before masking into a cohort (raises :class:`CohortRefused`).
+
+    ``trusted_keys`` pins the peers' identity keys to a list the device got from its
+    operator, not from the server: otherwise a malicious server could fill a cohort with
+    identities it controls and learn this device's input from the "sum". ``min_members``
+    is the device's own floor on the cohort size, whatever threshold the server announces.
+    """
+    if len(start.members) < min_members:
+        raise CohortRefused(f"cohort of {len(start.members)} members, this device requires at least {min_members}")
+    if trusted_keys is not None:
+        unknown = [m for m, k in start.identity_keys if k not in trusted_keys]
+        if unknown:
+            raise CohortRefused(f"members {unknown} carry identity keys outside this device's trusted list")
     if start.plan_id != plan_id:
         raise CohortRefused(f"cohort trains plan {start.plan_id}, this device trained {plan_id}")
     keys = dict(start.identity_keys)

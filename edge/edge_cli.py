@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 STAGE_EVENTS = ("joined", "started", "advertised", "shared", "uploaded", "signed", "unmasked", "trained", "pulled")
 
@@ -26,6 +27,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure-plaintext", action="store_true", help="the server speaks plain HTTP (local tests)")
     parser.add_argument("--state", metavar="DIR", help="accountant state directory (default: KEY.state)")
     parser.add_argument("--epsilon", type=float, default=10.0, help="this device's lifetime privacy budget")
+    parser.add_argument("--peers", metavar="FILE",
+                        help="pinned peer identity keys, one hex Ed25519 public key per line; cohorts with any other "
+                             "member are refused (default: trust the server's member list)")
+    parser.add_argument("--min-cohort", type=int, default=2, help="refuse cohorts with fewer members than this")
     parser.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: until the budget is spent)")
     parser.add_argument("--model-factory", metavar="PKG.MOD:FN",
                         help="callable(TaskInfo) -> nn.Sequential (default: the bundled model the task names)")
@@ -102,11 +107,22 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
+    trusted = None
+    if args.peers:
+        try:
+            lines = [ln.strip() for ln in Path(args.peers).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            trusted = [bytes.fromhex(ln) for ln in lines]
+        except (OSError, ValueError) as exc:
+            print(f"ftte edge: cannot read --peers {args.peers}: {exc}", file=sys.stderr)
+            return 2
+        if any(len(k) != 32 for k in trusted):
+            print(f"ftte edge: --peers {args.peers}: every line must be a 64-hex-digit Ed25519 public key", file=sys.stderr)
+            return 2
     verify = False if args.insecure_plaintext else (args.ca or True)
     client = EdgeClient(args.server, identity, x, y, state_dir=args.state or (args.key + ".state"),
                         epsilon_max=args.epsilon, model_factory=factory, verify=verify,
                         retry=RetryPolicy(patience_s=args.patience), on_event=on_event, seed=args.seed,
-                        join_patience_s=args.join_patience)
+                        join_patience_s=args.join_patience, trusted_keys=trusted, min_members=args.min_cohort)
     try:
         results = client.run(rounds=args.rounds)
     except EdgeError as exc:

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import httpx
 import numpy as np
@@ -268,7 +268,8 @@ class EdgeClient:
                  verify: Any = True, retry: RetryPolicy = RetryPolicy(), timeout_s: float = 30.0,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None, seed: int | None = None,
                  torch_threads: int | None = None, transport: Transport | None = None,
-                 join_patience_s: float = 600.0) -> None:
+                 join_patience_s: float = 600.0, trusted_keys: Iterable[bytes] | None = None,
+                 min_members: int = 2) -> None:
         if len(x) != len(y) or len(x) == 0:
             raise ValueError("x and y must be non-empty and of equal length")
         if torch_threads is not None:
@@ -284,6 +285,9 @@ class EdgeClient:
         self.retry = retry
         self.join_patience_s = join_patience_s
         self.on_event = on_event
+        # peers' identity keys as pinned by the operator (None: trust the server's list)
+        self.trusted_keys = frozenset(trusted_keys) | {identity.public_key} if trusted_keys is not None else None
+        self.min_members = min_members
         self._rng = np.random.default_rng(seed)
         self._seed = random.Random(seed)
         self.transport = transport or Transport(server_url, identity, verify=verify, timeout_s=timeout_s, retry=retry)
@@ -449,7 +453,8 @@ class EdgeClient:
                 return self._ended(start, pull.version, uploaded, eps)
             check_cohort(start, member=self.member, identity_key=self.identity.public_key,
                          plan_id=self.plan.plan_id, base_version=pull.version,
-                         coordinates=self.plan.num_coordinates)
+                         coordinates=self.plan.num_coordinates, trusted_keys=self.trusted_keys,
+                         min_members=self.min_members)
             client = SecAggClient(session_params(start), self.member, self.identity)
             self._event("started", cohort=cid, members=len(start.members), close_version=start.close_version)
 

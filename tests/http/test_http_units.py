@@ -534,3 +534,24 @@ def test_edge_refuses_weights_that_do_not_match_the_plan(tmp_path):
     with pytest.raises(ModelMismatch, match="does not fit"):
         other.connect()  # the task's logistic plan on an MLP
     other.close()
+
+
+def test_device_refuses_cohorts_with_unpinned_peers_or_too_few_members():
+    """A malicious server must not be able to surround a device with identities it controls."""
+    from ftte.edge.deploy_protocol import CohortRefused, check_cohort
+    from ftte.messages import CohortStart
+
+    me, peer, stranger = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+
+    def start(keys):
+        members = tuple(range(1, len(keys) + 1))
+        return CohortStart("c", "p", bytes(32), 3, members, tuple(zip(members, keys)), 2, 0, "full", 0, 652, 16, 12,
+                           2.0, -1.0, 0.5, 1.0, 0.25)
+
+    common = dict(member=1, identity_key=me, plan_id="p", base_version=3, coordinates=650)
+    check_cohort(start([me, peer]), trusted_keys=frozenset({me, peer}), **common)  # pinned peers: accepted
+    with pytest.raises(CohortRefused, match="trusted"):
+        check_cohort(start([me, stranger]), trusted_keys=frozenset({me, peer}), **common)
+    with pytest.raises(CohortRefused, match="at least 3"):
+        check_cohort(start([me, peer]), min_members=3, **common)
+    check_cohort(start([me, stranger]), **common)  # without a pinned list the server's list is trusted
