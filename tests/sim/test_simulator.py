@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,34 +14,7 @@ from ftte.pipeline.simulator import Simulation
 from ftte.pipeline.state import ServerState
 from ftte.privacy.accountant import AccountantStore
 
-NO_DROPOUT = {"train": 0.0, "advertise": 0.0, "share": 0.0, "upload": 0.0, "consistency": 0.0, "unmask": 0.0}
-
-
-def tiny(**overrides):
-    base = {
-        "fleet.devices": 16,
-        "fleet.stragglers": 0.5,
-        "model.name": "logistic",
-        "server.buffer_size": 4,
-        "server.fedavg_clients_per_round": 4,
-        "server.fedavg_over_selection": 0.25,
-        "run.max_versions": 3,
-        "train.local_steps": 2,
-        "train.batch_size": 4,
-        "privacy.epsilon_max": 1000.0,
-    }
-    base.update(overrides)
-    return load_config(None).with_overrides(**base)
-
-
-def no_dropout_fleet(**overrides):
-    classes = [
-        {"name": "fast", "fraction": 0.5, "compute_speed": 1.0, "memory_bytes": 64 << 20, "uplink_bps": 2e6,
-         "downlink_bps": 1e7, "availability": 1.0, "dropout": NO_DROPOUT},
-        {"name": "slow", "fraction": 0.5, "compute_speed": 0.1, "memory_bytes": 2 << 20, "uplink_bps": 1e5,
-         "downlink_bps": 5e5, "availability": 1.0, "dropout": NO_DROPOUT},
-    ]
-    return tiny(**{"fleet.classes": classes, **overrides})
+from sim_helpers import reliable as no_dropout_fleet, tiny
 
 
 def run(cfg, out=None):
