@@ -40,22 +40,24 @@ def run_one(cfg: Config, out_dir: Path, *, quiet: bool = False, label: str = "")
     from ftte.pipeline.progress import Progress
     from ftte.pipeline.simulator import Simulation
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(cfg.to_toml())
     desc = label or cfg.run.strategy
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # opacus' PRV domain maths warns on log(0)
-        with Progress(total=cfg.run.max_versions, desc=desc, enabled=not quiet) as bar:
-            def tick(row: dict[str, Any]) -> None:
-                bar.update(1, status=f"acc {row['accuracy']:.3f}  t={row['virtual_time_s']:.0f}s")
+        # Build first: data, fleet, model and plan search can still refuse the config, and a
+        # refused run must leave no directory behind.
+        sim = Simulation(cfg, out_dir)
+        try:
+            (out_dir / "config.toml").write_text(cfg.to_toml())
+            with Progress(total=cfg.run.max_versions, desc=desc, enabled=not quiet) as bar:
+                def tick(row: dict[str, Any]) -> None:
+                    bar.update(1, status=f"acc {row['accuracy']:.3f}  t={row['virtual_time_s']:.0f}s")
 
-            sim = Simulation(cfg, out_dir, on_version=tick)
-            try:
+                sim.on_version = tick
                 if sim.version:
                     bar.update(sim.version, status=f"resumed at version {sim.version}")
                 result = sim.run()
-            finally:
-                sim.close()
+        finally:
+            sim.close()
     write_outputs(out_dir, result, cfg)
     return result
 

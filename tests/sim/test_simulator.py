@@ -137,3 +137,10 @@ def test_every_strategy_leaves_a_ledger_that_audits(tmp_path, strategy):
                   "server.buffer_size": 4, "server.fedavg_clients_per_round": 4, "secagg.threshold": 4})
     run(cfg, out)
     assert cli_main(["audit", str(out / "ledger.db")]) == 0
+
+
+def test_impossible_memory_budget_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert cli_main(["simulate", "--out", str(out), "--quiet", "--set", "train.memory_budget_fraction=0.01"]) == 2
+    assert "no subset plan fits" in capsys.readouterr().err
+    assert not out.exists()
