@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from ftte import wire
-from ftte.crypto.primitives import Signer, sha256
+from ftte.crypto.primitives import Signer
 from ftte.crypto.secagg_local import STAGES, run_session
 from ftte.crypto.secagg_session import SessionParams
 from ftte.edge.encoding import UpdateCodec, weigh_update
@@ -67,10 +67,6 @@ class CohortOutcome:
     @property
     def ok(self) -> bool:
         return self.weighted_sum is not None
-
-
-def model_hash(plan_id: str, weights: np.ndarray) -> bytes:
-    return sha256(b"ftte/model/v1", plan_id.encode(), np.ascontiguousarray(weights, dtype="<f4").tobytes())
 
 
 def draw_dropouts(devices: Sequence[SimDevice], stages: Sequence[str], rng: np.random.Generator) -> dict[int, str]:

@@ -47,7 +47,7 @@ from ftte.crypto.secagg_session import (
 from ftte.edge.deploy_protocol import session_params
 from ftte.edge.encoding import EXTRA_COORDINATES, UpdateCodec
 from ftte.edge.plan import apply_subset_vector
-from ftte.pipeline.cohort import model_hash
+from ftte.edge.deploy_protocol import model_hash
 from ftte.pipeline.deploy_task import DeployTask
 from ftte.pipeline.journal import (
     CLOSE,

@@ -42,7 +42,8 @@ from ftte.messages import ModelPull
 from ftte.pipeline.backends import (DeviceBackend, TrainTask, WorkerData, WorkerSpec, lost_round_stats, make_backend,
                                     reserve_round)
 from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time
-from ftte.pipeline.cohort import CohortOutcome, CohortSpec, model_hash, run_cohort
+from ftte.edge.deploy_protocol import model_hash
+from ftte.pipeline.cohort import CohortOutcome, CohortSpec, run_cohort
 from ftte.pipeline.config import Config
 from ftte.pipeline.datasets import FederatedData, load_dataset
 from ftte.pipeline.fleet import SimDevice, build_fleet

@@ -47,11 +47,12 @@ def test_edge_client_does_not_import_the_server_stack():
 
 
 def test_model_hash_is_the_one_the_pipeline_uses():
-    from ftte.pipeline.cohort import model_hash
+    from ftte.pipeline import coordinator, simulator
 
+    assert simulator.model_hash is edge_model_hash and coordinator.model_hash is edge_model_hash
     w = np.random.default_rng(0).normal(size=650).astype(np.float32)
-    assert edge_model_hash("plan-x", w) == model_hash("plan-x", w)
-    assert edge_model_hash("plan-y", w) != model_hash("plan-x", w)
+    assert edge_model_hash("plan-y", w) != edge_model_hash("plan-x", w)
+    assert edge_model_hash("plan-x", w) != edge_model_hash("plan-x", w + 1)
 
 
 def test_member_id_is_stable_and_in_range():
