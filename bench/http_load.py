@@ -143,14 +143,8 @@ async def _device_loop(url: str, key: bytes, ca: str | None, stop_at: float, har
 
     from ftte import wire
     from ftte.http_auth import (
-        CONTENT_TYPE,
-        HEADER_DEVICE,
-        HEADER_NONCE,
         HEADER_SERVER_TIME,
-        HEADER_SIGNATURE,
-        HEADER_TIME,
-        body_digest,
-        request_signing_bytes,
+        signed_headers,
     )
     from ftte.messages import (
         Ack,
@@ -190,11 +184,7 @@ async def _device_loop(url: str, key: bytes, ca: str | None, stop_at: float, har
             for attempt in range(20):
                 if time.time() > hard_stop:
                     raise TimeoutError
-                nonce = os.urandom(16).hex()
-                t_ms = int(time.time() * 1000) + offset[0]
-                sig = signer.sign(request_signing_bytes("POST", path, body_digest(body), nonce, t_ms, device))
-                headers = {"content-type": CONTENT_TYPE, HEADER_DEVICE: device, HEADER_NONCE: nonce,
-                           HEADER_TIME: str(t_ms), HEADER_SIGNATURE: sig.hex()}
+                headers = signed_headers(signer.sign, device, path, body, time_ms=int(time.time() * 1000) + offset[0])
                 t0 = time.perf_counter()
                 try:
                     r = await http.post(path, content=body, headers=headers)

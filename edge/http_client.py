@@ -62,16 +62,9 @@ from torch import nn
 from ftte import __version__, wire
 from ftte.http_auth import (
     API_PREFIX,
-    CONTENT_TYPE,
-    HEADER_DEVICE,
-    HEADER_NONCE,
     HEADER_SERVER_TIME,
-    HEADER_SIGNATURE,
-    HEADER_TIME,
-    NONCE_BYTES,
-    body_digest,
     member_id,
-    request_signing_bytes,
+    signed_headers,
 )
 from ftte.messages import (
     Ack,
@@ -176,16 +169,8 @@ class Transport:
         self._client.close()
 
     def _headers(self, path: str, body: bytes) -> dict[str, str]:
-        nonce = os.urandom(NONCE_BYTES).hex()
-        t_ms = int(time.time() * 1000) + self.offset_ms
-        sig = self.identity.sign(request_signing_bytes("POST", path, body_digest(body), nonce, t_ms, self.device_hex))
-        return {
-            "content-type": CONTENT_TYPE,
-            HEADER_DEVICE: self.device_hex,
-            HEADER_NONCE: nonce,
-            HEADER_TIME: str(t_ms),
-            HEADER_SIGNATURE: sig.hex(),
-        }
+        return signed_headers(self.identity.sign, self.device_hex, path, body,
+                              time_ms=int(time.time() * 1000) + self.offset_ms)
 
     def _sync_clock(self, response: httpx.Response) -> None:
         stamp = response.headers.get(HEADER_SERVER_TIME)

@@ -14,7 +14,9 @@ This module only builds bytes (hashlib); signing and verifying stay with
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from typing import Callable
 
 PROTOCOL_LABEL = b"ftte/http/request/v1"
 API_PREFIX = "/v1"
@@ -45,6 +47,20 @@ def request_signing_bytes(method: str, path: str, digest: bytes, nonce_hex: str,
         str(int(time_ms)).encode("ascii"),
         device_hex.encode("ascii"),
     ])
+
+
+def signed_headers(sign: Callable[[bytes], bytes], device_hex: str, path: str, body: bytes, *, time_ms: int,
+                   nonce_hex: str | None = None, method: str = "POST") -> dict[str, str]:
+    """The headers of one authenticated request; ``sign`` is the device's Ed25519 signing function."""
+    nonce_hex = nonce_hex or os.urandom(NONCE_BYTES).hex()
+    sig = sign(request_signing_bytes(method, path, body_digest(body), nonce_hex, time_ms, device_hex))
+    return {
+        "content-type": CONTENT_TYPE,
+        HEADER_DEVICE: device_hex,
+        HEADER_NONCE: nonce_hex,
+        HEADER_TIME: str(int(time_ms)),
+        HEADER_SIGNATURE: sig.hex(),
+    }
 
 
 def is_hex(value: str, length: int) -> bool:

@@ -9,7 +9,6 @@ the same member's honest upload is accepted afterwards and the cohort is applied
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import numpy as np
@@ -41,13 +40,9 @@ from ftte.edge.plan import SubsetPlan
 
 from ftte import wire
 from ftte.http_auth import (
-    CONTENT_TYPE,
     HEADER_DEVICE,
-    HEADER_NONCE,
     HEADER_SIGNATURE,
-    HEADER_TIME,
-    body_digest,
-    request_signing_bytes,
+    signed_headers,
 )
 from ftte.messages import (
     Ack,
@@ -71,12 +66,8 @@ from ftte.messages import (
 
 
 def signed(signer: Signer, path: str, body: bytes, *, t_ms: int | None = None, nonce: str | None = None) -> dict:
-    nonce = nonce or os.urandom(16).hex()
     t_ms = int(time.time() * 1000) if t_ms is None else t_ms
-    device = signer.public_key.hex()
-    sig = signer.sign(request_signing_bytes("POST", path, body_digest(body), nonce, t_ms, device))
-    return {"content-type": CONTENT_TYPE, HEADER_DEVICE: device, HEADER_NONCE: nonce, HEADER_TIME: str(t_ms),
-            HEADER_SIGNATURE: sig.hex()}
+    return signed_headers(signer.sign, signer.public_key.hex(), path, body, time_ms=t_ms, nonce_hex=nonce)
 
 
 def code_of(r: httpx.Response) -> str:
