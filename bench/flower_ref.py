@@ -51,7 +51,7 @@ from ftte.bench.secagg_run import SecAggBenchConfig, make_cohort
 from ftte.crypto.prg import ring_dtype
 from ftte.crypto.quantize import Quantizer, levels
 from ftte.crypto.secagg_session import SessionParams
-from ftte.messages import MaskedInput
+from ftte.secagg_messages import MaskedInput
 
 FLOWER_VERSION = "1.41.0"
 INSTALL_HINT = "install Flower with `make compare-flower` or `pip install 'ftte[flower]'` (flwr==1.41.0)"

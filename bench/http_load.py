@@ -146,22 +146,24 @@ async def _device_loop(url: str, key: bytes, ca: str | None, stop_at: float, har
         HEADER_SERVER_TIME,
         signed_headers,
     )
-    from ftte.messages import (
+    from ftte.secagg_messages import (
+        ConsistencyBundle,
+        Roster,
+        ShareDelivery,
+        SurvivorList,
+    )
+    from ftte.round_messages import ModelPull
+    from ftte.deploy_messages import (
         Ack,
         CohortEnd,
         CohortStart,
-        ConsistencyBundle,
         ErrorReply,
         JoinReply,
         JoinRequest,
-        ModelPull,
         Pending,
         PollRequest,
         PullRequest,
-        Roster,
-        ShareDelivery,
         Submit,
-        SurvivorList,
         TaskInfo,
         TaskRequest,
     )

@@ -43,7 +43,7 @@ from ftte.crypto.secagg_session import (
     share_index,
     share_key,
 )
-from ftte.messages import (
+from ftte.secagg_messages import (
     AdvertiseKeys,
     ConsistencyBundle,
     ConsistencySignature,

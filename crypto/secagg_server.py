@@ -38,7 +38,7 @@ from ftte.crypto.secagg_session import (
     session_id,
     share_index,
 )
-from ftte.messages import (
+from ftte.secagg_messages import (
     AdvertiseKeys,
     ConsistencyBundle,
     ConsistencySignature,

@@ -2,7 +2,7 @@
 
 Kept apart from the HTTP client so the server can import them without an HTTP client
 library, and free of any transport: the model hash a pull is checked against, the
-secure-aggregation session a :class:`~ftte.messages.CohortStart` describes, the weighting
+secure-aggregation session a :class:`~ftte.deploy_messages.CohortStart` describes, the weighting
 rule it announces, and the checks a device makes before it trusts a cohort.
 """
 
@@ -15,7 +15,7 @@ from ftte.crypto.secagg_session import SessionParams
 from ftte.edge.encoding import EXTRA_COORDINATES
 from ftte.edge.weighting import WeightRule
 
-from ftte.messages import CohortStart
+from ftte.deploy_messages import CohortStart
 
 
 class CohortRefused(ValueError):

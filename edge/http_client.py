@@ -66,24 +66,26 @@ from ftte.http_auth import (
     member_id,
     signed_headers,
 )
-from ftte.messages import (
+from ftte.secagg_messages import (
+    ConsistencyBundle,
+    Roster,
+    ShareDelivery,
+    SurvivorList,
+)
+from ftte.round_messages import ModelPull
+from ftte.deploy_messages import (
     Ack,
     CohortEnd,
     CohortStart,
-    ConsistencyBundle,
     ErrorReply,
     JoinReply,
     JoinRequest,
     LeaveRequest,
-    ModelPull,
     Pending,
     PollRequest,
     PullRequest,
-    Roster,
-    ShareDelivery,
     SpentRound,
     Submit,
-    SurvivorList,
     TaskInfo,
     TaskRequest,
 )

@@ -49,7 +49,7 @@ from torch import nn
 
 from ftte.edge.plan import SubsetPlan
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
-from ftte.messages import ModelPull
+from ftte.round_messages import ModelPull
 from ftte.privacy.accountant import AccountantStore, DeviceAccountantState
 from ftte.privacy.dpsgd import RNG_SOURCE_DEFAULT, DPConfig, RoundPlan, RoundStats
 

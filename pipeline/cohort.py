@@ -3,7 +3,7 @@
 With secure aggregation on, the members' encoded vectors go through the real protocol
 (``ftte.crypto.secagg_local``: real keys, masks, Shamir shares, every message encoded),
 and the server gets back only the ring sum. With it off, members upload their weighted
-float32 update in a :class:`~ftte.messages.PlainUpdate` and the server sums them. Either
+float32 update in a :class:`~ftte.round_messages.PlainUpdate` and the server sums them. Either
 way the result is ``(Σ w·Δ, Σ w, Σ σ²)`` over the members that made it to the end.
 
 Virtual time: each protocol stage lasts as long as its slowest live member needs to
@@ -26,7 +26,7 @@ from ftte.crypto.secagg_session import SessionParams
 from ftte.edge.encoding import UpdateCodec, weigh_update
 from ftte.edge.runtime import LocalUpdate
 from ftte.edge.weighting import WeightRule
-from ftte.messages import PlainUpdate
+from ftte.round_messages import PlainUpdate
 from ftte.pipeline.fleet import SimDevice
 
 STAGE_TIMEOUT_S = 10.0

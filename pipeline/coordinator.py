@@ -67,29 +67,31 @@ from ftte.pipeline.merge import ServerOptimizer, weighted_mean
 from ftte.privacy.accountant import PrivacyStep
 
 from ftte import wire
-from ftte.messages import (
-    Ack,
+from ftte.secagg_messages import (
     AdvertiseKeys,
-    CohortEnd,
-    CohortStart,
     ConsistencyBundle,
     ConsistencySignature,
-    JoinReply,
-    JoinRequest,
-    LeaveRequest,
     MaskedInput,
-    ModelPull,
-    Pending,
-    PollRequest,
-    PullRequest,
     Roster,
     ShareDelivery,
     ShareKeys,
+    SurvivorList,
+    UnmaskShares,
+)
+from ftte.round_messages import ModelPull
+from ftte.deploy_messages import (
+    Ack,
+    CohortEnd,
+    CohortStart,
+    JoinReply,
+    JoinRequest,
+    LeaveRequest,
+    Pending,
+    PollRequest,
+    PullRequest,
     SpentRound,
     Submit,
-    SurvivorList,
     TaskInfo,
-    UnmaskShares,
 )
 
 STAGES = ("advertise", "share", "upload", "consistency", "unmask")

@@ -21,7 +21,7 @@ from ftte.pipeline.deploy_config import ServerSettings
 from ftte.pipeline.simulator import build_global_model
 from ftte.pipeline.strategies import strategy_for
 
-from ftte.messages import TaskInfo
+from ftte.deploy_messages import TaskInfo
 
 
 def model_kwargs(name: str, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:

@@ -31,7 +31,7 @@ run first and nothing is allocated for a request that will be refused:
 8. the coordinator's own checks (plan, shapes, dtype, stage, membership): 4xx from
    :class:`~ftte.pipeline.coordinator.ProtocolError`, always raised before any state change.
 
-Errors carry an :class:`~ftte.messages.ErrorReply` body. Every response carries the server
+Errors carry an :class:`~ftte.deploy_messages.ErrorReply` body. Every response carries the server
 clock in ``x-ftte-server-time``.
 """
 
@@ -70,7 +70,7 @@ from ftte.http_auth import (
     member_id,
     request_signing_bytes,
 )
-from ftte.messages import (
+from ftte.deploy_messages import (
     Ack,
     ErrorReply,
     JoinRequest,

@@ -38,7 +38,7 @@ from ftte.crypto.primitives import Signer
 from ftte.edge.models import build_model, make_dp_compatible
 from ftte.edge.plan import SubsetPlan, apply_subset_vector, subset_vector
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
-from ftte.messages import ModelPull
+from ftte.round_messages import ModelPull
 from ftte.pipeline.backends import (DeviceBackend, TrainTask, WorkerData, WorkerSpec, lost_round_stats, make_backend,
                                     reserve_round)
 from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time

@@ -25,7 +25,12 @@ from ftte.crypto.secagg_session import (
     SignatureError,
     session_id,
 )
-from ftte.messages import ConsistencyBundle, MaskedInput, ShareDelivery, SurvivorList, UnmaskShares
+from ftte.secagg_messages import (
+    ConsistencyBundle,
+    ShareDelivery,
+    SurvivorList,
+    UnmaskShares,
+)
 
 
 def identities_for(params):

@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ftte import wire
-from ftte.messages import AdvertiseKeys, MaskedInput, ShareKeys, SurvivorList, UnmaskShares
+from ftte.secagg_messages import (
+    AdvertiseKeys,
+    MaskedInput,
+    ShareKeys,
+    SurvivorList,
+    UnmaskShares,
+)
 
 
 def sample_messages():

@@ -44,22 +44,24 @@ from ftte.http_auth import (
     HEADER_SIGNATURE,
     signed_headers,
 )
-from ftte.messages import (
+from ftte.secagg_messages import (
+    ConsistencyBundle,
+    Roster,
+    ShareDelivery,
+    SurvivorList,
+)
+from ftte.round_messages import ModelPull
+from ftte.deploy_messages import (
     Ack,
     CohortEnd,
     CohortStart,
-    ConsistencyBundle,
     ErrorReply,
     JoinReply,
     JoinRequest,
-    ModelPull,
     Pending,
     PollRequest,
     PullRequest,
-    Roster,
-    ShareDelivery,
     Submit,
-    SurvivorList,
     TaskInfo,
     TaskRequest,
 )

@@ -21,17 +21,19 @@ from ftte.edge.encoding import UpdateCodec
 
 from ftte import wire
 from ftte.http_auth import member_id
-from ftte.messages import (
+from ftte.secagg_messages import (
+    ConsistencyBundle,
+    Roster,
+    ShareDelivery,
+    SurvivorList,
+)
+from ftte.deploy_messages import (
     CohortEnd,
     CohortStart,
-    ConsistencyBundle,
     JoinRequest,
     Pending,
     PollRequest,
-    Roster,
-    ShareDelivery,
     Submit,
-    SurvivorList,
     TaskInfo,
 )
 
@@ -109,7 +111,7 @@ def test_submit_limit_fits_an_honest_upload_and_little_more():
 
     dim, k = 650, 4
     limit = submit_limit(dim, k)
-    upload = Submit("c-" + "0" * 16, wire.encode(__import__("ftte.messages", fromlist=["MaskedInput"]).MaskedInput(
+    upload = Submit("c-" + "0" * 16, wire.encode(__import__("ftte.secagg_messages", fromlist=["MaskedInput"]).MaskedInput(
         bytes(32), 1, np.zeros(dim + 2, np.uint32), bytes(64))))
     assert len(wire.encode(upload)) < limit < 4 * (dim + 2) + 8192
 
@@ -388,7 +390,7 @@ def test_rounds_reported_late_reach_the_ledger_before_the_round(tmp_path):
     from ftte.privacy.audit import verify_ledger
     from ftte.privacy.ledger import Ledger
 
-    from ftte.messages import SpentRound
+    from ftte.deploy_messages import SpentRound
 
     signers = [Signer() for _ in range(4)]
     members = [member_id(s.public_key) for s in signers]
@@ -421,7 +423,7 @@ def test_rounds_reported_late_reach_the_ledger_before_the_round(tmp_path):
 
 
 def test_an_emptied_forming_cohort_is_forgotten(tmp_path):
-    from ftte.messages import LeaveRequest
+    from ftte.deploy_messages import LeaveRequest
 
     signers = [Signer() for _ in range(4)]
     m = member_id(signers[0].public_key)
@@ -493,7 +495,7 @@ def test_edge_refuses_weights_that_do_not_match_the_plan(tmp_path):
     import dataclasses
 
     from ftte.edge.http_client import EdgeClient, ModelMismatch
-    from ftte.messages import ModelPull
+    from ftte.round_messages import ModelPull
     from ftte.pipeline.deploy_config import parse_server_config
     from ftte.pipeline.deploy_task import build_task
 
@@ -540,7 +542,7 @@ def test_edge_refuses_weights_that_do_not_match_the_plan(tmp_path):
 def test_device_refuses_cohorts_with_unpinned_peers_or_too_few_members():
     """A malicious server must not be able to surround a device with identities it controls."""
     from ftte.edge.deploy_protocol import CohortRefused, check_cohort
-    from ftte.messages import CohortStart
+    from ftte.deploy_messages import CohortStart
 
     me, peer, stranger = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
 

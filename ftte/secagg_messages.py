@@ -1,0 +1,135 @@
+"""Messages of the secure-aggregation protocol (tags 1-19): the only messages ``ftte.crypto`` knows.
+
+Client-to-server messages carry an Ed25519 signature by the member's long-term identity
+over :func:`signing_bytes`, which is the encoded message with an empty signature under a
+per-type domain label; so a message cannot be moved to another type, session or member.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+from ftte.wire import (
+    IDS,
+    KEY32,
+    RING_VECTOR,
+    SIG64,
+    U64,
+    Message,
+    encode,
+    field,
+    fixed_bytes,
+    message,
+    pairs,
+    var_bytes,
+)
+
+import numpy as np
+
+SHARE_BYTES = 33  # a Shamir share value in the 257-bit prime field
+SHARE_CIPHERTEXT_BYTES = 12 + 2 * SHARE_BYTES + 16  # nonce + (seed share, key share) + tag
+EMPTY_SIGNATURE = bytes(64)
+
+SHARE = fixed_bytes(SHARE_BYTES)
+CIPHERTEXT = fixed_bytes(SHARE_CIPHERTEXT_BYTES)
+
+
+@message(1)
+class AdvertiseKeys(Message):
+    """Stage 0: a member's fresh X25519 keys (c: share encryption, s: pairwise masks)."""
+
+    context: bytes = field(KEY32)
+    member: int = field(U64)
+    c_public: bytes = field(KEY32)
+    s_public: bytes = field(KEY32)
+    signature: bytes = field(SIG64, default=EMPTY_SIGNATURE)
+
+
+@message(2)
+class Roster(Message):
+    """Server to all: every advertisement received, so members can check them and derive the session id."""
+
+    context: bytes = field(KEY32)
+    adverts: tuple = field(pairs(var_bytes(512)))  # (member, encoded AdvertiseKeys)
+
+
+@message(3)
+class ShareKeys(Message):
+    """Stage 1: AEAD-encrypted Shamir shares for each share holder, and a commitment to the self-mask seed."""
+
+    session: bytes = field(KEY32)
+    member: int = field(U64)
+    seed_commitment: bytes = field(KEY32)
+    ciphertexts: tuple = field(pairs(CIPHERTEXT))  # (recipient, ciphertext)
+    signature: bytes = field(SIG64, default=EMPTY_SIGNATURE)
+
+
+@message(4)
+class ShareDelivery(Message):
+    """Server to one member: the ciphertexts addressed to it, by sender."""
+
+    session: bytes = field(KEY32)
+    ciphertexts: tuple = field(pairs(CIPHERTEXT))  # (sender, ciphertext)
+
+
+@message(5)
+class MaskedInput(Message):
+    """Stage 2: the member's input plus its self mask and pairwise masks, in the ring."""
+
+    session: bytes = field(KEY32)
+    member: int = field(U64)
+    vector: np.ndarray = field(RING_VECTOR)
+    signature: bytes = field(SIG64, default=EMPTY_SIGNATURE)
+
+
+@message(6)
+class SurvivorList(Message):
+    """Server to survivors: who uploaded a masked input (U2)."""
+
+    session: bytes = field(KEY32)
+    survivors: tuple = field(IDS)
+
+
+@message(7)
+class ConsistencySignature(Message):
+    """Stage 3: a member's signature on the survivor list, checked by the other members."""
+
+    session: bytes = field(KEY32)
+    member: int = field(U64)
+    signature: bytes = field(SIG64)
+
+
+@message(8)
+class ConsistencyBundle(Message):
+    """Server to survivors: the consistency signatures it collected."""
+
+    session: bytes = field(KEY32)
+    signatures: tuple = field(pairs(SIG64))  # (member, signature)
+
+
+@message(9)
+class UnmaskShares(Message):
+    """Stage 4: seed shares of survivors and key shares of dropped members, never both for one member."""
+
+    session: bytes = field(KEY32)
+    member: int = field(U64)
+    seed_shares: tuple = field(pairs(SHARE))  # (owner, share of owner's self-mask seed)
+    key_shares: tuple = field(pairs(SHARE))  # (owner, share of owner's mask private key)
+    signature: bytes = field(SIG64, default=EMPTY_SIGNATURE)
+
+
+SIGNED_TYPES = (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskShares)
+
+
+def signing_bytes(msg: Message) -> bytes:
+    """What a member signs: a domain label and the digest of the message with an empty signature."""
+    unsigned = dataclasses.replace(msg, signature=EMPTY_SIGNATURE)
+    label = f"ftte/secagg/{type(msg).__name__}/v1".encode()
+    return label + hashlib.sha256(encode(unsigned)).digest()
+
+
+def consistency_bytes(session: bytes, survivors: tuple[int, ...]) -> bytes:
+    """What a member signs in the consistency check: the session and the sorted survivor list."""
+    body = b"".join(m.to_bytes(8, "big") for m in sorted(survivors))
+    return b"ftte/secagg/consistency/v1" + session + hashlib.sha256(body).digest()
