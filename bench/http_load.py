@@ -137,8 +137,8 @@ async def _device_loop(url: str, key: bytes, ca: str | None, stop_at: float, har
     import numpy as np
     from ftte.crypto.primitives import Signer
     from ftte.crypto.secagg_client import SecAggClient
-    from ftte.edge.deploy_protocol import session_params
-    from ftte.edge.encoding import UpdateCodec
+    from ftte.protocol.cohort import session_params
+    from ftte.protocol.encoding import UpdateCodec
     from ftte.edge.plan import SubsetPlan
 
     from ftte import wire

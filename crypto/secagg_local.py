@@ -2,8 +2,10 @@
 
 Used by the benchmark, the tests and the simulator. Each message crosses
 ``wire.encode``/``wire.decode`` exactly as a transport would carry it, so the byte counts
-are those of the real messages. ``drop`` names, per member, the stage at which it
-vanishes (it never sends that stage's message, nor any later one).
+are those of the real messages. ``drop`` names, per member, the stage (its label) at
+which it vanishes: it never sends that stage's message, nor any later one. The stages,
+and what each member receives before each, come from :mod:`ftte.crypto.stages`; each
+member's side is a :class:`~ftte.crypto.secagg_member.MemberSession`, as on a device.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import numpy as np
 
 from ftte import wire
 from ftte.crypto.primitives import Signer
-from ftte.crypto.secagg_client import SecAggClient
+from ftte.crypto.secagg_member import MemberSession
 from ftte.crypto.secagg_server import AggregateResult, SecAggServer
 from ftte.crypto.secagg_session import SessionAborted, SessionParams
+from ftte.crypto.stages import STAGE_LABELS, Stage, close_stage, input_for
 
-STAGES = ("advertise", "share", "upload", "consistency", "unmask")
+STAGES = STAGE_LABELS
 
 
 @dataclass
@@ -53,19 +56,13 @@ def run_session(
 ) -> tuple[AggregateResult | None, SessionStats]:
     """Run all five stages; returns (result or None if aborted, stats)."""
     drop = dict(drop or {})
-    for member, stage in drop.items():
-        if stage not in STAGES:
-            raise ValueError(f"unknown drop stage {stage!r} for member {member}; stages are {STAGES}")
+    for member, label in drop.items():
+        if label not in STAGE_LABELS:
+            raise ValueError(f"unknown drop stage {label!r} for member {member}; stages are {STAGE_LABELS}")
     stats = SessionStats()
     server = SecAggServer(params)
-    clients = {m: SecAggClient(params, m, identities[m]) for m in params.members}
+    members = {m: MemberSession(params, m, identities[m], lambda m=m: inputs[m]) for m in params.members}
     alive = set(params.members)
-
-    def still(stage: str) -> list[int]:
-        for m in sorted(alive):
-            if drop.get(m) == stage:
-                alive.discard(m)
-        return sorted(alive)
 
     def server_time(fn, *args):
         t0 = time.perf_counter()
@@ -74,32 +71,22 @@ def run_session(
         finally:
             stats.server_seconds += time.perf_counter() - t0
 
+    published = None
     try:
-        for m in still("advertise"):
-            server_time(server.receive, stats.carry(clients[m].advertise(), m, "advertise", True))
-        roster = server_time(server.close_advertise)
-        for m in still("share"):
-            r = stats.carry(roster, m, "share", False)
-            server_time(server.receive, stats.carry(clients[m].share_keys(r), m, "share", True))
-        deliveries = server_time(server.close_share)
-        for m in still("upload"):
-            d = stats.carry(deliveries[m], m, "upload", False)
-            t0 = time.perf_counter()
-            masked = clients[m].masked_input(d, inputs[m])
-            stats.mask_seconds[m] = time.perf_counter() - t0
-            server_time(server.receive, stats.carry(masked, m, "upload", True))
-        survivors = server_time(server.close_upload)
-        for m in still("consistency"):
-            if m not in survivors.survivors:
-                continue
-            s = stats.carry(survivors, m, "consistency", False)
-            server_time(server.receive, stats.carry(clients[m].consistency(s), m, "consistency", True))
-        bundle = server_time(server.close_consistency)
-        for m in still("unmask"):
-            if m not in server.consistency_sigs:
-                continue
-            b = stats.carry(bundle, m, "unmask", False)
-            server_time(server.receive, stats.carry(clients[m].unmask(b), m, "unmask", True))
+        for stage in Stage:
+            label = stage.label
+            alive -= {m for m in alive if drop.get(m) == label}
+            for m in sorted(alive):
+                given = input_for(stage, m, published)
+                if stage is not Stage.ADVERTISE and given is None:
+                    continue  # the server already left this member out
+                received = None if given is None else stats.carry(given, m, label, False)
+                t0 = time.perf_counter()
+                reply = members[m].reply(stage, received)
+                if stage is Stage.UPLOAD:
+                    stats.mask_seconds[m] = time.perf_counter() - t0
+                server_time(server.receive, stats.carry(reply, m, label, True))
+            published = server_time(close_stage, server, stage)
         t0 = time.perf_counter()
         result = server_time(server.finish)
         stats.server_unmask_seconds = time.perf_counter() - t0

@@ -42,14 +42,14 @@ import torch
 from ftte.crypto.primitives import Signer
 from ftte.crypto.secagg_client import SecAggClient
 from ftte.crypto.secagg_session import SecAggError
-from ftte.edge.deploy_protocol import (
+from ftte.protocol.cohort import (
     CohortRefused,
     check_cohort,
     model_hash,
     session_params,
     weight_rule,
 )
-from ftte.edge.encoding import UpdateCodec, weigh_update
+from ftte.protocol.encoding import UpdateCodec, weigh_update
 from ftte.edge.models import build_model, make_dp_compatible
 from ftte.edge.plan import SubsetPlan
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings

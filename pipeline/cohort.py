@@ -21,52 +21,30 @@ import numpy as np
 
 from ftte import wire
 from ftte.crypto.primitives import Signer
-from ftte.crypto.secagg_local import STAGES, run_session
-from ftte.crypto.secagg_session import SessionParams
-from ftte.edge.encoding import UpdateCodec, weigh_update
+from ftte.crypto.secagg_local import run_session
+from ftte.crypto.stages import STAGE_LABELS
 from ftte.edge.runtime import LocalUpdate
-from ftte.edge.weighting import WeightRule
-from ftte.round_messages import PlainUpdate
 from ftte.pipeline.fleet import SimDevice
+from ftte.pipeline.server_model import CohortResult, CohortSum
+from ftte.protocol.cohort import codec_for, reference_of, session_params, weight_rule
+from ftte.protocol.encoding import weigh_update
+from ftte.deploy_messages import CohortStart
+from ftte.round_messages import PlainUpdate
 
 STAGE_TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True)
-class CohortSpec:
-    cohort_id: str
-    plan_id: str
-    model_hash: bytes
-    close_version: int
-    reference_variance: float | None
-    rule: WeightRule
-    clip: float
-    secure: bool
-    value_bits: int = 16
-    threshold: int = 2
-    graph: str = "full"
-    neighbors: int = 0
-    latency_s: float = 0.05
-
-
 @dataclass
-class CohortOutcome:
-    cohort_id: str
-    members: tuple[int, ...]
-    included: tuple[int, ...]  # whose updates are in the sum
-    dropped: dict[int, str]  # member -> stage at which it vanished
-    weighted_sum: np.ndarray | None  # Σ w·Δ (None when aborted)
-    weight_sum: float
-    variance_sum: float
-    duration_s: float
-    weights: dict[int, float] = field(default_factory=dict)
-    staleness: dict[int, int] = field(default_factory=dict)
+class CohortRun:
+    """A cohort as the simulator ran it: the result the server core applies, and what it cost."""
+
+    result: CohortResult
     bytes_up: dict[int, int] = field(default_factory=dict)
-    aborted: str = ""
+    weights: dict[int, float] = field(default_factory=dict)
 
     @property
-    def ok(self) -> bool:
-        return self.weighted_sum is not None
+    def duration_s(self) -> float:
+        return self.result.duration_s
 
 
 def draw_dropouts(devices: Sequence[SimDevice], stages: Sequence[str], rng: np.random.Generator) -> dict[int, str]:
@@ -89,26 +67,34 @@ def _stage_seconds(devices: dict[int, SimDevice], up: dict[int, int], down: dict
     return max(longest, STAGE_TIMEOUT_S) if someone_dropped else longest
 
 
-def prepare_member(update: LocalUpdate, spec: CohortSpec) -> tuple[np.ndarray, float, float, int]:
-    """What the device does once it learns the close version: (w·Δ, w, σ², τ)."""
-    w = weigh_update(update.delta, update.base_version, spec.close_version, spec.reference_variance, spec.rule, spec.clip)
+def prepare_member(update: LocalUpdate, start: CohortStart) -> tuple[np.ndarray, float, float, int]:
+    """What the device does once it learns the cohort: (w·Δ, w, σ², τ)."""
+    w = weigh_update(update.delta, update.base_version, start.close_version, reference_of(start), weight_rule(start),
+                     start.clip)
     return w.weighted, w.weight, w.variance, w.staleness
 
 
-def run_cohort(spec: CohortSpec, members: Sequence[tuple[SimDevice, LocalUpdate]], identities: dict[int, Signer],
-               rng: np.random.Generator) -> CohortOutcome:
+def run_cohort(start: CohortStart, members: Sequence[tuple[SimDevice, LocalUpdate]], identities: dict[int, Signer],
+               rng: np.random.Generator, *, secure: bool, latency_s: float) -> CohortRun:
     devices = {d.device_id: d for d, _ in members}
     ids = tuple(sorted(devices))
-    prepared = {d.device_id: prepare_member(u, spec) for d, u in members}
+    if ids != tuple(start.members):
+        raise ValueError("the cohort start does not list the members being run")
+    prepared = {d.device_id: prepare_member(u, start) for d, u in members}
     weights = {m: p[1] for m, p in prepared.items()}
     staleness = {m: p[3] for m, p in prepared.items()}
-    dim = next(iter(prepared.values()))[0].shape[0]
-    if spec.secure:
-        return _secure(spec, ids, devices, prepared, identities, rng, dim, weights, staleness)
-    return _plain(spec, ids, devices, prepared, rng, weights, staleness)
+    if secure:
+        return _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness)
+    return _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness)
 
 
-def _plain(spec, ids, devices, prepared, rng, weights, staleness) -> CohortOutcome:
+def _result(start: CohortStart, drops: dict[int, str], staleness: dict[int, int], duration: float,
+            total: CohortSum | None, aborted: str = "") -> CohortResult:
+    return CohortResult(start.cohort_id, start.close_version, tuple(start.members), drops, staleness, duration, total,
+                        aborted)
+
+
+def _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness) -> CohortRun:
     drops = draw_dropouts([devices[m] for m in ids], ["upload"], rng)
     included = tuple(m for m in ids if m not in drops)
     bytes_up, up = {}, {}
@@ -116,7 +102,7 @@ def _plain(spec, ids, devices, prepared, rng, weights, staleness) -> CohortOutco
     wsum = vsum = 0.0
     for m in ids:
         wd, w, var, tau = prepared[m]
-        msg = PlainUpdate(m, spec.close_version - tau, wd.astype(np.float32), float(w), float(var))
+        msg = PlainUpdate(m, start.close_version - tau, wd.astype(np.float32), float(w), float(var))
         data = wire.encode(msg)
         bytes_up[m] = len(data)
         if m in drops:
@@ -126,42 +112,27 @@ def _plain(spec, ids, devices, prepared, rng, weights, staleness) -> CohortOutco
         total = back.vector.astype(np.float64) if total is None else total + back.vector
         wsum += back.weight
         vsum += back.variance
-    duration = _stage_seconds(devices, up, {}, spec.latency_s, bool(drops))
+    duration = _stage_seconds(devices, up, {}, latency_s, bool(drops))
     if not included:
-        return CohortOutcome(spec.cohort_id, ids, (), drops, None, 0.0, 0.0, duration, weights, staleness, bytes_up,
-                             "every member dropped")
-    return CohortOutcome(spec.cohort_id, ids, included, drops, total, wsum, vsum, duration, weights, staleness, bytes_up)
+        return CohortRun(_result(start, drops, staleness, duration, None, "every member dropped"), bytes_up, weights)
+    return CohortRun(_result(start, drops, staleness, duration, CohortSum(included, total, wsum, vsum)), bytes_up,
+                     weights)
 
 
-def _secure(spec, ids, devices, prepared, identities, rng, dim, weights, staleness) -> CohortOutcome:
-    from ftte.crypto.quantize import choose_ring_bits
-
-    codec = UpdateCodec(dim, spec.clip, spec.value_bits, choose_ring_bits(len(ids), spec.value_bits))
-    params = SessionParams(
-        cohort_id=spec.cohort_id,
-        plan_id=spec.plan_id,
-        model_hash=spec.model_hash,
-        close_version=spec.close_version,
-        members=ids,
-        identity_keys=tuple(identities[m].public_key for m in ids),
-        threshold=min(spec.threshold, len(ids)),
-        dim=codec.length,
-        ring_bits=codec.ring_bits,
-        graph=spec.graph if spec.graph == "full" or spec.neighbors < len(ids) - 1 else "full",
-        neighbors=spec.neighbors if spec.graph == "ring" and spec.neighbors < len(ids) - 1 else 0,
-    )
+def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness) -> CohortRun:
+    codec = codec_for(start)
+    params = session_params(start)
     inputs = {m: codec.encode(prepared[m][0], prepared[m][1], prepared[m][2], rng) for m in ids}
-    drops = draw_dropouts([devices[m] for m in ids], STAGES, rng)
+    drops = draw_dropouts([devices[m] for m in ids], STAGE_LABELS, rng)
     result, stats = run_session(params, {m: identities[m] for m in ids}, inputs, drops)
     duration = 0.0
-    for stage in STAGES:
+    for stage in STAGE_LABELS:
         dropped_here = any(s == stage for s in drops.values())
         duration += _stage_seconds(devices, stats.stage_up.get(stage, {}), stats.stage_down.get(stage, {}),
-                                   spec.latency_s, dropped_here)
+                                   latency_s, dropped_here)
     bytes_up = dict(stats.bytes_up)
     if result is None:
-        return CohortOutcome(spec.cohort_id, ids, (), drops, None, 0.0, 0.0, duration, weights, staleness, bytes_up,
-                             stats.aborted)
+        return CohortRun(_result(start, drops, staleness, duration, None, stats.aborted), bytes_up, weights)
     wsum_vec, wsum, vsum = codec.decode_sum(result.total, len(result.survivors))
-    return CohortOutcome(spec.cohort_id, ids, result.survivors, drops, wsum_vec, wsum, vsum, duration, weights,
-                         staleness, bytes_up)
+    return CohortRun(_result(start, drops, staleness, duration, CohortSum(result.survivors, wsum_vec, wsum, vsum)),
+                     bytes_up, weights)

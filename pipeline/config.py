@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Literal, Mapping
 
+from ftte.crypto.stages import STAGE_LABELS
+
 __all__ = [
     "STAGES",
     "ConfigError",
@@ -59,7 +61,7 @@ __all__ = [
 MiB = 1 << 20
 
 #: Protocol stages at which a simulated device may drop out, in protocol order.
-STAGES: tuple[str, ...] = ("train", "advertise", "share", "upload", "consistency", "unmask")
+STAGES: tuple[str, ...] = ("train",) + STAGE_LABELS
 
 #: Built-in model names; anything else must be ``"package.module:factory"``.
 BUILTIN_MODELS: tuple[str, ...] = ("logistic", "mlp", "cnn8", "cnn28")

@@ -44,10 +44,10 @@ from ftte.crypto.secagg_session import (
     ShapeError,
     SignatureError,
 )
-from ftte.edge.deploy_protocol import session_params
-from ftte.edge.encoding import EXTRA_COORDINATES, UpdateCodec
+from ftte.protocol.cohort import session_params
+from ftte.protocol.encoding import EXTRA_COORDINATES, UpdateCodec
 from ftte.edge.plan import apply_subset_vector
-from ftte.edge.deploy_protocol import model_hash
+from ftte.protocol.cohort import model_hash
 from ftte.pipeline.deploy_task import DeployTask
 from ftte.pipeline.journal import (
     CLOSE,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from ftte.edge.plan import SubsetPlan, subset_vector
-from ftte.edge.weighting import WeightRule
+from ftte.protocol.weighting import WeightRule
 from ftte.pipeline.deploy_config import ServerSettings
 from ftte.pipeline.simulator import build_global_model
 from ftte.pipeline.strategies import strategy_for

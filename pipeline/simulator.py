@@ -23,7 +23,6 @@ which events are handled never changes what a device draws.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,23 +34,25 @@ import torch
 
 from ftte import wire
 from ftte.crypto.primitives import Signer
-from ftte.edge.models import build_model, make_dp_compatible
-from ftte.edge.plan import SubsetPlan, apply_subset_vector, subset_vector
+from ftte.edge.plan import SubsetPlan, subset_vector
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
 from ftte.round_messages import ModelPull
 from ftte.pipeline.backends import (DeviceBackend, TrainTask, WorkerData, WorkerSpec, lost_round_stats, make_backend,
                                     reserve_round)
 from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time
-from ftte.edge.deploy_protocol import model_hash
-from ftte.pipeline.cohort import CohortOutcome, CohortSpec, run_cohort
+from ftte.pipeline.cohort import CohortRun, run_cohort
 from ftte.pipeline.config import Config
 from ftte.pipeline.datasets import FederatedData, load_dataset
 from ftte.pipeline.fleet import SimDevice, build_fleet
-from ftte.pipeline.merge import ServerOptimizer, weighted_mean
+from ftte.pipeline.evaluation import Evaluator
+from ftte.pipeline.merge import ServerOptimizer
+from ftte.pipeline.model_builder import build_global_model
+from ftte.pipeline.server_model import CohortRecord, CohortResult, ServerModel
+from ftte.protocol.cohort import plan_cohort
 from ftte.pipeline.partition import derive_rng
 from ftte.pipeline.report import time_to_target
 from ftte.pipeline.state import ServerState
-from ftte.pipeline.strategies import Strategy, strategy_for
+from ftte.pipeline.strategies import Strategy, cohort_policy, strategy_for
 from ftte.pipeline.work import layer_macs, macs_per_sample, round_seconds
 from ftte.privacy.accountant import AccountantStore
 from ftte.privacy.budget import BudgetExceededError
@@ -59,37 +60,6 @@ from ftte.privacy.dpsgd import DPConfig
 from ftte.privacy.ledger import Ledger, load_or_create_signing_key
 
 OFFLINE_MEAN_S = 60.0  # mean time an unavailable device stays offline before trying again
-
-
-# --- model and data ------------------------------------------------------------------------
-
-def build_global_model(cfg: Config, data: FederatedData) -> torch.nn.Sequential:
-    """The shared architecture with seeded initial weights."""
-    name = cfg.model.name
-    shape = data.input_shape
-    torch.manual_seed(cfg.run.seed)
-    if name in ("logistic", "mlp"):
-        model = build_model(name, in_features=int(math.prod(shape)), num_classes=data.n_classes)
-    elif name in ("cnn8", "cnn28"):
-        side = 8 if name == "cnn8" else 28
-        if len(shape) != 3 or shape[1:] != (side, side):
-            raise ValueError(f"model {name} needs (C, {side}, {side}) inputs, the data has {shape}")
-        model = build_model(name, in_channels=shape[0], num_classes=data.n_classes)
-    else:
-        model = build_model(name, input_shape=shape, num_classes=data.n_classes)
-    model = make_dp_compatible(model)
-    if not isinstance(model, torch.nn.Sequential):
-        raise ValueError(f"model {name!r} must be an nn.Sequential so a subset plan can split it")
-    return model
-
-
-def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    model.eval()
-    with torch.no_grad():
-        logits = model(torch.as_tensor(x))
-        loss = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)))
-        acc = float((logits.argmax(1).numpy() == y).mean())
-    return acc, loss
 
 
 # --- run state -----------------------------------------------------------------------------
@@ -124,9 +94,10 @@ class Simulation:
         seed = cfg.run.seed
         self.data = load_dataset(cfg.data, seed, cfg.fleet.devices)
         self.fleet = build_fleet(cfg.fleet, cfg.fleet.devices, seed)
-        self.model = build_global_model(cfg, self.data)
+        self.model = build_global_model(cfg.model.name, seed, self.data.input_shape, self.data.n_classes)
         self.plan = plan if plan is not None else self.strategy.choose_plan(self.model, self.data, self.fleet)
-        self.eval_model = copy.deepcopy(self.model)
+        self.evaluator = Evaluator(self.model, self.plan, self.data.x_test, self.data.y_test)
+        self.policy = cohort_policy(cfg)
         self.dp = DPConfig(
             enabled=cfg.privacy.enabled,
             noise_multiplier=cfg.privacy.noise_multiplier,
@@ -148,10 +119,8 @@ class Simulation:
         self.identities = {d.device_id: Signer() for d in self.fleet}
         layers = layer_macs(self.model, self.data.input_shape)
         self.macs = macs_per_sample(layers, self.plan.trainable_layers[0], self.dp.enabled)
-        self.server_opt = ServerOptimizer(cfg.server.lr, cfg.server.momentum)
-        self.weights = subset_vector(self.model, self.plan).astype(np.float64)
-        self.version = 0
-        self.reference_variance: float | None = None
+        self.server = ServerModel(self.plan.plan_id, subset_vector(self.model, self.plan).astype(np.float64),
+                                  ServerOptimizer(cfg.server.lr, cfg.server.momentum))
         self.history: list[dict[str, Any]] = []
         self.clock: VirtualClock = VirtualClock()
         self.retired: set[int] = set()
@@ -183,10 +152,8 @@ class Simulation:
         ckpt = self.state.latest()
         if ckpt is None:
             return
-        self.version = ckpt.version
-        self.weights = ckpt.weights
-        self.server_opt.load_state(ckpt.velocity)
-        self.reference_variance = ckpt.reference_variance
+        self.server.restore(version=ckpt.version, weights=ckpt.weights, velocity=ckpt.velocity,
+                            reference_variance=ckpt.reference_variance)
         self.history = ckpt.history
         self.cohort_counter = ckpt.cohorts
         self.clock = VirtualClock(start=ckpt.virtual_time_s)
@@ -247,9 +214,17 @@ class Simulation:
     def _seed(self, *tags: Any) -> int:
         return int(derive_rng(self.cfg.run.seed, *tags).integers(0, 2**31 - 1))
 
+    @property
+    def version(self) -> int:
+        return self.server.version
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.server.weights
+
     def _pull(self) -> ModelPull:
-        w32 = self.weights.astype(np.float32)
-        return ModelPull(self.version, self.plan.plan_id, model_hash(self.plan.plan_id, w32), w32)
+        s = self.server
+        return ModelPull(s.version, self.plan.plan_id, s.current_hash, s.weights.astype(np.float32))
 
     def _train(self, device: SimDevice, attempt: int) -> tuple[Any, float]:
         """Pull, check the budget and hand the round to the backend; returns (pending update to
@@ -281,24 +256,17 @@ class Simulation:
             self.ledger.append_many([row])
 
     # -- merging -----------------------------------------------------------------------------------
-    def _spec(self, cohort_id: str, size: int) -> CohortSpec:
-        cfg = self.cfg
-        threshold = max(cfg.secagg.effective_threshold(size), size // 2 + 1)
-        return CohortSpec(
-            cohort_id=cohort_id,
-            plan_id=self.plan.plan_id,
-            model_hash=model_hash(self.plan.plan_id, self.weights.astype(np.float32)),
-            close_version=self.version,
-            reference_variance=self.reference_variance,
-            rule=self.strategy.weight_rule,
-            clip=cfg.secagg.clip,
-            secure=cfg.secagg.enabled,
-            value_bits=cfg.secagg.value_bits,
-            threshold=min(threshold, size),
-            graph=cfg.secagg.graph,
-            neighbors=cfg.secagg.neighbors,
-            latency_s=cfg.fleet.latency_s,
-        )
+    def _start(self, cohort_id: str, members: list[tuple[SimDevice, LocalUpdate]]):
+        ids = tuple(sorted(d.device_id for d, _ in members))
+        return plan_cohort(self.policy, cohort_id=cohort_id, plan_id=self.plan.plan_id,
+                           model_hash=self.server.current_hash, close_version=self.server.version, members=ids,
+                           identity_keys=tuple(self.identities[m].public_key for m in ids),
+                           coordinates=self.plan.num_coordinates, reference_variance=self.server.reference_variance)
+
+    def _run_cohort(self, cohort_id: str, members: list[tuple[SimDevice, LocalUpdate]]) -> CohortRun:
+        return run_cohort(self._start(cohort_id, members), members, self.identities,
+                          derive_rng(self.cfg.run.seed, "cohort", cohort_id), secure=self.cfg.secagg.enabled,
+                          latency_s=self.cfg.fleet.latency_s)
 
     def _ledger_rows(self, members: list[tuple[SimDevice, LocalUpdate]], cohort_id: str | None) -> list[Any]:
         if not self.dp.enabled or self.ledger is None:
@@ -306,64 +274,39 @@ class Simulation:
         return [u.stats.to_ledger_row(plan_id=self.plan.plan_id, version=u.base_version, cohort_id=cohort_id)
                 for _, u in members]
 
-    def _apply(self, outcome: CohortOutcome, members: list[tuple[SimDevice, LocalUpdate]], now: float) -> None:
-        record: dict[str, Any] = {
-            "cohort_id": outcome.cohort_id,
-            "close_version": self.version,
-            "members": list(outcome.members),
-            "included": list(outcome.included),
-            "dropped": {str(k): v for k, v in outcome.dropped.items()},
-            "weight_sum": outcome.weight_sum,
-            "duration_s": outcome.duration_s,
-            "aborted": outcome.aborted,
-        }
-        for m in outcome.included:
-            self.upload_bytes.append(outcome.bytes_up[m])
-        history_row = None
-        if outcome.ok and outcome.weight_sum > 0:
-            mean = weighted_mean(outcome.weighted_sum, outcome.weight_sum)
-            self.weights = self.server_opt.step(self.weights, mean)
-            self.version += 1
-            self.updates_applied += len(outcome.included)
-            self.reference_variance = outcome.variance_sum / len(outcome.included)
-            record["applied_version"] = self.version
-            apply_subset_vector(self.eval_model, self.plan, self.weights.astype(np.float32))
-            acc, loss = evaluate(self.eval_model, self.data.x_test, self.data.y_test)
-            stal = [outcome.staleness[m] for m in outcome.included]
-            history_row = {
-                "version": self.version,
-                "virtual_time_s": round(now, 6),
-                "accuracy": acc,
-                "loss": loss,
-                "cohort_size": len(outcome.included),
-                "mean_staleness": float(np.mean(stal)) if stal else 0.0,
-                "mean_weight": outcome.weight_sum / len(outcome.included),
-                "dropped": len(outcome.dropped),
-            }
-            self.history.append(history_row)
+    def _apply(self, run: CohortRun, members: list[tuple[SimDevice, LocalUpdate]], now: float) -> None:
+        applied = self.server.apply(run.result, now=now, evaluate=self.evaluator)
+        if applied.applied:
+            for m in applied.record.included:
+                self.upload_bytes.append(run.bytes_up[m])
+            self.updates_applied += len(applied.record.included)
+            self.history.append(applied.history.to_dict())  # type: ignore[union-attr]
         else:
+            for m in run.result.total.included if run.result.total is not None else ():
+                self.upload_bytes.append(run.bytes_up[m])
             self.aborted_cohorts += 1
-        if self.state is not None:
-            self.state.commit_version(
-                version=self.version, virtual_time_s=now, weights=self.weights, velocity=self.server_opt.state(),
-                reference_variance=self.reference_variance, cohort=record, history_row=history_row,
-                ledger=self.ledger, ledger_rows=self._ledger_rows(members, outcome.cohort_id),
-            )
-        if history_row is not None and self.on_version is not None:
-            self.on_version(history_row)
+        self._commit(applied.record, applied.history.to_dict() if applied.history else None, now,
+                     self._ledger_rows(members, run.result.cohort_id))
+        if applied.applied and self.on_version is not None:
+            self.on_version(self.history[-1])
+
+    def _commit(self, record: CohortRecord, history_row: dict[str, Any] | None, now: float, rows: list[Any]) -> None:
+        if self.state is None:
+            return
+        s = self.server
+        self.state.commit_version(version=s.version, virtual_time_s=now, weights=s.weights,
+                                  velocity=s.optimizer.state(), reference_variance=s.reference_variance,
+                                  cohort=record.to_dict(), history_row=history_row, ledger=self.ledger,
+                                  ledger_rows=rows)
 
     def _record_failed_round(self, cohort_id: str, members: list[tuple[SimDevice, LocalUpdate]], reason: str) -> None:
         """A round that never formed a cohort still spent its members' budgets: record them now,
         so every later row of those devices stays consistent with the rows before it."""
         self.aborted_cohorts += 1
-        if self.state is not None:
-            record = {"cohort_id": cohort_id, "close_version": self.version, "members": [d.device_id for d, _ in members],
-                      "included": [], "dropped": {}, "weight_sum": 0.0, "duration_s": 0.0, "aborted": reason}
-            self.state.commit_version(
-                version=self.version, virtual_time_s=self.clock.now, weights=self.weights,
-                velocity=self.server_opt.state(), reference_variance=self.reference_variance, cohort=record,
-                history_row=None, ledger=self.ledger, ledger_rows=self._ledger_rows(members, cohort_id),
-            )
+        result = CohortResult(cohort_id, self.server.version, tuple(d.device_id for d, _ in members), {}, {}, 0.0,
+                              None, reason)
+        self._commit(self.server.apply(result, now=self.clock.now).record, None, self.clock.now,
+                     self._ledger_rows(members, cohort_id))
 
     def _done(self) -> bool:
         return self.version >= self.cfg.run.max_versions or self.clock.now >= self.cfg.run.max_virtual_time_s
@@ -378,7 +321,7 @@ class Simulation:
             self._run_async()
         self._reconcile_ledger()  # rounds still in flight at the stop were spent too
         wall = time.perf_counter() - t0
-        return RunResult(self.summary(wall, start_version), list(self.history), self.weights.copy())
+        return RunResult(self.summary(wall, start_version), list(self.history), self.server.weights.copy())
 
     def _new_cohort(self) -> OpenCohort:
         self.cohort_counter += 1
@@ -398,10 +341,8 @@ class Simulation:
         def close(cohort: OpenCohort) -> None:
             nonlocal open_cohort
             open_cohort = None
-            spec = self._spec(cohort.cohort_id, len(cohort.members))
-            outcome = run_cohort(spec, cohort.members, self.identities,
-                                 derive_rng(cfg.run.seed, "cohort", cohort.cohort_id))
-            self.clock.schedule(self.clock.now + outcome.duration_s, ("merged", (outcome, cohort.members)))
+            run = self._run_cohort(cohort.cohort_id, cohort.members)
+            self.clock.schedule(self.clock.now + run.duration_s, ("merged", (run, cohort.members)))
 
         while self.clock and not self._done():
             now, (kind, payload) = self.clock.pop()
@@ -442,8 +383,8 @@ class Simulation:
                     if len(open_cohort.members) >= min_size:
                         close(open_cohort)
             elif kind == "merged":
-                outcome, members = payload
-                self._apply(outcome, members, now)
+                run, members = payload
+                self._apply(run, members, now)
                 for dev, _ in members:
                     self.clock.schedule(now, ("ready", dev.device_id))
 
@@ -498,11 +439,10 @@ class Simulation:
                 continue
             close_at = now + taken[-1][0]
             members = [(dev, upd) for _, dev, upd in taken]
-            outcome = run_cohort(self._spec(cohort_id, len(members)), members, self.identities,
-                                 derive_rng(cfg.run.seed, "cohort", cohort_id))
-            done_at = close_at + outcome.duration_s
+            run = self._run_cohort(cohort_id, members)
+            done_at = close_at + run.duration_s
             self.clock.advance_to(done_at)
-            self._apply(outcome, members + [(dev, upd) for _, dev, upd in late], done_at)
+            self._apply(run, members + [(dev, upd) for _, dev, upd in late], done_at)
 
     # -- results ---------------------------------------------------------------------------------------
     def peak_client_memory(self) -> int:
@@ -556,3 +496,4 @@ class Simulation:
             "worker_dropouts": len(getattr(self.backend, "lost", ())),
             "backend": cfg.run.backend,
         }
+

@@ -15,15 +15,18 @@ effect can be measured in isolation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from torch import nn
 
 from ftte.edge.plan import SubsetPlan
-from ftte.edge.weighting import WeightRule
 from ftte.pipeline.config import Config
-from ftte.pipeline.datasets import FederatedData
-from ftte.pipeline.fleet import SimDevice, weakest_memory_bytes
+from ftte.protocol.cohort import CohortPolicy
+from ftte.protocol.weighting import WeightRule
+
+if TYPE_CHECKING:  # the deployment imports this module and must not load the simulator's fleet
+    from ftte.pipeline.datasets import FederatedData
+    from ftte.pipeline.fleet import SimDevice
 
 
 @dataclass(frozen=True)
@@ -34,11 +37,13 @@ class Strategy:
     weight_rule: WeightRule
     cfg: Config
 
-    def memory_budget(self, fleet: Sequence[SimDevice]) -> int:
+    def memory_budget(self, fleet: "Sequence[SimDevice]") -> int:
         """Training memory allowed on the weakest admitted device class."""
+        from ftte.pipeline.fleet import weakest_memory_bytes
+
         return int(weakest_memory_bytes(fleet) * self.cfg.train.memory_budget_fraction)
 
-    def choose_plan(self, model: nn.Sequential, data: FederatedData, fleet: Sequence[SimDevice]) -> SubsetPlan:
+    def choose_plan(self, model: nn.Sequential, data: "FederatedData", fleet: "Sequence[SimDevice]") -> SubsetPlan:
         if not self.subset:
             return SubsetPlan.full(model)
         from ftte.edge.memory import TrainingSetup
@@ -60,3 +65,10 @@ def strategy_for(cfg: Config) -> Strategy:
     if name == "fedavg":
         return Strategy(name, True, False, WeightRule(0.0, 0.0), cfg)
     raise ValueError(f"unknown strategy {name!r}")
+
+
+def cohort_policy(cfg: Config) -> CohortPolicy:
+    """The run's cohort policy, the same in simulation and deployment: ``[secagg]`` and the strategy's weights."""
+    sa = cfg.secagg
+    return CohortPolicy(graph=sa.graph, neighbors=sa.neighbors, threshold=sa.threshold, value_bits=sa.value_bits,
+                        clip=sa.clip, rule=strategy_for(cfg).weight_rule)

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ftte.crypto.quantize import choose_ring_bits
-from ftte.edge.encoding import UpdateCodec, clip_l2, weigh_update
-from ftte.edge.weighting import WeightRule, staleness_factor, update_weight, variance_factor
+from ftte.protocol.encoding import UpdateCodec, clip_l2, weigh_update
+from ftte.protocol.weighting import WeightRule, staleness_factor, update_weight, variance_factor
 from ftte.pipeline.merge import ServerOptimizer, weighted_mean
 
 

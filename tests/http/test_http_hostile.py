@@ -33,8 +33,8 @@ httpx = pytest.importorskip("httpx")
 
 from ftte.crypto.primitives import Signer
 from ftte.crypto.secagg_client import SecAggClient, sign_message
-from ftte.edge.deploy_protocol import session_params
-from ftte.edge.encoding import UpdateCodec
+from ftte.protocol.cohort import session_params
+from ftte.protocol.encoding import UpdateCodec
 from ftte.edge.http_client import RetryPolicy, ServerRefused, Transport
 from ftte.edge.plan import SubsetPlan
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from ftte.crypto.primitives import Signer
 from ftte.crypto.secagg_client import SecAggClient
-from ftte.edge.deploy_protocol import model_hash as edge_model_hash
-from ftte.edge.deploy_protocol import session_params
-from ftte.edge.encoding import UpdateCodec
+from ftte.protocol.cohort import model_hash as edge_model_hash
+from ftte.protocol.cohort import session_params
+from ftte.protocol.encoding import UpdateCodec
 
 from ftte import wire
 from ftte.http_auth import member_id
@@ -541,7 +541,7 @@ def test_edge_refuses_weights_that_do_not_match_the_plan(tmp_path):
 
 def test_device_refuses_cohorts_with_unpinned_peers_or_too_few_members():
     """A malicious server must not be able to surround a device with identities it controls."""
-    from ftte.edge.deploy_protocol import CohortRefused, check_cohort
+    from ftte.protocol.cohort import CohortRefused, check_cohort
     from ftte.deploy_messages import CohortStart
 
     me, peer, stranger = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32

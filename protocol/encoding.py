@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ftte.crypto.quantize import Quantizer
-from ftte.edge.weighting import WeightRule, coordinate_variance, update_weight
+from ftte.protocol.weighting import WeightRule, coordinate_variance, update_weight
 
 EXTRA_COORDINATES = 2
 

@@ -1,0 +1,179 @@
+"""The server's model: one object that every driver (simulator, HTTP coordinator) asks to apply a cohort.
+
+It holds what the server knows between cohorts — the version, the plan's weights, the
+server optimizer's state, the reference variance it announces to the next cohort and the
+hashes of recent versions — and :meth:`ServerModel.apply` is the only place where a
+cohort's decoded sum becomes a new version. It returns typed records (the cohort record,
+the history row) that the driver commits; it never does I/O, so the simulator and the
+deployment merge by the same rule and write the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ftte.pipeline.merge import ServerOptimizer, weighted_mean
+from ftte.protocol.cohort import model_hash
+
+
+@dataclass(frozen=True)
+class CohortSum:
+    """What unmasking revealed, decoded: ``Σ w·Δ``, ``Σ w`` and ``Σ σ²`` over ``included``."""
+
+    included: tuple[int, ...]
+    weighted_sum: np.ndarray
+    weight_sum: float
+    variance_sum: float
+
+
+@dataclass(frozen=True)
+class CohortResult:
+    """How one cohort ended, as either driver observed it; ``total`` is None when it aborted."""
+
+    cohort_id: str
+    close_version: int
+    members: tuple[int, ...]
+    dropped: Mapping[int, str]  # member -> stage label at which it vanished
+    staleness: Mapping[int, int]  # member -> close version minus the version it trained from
+    duration_s: float
+    total: CohortSum | None
+    aborted: str = ""
+
+
+@dataclass(frozen=True)
+class CohortRecord:
+    """The durable record of a cohort (``server_cohorts``), applied or not."""
+
+    cohort_id: str
+    close_version: int
+    members: tuple[int, ...]
+    included: tuple[int, ...]
+    dropped: Mapping[int, str]
+    weight_sum: float
+    duration_s: float
+    aborted: str
+    applied_version: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "cohort_id": self.cohort_id,
+            "close_version": self.close_version,
+            "members": list(self.members),
+            "included": list(self.included),
+            "dropped": {str(m): s for m, s in self.dropped.items()},
+            "weight_sum": self.weight_sum,
+            "duration_s": self.duration_s,
+            "aborted": self.aborted,
+        }
+        if self.applied_version is not None:
+            out["applied_version"] = self.applied_version
+        return out
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One applied version. ``time_key`` names the clock: ``virtual_time_s`` in a simulation,
+    ``elapsed_s`` (wall seconds since the server first started) in a deployment."""
+
+    version: int
+    time_s: float
+    cohort_size: int
+    mean_staleness: float
+    mean_weight: float
+    dropped: int
+    accuracy: float | None = None
+    loss: float | None = None
+    time_key: str = "virtual_time_s"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, self.time_key: round(self.time_s, 6)}
+        if self.accuracy is not None:
+            out.update(accuracy=self.accuracy, loss=self.loss)
+        out.update(cohort_size=self.cohort_size, mean_staleness=self.mean_staleness, mean_weight=self.mean_weight,
+                   dropped=self.dropped)
+        return out
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What :meth:`ServerModel.apply` decided: the record to commit, and the history row if a version was made."""
+
+    record: CohortRecord
+    history: HistoryRow | None
+
+    @property
+    def applied(self) -> bool:
+        return self.history is not None
+
+
+Evaluator = Callable[[np.ndarray], tuple[float, float]]
+
+
+@dataclass
+class ServerModel:
+    """Version, weights (float64, the plan's coordinates), optimizer state, reference variance, hashes."""
+
+    plan_id: str
+    weights: np.ndarray
+    optimizer: ServerOptimizer
+    version: int = 0
+    reference_variance: float | None = None
+    keep_hashes: int = 64  # versions whose hash a join may still cite
+    hashes: dict[int, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.weights = np.asarray(self.weights, dtype=np.float64)
+        self.hashes.setdefault(self.version, self._hash(self.weights))
+
+    def _hash(self, weights: np.ndarray) -> bytes:
+        return model_hash(self.plan_id, weights.astype(np.float32))
+
+    @property
+    def current_hash(self) -> bytes:
+        return self.hashes[self.version]
+
+    def remember(self, version: int, weights: np.ndarray) -> None:
+        """Record the hash of an older version (after a restart) so joins that trained from it are recognised."""
+        self.hashes[version] = self._hash(np.asarray(weights, dtype=np.float64))
+
+    def restore(self, *, version: int, weights: np.ndarray, velocity: np.ndarray | None,
+                reference_variance: float | None) -> None:
+        self.version, self.weights = version, np.asarray(weights, dtype=np.float64)
+        self.optimizer.load_state(velocity)
+        self.reference_variance = reference_variance
+        self.hashes[version] = self._hash(self.weights)
+
+    def apply(self, result: CohortResult, *, now: float, evaluate: Evaluator | None = None,
+              time_key: str = "virtual_time_s") -> Applied:
+        """Merge a cohort's decoded sum into a new version, or record why it was not merged.
+
+        A sum whose weights do not add up to a positive number, or that is not finite, is
+        never merged: the cohort is recorded as aborted with the reason.
+        """
+        total = result.total
+        record = dict(cohort_id=result.cohort_id, close_version=result.close_version, members=result.members,
+                      dropped=dict(result.dropped), duration_s=result.duration_s)
+        reason = result.aborted
+        if total is not None and not (total.weight_sum > 0 and np.all(np.isfinite(total.weighted_sum))):
+            reason = "the cohort's weights summed to zero" if not total.weight_sum > 0 else "the decoded sum is not finite"
+        if total is None or reason:
+            return Applied(CohortRecord(included=(), weight_sum=0.0 if total is None else total.weight_sum,
+                                        aborted=reason, **record), None)
+        self.weights = self.optimizer.step(self.weights, weighted_mean(total.weighted_sum, total.weight_sum))
+        self.version += 1
+        n = len(total.included)
+        self.reference_variance = total.variance_sum / n
+        self.hashes[self.version] = self._hash(self.weights)
+        self.hashes.pop(self.version - self.keep_hashes - 1, None)
+        acc = loss = None
+        if evaluate is not None:
+            acc, loss = evaluate(self.weights)
+        stal = [result.staleness[m] for m in total.included]
+        history = HistoryRow(self.version, now, n, float(np.mean(stal)) if stal else 0.0, total.weight_sum / n,
+                             len(result.dropped), acc, loss, time_key)
+        return Applied(CohortRecord(included=total.included, weight_sum=total.weight_sum, aborted="",
+                                    applied_version=self.version, **record), history)
