@@ -136,21 +136,15 @@ async def _device_loop(url: str, key: bytes, ca: str | None, stop_at: float, har
     import httpx
     import numpy as np
     from ftte.crypto.primitives import Signer
-    from ftte.crypto.secagg_client import SecAggClient
-    from ftte.protocol.cohort import session_params
-    from ftte.protocol.encoding import UpdateCodec
+    from ftte.crypto.secagg_member import MemberSession
+    from ftte.crypto.stages import POLL_END, Stage
+    from ftte.protocol.cohort import codec_for, session_params
     from ftte.edge.plan import SubsetPlan
 
     from ftte import wire
     from ftte.http_auth import (
         HEADER_SERVER_TIME,
         signed_headers,
-    )
-    from ftte.secagg_messages import (
-        ConsistencyBundle,
-        Roster,
-        ShareDelivery,
-        SurvivorList,
     )
     from ftte.round_messages import ModelPull
     from ftte.deploy_messages import (
@@ -243,32 +237,32 @@ async def _device_loop(url: str, key: bytes, ca: str | None, stop_at: float, har
             start = await poll(0, CohortStart)
             if not isinstance(start, CohortStart):
                 continue
-            client = SecAggClient(session_params(start), info.member, signer)
-            codec = UpdateCodec(plan.num_coordinates, start.clip, start.value_bits, start.ring_bits)
+
+            def input_vector(start=start) -> np.ndarray:
+                update = rng.normal(scale=0.2 / np.sqrt(plan.num_coordinates), size=plan.num_coordinates)
+                return codec_for(start).encode(update, 1.0, float(update.var()), rng)
+
+            session = MemberSession(session_params(start), info.member, signer, input_vector)
 
             async def submit(msg: Any, timed: bool = False) -> bool:
                 return isinstance(await call("submit", Submit(cid, wire.encode(msg)), timed), Ack)
 
-            if not await submit(client.advertise()):
+            ok = True
+            for stage in Stage:
+                given = None
+                if stage.server_input is not None:
+                    given = await poll(int(stage), stage.server_input)
+                    if not isinstance(given, stage.server_input):
+                        ok = False
+                        break
+                if not await submit(session.reply(stage, given), timed=stage is Stage.UPLOAD):
+                    ok = False
+                    break
+                if stage is Stage.UPLOAD:
+                    out["uploads"] += 1
+            if not ok:
                 continue
-            roster = await poll(1, Roster)
-            if not isinstance(roster, Roster) or not await submit(client.share_keys(roster)):
-                continue
-            delivery = await poll(2, ShareDelivery)
-            if not isinstance(delivery, ShareDelivery):
-                continue
-            update = rng.normal(scale=0.2 / np.sqrt(plan.num_coordinates), size=plan.num_coordinates)
-            vector = codec.encode(update, 1.0, float(update.var()), rng)
-            if not await submit(client.masked_input(delivery, vector), timed=True):
-                continue
-            out["uploads"] += 1
-            survivors = await poll(3, SurvivorList)
-            if not isinstance(survivors, SurvivorList) or not await submit(client.consistency(survivors)):
-                continue
-            bundle = await poll(4, ConsistencyBundle)
-            if not isinstance(bundle, ConsistencyBundle) or not await submit(client.unmask(bundle)):
-                continue
-            end = await poll(5, CohortEnd)
+            end = await poll(POLL_END, CohortEnd)
             if isinstance(end, CohortEnd):
                 out["rounds_" + end.status] = out.get("rounds_" + end.status, 0) + 1
 

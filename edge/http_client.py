@@ -40,16 +40,19 @@ import httpx
 import numpy as np
 import torch
 from ftte.crypto.primitives import Signer
-from ftte.crypto.secagg_client import SecAggClient
+from ftte.crypto.secagg_member import MemberSession
 from ftte.crypto.secagg_session import SecAggError
+from ftte.crypto.stages import POLL_END, Stage
 from ftte.protocol.cohort import (
     CohortRefused,
     check_cohort,
+    codec_for,
     model_hash,
+    reference_of,
     session_params,
     weight_rule,
 )
-from ftte.protocol.encoding import UpdateCodec, weigh_update
+from ftte.protocol.encoding import weigh_update
 from ftte.edge.models import build_model, make_dp_compatible
 from ftte.edge.plan import SubsetPlan
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
@@ -65,12 +68,6 @@ from ftte.http_auth import (
     HEADER_SERVER_TIME,
     member_id,
     signed_headers,
-)
-from ftte.secagg_messages import (
-    ConsistencyBundle,
-    Roster,
-    ShareDelivery,
-    SurvivorList,
 )
 from ftte.round_messages import ModelPull
 from ftte.deploy_messages import (
@@ -92,8 +89,9 @@ from ftte.deploy_messages import (
 
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 MAX_LATE_ROUNDS = 500  # late rounds sent with one join (the server's limit); the rest go with the next
-EVENTS = ("task", "pulled", "trained", "joined", "started", "advertised", "shared", "uploaded", "signed",
-          "unmasked", "ended")
+STAGE_EVENTS = {Stage.ADVERTISE: "advertised", Stage.SHARE: "shared", Stage.UPLOAD: "uploaded",
+                Stage.CONSISTENCY: "signed", Stage.UNMASK: "unmasked"}
+EVENTS = ("task", "pulled", "trained", "joined", "started", *STAGE_EVENTS.values(), "ended")
 
 
 class EdgeError(Exception):
@@ -442,42 +440,30 @@ class EdgeClient:
                          plan_id=self.plan.plan_id, base_version=pull.version,
                          coordinates=self.plan.num_coordinates, trusted_keys=self.trusted_keys,
                          min_members=self.min_members)
-            client = SecAggClient(session_params(start), self.member, self.identity)
+            weighed: list = []
+
+            def input_vector() -> np.ndarray:
+                w = weigh_update(update.delta, update.base_version, start.close_version, reference_of(start),
+                                 weight_rule(start), start.clip)
+                weighed.append(w)
+                return codec_for(start).encode(w.weighted, w.weight, w.variance, self._rng)
+
+            session = MemberSession(session_params(start), self.member, self.identity, input_vector)
             self._event("started", cohort=cid, members=len(start.members), close_version=start.close_version)
-
-            self._submit(cid, client.advertise())
-            self._event("advertised", cohort=cid)
-            roster = self._poll(cid, 1, Roster)
-            if isinstance(roster, CohortEnd):
-                return self._ended(roster, pull.version, uploaded, eps)
-            self._submit(cid, client.share_keys(roster))
-            self._event("shared", cohort=cid)
-
-            delivery = self._poll(cid, 2, ShareDelivery)
-            if isinstance(delivery, CohortEnd):
-                return self._ended(delivery, pull.version, uploaded, eps)
-            reference = None if start.reference_variance < 0 else start.reference_variance
-            w = weigh_update(update.delta, update.base_version, start.close_version, reference,
-                             weight_rule(start), start.clip)
-            codec = UpdateCodec(self.plan.num_coordinates, start.clip, start.value_bits, start.ring_bits)
-            vector = codec.encode(w.weighted, w.weight, w.variance, self._rng)
-            self._submit(cid, client.masked_input(delivery, vector))
-            uploaded = True
-            self._event("uploaded", cohort=cid, weight=w.weight, staleness=w.staleness)
-
-            survivors = self._poll(cid, 3, SurvivorList)
-            if isinstance(survivors, CohortEnd):
-                return self._ended(survivors, pull.version, uploaded, eps)
-            self._submit(cid, client.consistency(survivors))
-            self._event("signed", cohort=cid)
-
-            bundle = self._poll(cid, 4, ConsistencyBundle)
-            if isinstance(bundle, CohortEnd):
-                return self._ended(bundle, pull.version, uploaded, eps)
-            self._submit(cid, client.unmask(bundle))
-            self._event("unmasked", cohort=cid)
-
-            end = self._poll(cid, 5, CohortEnd)
+            for stage in Stage:
+                given = None
+                if stage.server_input is not None:
+                    given = self._poll(cid, int(stage), stage.server_input)
+                    if isinstance(given, CohortEnd):
+                        return self._ended(given, pull.version, uploaded, eps)
+                self._submit(cid, session.reply(stage, given))
+                if stage is Stage.UPLOAD:
+                    uploaded = True
+                    self._event(STAGE_EVENTS[stage], cohort=cid, weight=weighed[0].weight,
+                                staleness=weighed[0].staleness)
+                else:
+                    self._event(STAGE_EVENTS[stage], cohort=cid)
+            end = self._poll(cid, POLL_END, CohortEnd)
             return self._ended(end, pull.version, uploaded, eps)
         except (ServerUnavailable, CohortRefused, SecAggError) as exc:
             return RoundResult("dropped", pull.version, cid, uploaded=uploaded, reason=str(exc), epsilon=eps)

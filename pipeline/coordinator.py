@@ -1,7 +1,8 @@
 """The deployment's coordinator: real time, real devices, no transport.
 
-It does over a network what :mod:`ftte.pipeline.simulator` and :mod:`ftte.pipeline.cohort`
-do on a virtual clock: hold the model version and its hash, gather devices that finished
+It does over a network what :mod:`ftte.pipeline.simulator` does on a virtual clock, with the
+same cohort planner (:func:`ftte.protocol.cohort.plan_cohort`), the same stages
+(:mod:`ftte.crypto.stages`) and the same server core (:class:`ServerModel`): hold the model version and its hash, gather devices that finished
 training into the open cohort (closing it at ``buffer_size`` members, or at the deadline
 with at least the threshold), drive one :class:`SecAggServer` per cohort through its five
 stages (each closes when every expected member answered or at the stage timeout), decode
@@ -9,7 +10,8 @@ the unmasked sum with the cohort's :class:`UpdateCodec`, merge it with the
 :class:`ServerOptimizer` and commit version, cohort record, history row and ledger rows in
 one transaction. The HTTP layer (:mod:`ftte.pipeline.http_server`) authenticates devices
 and hands decoded messages to the ``async`` methods here; a refusal is a
-:class:`ProtocolError` carrying the status code, raised before any state changes.
+:class:`~ftte.pipeline.refusal.Refused` carrying a stable code (the HTTP layer maps it to a
+status), raised before any state changes.
 
 Crash safety (see :mod:`ftte.pipeline.journal`): every state change is made synchronously
 on the event loop and its journal entry queued in the same step; a reply (an ack, or a
@@ -28,12 +30,11 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from ftte.crypto.quantize import QuantizationError, choose_ring_bits
+from ftte.crypto.quantize import QuantizationError
 from ftte.crypto.secagg_server import SecAggServer
 from ftte.crypto.secagg_session import ConfigError as SessionConfigError
 from ftte.crypto.secagg_session import (
@@ -44,11 +45,10 @@ from ftte.crypto.secagg_session import (
     ShapeError,
     SignatureError,
 )
-from ftte.protocol.cohort import session_params
-from ftte.protocol.encoding import EXTRA_COORDINATES, UpdateCodec
-from ftte.edge.plan import apply_subset_vector
-from ftte.protocol.cohort import model_hash
+from ftte.crypto.stages import POLL_END, Stage, close_stage
+from ftte.pipeline.admission import check_join, check_plan, spent_rounds
 from ftte.pipeline.deploy_task import DeployTask
+from ftte.pipeline.evaluation import Evaluator
 from ftte.pipeline.journal import (
     CLOSE,
     JOIN,
@@ -63,22 +63,15 @@ from ftte.pipeline.journal import (
     MemberRound,
     Recovered,
 )
-from ftte.pipeline.merge import ServerOptimizer, weighted_mean
+from ftte.pipeline.live_cohort import FINISHING, LiveCohort
+from ftte.pipeline.merge import ServerOptimizer
+from ftte.pipeline.refusal import Refused
+from ftte.pipeline.server_model import Applied, CohortResult, CohortSum, ServerModel
+from ftte.pipeline.strategies import cohort_policy
 from ftte.privacy.accountant import PrivacyStep
+from ftte.protocol.cohort import codec_for, plan_cohort, session_params
 
 from ftte import wire
-from ftte.secagg_messages import (
-    AdvertiseKeys,
-    ConsistencyBundle,
-    ConsistencySignature,
-    MaskedInput,
-    Roster,
-    ShareDelivery,
-    ShareKeys,
-    SurvivorList,
-    UnmaskShares,
-)
-from ftte.round_messages import ModelPull
 from ftte.deploy_messages import (
     Ack,
     CohortEnd,
@@ -89,85 +82,14 @@ from ftte.deploy_messages import (
     Pending,
     PollRequest,
     PullRequest,
-    SpentRound,
     Submit,
     TaskInfo,
 )
+from ftte.round_messages import ModelPull
 
-STAGES = ("advertise", "share", "upload", "consistency", "unmask")
-MEMBER_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySignature, UnmaskShares)
-STAGE_OF_MESSAGE = {cls: i for i, cls in enumerate(MEMBER_MESSAGES)}
-POLL_END = 5  # poll stages: 0 start, 1 roster, 2 delivery, 3 survivors, 4 bundle, 5 end
 ENDED_CACHE = 512
 TICK_S = 0.1
-MAX_UNREPORTED = 500  # late-reported rounds accepted in one join (about 35 KB, under the body limit)
 UNMERGED = "unmerged"  # cohort id of a ledger row for a round that was spent but never aggregated
-
-
-class ProtocolError(Exception):
-    """A refused request: HTTP status, a stable code, a detail. Raised before any state change."""
-
-    def __init__(self, status: int, code: str, detail: str = "") -> None:
-        super().__init__(f"{status} {code}: {detail}")
-        self.status, self.code, self.detail = status, code, detail
-
-
-@dataclass
-class LiveCohort:
-    """One cohort from its first join to its commit."""
-
-    cohort_id: str
-    opened_at: float
-    joins: dict[int, JoinRequest] = field(default_factory=dict)
-    join_bytes: dict[int, bytes] = field(default_factory=dict)
-    start: CohortStart | None = None
-    codec: UpdateCodec | None = None
-    server: SecAggServer | None = None
-    stage: int = -1  # -1 forming; 0..4 the SecAggServer stage open; 5 finishing
-    stage_opened_at: float = 0.0
-    published: int = -1  # highest poll stage whose server message is durable and visible
-    got: list[set[int]] = field(default_factory=lambda: [set() for _ in STAGES])
-    accepted: dict[tuple[int, int], bytes] = field(default_factory=dict)
-    durable: dict[tuple[int, int], asyncio.Future] = field(default_factory=dict)
-    roster: Roster | None = None
-    deliveries: dict[int, ShareDelivery] = field(default_factory=dict)
-    survivors: SurvivorList | None = None
-    bundle: ConsistencyBundle | None = None
-    aborted: str = ""
-    end: CohortEnd | None = None
-    changed: asyncio.Event | None = None
-
-    def notify(self) -> None:
-        old, self.changed = self.changed, asyncio.Event()
-        if old is not None:
-            old.set()
-
-    def event(self) -> asyncio.Event:
-        if self.changed is None:
-            self.changed = asyncio.Event()
-        return self.changed
-
-    def expected(self) -> set[int]:
-        """Members whose message the open stage still waits for."""
-        if self.stage == 0:
-            return set(self.joins)
-        if 1 <= self.stage <= 4:
-            return set(self.got[self.stage - 1])
-        return set()
-
-    def stage_name(self) -> str:
-        if self.aborted:
-            return "aborting"
-        return "forming" if self.stage < 0 else (STAGES[self.stage] if self.stage < len(STAGES) else "finishing")
-
-    def dropped_stages(self) -> dict[int, str]:
-        out: dict[int, str] = {}
-        for m in self.joins:
-            for i, name in enumerate(STAGES):
-                if m not in self.got[i]:
-                    out[m] = name
-                    break
-        return out
 
 
 @dataclass
@@ -191,13 +113,12 @@ class Coordinator:
         self.identities = identities  # member id -> Ed25519 public key
         self.clock = clock
         self.plan_id = task.plan.plan_id
+        self.policy = cohort_policy(self.cfg)
         self.stage_timeout = task.settings.deploy.stage_timeout_s
         self.poll_wait = task.settings.http.poll_wait_s
-        self.version = 0
-        self.weights = task.initial_subset.copy()
-        self.velocity: np.ndarray | None = None
-        self.reference_variance: float | None = None
-        self.hashes: dict[int, bytes] = {}
+        self.model = ServerModel(self.plan_id, task.initial_subset.copy(),
+                                 ServerOptimizer(self.cfg.server.lr, self.cfg.server.momentum),
+                                 keep_hashes=task.settings.deploy.max_staleness)
         self.live: dict[str, LiveCohort] = {}
         self.forming: LiveCohort | None = None
         self.ended: dict[str, CohortEnd] = {}
@@ -209,15 +130,24 @@ class Coordinator:
         self.commit_seconds: deque[float] = deque(maxlen=1000)
         self._tasks: set[asyncio.Task] = set()
         self._pull_cache: tuple[int, ModelPull] | None = None
-        self._eval_model = None
-        self._test: tuple[np.ndarray, np.ndarray] | None = None
+        self._evaluate: Evaluator | None = None
+
+    # -- the model, as the rest of the server and the tests read it -----------------------------
+    @property
+    def version(self) -> int:
+        return self.model.version
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.model.weights
+
+    @property
+    def hashes(self) -> dict[int, bytes]:
+        return self.model.hashes
 
     # -- start-up ------------------------------------------------------------------------
     def load_test_data(self, x: np.ndarray, y: np.ndarray) -> None:
-        import copy
-
-        self._test = (np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64))
-        self._eval_model = copy.deepcopy(self.task.model)
+        self._evaluate = Evaluator(self.task.model, self.task.plan, x, y)
 
     async def recover(self) -> None:
         """Load the latest version and replay the journal of every unfinished cohort."""
@@ -226,12 +156,11 @@ class Coordinator:
         rec: Recovered = await self.db.call(self.db.recover, self.settings.deploy.max_staleness)
         if rec.checkpoint is not None:
             ck = rec.checkpoint
-            self.version, self.weights = ck.version, ck.weights
-            self.velocity, self.reference_variance = ck.velocity, ck.reference_variance
+            self.model.restore(version=ck.version, weights=ck.weights, velocity=ck.velocity,
+                               reference_variance=ck.reference_variance)
             self.history_tail = ck.history[-1] if ck.history else None
         for v, w in rec.recent_weights.items():
-            self.hashes[v] = model_hash(self.plan_id, w.astype(np.float32))
-        self.hashes[self.version] = model_hash(self.plan_id, self.weights.astype(np.float32))
+            self.model.remember(v, w)
         for cid, record in rec.finished.items():
             self.finished_members[cid] = set(record.get("members", []))
             self.ended[cid] = _end_from_record(record)
@@ -246,15 +175,18 @@ class Coordinator:
                     self.forming = None
                 await self.db.call(self.db.forget_cohort, c.cohort_id)
                 continue
-            c.published = min(c.stage, 4) if c.start is not None else -1
+            if c.start is None:
+                c.published = -1
+            else:
+                c.published = int(c.stage) if isinstance(c.stage, Stage) else int(Stage.UNMASK)
             c.stage_opened_at = now  # give surviving members a whole stage to come back
             if c.aborted:
                 self._spawn(self._conclude(c, None))
-            elif c.stage == 5:
+            elif c.stage == FINISHING:
                 self._spawn(self._finish(c))
             elif c.start is None and len(c.joins) >= self.cfg.server.buffer_size:
                 self._start(c)  # the crash fell between the last join and the start entry
-            elif 0 <= c.stage <= 4 and c.expected() <= c.got[c.stage]:
+            elif c.collecting is not None and c.expected() <= c.got[c.collecting]:
                 self._close_stage(c, now, journal=True)  # ... or between the last message and the close
         self.counters.recovered_cohorts = len(self.live)
 
@@ -288,9 +220,10 @@ class Coordinator:
             except SecAggError as exc:  # cannot happen with the same code; never stop a restart for it
                 print(f"ftte server: replayed message refused in {c.cohort_id}: {exc}", file=sys.stderr)
                 return
-            stage = STAGE_OF_MESSAGE[type(msg)]
+            stage = Stage.of_message(msg)
+            assert stage is not None
             c.got[stage].add(e.member)
-            c.accepted[(stage, e.member)] = e.data
+            c.accepted[(int(stage), e.member)] = e.data
         elif e.kind == CLOSE:
             self._close_stage(c, e.at, journal=False)
 
@@ -321,7 +254,7 @@ class Coordinator:
         if f is not None and now - f.opened_at >= self.cfg.server.deadline_s and len(f.joins) >= self.min_cohort:
             self._start(f)
         for c in list(self.live.values()):
-            if 0 <= c.stage <= 4 and not c.aborted and now - c.stage_opened_at >= self.stage_timeout:
+            if c.collecting is not None and not c.aborted and now - c.stage_opened_at >= self.stage_timeout:
                 self._close_stage(c, now, journal=True)
 
     async def drain(self) -> None:
@@ -337,56 +270,15 @@ class Coordinator:
         return self.task.task_info(member, self.stage_timeout, self.poll_wait)
 
     def pull(self, member: int, req: PullRequest) -> ModelPull:
-        if req.plan_id != self.plan_id:
-            raise ProtocolError(409, "wrong_plan", f"this server trains {self.plan_id}, not {req.plan_id}")
-        if self._pull_cache is None or self._pull_cache[0] != self.version:
-            w32 = self.weights.astype(np.float32)
-            self._pull_cache = (self.version, ModelPull(self.version, self.plan_id, self.hashes[self.version], w32))
+        check_plan(self.plan_id, req.plan_id)
+        m = self.model
+        if self._pull_cache is None or self._pull_cache[0] != m.version:
+            self._pull_cache = (m.version, ModelPull(m.version, self.plan_id, m.current_hash,
+                                                     m.weights.astype(np.float32)))
         return self._pull_cache[1]
 
-    def _check_join(self, req: JoinRequest) -> None:
-        if req.plan_id != self.plan_id:
-            raise ProtocolError(409, "wrong_plan", f"this server trains {self.plan_id}, not {req.plan_id}")
-        if req.base_version > self.version:
-            raise ProtocolError(422, "future_version", f"version {req.base_version} does not exist yet")
-        if self.version - req.base_version > self.settings.deploy.max_staleness:
-            raise ProtocolError(409, "too_stale", f"trained from version {req.base_version}, now {self.version}")
-        known = self.hashes.get(req.base_version)
-        if known is None or known != req.model_hash:
-            raise ProtocolError(409, "model_mismatch", f"model hash does not match version {req.base_version}")
-        p = self.cfg.privacy
-        if p.enabled:
-            if req.accountant != p.accountant:
-                raise ProtocolError(422, "dp_mismatch", f"accountant must be {p.accountant!r}")
-            if req.noise_multiplier + 1e-12 < p.noise_multiplier or req.max_grad_norm > p.max_grad_norm + 1e-12:
-                raise ProtocolError(422, "dp_mismatch", "noise multiplier or clipping norm differ from the task")
-            if req.steps != self.cfg.train.local_steps or not 0.0 < req.sample_rate <= 1.0:
-                raise ProtocolError(422, "dp_mismatch", "steps or sample rate outside the task")
-            if not 0.0 < req.delta < 1.0 or req.epsilon_max < 0.0:
-                raise ProtocolError(422, "dp_mismatch", "delta must lie in (0, 1) and epsilon_max >= 0")
-            self._spent_rounds(req)  # validates the late-reported rounds
-
-    @staticmethod
-    def _spent_rounds(req: JoinRequest) -> list[tuple[int, SpentRound]]:
-        """The rounds a join reports late, decoded and range-checked (raises ``ProtocolError``)."""
-        if len(req.unreported) > MAX_UNREPORTED:
-            raise ProtocolError(422, "malformed", f"more than {MAX_UNREPORTED} late rounds in one join")
-        out: list[tuple[int, SpentRound]] = []
-        for seq, blob in req.unreported:
-            try:
-                r = wire.decode(blob, expect=SpentRound, max_bytes=256)
-            except wire.WireError as exc:
-                raise ProtocolError(422, "malformed", f"late round {seq}: {exc}") from None
-            if not (1 <= seq < req.round_seq and r.steps >= 1 and 0.0 < r.sample_rate <= 1.0
-                    and r.noise_multiplier > 0.0 and r.max_grad_norm > 0.0 and 0.0 < r.delta < 1.0):
-                raise ProtocolError(422, "dp_mismatch", f"late round {seq} is out of range")
-            out.append((seq, r))
-        if len({seq for seq, _ in out}) != len(out):
-            raise ProtocolError(422, "malformed", "a late round is reported twice")
-        return sorted(out, key=lambda x: x[0])
-
     async def join(self, member: int, req: JoinRequest, raw: bytes) -> JoinReply:
-        self._check_join(req)
+        check_join(req, self.model, self.cfg, self.settings.deploy.max_staleness)
         for c in self.live.values():  # a retried join whose reply was lost
             if c.join_bytes.get(member) == raw:
                 fut = c.durable.get((-1, member))
@@ -416,7 +308,7 @@ class Coordinator:
         """A device stops waiting for a cohort that has not started; too late once it has."""
         c = self._cohort_for(member, req.cohort_id)
         if c.start is not None:
-            raise ProtocolError(409, "started", "the cohort has started; a member that leaves now is dropped")
+            raise Refused("started", "the cohort has started; a member that leaves now is dropped")
         del c.joins[member]
         del c.join_bytes[member]
         c.durable.pop((-1, member), None)
@@ -433,51 +325,51 @@ class Coordinator:
     async def submit(self, member: int, req: Submit, max_payload: int) -> Ack:
         c = self._cohort_for(member, req.cohort_id)
         if c.server is None or c.start is None:
-            raise ProtocolError(409, "not_started", "the cohort has not started yet")
+            raise Refused("not_started", "the cohort has not started yet")
         try:
             msg = wire.decode(req.payload, max_bytes=max_payload)
         except wire.WireError as exc:
-            raise ProtocolError(422, "malformed", str(exc)) from None
-        stage = STAGE_OF_MESSAGE.get(type(msg))
+            raise Refused("malformed", str(exc)) from None
+        stage = Stage.of_message(msg)
         if stage is None:
-            raise ProtocolError(422, "malformed", f"{type(msg).__name__} is not a member message")
+            raise Refused("malformed", f"{type(msg).__name__} is not a member message")
         if msg.member != member:  # type: ignore[attr-defined]
-            raise ProtocolError(403, "member_mismatch", "the message names another member")
-        key = (stage, member)
+            raise Refused("member_mismatch", "the message names another member")
+        key = (int(stage), member)
         if key in c.accepted:
             if c.accepted[key] != req.payload:
-                raise ProtocolError(409, "duplicate", f"another {type(msg).__name__} was already accepted")
+                raise Refused("duplicate", f"another {type(msg).__name__} was already accepted")
             fut = c.durable.get(key)
             if fut is not None:
                 await asyncio.shield(fut)
-            return Ack(c.cohort_id, stage)
-        if c.aborted or c.end is not None or c.stage != stage:
-            raise ProtocolError(409, "stage_closed", f"{STAGES[stage]} is not the open stage of {c.cohort_id}")
+            return Ack(c.cohort_id, int(stage))
+        if c.aborted or c.end is not None or c.collecting is not stage:
+            raise Refused("stage_closed", f"{stage.label} is not the open stage of {c.cohort_id}")
         try:
             c.server.receive(msg)
         except ReplayError as exc:
-            raise ProtocolError(409, "wrong_session", str(exc)) from None
+            raise Refused("wrong_session", str(exc)) from None
         except MemberError as exc:
-            raise ProtocolError(409, "not_expected", str(exc)) from None
+            raise Refused("not_expected", str(exc)) from None
         except ShapeError as exc:
-            raise ProtocolError(422, "bad_shape", str(exc)) from None
+            raise Refused("bad_shape", str(exc)) from None
         except SignatureError as exc:
-            raise ProtocolError(422, "bad_message_signature", str(exc)) from None
+            raise Refused("bad_message_signature", str(exc)) from None
         now = self.clock()
         c.got[stage].add(member)
         c.accepted[key] = req.payload
-        fut = self.journal.append(JournalEntry(c.cohort_id, MESSAGE, now, member, STAGES[stage], req.payload))
+        fut = self.journal.append(JournalEntry(c.cohort_id, MESSAGE, now, member, stage.label, req.payload))
         c.durable[key] = fut
-        if stage == 2:
+        if stage is Stage.UPLOAD:
             self.counters.uploads += 1
         if c.expected() <= c.got[stage]:
             self._close_stage(c, now, journal=True)
         await asyncio.shield(fut)
-        return Ack(c.cohort_id, stage)
+        return Ack(c.cohort_id, int(stage))
 
     async def poll(self, member: int, req: PollRequest, wait_s: float | None = None):
         if req.stage > POLL_END:
-            raise ProtocolError(422, "bad_stage", f"stages are 0..{POLL_END}")
+            raise Refused("bad_stage", f"stages are 0..{POLL_END}")
         wait = self.poll_wait if wait_s is None else wait_s
         deadline = self.clock() + wait
         while True:
@@ -497,40 +389,31 @@ class Coordinator:
         c = self.live.get(cohort_id)
         if c is None:
             if cohort_id in self.ended:
-                raise ProtocolError(409, "cohort_over", f"{cohort_id} has ended")
-            raise ProtocolError(404, "unknown_cohort", cohort_id)
+                raise Refused("cohort_over", f"{cohort_id} has ended")
+            raise Refused("unknown_cohort", cohort_id)
         if member not in c.joins:
-            raise ProtocolError(403, "not_a_member", f"not a member of {cohort_id}")
+            raise Refused("not_a_member", f"not a member of {cohort_id}")
         return c
 
     def _answer(self, member: int, req: PollRequest):
-        cid, k = req.cohort_id, req.stage
+        cid, slot = req.cohort_id, req.stage
         c = self.live.get(cid)
         if c is None:
             end = self.ended.get(cid)
             if end is None:
-                raise ProtocolError(404, "unknown_cohort", cid)
+                raise Refused("unknown_cohort", cid)
             if member not in self.finished_members.get(cid, set()):
-                raise ProtocolError(403, "not_a_member", f"not a member of {cid}")
+                raise Refused("not_a_member", f"not a member of {cid}")
             return end
         if member not in c.joins:
-            raise ProtocolError(403, "not_a_member", f"not a member of {cid}")
-        if k > c.published or k == POLL_END:
+            raise Refused("not_a_member", f"not a member of {cid}")
+        if slot > c.published or slot == POLL_END:
             return None
-        if k == 0:
+        if slot == 0:
             return c.start
-        if k == 1:
-            assert c.roster is not None
-            ok = any(m == member for m, _ in c.roster.adverts)
-            return c.roster if ok else self._dropped(cid, "advertise")
-        if k == 2:
-            d = c.deliveries.get(member)
-            return d if d is not None else self._dropped(cid, "share")
-        if k == 3:
-            assert c.survivors is not None
-            return c.survivors if member in c.survivors.survivors else self._dropped(cid, "upload")
-        assert c.bundle is not None
-        return c.bundle if any(m == member for m, _ in c.bundle.signatures) else self._dropped(cid, "consistency")
+        stage = Stage(slot)
+        given = c.input_for(stage, member)
+        return given if given is not None else self._dropped(cid, Stage(slot - 1).label)
 
     @staticmethod
     def _dropped(cohort_id: str, stage: str) -> CohortEnd:
@@ -539,25 +422,11 @@ class Coordinator:
     # -- cohort life cycle (synchronous state changes; journal queued in the same step) ------------
     def _cohort_start(self, cohort_id: str, members: tuple[int, ...], keys: tuple[bytes, ...],
                       model_hash: bytes | None = None) -> CohortStart:
-        """The session a cohort of these members gets: graph, thresholds and ring as the simulator picks them."""
-        n = len(members)
-        sa = self.cfg.secagg
-        ring = sa.graph == "ring" and sa.neighbors < n - 1  # a small cohort falls back to the full graph
-        threshold = sa.effective_threshold(n)
-        if not ring:
-            threshold = max(threshold, n // 2 + 1)
-        ring_bits = choose_ring_bits(n, sa.value_bits)
-        rule = self.task.rule
-        return CohortStart(
-            cohort_id=cohort_id, plan_id=self.plan_id,
-            model_hash=self.hashes[self.version] if model_hash is None else model_hash,
-            close_version=self.version, members=members, identity_keys=tuple(zip(members, keys)),
-            threshold=min(threshold, n), share_threshold=0, graph="ring" if ring else "full",
-            neighbors=sa.neighbors if ring else 0, dim=self.task.dim + EXTRA_COORDINATES, ring_bits=ring_bits,
-            value_bits=sa.value_bits, clip=sa.clip,
-            reference_variance=-1.0 if self.reference_variance is None else float(self.reference_variance),
-            staleness_exponent=rule.staleness_exponent, variance_penalty=rule.variance_penalty, r_min=rule.r_min,
-        )
+        m = self.model
+        return plan_cohort(self.policy, cohort_id=cohort_id, plan_id=self.plan_id,
+                           model_hash=m.current_hash if model_hash is None else model_hash, close_version=m.version,
+                           members=members, identity_keys=keys, coordinates=self.task.dim,
+                           reference_variance=m.reference_variance)
 
     def check_sessions(self) -> None:
         """Fail at start-up, not at the first full cohort, if some cohort size could not form a session."""
@@ -581,43 +450,44 @@ class Coordinator:
     def _begin(self, c: LiveCohort, start: CohortStart, now: float) -> None:
         params = session_params(start)
         c.start = start
-        c.codec = UpdateCodec(self.task.dim, start.clip, start.value_bits, start.ring_bits)
+        c.codec = codec_for(start)
         c.server = SecAggServer(params)
-        c.stage, c.stage_opened_at = 0, now
+        c.stage, c.stage_opened_at = Stage.ADVERTISE, now
         if self.forming is c:
             self.forming = None
 
     def _close_stage(self, c: LiveCohort, now: float, *, journal: bool) -> None:
         """End the open stage (all expected answers in, or its timeout); abort below the threshold."""
         assert c.server is not None
-        stage = c.stage
+        stage = c.collecting
+        assert stage is not None
         try:
-            if stage == 0:
-                c.roster = c.server.close_advertise()
-            elif stage == 1:
-                c.deliveries = c.server.close_share()
-            elif stage == 2:
-                c.survivors = c.server.close_upload()
-            elif stage == 3:
-                c.bundle = c.server.close_consistency()
-            elif stage == 4:
-                pass  # unmasking happens in _finish, off the event loop
+            out = close_stage(c.server, stage)  # the last stage unmasks in _finish, off the event loop
+            if stage is Stage.ADVERTISE:
+                c.roster = out
+            elif stage is Stage.SHARE:
+                c.deliveries = out
+            elif stage is Stage.UPLOAD:
+                c.survivors = out
+            elif stage is Stage.CONSISTENCY:
+                c.bundle = out
         except SessionAborted as exc:
             c.aborted = str(exc)
-        c.stage, c.stage_opened_at = stage + 1, now
+        last = stage is Stage.UNMASK
+        c.stage, c.stage_opened_at = (FINISHING if last else Stage(stage + 1)), now
         if not journal:
             return
-        fut = self.journal.append(JournalEntry(c.cohort_id, CLOSE, now, None, STAGES[stage]))
+        fut = self.journal.append(JournalEntry(c.cohort_id, CLOSE, now, None, stage.label))
         if c.aborted:
             self._spawn(self._conclude_after(c, fut))
-        elif stage == 4:
+        elif last:
             self._spawn(self._finish_after(c, fut))
         else:
-            self._publish_after(c, fut, stage + 1)
+            self._publish_after(c, fut, int(stage) + 1)
 
-    def _publish_after(self, c: LiveCohort, fut: asyncio.Future, poll_stage: int) -> None:
+    def _publish_after(self, c: LiveCohort, fut: asyncio.Future, poll_slot: int) -> None:
         def publish(_: asyncio.Future) -> None:
-            c.published = max(c.published, poll_stage)
+            c.published = max(c.published, poll_slot)
             c.notify()
         fut.add_done_callback(publish)
 
@@ -639,68 +509,44 @@ class Coordinator:
             await self._conclude(c, None)
             return
         total, wsum, vsum = c.codec.decode_sum(result.total, len(result.survivors))
-        await self._conclude(c, (result.survivors, total, wsum, vsum))
+        await self._conclude(c, CohortSum(result.survivors, total, wsum, vsum))
 
-    async def _conclude(self, c: LiveCohort, outcome) -> None:
+    async def _conclude(self, c: LiveCohort, total: CohortSum | None) -> None:
         """Commit an applied or aborted cohort (serialised: versions are bumped one at a time)."""
-        assert c.start is not None
+        start = c.start
+        assert start is not None
         async with self._merge_lock:
             now = self.clock()
-            dropped = c.dropped_stages()
-            record: dict[str, Any] = {
-                "cohort_id": c.cohort_id,
-                "close_version": c.start.close_version,
-                "members": sorted(c.joins),
-                "included": [],
-                "dropped": {str(m): s for m, s in sorted(dropped.items())},
-                "weight_sum": 0.0,
-                "duration_s": round(now - c.opened_at, 6),
-                "aborted": c.aborted,
-            }
-            version, weights, velocity, ref = self.version, self.weights, self.velocity, self.reference_variance
-            history_row = None
-            if outcome is not None:
-                survivors, total, wsum, vsum = outcome
-                record["included"] = list(survivors)
-                record["weight_sum"] = wsum
-                if wsum > 0 and np.all(np.isfinite(total)):
-                    opt = ServerOptimizer(self.cfg.server.lr, self.cfg.server.momentum)
-                    opt.load_state(None if velocity is None else velocity.copy())
-                    weights = opt.step(weights, weighted_mean(total, wsum))
-                    velocity = opt.state()
-                    version += 1
-                    ref = vsum / len(survivors)
-                    record["applied_version"] = version
-                    history_row = {
-                        "version": version,
-                        "elapsed_s": round(now - self.started_at, 6),
-                        "cohort_id": c.cohort_id,
-                        "cohort_size": len(survivors),
-                        "dropped": len(dropped),
-                        "mean_weight": wsum / len(survivors),
-                        "mean_staleness": float(np.mean([c.start.close_version - c.joins[m].base_version for m in survivors])),
-                    }
-                    if self._test is not None:
-                        acc, loss = await asyncio.to_thread(self._evaluate, weights)
-                        history_row.update(accuracy=acc, loss=loss)
-                else:
-                    record["aborted"] = c.aborted = "the cohort's weights summed to zero"
-            rounds = tuple(r for m in sorted(c.joins) for r in self._member_rounds(m, c)) if self.cfg.privacy.enabled else ()
-            commit = CohortCommit(version, now - self.started_at, weights, velocity, ref, record, history_row, rounds)
+            staleness = {m: start.close_version - j.base_version for m, j in c.joins.items()}
+            result = CohortResult(c.cohort_id, start.close_version, tuple(sorted(c.joins)), c.dropped_stages(),
+                                  staleness, round(now - c.opened_at, 6), total, c.aborted)
+            m = self.model
+            evaluate = self._evaluate
+            applied: Applied = await asyncio.to_thread(
+                m.propose, result, now=now - self.started_at, evaluate=evaluate, time_key="elapsed_s")
+            rounds = tuple(r for mem in sorted(c.joins) for r in self._member_rounds(mem, c)) \
+                if self.cfg.privacy.enabled else ()
+            history = applied.history.to_dict() if applied.history is not None else None
+            st = applied.state
+            if st is None:
+                commit = CohortCommit(m.version, now - self.started_at, m.weights, m.optimizer.state(),
+                                      m.reference_variance, applied.record.to_dict(), None, rounds)
+            else:
+                commit = CohortCommit(st.version, now - self.started_at, st.weights, st.velocity,
+                                      st.reference_variance, applied.record.to_dict(), history, rounds)
             t0 = time.perf_counter()
             written = await self.db.call(self.db.commit_cohort, commit)
+            m.adopt(applied)  # pulls see the new version only once it is durable
             self.commit_seconds.append(time.perf_counter() - t0)
             self.counters.ledger_rows += written
-            if history_row is not None:
-                self.version, self.weights, self.velocity, self.reference_variance = version, weights, velocity, ref
-                self.hashes[version] = model_hash(self.plan_id, weights.astype(np.float32))
-                self.hashes.pop(version - self.settings.deploy.max_staleness - 1, None)
-                self.history_tail = history_row
+            if applied.applied:
+                self.history_tail = history
                 self.counters.cohorts_applied += 1
-                c.end = CohortEnd(c.cohort_id, "applied", version, tuple(record["included"]), "")
+                c.end = CohortEnd(c.cohort_id, "applied", m.version, applied.record.included, "")
             else:
+                c.aborted = applied.record.aborted
                 self.counters.cohorts_aborted += 1
-                c.end = CohortEnd(c.cohort_id, "aborted", 0, (), record["aborted"][:1000])
+                c.end = CohortEnd(c.cohort_id, "aborted", 0, (), applied.record.aborted[:1000])
             del self.live[c.cohort_id]
             self.ended[c.cohort_id] = c.end
             self.finished_members[c.cohort_id] = set(c.joins)
@@ -716,18 +562,10 @@ class Coordinator:
                       opacus_version=j.opacus_version, ftte_version=j.ftte_version)
         rows = [MemberRound(step=PrivacyStep(r.noise_multiplier, r.sample_rate, r.steps),
                             max_grad_norm=r.max_grad_norm, delta=r.delta, cohort_id=UNMERGED, **common)
-                for _, r in self._spent_rounds(j)]
+                for _, r in spent_rounds(j)]
         rows.append(MemberRound(step=PrivacyStep(j.noise_multiplier, j.sample_rate, j.steps),
                                 max_grad_norm=j.max_grad_norm, delta=j.delta, **common))
         return rows
-
-    def _evaluate(self, weights: np.ndarray) -> tuple[float, float]:
-        from ftte.pipeline.simulator import evaluate
-
-        assert self._eval_model is not None and self._test is not None
-        with torch.no_grad():
-            apply_subset_vector(self._eval_model, self.task.plan, weights.astype(np.float32))
-        return evaluate(self._eval_model, *self._test)
 
     def _trim_ended(self) -> None:
         while len(self.ended) > ENDED_CACHE:
@@ -741,7 +579,7 @@ class Coordinator:
         return {
             "version": self.version,
             "plan_id": self.plan_id,
-            "model_hash": self.hashes[self.version].hex(),
+            "model_hash": self.model.current_hash.hex(),
             "forming_cohort_members": 0 if forming is None else len(forming.joins),
             "open_cohorts": len(self.live),
             "cohorts_in_flight": sum(1 for c in self.live.values() if c.start is not None),
@@ -775,4 +613,4 @@ def _end_from_record(record: dict[str, Any]) -> CohortEnd:
     return CohortEnd(record["cohort_id"], "aborted", 0, (), str(record.get("aborted", ""))[:1000])
 
 
-__all__ = ["Coordinator", "LiveCohort", "ProtocolError"]
+__all__ = ["Coordinator", "LiveCohort", "Refused"]

@@ -10,33 +10,17 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from ftte.edge.plan import SubsetPlan, subset_vector
-from ftte.protocol.weighting import WeightRule
 from ftte.pipeline.deploy_config import ServerSettings
-from ftte.pipeline.simulator import build_global_model
+from ftte.pipeline.model_builder import build_global_model, full_vector, model_kwargs
 from ftte.pipeline.strategies import strategy_for
+from ftte.protocol.weighting import WeightRule
 
 from ftte.deploy_messages import TaskInfo
-
-
-def model_kwargs(name: str, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
-    """The factory arguments, chosen as the simulator chooses them (see ``build_global_model``)."""
-    if name in ("logistic", "mlp"):
-        return {"in_features": int(math.prod(input_shape)), "num_classes": num_classes}
-    if name in ("cnn8", "cnn28"):
-        return {"in_channels": int(input_shape[0]), "num_classes": num_classes}
-    return {"input_shape": list(input_shape), "num_classes": num_classes}
-
-
-def full_vector(model: torch.nn.Module) -> np.ndarray:
-    """Every parameter in ``named_parameters`` order, float32 (what a device loads first)."""
-    with torch.no_grad():
-        return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()]).numpy().copy()
 
 
 @dataclass(frozen=True)
@@ -83,7 +67,7 @@ def build_task(settings: ServerSettings) -> DeployTask:
     cfg = settings.run
     d = settings.deploy
     shape = tuple(d.input_shape)
-    model = build_global_model(cfg, SimpleNamespace(input_shape=shape, n_classes=d.num_classes))
+    model = build_global_model(cfg.model.name, cfg.run.seed, shape, d.num_classes)
     plan = SubsetPlan.from_layers(model, d.trainable_layers) if d.trainable_layers else SubsetPlan.full(model)
     return DeployTask(
         model=model,

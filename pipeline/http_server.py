@@ -28,8 +28,9 @@ run first and nothing is allocated for a request that will be refused:
 6. the device's token bucket is empty: **429** with ``Retry-After``;
 7. ``wire.decode`` with the endpoint's limits (size, msgpack nesting and lengths, schema
    version, tag, field kinds): **422**;
-8. the coordinator's own checks (plan, shapes, dtype, stage, membership): 4xx from
-   :class:`~ftte.pipeline.coordinator.ProtocolError`, always raised before any state change.
+8. the coordinator's own checks (plan, shapes, dtype, stage, membership): a
+   :class:`~ftte.pipeline.refusal.Refused` code, always raised before any state change,
+   answered with the status :mod:`ftte.pipeline.http_errors` maps it to.
 
 Errors carry an :class:`~ftte.deploy_messages.ErrorReply` body. Every response carries the server
 clock in ``x-ftte-server-time``.
@@ -49,7 +50,9 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from ftte.pipeline.coordinator import Coordinator, ProtocolError
+from ftte.pipeline.coordinator import Coordinator
+from ftte.pipeline.http_errors import http_status
+from ftte.pipeline.refusal import Refused
 from ftte.pipeline.deploy_config import HttpSettings
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -80,6 +83,14 @@ from ftte.deploy_messages import (
     Submit,
     TaskRequest,
 )
+
+
+class ProtocolError(Exception):
+    """A refusal at the HTTP layer: a status, a stable code, a detail; raised before any state change."""
+
+    def __init__(self, status: int, code: str, detail: str = "") -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status, self.code, self.detail = status, code, detail
 
 MAX_NONCES = 2_000_000
 LATENCY_WINDOW = 20_000  # most recent successful requests per endpoint kept for the percentiles
@@ -273,6 +284,8 @@ class DeviceApi:
                 response = self._encode(200, reply)
             except ProtocolError as exc:
                 response = self._error(exc)
+            except Refused as exc:
+                response = self._error(ProtocolError(http_status(exc), exc.code, exc.detail))
             except Exception as exc:  # a server bug: say so in the protocol's own terms, and log it
                 print(f"ftte server: {name} failed: {exc!r}", file=sys.stderr, flush=True)
                 response = self._error(ProtocolError(500, "internal", "internal error"))

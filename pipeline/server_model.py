@@ -99,15 +99,27 @@ class HistoryRow:
 
 
 @dataclass(frozen=True)
+class ModelState:
+    """The server's model after a merge, before it is adopted (a driver may first make it durable)."""
+
+    version: int
+    weights: np.ndarray
+    velocity: np.ndarray | None
+    reference_variance: float | None
+    model_hash: bytes
+
+
+@dataclass(frozen=True)
 class Applied:
-    """What :meth:`ServerModel.apply` decided: the record to commit, and the history row if a version was made."""
+    """What the server core decided about a cohort: the record to commit, and the new version if one was made."""
 
     record: CohortRecord
     history: HistoryRow | None
+    state: ModelState | None = None
 
     @property
     def applied(self) -> bool:
-        return self.history is not None
+        return self.state is not None
 
 
 Evaluator = Callable[[np.ndarray], tuple[float, float]]
@@ -147,9 +159,9 @@ class ServerModel:
         self.reference_variance = reference_variance
         self.hashes[version] = self._hash(self.weights)
 
-    def apply(self, result: CohortResult, *, now: float, evaluate: Evaluator | None = None,
-              time_key: str = "virtual_time_s") -> Applied:
-        """Merge a cohort's decoded sum into a new version, or record why it was not merged.
+    def propose(self, result: CohortResult, *, now: float, evaluate: Evaluator | None = None,
+                time_key: str = "virtual_time_s") -> Applied:
+        """Decide what a cohort does to the model, without changing it (see :meth:`adopt`).
 
         A sum whose weights do not add up to a positive number, or that is not finite, is
         never merged: the cohort is recorded as aborted with the reason.
@@ -158,22 +170,42 @@ class ServerModel:
         record = dict(cohort_id=result.cohort_id, close_version=result.close_version, members=result.members,
                       dropped=dict(result.dropped), duration_s=result.duration_s)
         reason = result.aborted
-        if total is not None and not (total.weight_sum > 0 and np.all(np.isfinite(total.weighted_sum))):
+        if total is not None and not reason and not (total.weight_sum > 0 and np.all(np.isfinite(total.weighted_sum))):
             reason = "the cohort's weights summed to zero" if not total.weight_sum > 0 else "the decoded sum is not finite"
         if total is None or reason:
             return Applied(CohortRecord(included=(), weight_sum=0.0 if total is None else total.weight_sum,
                                         aborted=reason, **record), None)
-        self.weights = self.optimizer.step(self.weights, weighted_mean(total.weighted_sum, total.weight_sum))
-        self.version += 1
+        opt = ServerOptimizer(self.optimizer.lr, self.optimizer.momentum)
+        velocity = self.optimizer.state()
+        opt.load_state(None if velocity is None else velocity.copy())
+        weights = opt.step(self.weights, weighted_mean(total.weighted_sum, total.weight_sum))
+        version = self.version + 1
         n = len(total.included)
-        self.reference_variance = total.variance_sum / n
-        self.hashes[self.version] = self._hash(self.weights)
-        self.hashes.pop(self.version - self.keep_hashes - 1, None)
+        state = ModelState(version, weights, opt.state(), total.variance_sum / n, self._hash(weights))
         acc = loss = None
         if evaluate is not None:
-            acc, loss = evaluate(self.weights)
+            acc, loss = evaluate(weights)
         stal = [result.staleness[m] for m in total.included]
-        history = HistoryRow(self.version, now, n, float(np.mean(stal)) if stal else 0.0, total.weight_sum / n,
+        history = HistoryRow(version, now, n, float(np.mean(stal)) if stal else 0.0, total.weight_sum / n,
                              len(result.dropped), acc, loss, time_key)
         return Applied(CohortRecord(included=total.included, weight_sum=total.weight_sum, aborted="",
-                                    applied_version=self.version, **record), history)
+                                    applied_version=version, **record), history, state)
+
+    def adopt(self, applied: Applied) -> None:
+        """Make a proposed merge the current model (a no-op for a cohort that was not merged)."""
+        st = applied.state
+        if st is None:
+            return
+        if st.version != self.version + 1:
+            raise ValueError(f"merge for version {st.version} proposed at version {self.version}")
+        self.version, self.weights, self.reference_variance = st.version, st.weights, st.reference_variance
+        self.optimizer.load_state(st.velocity)
+        self.hashes[st.version] = st.model_hash
+        self.hashes.pop(st.version - self.keep_hashes - 1, None)
+
+    def apply(self, result: CohortResult, *, now: float, evaluate: Evaluator | None = None,
+              time_key: str = "virtual_time_s") -> Applied:
+        """:meth:`propose` then :meth:`adopt`: for drivers that commit after changing the model (the simulator)."""
+        applied = self.propose(result, now=now, evaluate=evaluate, time_key=time_key)
+        self.adopt(applied)
+        return applied

@@ -42,7 +42,7 @@ from ftte.pipeline.backends import (DeviceBackend, TrainTask, WorkerData, Worker
 from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time
 from ftte.pipeline.cohort import CohortRun, run_cohort
 from ftte.pipeline.config import Config
-from ftte.pipeline.datasets import FederatedData, load_dataset
+from ftte.pipeline.datasets import load_dataset
 from ftte.pipeline.fleet import SimDevice, build_fleet
 from ftte.pipeline.evaluation import Evaluator
 from ftte.pipeline.merge import ServerOptimizer

@@ -49,9 +49,11 @@ def test_edge_client_does_not_import_the_server_stack():
 
 
 def test_model_hash_is_the_one_the_pipeline_uses():
-    from ftte.pipeline import coordinator, simulator
+    from ftte.pipeline import coordinator, server_model, simulator
 
-    assert simulator.model_hash is edge_model_hash and coordinator.model_hash is edge_model_hash
+    # both drivers hold their model in the one server core, which hashes with the device's function
+    assert server_model.model_hash is edge_model_hash
+    assert coordinator.ServerModel is simulator.ServerModel is server_model.ServerModel
     w = np.random.default_rng(0).normal(size=650).astype(np.float32)
     assert edge_model_hash("plan-y", w) != edge_model_hash("plan-x", w)
     assert edge_model_hash("plan-x", w) != edge_model_hash("plan-x", w + 1)
@@ -188,7 +190,8 @@ CRASH_POINTS = [(-1, 2), (0, 0), (0, 2), (1, 3), (2, 1), (3, 2), (4, 3), (4, 4)]
 @pytest.mark.parametrize("crash_stage,crash_after", CRASH_POINTS)
 def test_journal_replay_resumes_the_cohort(tmp_path, crash_stage, crash_after):
     """Members keep their client state; the server restarts from its file and the cohort completes."""
-    from ftte.pipeline.coordinator import ProtocolError
+    from ftte.pipeline.http_errors import http_status
+    from ftte.pipeline.refusal import Refused as ProtocolError
     from ftte.privacy.audit import verify_ledger
 
     signers = [Signer() for _ in range(4)]
@@ -251,7 +254,7 @@ def test_journal_replay_resumes_the_cohort(tmp_path, crash_stage, crash_after):
         # A late duplicate is acknowledged idempotently, a different one refused, the cohort is over.
         with pytest.raises(ProtocolError) as refused:
             await alive["coord"].submit(members[0], Submit(cid, b"\x00"), 1 << 20)
-        assert refused.value.status == 409
+        assert http_status(refused.value) == 409
         expected = sum(updates.values())
         got = alive["coord"].weights - alive["coord"].task.initial_subset
         await alive["coord"].drain()
@@ -266,7 +269,8 @@ def test_journal_replay_resumes_the_cohort(tmp_path, crash_stage, crash_after):
 
 
 def test_a_refused_message_leaves_the_journal_untouched(tmp_path):
-    from ftte.pipeline.coordinator import ProtocolError
+    from ftte.pipeline.http_errors import http_status
+    from ftte.pipeline.refusal import Refused as ProtocolError
 
     signers = [Signer() for _ in range(4)]
     members = [member_id(s.public_key) for s in signers]
@@ -288,15 +292,15 @@ def test_a_refused_message_leaves_the_journal_untouched(tmp_path):
         for submit, status in bad:
             with pytest.raises(ProtocolError) as refused:
                 await coord.submit(members[0], submit, 1 << 20)
-            assert refused.value.status == status
+            assert http_status(refused.value) == status
         other = SecAggClient(session_params(start), members[1], signers[1]).advertise()
         with pytest.raises(ProtocolError) as refused:  # member 1's message posted by member 0
             await coord.submit(members[0], Submit(cid, wire.encode(other)), 1 << 20)
-        assert refused.value.status == 403
+        assert http_status(refused.value) == 403
         with pytest.raises(ProtocolError) as refused:  # right shape, wrong stage
             roster = Roster(bytes(32), ())
             await coord.submit(members[0], Submit(cid, wire.encode(roster)), 1 << 20)
-        assert refused.value.status == 422
+        assert http_status(refused.value) == 422
         await coord.drain()
         assert coord.journal.entries == before
         db.close()
@@ -404,7 +408,7 @@ def test_rounds_reported_late_reach_the_ledger_before_the_round(tmp_path):
                                                 unreported=((1, wire.encode(late)), (2, wire.encode(late))))
         end = await drive_cohort(coord, signers, joins)
         bad = dataclasses.replace(join_request(coord, 1), round_seq=2, unreported=((2, wire.encode(late)),))
-        from ftte.pipeline.coordinator import ProtocolError
+        from ftte.pipeline.refusal import Refused as ProtocolError
 
         with pytest.raises(ProtocolError):  # a late round must come before this one
             await coord.join(members[0], bad, wire.encode(bad))
