@@ -24,9 +24,11 @@ from ftte.privacy.dpsgd import DPConfig, PrivateTrainer, RoundPlan, RoundStats
 
 @dataclass(frozen=True)
 class TrainSettings:
-    local_steps: int = 5
-    batch_size: int = 16
-    lr: float = 0.1
+    """Local training of one round; built from ``[train]`` or a deployment's task (no defaults here)."""
+
+    local_steps: int
+    batch_size: int
+    lr: float
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1 or not self.lr > 0:

@@ -38,6 +38,9 @@ from ftte.crypto.stages import STAGE_LABELS
 __all__ = [
     "STAGES",
     "ConfigError",
+    "Section",
+    "build_section",
+    "SIMULATION_ONLY",
     "StageDropout",
     "DeviceClass",
     "RunConfig",
@@ -66,6 +69,11 @@ STAGES: tuple[str, ...] = ("train",) + STAGE_LABELS
 #: Built-in model names; anything else must be ``"package.module:factory"``.
 BUILTIN_MODELS: tuple[str, ...] = ("logistic", "mlp", "cnn8", "cnn28")
 _FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+#: Sections that describe a simulated fleet; a deployment refuses them.
+SIMULATION_ONLY: tuple[str, ...] = ("data", "fleet")
+
+Mode = Literal["simulation", "deployment"]
 
 #: Tolerance on "class fractions sum to 1".
 FRACTION_TOLERANCE = 1e-6
@@ -148,8 +156,12 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {where} {key}")  # programming error
 
 
-class _Section:
-    """Mixin: type-check every field on construction, then run ``_check``."""
+class Section:
+    """Mixin: type-check every field on construction, then run ``_check``.
+
+    Every configuration section of ftte (simulation and deployment) is one of these, so
+    unknown keys, wrong types and bad values are refused the same way, naming the key.
+    """
 
     SECTION: ClassVar[str] = ""
 
@@ -173,6 +185,11 @@ class _Section:
     def _require(self, key: str, ok: bool, rule: str) -> None:
         if not ok:
             _fail(self._where(), key, f"{rule}, got {getattr(self, key)!r}")
+
+
+def build_section(cls: type, data: Any, where: str) -> Any:
+    """Build any :class:`Section` dataclass (``[http]``, ``[deploy]`` too) with the strict rules of this module."""
+    return _build(cls, data, where)
 
 
 def _allowed_keys(cls: type) -> list[str]:
@@ -210,7 +227,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 
 @dataclass(frozen=True)
-class StageDropout(_Section):
+class StageDropout(Section):
     """Probability that a device drops out at each protocol stage (independent draws).
 
     ``train``: never finishes local training; ``advertise``: never sends its keys;
@@ -241,7 +258,7 @@ class StageDropout(_Section):
 
 
 @dataclass(frozen=True)
-class DeviceClass(_Section):
+class DeviceClass(Section):
     """One class of simulated devices and the fraction of the fleet it makes up.
 
     Bandwidths are bytes per second (as in :class:`ftte.edge.profile.DeviceProfile`);
@@ -317,7 +334,7 @@ def shorthand_classes(stragglers: float) -> tuple[DeviceClass, ...]:
 
 
 @dataclass(frozen=True)
-class RunConfig(_Section):
+class RunConfig(Section):
     SECTION: ClassVar[str] = "run"
 
     strategy: Literal["ftte", "fedbuff", "fedavg"] = "ftte"
@@ -338,7 +355,7 @@ class RunConfig(_Section):
 
 
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     SECTION: ClassVar[str] = "data"
 
     name: Literal["digits", "breast_cancer", "synthetic", "csv", "npz"] = "digits"
@@ -369,7 +386,7 @@ class DataConfig(_Section):
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     SECTION: ClassVar[str] = "model"
 
     name: str = "cnn8"
@@ -384,7 +401,7 @@ class ModelConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     SECTION: ClassVar[str] = "train"
 
     local_steps: int = 2
@@ -398,9 +415,15 @@ class TrainConfig(_Section):
         self._require("lr", 0.0 < self.lr < math.inf, "must be > 0 and finite")
         self._require("memory_budget_fraction", 0.0 < self.memory_budget_fraction <= 1.0, "must be in (0, 1]")
 
+    def settings(self) -> Any:
+        """The device trainer's settings (:class:`~ftte.edge.runtime.TrainSettings`) from this section."""
+        from ftte.edge.runtime import TrainSettings
+
+        return TrainSettings(self.local_steps, self.batch_size, self.lr)
+
 
 @dataclass(frozen=True)
-class PrivacyConfig(_Section):
+class PrivacyConfig(Section):
     SECTION: ClassVar[str] = "privacy"
 
     enabled: bool = True
@@ -420,7 +443,7 @@ class PrivacyConfig(_Section):
 
 
 @dataclass(frozen=True)
-class SecAggConfig(_Section):
+class SecAggConfig(Section):
     SECTION: ClassVar[str] = "secagg"
 
     enabled: bool = True
@@ -449,7 +472,7 @@ class SecAggConfig(_Section):
 
 
 @dataclass(frozen=True)
-class ServerConfig(_Section):
+class ServerConfig(Section):
     SECTION: ClassVar[str] = "server"
 
     buffer_size: int = 10
@@ -458,6 +481,7 @@ class ServerConfig(_Section):
     momentum: float = 0.0
     staleness_exponent: float = 0.5
     variance_penalty: float = 1.0
+    r_min: float = 0.25
     fedavg_clients_per_round: int = 10
     fedavg_over_selection: float = 0.3
     fedavg_deadline_s: float = 0.0
@@ -469,6 +493,7 @@ class ServerConfig(_Section):
         self._require("momentum", 0.0 <= self.momentum < 1.0, "must be in [0, 1)")
         self._require("staleness_exponent", 0.0 <= self.staleness_exponent < math.inf, "must be >= 0 and finite")
         self._require("variance_penalty", 0.0 <= self.variance_penalty < math.inf, "must be >= 0 and finite")
+        self._require("r_min", 0.0 < self.r_min <= 1.0, "must be in (0, 1]")
         self._require("fedavg_clients_per_round", self.fedavg_clients_per_round >= 1, "must be >= 1")
         self._require("fedavg_over_selection", 0.0 <= self.fedavg_over_selection <= 10.0, "must be in [0, 10]")
         self._require("fedavg_deadline_s", 0.0 <= self.fedavg_deadline_s, "must be >= 0 (0 = wait for all)")
@@ -479,7 +504,7 @@ class ServerConfig(_Section):
 
 
 @dataclass(frozen=True)
-class FleetConfig(_Section):
+class FleetConfig(Section):
     SECTION: ClassVar[str] = "fleet"
 
     devices: int = 100
@@ -562,17 +587,7 @@ class Config:
         return self.secagg.effective_threshold(self.cohort_size)
 
     def _cross_checks(self) -> None:
-        devices = self.fleet.devices
-        if self.server.buffer_size > devices:
-            raise ConfigError(
-                f"[server] buffer_size: must be <= [fleet] devices ({devices}), got {self.server.buffer_size}"
-            )
-        if self.run.strategy == "fedavg" and self.server.fedavg_selected() > devices:
-            raise ConfigError(
-                f"[server] fedavg_clients_per_round: {self.server.fedavg_clients_per_round} clients with "
-                f"fedavg_over_selection {self.server.fedavg_over_selection:g} select {self.server.fedavg_selected()} "
-                f"devices per round, more than [fleet] devices ({devices})"
-            )
+        """Rules between sections that hold in every mode (simulation and deployment)."""
         if not self.secagg.enabled:
             return
         k = self.cohort_size
@@ -603,18 +618,40 @@ class Config:
                 "never reconstruct both the self-mask and the mask keys that unmask one member"
             )
 
+    def check_simulation(self) -> "Config":
+        """Rules that only a simulated fleet can break (a deployment's fleet is its allow-list)."""
+        devices = self.fleet.devices
+        if self.server.buffer_size > devices:
+            raise ConfigError(
+                f"[server] buffer_size: must be <= [fleet] devices ({devices}), got {self.server.buffer_size}"
+            )
+        if self.run.strategy == "fedavg" and self.server.fedavg_selected() > devices:
+            raise ConfigError(
+                f"[server] fedavg_clients_per_round: {self.server.fedavg_clients_per_round} clients with "
+                f"fedavg_over_selection {self.server.fedavg_over_selection:g} select {self.server.fedavg_selected()} "
+                f"devices per round, more than [fleet] devices ({devices})"
+            )
+        return self
+
     # conversions -------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
-        """Strictly build a configuration from nested mappings (e.g. parsed TOML)."""
+    def from_dict(cls, data: Mapping[str, Any], *, mode: Mode = "simulation") -> "Config":
+        """Strictly build a configuration from nested mappings (e.g. parsed TOML).
+
+        In ``"deployment"`` mode the simulation-only sections (``[data]``, ``[fleet]``) are
+        refused and the rules about a simulated fleet are not applied.
+        """
         if not isinstance(data, Mapping):
             raise ConfigError(f"configuration: expected a table, got {_type_name(data)}")
         sections: dict[str, Any] = {}
         for name, value in data.items():
             if name not in _SECTIONS:
                 _unknown("section", f"[{name}]", "configuration", [f"[{s}]" for s in _SECTIONS])
+            if mode == "deployment" and name in SIMULATION_ONLY:
+                raise ConfigError(f"[{name}] describes a simulated fleet and is not used by `ftte server`")
             sections[name] = _build(_SECTIONS[name], value, f"[{name}]")
-        return cls(**sections)
+        cfg = cls(**sections)
+        return cfg.check_simulation() if mode == "simulation" else cfg
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists, not tuples) that :meth:`from_dict` reads back."""
@@ -705,7 +742,8 @@ def _toml_value(value: Any) -> str:
 # loading
 
 
-def parse_config(text: str, *, base_dir: str | Path | None = None, source: str = "<string>") -> Config:
+def parse_config(text: str, *, base_dir: str | Path | None = None, source: str = "<string>",
+                 mode: Mode = "simulation") -> Config:
     """Parse TOML text into a :class:`Config`; missing keys take their defaults.
 
     A relative ``[data] path`` is resolved against ``base_dir`` when given.
@@ -720,7 +758,7 @@ def parse_config(text: str, *, base_dir: str | Path | None = None, source: str =
         if not p.is_absolute():
             data["path"] = str((Path(base_dir) / p).resolve())
     try:
-        return Config.from_dict(raw)
+        return Config.from_dict(raw, mode=mode)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 

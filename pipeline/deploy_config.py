@@ -26,61 +26,29 @@ included, but may lose the last commits on a power cut or kernel crash, for a mu
 the upload throughput on slow disks.
 
 ``[data]`` and ``[fleet]`` describe a simulated fleet and are refused here. Relative
-paths are resolved against the configuration file's directory. Unknown keys, wrong
-types and out-of-range values raise :class:`ConfigError` naming the key.
+paths are resolved against the configuration file's directory. Every section, these two
+included, goes through the one strict engine of :mod:`ftte.pipeline.config`: unknown keys
+(with a suggestion), wrong types and out-of-range values raise :class:`ConfigError`
+naming the key.
 """
 
 from __future__ import annotations
 
 import math
-import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import tomllib
-from ftte.pipeline.config import Config, ConfigError
+from ftte.pipeline.config import Config, ConfigError, Section, build_section
 
-SIMULATION_ONLY = ("data", "fleet")
-
-
-def _check_fields(obj: Any, section: str) -> None:
-    """Type-check a frozen dataclass's fields against their annotations (ints widen to floats)."""
-    hints = typing.get_type_hints(type(obj))
-    for f in fields(obj):
-        value, tp = getattr(obj, f.name), hints[f.name]
-        where = f"[{section}] {f.name}"
-        if tp is bool:
-            ok = isinstance(value, bool)
-        elif tp is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif tp is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok:
-                object.__setattr__(obj, f.name, float(value))
-                ok = not math.isnan(float(value))
-        elif tp is str:
-            ok = isinstance(value, str)
-        elif typing.get_origin(tp) is tuple:
-            inner = typing.get_args(tp)[0]
-            ok = isinstance(value, (list, tuple)) and all(
-                isinstance(v, inner) and not isinstance(v, bool) for v in value)
-            if ok:
-                object.__setattr__(obj, f.name, tuple(value))
-        else:  # pragma: no cover - programming error
-            raise TypeError(f"unsupported annotation {tp!r} for {where}")
-        if not ok:
-            raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
-
-
-def _require(section: str, key: str, ok: bool, rule: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"[{section}] {key}: {rule}, got {value!r}")
+DEPLOYMENT_SECTIONS = ("http", "deploy")
 
 
 @dataclass(frozen=True)
-class HttpSettings:
+class HttpSettings(Section):
+    SECTION: ClassVar[str] = "http"
+
     host: str = "127.0.0.1"
     port: int = 8443
     tls_cert: str = ""
@@ -92,21 +60,21 @@ class HttpSettings:
     rate_burst: int = 40
     poll_wait_s: float = 10.0
 
-    def __post_init__(self) -> None:
-        _check_fields(self, "http")
-        _require("http", "port", 0 <= self.port <= 65535, "must be in [0, 65535]", self.port)
+    def _check(self) -> None:
+        self._require("port", 0 <= self.port <= 65535, "must be in [0, 65535]")
         if not self.plaintext and not (self.tls_cert and self.tls_key):
             raise ConfigError("[http] tls_cert and tls_key are required (set plaintext = true only for local tests)")
-        _require("http", "max_request_bytes", 1024 <= self.max_request_bytes <= 64 << 20,
-                 "must be in [1 KiB, 64 MiB]", self.max_request_bytes)
-        _require("http", "clock_skew_s", 1.0 <= self.clock_skew_s <= 3600.0, "must be in [1, 3600]", self.clock_skew_s)
-        _require("http", "rate_per_s", 0.0 < self.rate_per_s < math.inf, "must be > 0 and finite", self.rate_per_s)
-        _require("http", "rate_burst", self.rate_burst >= 1, "must be >= 1", self.rate_burst)
-        _require("http", "poll_wait_s", 0.0 <= self.poll_wait_s <= 120.0, "must be in [0, 120]", self.poll_wait_s)
+        self._require("max_request_bytes", 1024 <= self.max_request_bytes <= 64 << 20, "must be in [1 KiB, 64 MiB]")
+        self._require("clock_skew_s", 1.0 <= self.clock_skew_s <= 3600.0, "must be in [1, 3600]")
+        self._require("rate_per_s", 0.0 < self.rate_per_s < math.inf, "must be > 0 and finite")
+        self._require("rate_burst", self.rate_burst >= 1, "must be >= 1")
+        self._require("poll_wait_s", 0.0 <= self.poll_wait_s <= 120.0, "must be in [0, 120]")
 
 
 @dataclass(frozen=True)
-class DeploySettings:
+class DeploySettings(Section):
+    SECTION: ClassVar[str] = "deploy"
+
     state: str = "ftte-server.db"
     ledger_key: str = "ledger.key"
     allow_list: str = "devices.txt"
@@ -116,20 +84,16 @@ class DeploySettings:
     test_data: str = ""
     stage_timeout_s: float = 30.0
     max_staleness: int = 50
-    synchronous: str = "full"
+    synchronous: Literal["full", "normal"] = "full"
 
-    def __post_init__(self) -> None:
-        _check_fields(self, "deploy")
-        _require("deploy", "synchronous", self.synchronous in ("full", "normal"), "must be 'full' or 'normal'",
-                 self.synchronous)
-        _require("deploy", "input_shape", len(self.input_shape) >= 1 and all(s >= 1 for s in self.input_shape),
-                 "must be a non-empty list of positive integers", self.input_shape)
-        _require("deploy", "num_classes", self.num_classes >= 2, "must be >= 2", self.num_classes)
-        _require("deploy", "stage_timeout_s", 0.1 <= self.stage_timeout_s <= 3600.0, "must be in [0.1, 3600]",
-                 self.stage_timeout_s)
-        _require("deploy", "max_staleness", self.max_staleness >= 0, "must be >= 0", self.max_staleness)
+    def _check(self) -> None:
+        self._require("input_shape", len(self.input_shape) >= 1 and all(s >= 1 for s in self.input_shape),
+                      "must be a non-empty list of positive integers")
+        self._require("num_classes", self.num_classes >= 2, "must be >= 2")
+        self._require("stage_timeout_s", 0.1 <= self.stage_timeout_s <= 3600.0, "must be in [0.1, 3600]")
+        self._require("max_staleness", self.max_staleness >= 0, "must be >= 0")
         for key in ("state", "ledger_key", "allow_list"):
-            _require("deploy", key, bool(getattr(self, key)), "must not be empty", getattr(self, key))
+            self._require(key, bool(getattr(self, key)), "must not be empty")
 
 
 @dataclass(frozen=True)
@@ -148,15 +112,7 @@ class ServerSettings:
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:
-    if raw is None:
-        return cls()
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"[{name}]: expected a table, got {raw!r}")
-    allowed = [f.name for f in fields(cls)]
-    for key in raw:
-        if key not in allowed:
-            raise ConfigError(f"[{name}]: unknown key {key!r}; allowed keys: {', '.join(allowed)}")
-    return cls(**dict(raw))
+    return cls() if raw is None else build_section(cls, raw, f"[{name}]")
 
 
 def parse_server_config(text: str, *, base_dir: str | Path = ".", source: str = "<string>") -> ServerSettings:
@@ -164,17 +120,10 @@ def parse_server_config(text: str, *, base_dir: str | Path = ".", source: str = 
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    for name in SIMULATION_ONLY:
-        if name in raw:
-            raise ConfigError(f"{source}: [{name}] describes a simulated fleet and is not used by `ftte server`")
     try:
         http = _section(HttpSettings, raw.pop("http", None), "http")
         deploy = _section(DeploySettings, raw.pop("deploy", None), "deploy")
-        # The run config cross-checks the buffer against a fleet size; a deployment's fleet
-        # is its allow-list, checked when the server starts.
-        k = raw.get("server", {}).get("buffer_size", 10) if isinstance(raw.get("server"), Mapping) else 10
-        raw["fleet"] = {"devices": max(100, k) if isinstance(k, int) else 100}
-        run = Config.from_dict(raw)
+        run = Config.from_dict(raw, mode="deployment")
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
     if run.run.strategy == "fedavg":

@@ -87,7 +87,7 @@ class Simulation:
         # Device models are tiny: intra-op threads buy nothing and, next to other busy
         # processes on a 2-core machine, oversubscription made a step ~100x slower.
         torch.set_num_threads(1)
-        self.cfg = cfg
+        self.cfg = cfg.check_simulation()
         self.strategy: Strategy = strategy_for(cfg)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.on_version = on_version
@@ -106,7 +106,7 @@ class Simulation:
             accountant=cfg.privacy.accountant,
             epsilon_max=cfg.privacy.epsilon_max,
         )
-        self.settings = TrainSettings(cfg.train.local_steps, cfg.train.batch_size, cfg.train.lr)
+        self.settings = cfg.train.settings()
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             store_path: str | Path = self.out_dir / "accountants.db"

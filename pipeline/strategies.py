@@ -59,11 +59,11 @@ def strategy_for(cfg: Config) -> Strategy:
     name = cfg.run.strategy
     server = cfg.server
     if name == "ftte":
-        return Strategy(name, False, True, WeightRule(server.staleness_exponent, server.variance_penalty), cfg)
+        return Strategy(name, False, True, WeightRule(server.staleness_exponent, server.variance_penalty, server.r_min), cfg)
     if name == "fedbuff":
-        return Strategy(name, False, False, WeightRule(0.5, 0.0), cfg)
+        return Strategy(name, False, False, WeightRule(0.5, 0.0, server.r_min), cfg)
     if name == "fedavg":
-        return Strategy(name, True, False, WeightRule(0.0, 0.0), cfg)
+        return Strategy(name, True, False, WeightRule(0.0, 0.0, server.r_min), cfg)
     raise ValueError(f"unknown strategy {name!r}")
 
 

@@ -11,8 +11,8 @@ ftte's weight for an update trained from version ``v`` and merged at close versi
 An update no noisier than the reference keeps its age weight; a noisier one is damped
 smoothly, but never below ``r_min`` so that one cohort's odd reference cannot silence a
 device. Staleness damping is the FedBuff rule generalised by ``a``; the variance term
-is ours (DESIGN.md step 6). ``w`` is computed on the device (so this lives in ``edge``)
-and rides inside the masked sum, so the server learns only ``Σ w`` and ``Σ w·Δ``.
+is ours. ``w`` is computed on the device and announced by the server (so this lives in
+``protocol``) and rides inside the masked sum, so the server learns only ``Σ w`` and ``Σ w·Δ``.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-R_MIN = 0.25
 
 
 @dataclass(frozen=True)
 class WeightRule:
-    staleness_exponent: float = 0.5  # a
-    variance_penalty: float = 1.0  # λ; 0 turns the variance term off (age-only weighting)
-    r_min: float = R_MIN
+    """The weighting a cohort announces; built from ``[server]`` (no defaults here: one schema owns them)."""
+
+    staleness_exponent: float  # a
+    variance_penalty: float  # λ; 0 turns the variance term off (age-only weighting)
+    r_min: float
 
     def __post_init__(self) -> None:
         if self.staleness_exponent < 0:
@@ -45,7 +46,7 @@ def staleness_factor(staleness: int, exponent: float) -> float:
     return float((1.0 + staleness) ** (-exponent))
 
 
-def variance_factor(variance: float, reference: float | None, penalty: float, r_min: float = R_MIN) -> float:
+def variance_factor(variance: float, reference: float | None, penalty: float, r_min: float) -> float:
     if penalty == 0 or reference is None or reference <= 0 or not np.isfinite(variance):
         return 1.0
     excess = max(0.0, variance / reference - 1.0)

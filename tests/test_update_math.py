@@ -21,19 +21,19 @@ def test_staleness_factor_values():
 
 
 def test_variance_factor_damps_only_noisier_updates_and_is_bounded():
-    assert variance_factor(0.5, 1.0, penalty=1.0) == 1.0
-    assert variance_factor(1.0, 1.0, penalty=1.0) == 1.0
-    assert variance_factor(3.0, 1.0, penalty=1.0) == pytest.approx(1 / 3)
-    assert variance_factor(1e9, 1.0, penalty=1.0) == pytest.approx(0.25)  # floor r_min
-    assert variance_factor(3.0, None, penalty=1.0) == 1.0  # no reference yet
-    assert variance_factor(3.0, 1.0, penalty=0.0) == 1.0  # age-only
+    assert variance_factor(0.5, 1.0, penalty=1.0, r_min=0.25) == 1.0
+    assert variance_factor(1.0, 1.0, penalty=1.0, r_min=0.25) == 1.0
+    assert variance_factor(3.0, 1.0, penalty=1.0, r_min=0.25) == pytest.approx(1 / 3)
+    assert variance_factor(1e9, 1.0, penalty=1.0, r_min=0.25) == pytest.approx(0.25)  # floor r_min
+    assert variance_factor(3.0, None, penalty=1.0, r_min=0.25) == 1.0  # no reference yet
+    assert variance_factor(3.0, 1.0, penalty=0.0, r_min=0.25) == 1.0  # age-only
 
 
 @settings(max_examples=200, deadline=None)
 @given(tau=st.integers(0, 10_000), var=st.floats(0, 1e6), ref=st.one_of(st.none(), st.floats(1e-9, 1e6)),
        a=st.floats(0, 3), lam=st.floats(0, 100))
 def test_weight_always_in_unit_interval(tau, var, ref, a, lam):
-    w = update_weight(tau, var, ref, WeightRule(a, lam))
+    w = update_weight(tau, var, ref, WeightRule(a, lam, 0.25))
     assert 0 < w <= 1
 
 
@@ -54,7 +54,7 @@ def test_encode_sum_decode_recovers_weighted_sums():
     ring = np.zeros(codec.length, dtype=np.uint32 if codec.ring_bits == 32 else np.uint16)
     expect_sum, expect_var = np.zeros(d), 0.0
     for i, delta in enumerate(deltas):
-        rule = WeightRule(staleness_exponent=1.0, variance_penalty=0.0)
+        rule = WeightRule(staleness_exponent=1.0, variance_penalty=0.0, r_min=0.25)
         prepared = weigh_update(delta, base_version=10 - i, close_version=10, reference_variance=None, rule=rule, clip=clip)
         assert prepared.staleness == i and prepared.weight == pytest.approx(1 / (1 + i))
         w = prepared.weight

@@ -43,9 +43,9 @@ TRAIN = {"local_steps": 5, "batch_size": 32, "lr": 1.0, "noise_multiplier": 0.7}
 
 def simulator_accuracy(versions: int, x_test: np.ndarray, y_test: np.ndarray) -> float:
     """The simulator with the same model, training, privacy, secagg and buffer settings, on the test's test set."""
-    from ftte.edge.plan import SubsetPlan, apply_subset_vector
     from ftte.pipeline.config import load_config
-    from ftte.pipeline.simulator import Simulation, evaluate
+    from ftte.pipeline.evaluation import Evaluator
+    from ftte.pipeline.simulator import Simulation
 
     stages = {s: 0.0 for s in ("train", "advertise", "share", "upload", "consistency", "unmask")}
     fleet = [{"name": "edge", "fraction": 1.0, "compute_speed": 1.0, "memory_bytes": 64 << 20, "uplink_bps": 2e6,
@@ -60,9 +60,7 @@ def simulator_accuracy(versions: int, x_test: np.ndarray, y_test: np.ndarray) ->
     sim = Simulation(cfg)
     try:
         result = sim.run()
-        model = sim.eval_model
-        apply_subset_vector(model, SubsetPlan.full(model), result.weights.astype(np.float32))
-        return evaluate(model, x_test, y_test)[0]
+        return Evaluator(sim.model, sim.plan, x_test, y_test)(result.weights)[0]
     finally:
         sim.close()
 

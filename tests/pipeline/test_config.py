@@ -164,8 +164,9 @@ def test_overrides_and_replace_validate():
         cfg.with_overrides(nope={"x": 1})
     with pytest.raises(ConfigError, match=r"\[train\] lr"):
         dataclasses.replace(cfg.train, lr=0.0)
+    small_fleet = dataclasses.replace(cfg, fleet=FleetConfig(devices=3))  # fine for a deployment ...
     with pytest.raises(ConfigError, match="buffer_size"):
-        dataclasses.replace(cfg, fleet=FleetConfig(devices=3))
+        small_fleet.check_simulation()  # ... not for a simulation of 3 devices
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.run.seed = 3  # type: ignore[misc]
 
