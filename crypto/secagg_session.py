@@ -76,6 +76,9 @@ class SessionParams:
     neighbors: int = 0
     share_threshold: int = 0
     max_corrupt: int = 0  # members that may collude with the server (sign anything, reveal anything)
+    # Digest of every other parameter that shapes a member's input (weighting, clip, precision),
+    # fixed by the layer above; in the context, so members shown different values never agree.
+    binding: bytes = b""
     _index: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -167,6 +170,8 @@ class SessionParams:
             self.graph.encode(),
             _u64(self.neighbors),
             _u64(self.max_corrupt),
+            _u64(len(self.binding)),
+            self.binding,
         ]
         for m, key in zip(self.members, self.identity_keys):
             parts += [_u64(m), key]

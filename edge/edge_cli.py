@@ -30,7 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", metavar="FILE",
                         help="pinned peer identity keys, one hex Ed25519 public key per line; cohorts with any other "
                              "member are refused (default: trust the server's member list)")
-    parser.add_argument("--min-cohort", type=int, default=2, help="refuse cohorts with fewer members than this")
+    parser.add_argument("--min-cohort", type=int, default=3, help="refuse cohorts with fewer members than this")
+    parser.add_argument("--max-corrupt", type=int, default=1,
+                        help="members this device assumes may collude with the server; a cohort whose threshold "
+                             "does not tolerate them is refused")
     parser.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: until the budget is spent)")
     parser.add_argument("--model-factory", metavar="PKG.MOD:FN",
                         help="callable(TaskInfo) -> nn.Sequential (default: the bundled model the task names)")
@@ -122,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     client = EdgeClient(args.server, identity, x, y, state_dir=args.state or (args.key + ".state"),
                         epsilon_max=args.epsilon, model_factory=factory, verify=verify,
                         retry=RetryPolicy(patience_s=args.patience), on_event=on_event, seed=args.seed,
-                        join_patience_s=args.join_patience, trusted_keys=trusted, min_members=args.min_cohort)
+                        join_patience_s=args.join_patience, trusted_keys=trusted, min_members=args.min_cohort,
+                        max_corrupt=args.max_corrupt)
     try:
         results = client.run(rounds=args.rounds)
     except EdgeError as exc:

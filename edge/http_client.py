@@ -45,7 +45,10 @@ from ftte.crypto.secagg_session import SecAggError
 from ftte.crypto.stages import POLL_END, Stage
 from ftte.protocol.cohort import (
     CohortRefused,
+    DevicePolicy,
     check_cohort,
+    check_own_weight,
+    check_task,
     codec_for,
     model_hash,
     reference_of,
@@ -254,7 +257,7 @@ class EdgeClient:
                  on_event: Callable[[str, dict[str, Any]], None] | None = None, seed: int | None = None,
                  torch_threads: int | None = None, transport: Transport | None = None,
                  join_patience_s: float = 600.0, trusted_keys: Iterable[bytes] | None = None,
-                 min_members: int = 2) -> None:
+                 min_members: int = 3, max_corrupt: int = 1, policy: DevicePolicy | None = None) -> None:
         if len(x) != len(y) or len(x) == 0:
             raise ValueError("x and y must be non-empty and of equal length")
         if torch_threads is not None:
@@ -270,9 +273,10 @@ class EdgeClient:
         self.retry = retry
         self.join_patience_s = join_patience_s
         self.on_event = on_event
-        # peers' identity keys as pinned by the operator (None: trust the server's list)
-        self.trusted_keys = frozenset(trusted_keys) | {identity.public_key} if trusted_keys is not None else None
-        self.min_members = min_members
+        # This device's own rules for any cohort (peers pinned by the operator, or None: trust the
+        # server's list; cohort floor; colluders assumed); ``policy`` overrides the three shortcuts.
+        pinned = frozenset(trusted_keys) | {identity.public_key} if trusted_keys is not None else None
+        self.policy = policy or DevicePolicy(trusted_keys=pinned, min_members=min_members, max_corrupt=max_corrupt)
         self._rng = np.random.default_rng(seed)
         self._seed = random.Random(seed)
         self.transport = transport or Transport(server_url, identity, verify=verify, timeout_s=timeout_s, retry=retry)
@@ -320,6 +324,7 @@ class EdgeClient:
                                    patience_s=max(self.retry.patience_s, 300.0))
         if task.member != self.member:
             raise ModelMismatch("the server knows this device under another member id")
+        check_task(task, self.policy)  # the contribution terms are within this device's own policy
         try:
             plan = SubsetPlan.from_json(task.plan_json)  # checks the plan id against its content
             model = self.model_factory(task)
@@ -436,16 +441,14 @@ class EdgeClient:
                 return self._leave(cid, pull.version, str(exc), eps)
             if isinstance(start, CohortEnd):
                 return self._ended(start, pull.version, uploaded, eps)
-            check_cohort(start, member=self.member, identity_key=self.identity.public_key,
-                         plan_id=self.plan.plan_id, base_version=pull.version,
-                         coordinates=self.plan.num_coordinates, trusted_keys=self.trusted_keys,
-                         min_members=self.min_members)
-            weighed: list = []
+            assert self.task is not None
+            check_cohort(start, self.task, self.policy, member=self.member, identity_key=self.identity.public_key,
+                         plan_id=self.plan.plan_id, base_version=pull.version, coordinates=self.plan.num_coordinates)
+            w = weigh_update(update.delta, update.base_version, start.close_version, reference_of(start),
+                             weight_rule(start), start.clip)
+            check_own_weight(w.weight, self.policy)
 
             def input_vector() -> np.ndarray:
-                w = weigh_update(update.delta, update.base_version, start.close_version, reference_of(start),
-                                 weight_rule(start), start.clip)
-                weighed.append(w)
                 return codec_for(start).encode(w.weighted, w.weight, w.variance, self._rng)
 
             session = MemberSession(session_params(start), self.member, self.identity, input_vector)
@@ -459,8 +462,7 @@ class EdgeClient:
                 self._submit(cid, session.reply(stage, given))
                 if stage is Stage.UPLOAD:
                     uploaded = True
-                    self._event(STAGE_EVENTS[stage], cohort=cid, weight=weighed[0].weight,
-                                staleness=weighed[0].staleness)
+                    self._event(STAGE_EVENTS[stage], cohort=cid, weight=w.weight, staleness=w.staleness)
                 else:
                     self._event(STAGE_EVENTS[stage], cohort=cid)
             end = self._poll(cid, POLL_END, CohortEnd)

@@ -52,6 +52,14 @@ class TaskInfo(Message):
     buffer_size: int = field(U64)
     stage_timeout_ms: int = field(U64)
     poll_wait_ms: int = field(U64)
+    # What shapes every contribution, fixed for the whole task; every cohort start must repeat
+    # these values exactly (a device checks it), so no cohort can weigh one member differently.
+    clip: float = field(F64, default=0.0)
+    value_bits: int = field(U64, default=0)
+    staleness_exponent: float = field(F64, default=0.0)
+    variance_penalty: float = field(F64, default=0.0)
+    r_min: float = field(F64, default=0.0)
+    max_corrupt: int = field(U64, default=0)
 
 
 @message(42)
@@ -154,6 +162,7 @@ class CohortStart(Message):
     staleness_exponent: float = field(F64)
     variance_penalty: float = field(F64)
     r_min: float = field(F64)
+    max_corrupt: int = field(U64, default=0)  # colluding members the threshold was chosen to tolerate
 
 
 @message(48)

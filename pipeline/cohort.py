@@ -91,7 +91,7 @@ def run_cohort(start: CohortStart, members: Sequence[tuple[SimDevice, LocalUpdat
 def _result(start: CohortStart, drops: dict[int, str], staleness: dict[int, int], duration: float,
             total: CohortSum | None, aborted: str = "") -> CohortResult:
     return CohortResult(start.cohort_id, start.close_version, tuple(start.members), drops, staleness, duration, total,
-                        aborted)
+                        aborted, start)
 
 
 def _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness) -> CohortRun:

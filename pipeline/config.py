@@ -452,8 +452,10 @@ class SecAggConfig(Section):
     threshold: int = 0
     clip: float = 10.0
     value_bits: int = 12
+    max_corrupt: int = 1
 
     def _check(self) -> None:
+        self._require("max_corrupt", self.max_corrupt >= 0, "must be >= 0")
         self._require("neighbors", self.neighbors >= 2 and self.neighbors % 2 == 0, "must be even and >= 2")
         self._require("threshold", self.threshold >= 0, "must be >= 0 (0 = auto)")
         self._require("clip", 0.0 < self.clip < math.inf, "must be > 0 and finite")
@@ -462,13 +464,14 @@ class SecAggConfig(Section):
     def effective_threshold(self, cohort_size: int) -> int:
         """The survivor threshold T in force for a cohort of ``cohort_size`` members.
 
-        ``threshold = 0`` means ``floor(K/2) + 1``: the smallest strict majority of the
-        cohort, on either graph, so that any two survivor lists honest members sign share
-        an honest signer and the server can never gather both share kinds that unmask one
-        member. (On the ring, the per-member share threshold is a strict majority of its
-        ``neighbors + 1`` holders, derived by the protocol.)
+        ``threshold = 0`` means ``floor((K + max_corrupt)/2) + 1``: the smallest strict
+        majority of the cohort plus the members that may collude with the server, on either
+        graph, so that any two survivor lists honest members sign share an honest signer and
+        the server can never gather both share kinds that unmask one member. (On the ring,
+        the per-member share threshold is a strict majority of its ``neighbors + 1``
+        holders, derived by the protocol.)
         """
-        return self.threshold if self.threshold else cohort_size // 2 + 1
+        return self.threshold if self.threshold else (cohort_size + self.max_corrupt) // 2 + 1
 
 
 @dataclass(frozen=True)
@@ -612,11 +615,14 @@ class Config:
             raise ConfigError(f"[secagg] {label}: must be >= 2")
         if t > k:
             raise ConfigError(f"[secagg] {label}: must be <= the cohort size ([server] {what} = {k})")
-        if 2 * t <= k:
+        if 2 * t <= k + sa.max_corrupt:
             raise ConfigError(
-                f"[secagg] {label}: must be > half the cohort ([server] {what} = {k}) so that the server can "
-                "never reconstruct both the self-mask and the mask keys that unmask one member"
+                f"[secagg] {label}: must be > half of the cohort ([server] {what} = {k}) plus max_corrupt "
+                f"({sa.max_corrupt}) so that the server, even with colluding members, can never reconstruct "
+                "both the self-mask and the mask keys that unmask one member"
             )
+        if sa.max_corrupt >= k:
+            raise ConfigError(f"[secagg] max_corrupt: must be < the cohort size ([server] {what} = {k})")
 
     def check_simulation(self) -> "Config":
         """Rules that only a simulated fleet can break (a deployment's fleet is its allow-list)."""

@@ -519,7 +519,7 @@ class Coordinator:
             now = self.clock()
             staleness = {m: start.close_version - j.base_version for m, j in c.joins.items()}
             result = CohortResult(c.cohort_id, start.close_version, tuple(sorted(c.joins)), c.dropped_stages(),
-                                  staleness, round(now - c.opened_at, 6), total, c.aborted)
+                                  staleness, round(now - c.opened_at, 6), total, c.aborted, start)
             m = self.model
             evaluate = self._evaluate
             applied: Applied = await asyncio.to_thread(

@@ -60,6 +60,12 @@ class DeployTask:
             buffer_size=cfg.server.buffer_size,
             stage_timeout_ms=int(stage_timeout_s * 1000),
             poll_wait_ms=int(poll_wait_s * 1000),
+            clip=cfg.secagg.clip,
+            value_bits=cfg.secagg.value_bits,
+            staleness_exponent=self.rule.staleness_exponent,
+            variance_penalty=self.rule.variance_penalty,
+            r_min=self.rule.r_min,
+            max_corrupt=cfg.secagg.max_corrupt,
         )
 
 

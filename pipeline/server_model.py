@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ftte.pipeline.merge import ServerOptimizer, weighted_mean
-from ftte.protocol.cohort import model_hash
+from ftte.deploy_messages import CohortStart
+from ftte.protocol.cohort import impossible_sum, model_hash
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class CohortResult:
     duration_s: float
     total: CohortSum | None
     aborted: str = ""
+    start: CohortStart | None = None  # what the members were told; bounds what their sum can be
 
 
 @dataclass(frozen=True)
@@ -163,8 +165,10 @@ class ServerModel:
                 time_key: str = "virtual_time_s") -> Applied:
         """Decide what a cohort does to the model, without changing it (see :meth:`adopt`).
 
-        A sum whose weights do not add up to a positive number, or that is not finite, is
-        never merged: the cohort is recorded as aborted with the reason.
+        A sum whose weights do not add up to a positive number, that is not finite, or that
+        honest members of the cohort could not have produced (:func:`impossible_sum`: the
+        TFF "zeroing" idea, with limits derived from the cohort's own terms) is never merged:
+        the cohort is recorded as aborted with the reason.
         """
         total = result.total
         record = dict(cohort_id=result.cohort_id, close_version=result.close_version, members=result.members,
@@ -172,6 +176,9 @@ class ServerModel:
         reason = result.aborted
         if total is not None and not reason and not (total.weight_sum > 0 and np.all(np.isfinite(total.weighted_sum))):
             reason = "the cohort's weights summed to zero" if not total.weight_sum > 0 else "the decoded sum is not finite"
+        if total is not None and not reason and result.start is not None:
+            reason = impossible_sum(result.start, dict(result.staleness), total.included, total.weighted_sum,
+                                    total.weight_sum, total.variance_sum)
         if total is None or reason:
             return Applied(CohortRecord(included=(), weight_sum=0.0 if total is None else total.weight_sum,
                                         aborted=reason, **record), None)

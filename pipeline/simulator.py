@@ -35,7 +35,7 @@ import torch
 from ftte import wire
 from ftte.crypto.primitives import Signer
 from ftte.edge.plan import SubsetPlan, subset_vector
-from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
+from ftte.edge.runtime import LocalTrainer, LocalUpdate
 from ftte.round_messages import ModelPull
 from ftte.pipeline.backends import (DeviceBackend, TrainTask, WorkerData, WorkerSpec, lost_round_stats, make_backend,
                                     reserve_round)

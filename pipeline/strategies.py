@@ -71,4 +71,4 @@ def cohort_policy(cfg: Config) -> CohortPolicy:
     """The run's cohort policy, the same in simulation and deployment: ``[secagg]`` and the strategy's weights."""
     sa = cfg.secagg
     return CohortPolicy(graph=sa.graph, neighbors=sa.neighbors, threshold=sa.threshold, value_bits=sa.value_bits,
-                        clip=sa.clip, rule=strategy_for(cfg).weight_rule)
+                        clip=sa.clip, rule=strategy_for(cfg).weight_rule, max_corrupt=sa.max_corrupt)

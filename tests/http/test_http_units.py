@@ -545,20 +545,24 @@ def test_edge_refuses_weights_that_do_not_match_the_plan(tmp_path):
 
 def test_device_refuses_cohorts_with_unpinned_peers_or_too_few_members():
     """A malicious server must not be able to surround a device with identities it controls."""
-    from ftte.protocol.cohort import CohortRefused, check_cohort
-    from ftte.deploy_messages import CohortStart
+    from ftte.protocol.cohort import CohortRefused, DevicePolicy, check_cohort
+    from ftte.deploy_messages import CohortStart, TaskInfo
 
-    me, peer, stranger = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+    me, peer, other, stranger = b"\x01" * 32, b"\x02" * 32, b"\x04" * 32, b"\x03" * 32
+    task = TaskInfo(1, "{}", "logistic", "{}", (64,), 10, np.zeros(1, np.float32), 1, 1, 1.0, 1, 1.0, 1.0, 0.0,
+                    "rdp", 0.0, 4, 1000, 1000, clip=2.0, value_bits=12, staleness_exponent=0.5,
+                    variance_penalty=1.0, r_min=0.25, max_corrupt=1)
 
     def start(keys):
         members = tuple(range(1, len(keys) + 1))
-        return CohortStart("c", "p", bytes(32), 3, members, tuple(zip(members, keys)), 2, 0, "full", 0, 652, 16, 12,
-                           2.0, -1.0, 0.5, 1.0, 0.25)
+        return CohortStart("c", "p", bytes(32), 3, members, tuple(zip(members, keys)), len(keys), 0, "full", 0, 652,
+                           16, 12, 2.0, -1.0, 0.5, 1.0, 0.25, max_corrupt=1)
 
     common = dict(member=1, identity_key=me, plan_id="p", base_version=3, coordinates=650)
-    check_cohort(start([me, peer]), trusted_keys=frozenset({me, peer}), **common)  # pinned peers: accepted
+    pinned = DevicePolicy(trusted_keys=frozenset({me, peer, other}))
+    check_cohort(start([me, peer, other]), task, pinned, **common)  # pinned peers: accepted
     with pytest.raises(CohortRefused, match="trusted"):
-        check_cohort(start([me, stranger]), trusted_keys=frozenset({me, peer}), **common)
-    with pytest.raises(CohortRefused, match="at least 3"):
-        check_cohort(start([me, peer]), min_members=3, **common)
-    check_cohort(start([me, stranger]), **common)  # without a pinned list the server's list is trusted
+        check_cohort(start([me, stranger, other]), task, pinned, **common)
+    with pytest.raises(CohortRefused, match="at least 4"):
+        check_cohort(start([me, peer, other]), task, DevicePolicy(min_members=4), **common)
+    check_cohort(start([me, stranger, other]), task, DevicePolicy(), **common)  # unpinned: the server's list
