@@ -74,11 +74,11 @@ class Reader:
         # refused early costs one chunk, not a second copy of the body.
         self._u = msgpack.Unpacker(
             io.BytesIO(data),
-            read_size=min(READ_CHUNK, max(self.size, 1)),
+            read_size=READ_CHUNK,
             raw=False,
             strict_map_key=True,
             use_list=True,
-            max_buffer_size=max(self.size, 1),
+            max_buffer_size=self.size + READ_CHUNK,
             max_bin_len=self.size,
             max_str_len=MAX_STR_BYTES,
             max_array_len=MAX_LIST_ITEMS,
@@ -333,8 +333,7 @@ def decode(data: bytes, expect: type[M] | None = None, max_bytes: int = MAX_MESS
         return _decode(Reader(data), expect)
     except WireError:
         raise
-    except (ValueError, msgpack.OutOfData, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError,
-            BufferError) as exc:
+    except (ValueError, msgpack.UnpackException, TypeError, BufferError) as exc:
         raise WireError(f"not a valid msgpack message: {type(exc).__name__}: {exc}") from None
 
 
