@@ -190,6 +190,40 @@ def run_case(case: str, mib: float, legacy: bool = False) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def honest_costs(repeats: int = 3) -> list[dict]:
+    """What the bounded walk costs honest messages: median seconds of ``wire.decode`` against a
+    bare ``msgpack.unpackb`` of the same bytes (which checks nothing)."""
+    import statistics
+
+    import msgpack
+    import numpy as np
+
+    from ftte import wire
+    from ftte.secagg_messages import MaskedInput, SurvivorList
+
+    messages = {
+        "MaskedInput, 16e6 uint32 coordinates": MaskedInput(b"s" * 32, 2, np.arange(16_000_000, dtype=np.uint32),
+                                                           b"g" * 64),
+        "MaskedInput, 1M uint32 coordinates": MaskedInput(b"s" * 32, 2, np.arange(MIB, dtype=np.uint32), b"g" * 64),
+        "SurvivorList, 100k 64-bit ids": SurvivorList(b"s" * 32, tuple(range(2**40, 2**40 + 100_000))),
+        "SurvivorList, 100 ids": SurvivorList(b"s" * 32, tuple(range(100))),
+    }
+    out = []
+    for name, msg in messages.items():
+        data = wire.encode(msg)
+        times = {"wire_decode_s": [], "unpackb_s": []}
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            wire.decode(data)
+            times["wire_decode_s"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            msgpack.unpackb(data, raw=False, max_bin_len=len(data), max_array_len=100_000)
+            times["unpackb_s"].append(time.perf_counter() - t0)
+        out.append({"message": name, "bytes": len(data),
+                    **{k: round(statistics.median(v), 6) for k, v in times.items()}})
+    return out
+
+
 # -- command line ---------------------------------------------------------------------------------
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -198,6 +232,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--legacy-mib", type=float, default=0.0,
                         help="also decode a nested-array body of this size with plain msgpack.unpackb (the old "
                              "decoder), for comparison; 0 = skip (default)")
+    parser.add_argument("--honest", action="store_true",
+                        help="also time honest messages: wire.decode against a bare msgpack.unpackb")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     parser.add_argument("--child", metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--legacy", action="store_true", help=argparse.SUPPRESS)
@@ -210,14 +246,18 @@ def run(args: argparse.Namespace) -> int:
     results = [run_case(case, args.mib) for case in (args.case or CASES)]
     if args.legacy_mib > 0:
         results.append(run_case("nested_empty_arrays", args.legacy_mib, legacy=True))
+    honest = honest_costs() if args.honest else []
     if args.json:
-        print(json.dumps({"mib": args.mib, "results": results}, indent=2))
+        print(json.dumps({"mib": args.mib, "results": results, "honest": honest}, indent=2))
     else:
         for r in results:
             decoder = "msgpack.unpackb (old)" if r["legacy_unpackb"] else "wire.decode"
             print(f"{r['case']:<24} {decoder:<22} body {r['body_bytes'] / MIB:6.2f} MiB  "
                   f"refused={str(r['refused']):<5}  {r['seconds']:8.4f} s  "
                   f"peak RSS growth {r['rss_growth_bytes'] / MIB:8.2f} MiB  ({r['method']})")
+        for h in honest:
+            print(f"honest {h['message']:<38} {h['bytes'] / MIB:8.2f} MiB  wire.decode {h['wire_decode_s'] * 1e3:9.3f} ms"
+                  f"  msgpack.unpackb {h['unpackb_s'] * 1e3:9.3f} ms")
     bad = [r for r in results if not r["legacy_unpackb"] and not r["refused"]]
     return 1 if bad else 0
 
