@@ -6,6 +6,12 @@ every other column is a numeric feature. Features are used as given: preprocessi
 expects. The device keeps its accountant state in ``--state`` (default: next to the key)
 and runs until ``--rounds`` rounds are done or its budget is spent. ``--events`` prints one
 JSON line per protocol event on stdout (used by the tests to see acknowledged uploads).
+
+The server must be ``https://`` (certificate checked against ``--ca`` or the system CAs);
+``http://`` is accepted only with ``--insecure-plaintext``, which is for local tests and is
+refused together with an ``https://`` URL, so it can never switch certificate checks off.
+The server decides *which bundled model* is trained, never which code runs: a custom
+architecture comes only from this device's ``--model-factory``.
 """
 
 from __future__ import annotations
