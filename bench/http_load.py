@@ -77,6 +77,7 @@ port = {port}
 {tls}poll_wait_s = 10.0
 rate_per_s = 100.0
 rate_burst = 200
+metrics = true
 [deploy]
 state = "{root / 'server.db'}"
 ledger_key = "{root / 'ledger.key'}"
@@ -366,7 +367,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             w.join(timeout=5)
             if w.is_alive():
                 w.kill()
-        metrics = _get_json(url, pki, "/v1/metrics")
+        metrics = _get_json(url, pki, "/v1/metrics?format=json")
         server_cpu = _cpu_seconds(server.pid) - cpu_at_start
         uploads = [x for p in parts for x in p["upload_s"]]
         refused: dict[str, int] = {}

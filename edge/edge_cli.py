@@ -6,6 +6,12 @@ every other column is a numeric feature. Features are used as given: preprocessi
 expects. The device keeps its accountant state in ``--state`` (default: next to the key)
 and runs until ``--rounds`` rounds are done or its budget is spent. ``--events`` prints one
 JSON line per protocol event on stdout (used by the tests to see acknowledged uploads).
+
+The server must be ``https://`` (certificate checked against ``--ca`` or the system CAs);
+``http://`` is accepted only with ``--insecure-plaintext``, which is for local tests and is
+refused together with an ``https://`` URL, so it can never switch certificate checks off.
+The server decides *which bundled model* is trained, never which code runs: a custom
+architecture comes only from this device's ``--model-factory``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="FILE.csv", help="local records, with a header row")
     parser.add_argument("--target", required=True, metavar="COLUMN", help="label column of the CSV")
     parser.add_argument("--ca", metavar="FILE", help="CA bundle that signed the server certificate (default: system CAs)")
-    parser.add_argument("--insecure-plaintext", action="store_true", help="the server speaks plain HTTP (local tests)")
+    parser.add_argument("--insecure-plaintext", action="store_true",
+                        help="allow an http:// server (local tests only); never affects https:// certificate checks")
     parser.add_argument("--state", metavar="DIR", help="accountant state directory (default: KEY.state)")
     parser.add_argument("--epsilon", type=float, default=10.0, help="this device's lifetime privacy budget")
     parser.add_argument("--peers", metavar="FILE",
@@ -36,7 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "does not tolerate them is refused")
     parser.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: until the budget is spent)")
     parser.add_argument("--model-factory", metavar="PKG.MOD:FN",
-                        help="callable(TaskInfo) -> nn.Sequential (default: the bundled model the task names)")
+                        help="this device's own callable(TaskInfo) -> nn.Sequential (default: the bundled model the "
+                             "task names; a server can never name code to run)")
     parser.add_argument("--seed", type=int, default=None, help="seed for training and rounding (default: fresh entropy)")
     parser.add_argument("--patience", type=float, default=60.0, help="seconds one request keeps retrying")
     parser.add_argument("--join-patience", type=float, default=600.0,
@@ -78,10 +86,37 @@ def load_csv(path: str, target: str):
     return np.asarray(xs, dtype=np.float32), np.asarray(ys, dtype=np.int64)
 
 
+def check_server(url: str, insecure_plaintext: bool) -> str | None:
+    """Why ``url`` may not be used with these flags, or None.
+
+    ``https://`` always verifies the certificate (``--ca`` or the system CAs);
+    ``http://`` needs ``--insecure-plaintext``; and that flag is refused with an
+    ``https://`` URL rather than quietly turning certificate checks off.
+    """
+    from urllib.parse import urlsplit
+
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "https":
+        if insecure_plaintext:
+            return "--insecure-plaintext applies only to http:// servers; https:// is always verified"
+        return None
+    if scheme == "http":
+        if not insecure_plaintext:
+            return (f"refusing plain HTTP server {url}: use https:// (add --insecure-plaintext only for a "
+                    "local test server)")
+        return None
+    return f"the server URL must start with https://, got {url!r}"
+
+
 def run(args: argparse.Namespace) -> int:
     import os
     import signal
     import time
+
+    problem = check_server(args.server, args.insecure_plaintext)
+    if problem is not None:
+        print(f"ftte edge: {problem}", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -98,7 +133,11 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"ftte edge: {exc}", file=sys.stderr)
         return 2
-    factory = load_factory(args.model_factory) if args.model_factory else None
+    try:  # the device's own configuration: the only place a custom model (code) can come from
+        factory = load_factory(args.model_factory) if args.model_factory else None
+    except ValueError as exc:
+        print(f"ftte edge: --model-factory: {exc}", file=sys.stderr)
+        return 2
     rounds_seen = {"n": 0}
 
     def on_event(name: str, info: dict) -> None:
@@ -121,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         if any(len(k) != 32 for k in trusted):
             print(f"ftte edge: --peers {args.peers}: every line must be a 64-hex-digit Ed25519 public key", file=sys.stderr)
             return 2
+    # verify=False is the plaintext opt-in for an http:// URL only (checked above and by Transport)
     verify = False if args.insecure_plaintext else (args.ca or True)
     client = EdgeClient(args.server, identity, x, y, state_dir=args.state or (args.key + ".state"),
                         epsilon_max=args.epsilon, model_factory=factory, verify=verify,

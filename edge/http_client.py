@@ -56,7 +56,7 @@ from ftte.protocol.cohort import (
     weight_rule,
 )
 from ftte.protocol.encoding import weigh_update
-from ftte.edge.models import build_model, make_dp_compatible
+from ftte.edge.models import UntrustedModelError, build_registered_model, make_dp_compatible, parse_model_kwargs
 from ftte.edge.plan import SubsetPlan
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
 from ftte.privacy.accountant import AccountantStore
@@ -145,16 +145,48 @@ class RoundResult:
 
 
 def make_ssl_verify(verify: bool | str | os.PathLike | Any) -> Any:
-    """``True`` (system CAs), a CA bundle path, or an ``ssl.SSLContext``; ``False`` only for plain HTTP tests."""
-    if isinstance(verify, (str, os.PathLike)):
-        import ssl
+    """``True`` (system CAs), a CA bundle path, or an ``ssl.SSLContext``; ``False`` only for plain HTTP tests.
 
+    An ``ssl.SSLContext`` that does not check certificates and host names is refused:
+    turning verification off is not a thing a caller can do for an ``https`` server.
+    """
+    import ssl
+
+    if isinstance(verify, (str, os.PathLike)):
         return ssl.create_default_context(cafile=os.fspath(verify))
+    if isinstance(verify, ssl.SSLContext) and (verify.verify_mode != ssl.CERT_REQUIRED or not verify.check_hostname):
+        raise ValueError("the TLS context must verify the server certificate and host name")
     return verify
 
 
 class Transport:
-    """Signed msgpack requests with retries, backoff and server-clock correction."""
+    """Signed msgpack requests with retries, backoff and server-clock correction.
+
+    Replies are read with a size cap (a hostile server cannot make the device buffer more
+    than :data:`MAX_REPLY_BYTES`), decoded with the bounded :func:`ftte.wire.decode`, and
+    the server URL must be ``https://`` with certificate checks unless plaintext was asked for.
+    """
+
+    MAX_REPLY_BYTES = wire.MAX_MESSAGE_BYTES + (1 << 20)
+
+    @staticmethod
+    def check_url(base_url: str, verify: Any) -> None:
+        """``https://`` with certificate checks, or ``http://`` only when the caller opted into plaintext.
+
+        ``verify=False`` is the plaintext opt-in (``ftte edge --insecure-plaintext``); it is refused
+        for an ``https://`` URL, so a flag meant for local tests can never switch off the
+        certificate check of a real server.
+        """
+        scheme = httpx.URL(base_url).scheme
+        if scheme == "https":
+            if verify is False:
+                raise ValueError("certificate verification cannot be turned off for an https:// server")
+        elif scheme == "http":
+            if verify is not False:
+                raise ValueError("refusing plain http:// without the explicit plaintext opt-in "
+                                 "(ftte edge --insecure-plaintext, for local tests only); use https://")
+        else:
+            raise ValueError(f"the server URL must start with https:// (got {scheme or 'no'} scheme)")
 
     def __init__(self, base_url: str, identity: Signer, *, verify: Any = True, timeout_s: float = 30.0,
                  retry: RetryPolicy = RetryPolicy(), client: httpx.Client | None = None) -> None:
@@ -163,6 +195,8 @@ class Transport:
         self.retry = retry
         self.timeout_s = timeout_s
         self.offset_ms = 0  # server clock minus ours
+        if client is None:
+            self.check_url(base_url, verify)
         self._client = client or httpx.Client(base_url=base_url.rstrip("/"), verify=make_ssl_verify(verify),
                                               timeout=httpx.Timeout(timeout_s, connect=10.0))
         self.bytes_up = 0
@@ -175,9 +209,25 @@ class Transport:
         return signed_headers(self.identity.sign, self.device_hex, path, body,
                               time_ms=int(time.time() * 1000) + self.offset_ms)
 
+    def _post(self, path: str, body: bytes, timeout: httpx.Timeout) -> tuple[httpx.Response, bytes | None]:
+        """(response, body) of one POST; the body is None if the server sent more than the cap."""
+        with self._client.stream("POST", path, content=body, headers=self._headers(path, body),
+                                 timeout=timeout) as r:
+            declared = r.headers.get("content-length", "")
+            if declared.isascii() and declared.isdigit() and int(declared) > self.MAX_REPLY_BYTES:
+                return r, None
+            chunks, total = [], 0
+            for chunk in r.iter_bytes():
+                total += len(chunk)
+                if total > self.MAX_REPLY_BYTES:
+                    return r, None
+                chunks.append(chunk)
+            return r, b"".join(chunks)
+
     def _sync_clock(self, response: httpx.Response) -> None:
         stamp = response.headers.get(HEADER_SERVER_TIME)
-        if stamp and stamp.isdigit():
+        # ASCII digits only: str.isdigit() also accepts "²" and friends, which int() refuses
+        if stamp and len(stamp) < 16 and stamp.isascii() and stamp.isdigit():
             self.offset_ms = int(stamp) - int(time.time() * 1000)
 
     def call(self, endpoint: str, msg: Any, expect: tuple[type, ...], *, patience_s: float | None = None,
@@ -191,22 +241,24 @@ class Transport:
         last = ""
         while True:
             try:
-                r = self._client.post(path, content=body, headers=self._headers(path, body), timeout=timeout)
+                r, content = self._post(path, body, timeout)
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:
                 self._sync_clock(r)
                 self.bytes_up += len(body)
-                self.bytes_down += len(r.content)
+                if content is None:
+                    raise EdgeError(f"{endpoint}: the server's reply exceeds {self.MAX_REPLY_BYTES} bytes")
+                self.bytes_down += len(content)
                 if r.status_code == 200:
                     try:
-                        reply = wire.decode(r.content)
+                        reply = wire.decode(content)
                     except wire.WireError as exc:
                         raise EdgeError(f"{endpoint}: the server sent a malformed reply: {exc}") from None
                     if not isinstance(reply, expect):
                         raise EdgeError(f"{endpoint}: unexpected reply {type(reply).__name__}")
                     return reply
-                code, detail = _error_of(r)
+                code, detail = _error_of(content)
                 last = f"{r.status_code} {code}: {detail}"
                 if code in ("stale_timestamp", "replay"):
                     resigned += 1  # the clock was resynchronised above: sign again at once
@@ -221,17 +273,24 @@ class Transport:
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
 
-def _error_of(r: httpx.Response) -> tuple[str, str]:
+def _error_of(content: bytes) -> tuple[str, str]:
     try:
-        err = wire.decode(r.content, expect=ErrorReply)
+        err = wire.decode(content, expect=ErrorReply)
         return err.code, err.detail
     except wire.WireError:
-        return "http_error", r.text[:200]
+        return "http_error", content[:200].decode("utf-8", "replace")
 
 
 def default_model_factory(task: TaskInfo) -> nn.Module:
-    """Build the task's architecture from the bundled registry (or ``package.module:factory``)."""
-    return make_dp_compatible(build_model(task.model_name, **json.loads(task.model_kwargs_json)))
+    """Build the task's architecture from the bundled registry, and only from it.
+
+    The task comes from the server, which must not choose code that runs on the device:
+    a ``package.module:factory`` name is refused here (no import, no call), and the
+    arguments are checked against the bundled model's allowed keys, types, ranges and
+    parameter count before its factory runs. A device that trains a custom architecture
+    passes its own ``model_factory`` to :class:`EdgeClient` (``ftte edge --model-factory``).
+    """
+    return make_dp_compatible(build_registered_model(task.model_name, parse_model_kwargs(task.model_kwargs_json)))
 
 
 def load_full_vector(model: nn.Module, vector: np.ndarray) -> None:
@@ -317,19 +376,53 @@ class EdgeClient:
         return self.task.poll_wait_ms / 1000.0 + 15.0
 
     def connect(self) -> TaskInfo:
-        """Fetch the task once: plan, architecture, initial weights, training and DP settings."""
+        """Fetch the task once: plan, architecture, initial weights, training and DP settings.
+
+        Every field of the task comes from the server and is treated as hostile: nothing in
+        it selects code, files or paths on this device. The architecture is built by
+        ``model_factory`` (by default only from the bundled registry, arguments checked
+        before any factory runs; a custom factory comes only from the device's own
+        configuration); the plan is data checked against that model; the state directory
+        and the accountant file are the device's own; and numeric settings are bounded so
+        that a task cannot make the device train or wait without end, or switch off DP
+        while the device holds a finite privacy budget.
+        """
         if self.task is not None:
             return self.task
         task = self.transport.call("task", TaskRequest(f"ftte-edge/{__version__}"), (TaskInfo,),
                                    patience_s=max(self.retry.patience_s, 300.0))
         if task.member != self.member:
             raise ModelMismatch("the server knows this device under another member id")
+        shape = tuple(task.input_shape)
+        limits = [
+            (1 <= len(shape) <= 8 and all(1 <= d <= 1 << 24 for d in shape), "input_shape", shape[:8]),
+            (2 <= task.num_classes <= 100_000, "num_classes", task.num_classes),
+            (1 <= task.local_steps <= 100_000, "local_steps", task.local_steps),
+            (1 <= task.batch_size <= 1 << 20, "batch_size", task.batch_size),
+            (0.0 < task.lr <= 1000.0, "lr", task.lr),
+            (task.stage_timeout_ms <= 3_600_000, "stage_timeout_ms", task.stage_timeout_ms),
+            (task.poll_wait_ms <= 120_000, "poll_wait_ms", task.poll_wait_ms),
+            (task.dp_enabled in (0, 1), "dp_enabled", task.dp_enabled),
+            (task.dp_enabled or not math.isfinite(self.epsilon_max), "dp_enabled",
+             "0 while this device holds a finite privacy budget"),
+        ]
+        for ok, key, value in limits:
+            if not ok:
+                raise ModelMismatch(f"refused the server's task: {key} = {value!r} is outside what this device accepts")
         check_task(task, self.policy)  # the contribution terms are within this device's own policy
         try:
             plan = SubsetPlan.from_json(task.plan_json)  # checks the plan id against its content
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise ModelMismatch(f"the task's plan is malformed: {str(exc)[:300]}") from None
+        try:
             model = self.model_factory(task)
-            if not isinstance(model, nn.Sequential):
-                raise ModelMismatch("the model factory must return an nn.Sequential")
+        except UntrustedModelError as exc:
+            raise ModelMismatch(f"refused the server's model: {exc}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelMismatch(f"cannot build the task's model: {str(exc)[:300]}") from None
+        if not isinstance(model, nn.Sequential):
+            raise ModelMismatch("the model factory must return an nn.Sequential")
+        try:
             plan.check(model)  # names and shapes of every parameter
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelMismatch(f"the task's plan does not fit this device's model: {exc}") from None
@@ -338,20 +431,24 @@ class EdgeClient:
             budget = min(self.epsilon_max, task.epsilon_max)
         else:
             budget = self.epsilon_max
-        dp = DPConfig(enabled=bool(task.dp_enabled), noise_multiplier=task.noise_multiplier,
-                      max_grad_norm=task.max_grad_norm, delta=task.delta if task.delta > 0 else None,
-                      accountant=task.accountant, epsilon_max=budget if math.isfinite(budget) else math.inf)
-        self.store = AccountantStore(self.state_dir / "accountant.db")
-        self.trainer = LocalTrainer(model, plan, dp, TrainSettings(task.local_steps, task.batch_size, task.lr),
-                                    self.store)
-        self.task, self.plan, self.dp = task, plan, dp
-        self._shape = tuple(task.input_shape)
-        if self.x.shape[1:] != self._shape:
-            if int(np.prod(self.x.shape[1:])) != int(np.prod(self._shape)):
-                raise ModelMismatch(f"records have shape {self.x.shape[1:]}, the model takes {self._shape}")
-            self.x = self.x.reshape((len(self.x),) + self._shape)
+        try:
+            dp = DPConfig(enabled=bool(task.dp_enabled), noise_multiplier=task.noise_multiplier,
+                          max_grad_norm=task.max_grad_norm, delta=task.delta if task.delta > 0 else None,
+                          accountant=task.accountant, epsilon_max=budget if math.isfinite(budget) else math.inf)
+            settings = TrainSettings(task.local_steps, task.batch_size, task.lr)
+        except ValueError as exc:
+            raise ModelMismatch(f"refused the server's training settings: {exc}") from None
+        if self.x.shape[1:] != shape:
+            if math.prod(self.x.shape[1:]) != math.prod(shape):
+                raise ModelMismatch(f"records have shape {self.x.shape[1:]}, the model takes {shape}")
         if self.y.min() < 0 or self.y.max() >= task.num_classes:
             raise ValueError(f"labels must be class indices in [0, {task.num_classes})")
+        self.store = AccountantStore(self.state_dir / "accountant.db")
+        self.trainer = LocalTrainer(model, plan, dp, settings, self.store)
+        self.task, self.plan, self.dp = task, plan, dp
+        self._shape = shape
+        if self.x.shape[1:] != shape:
+            self.x = self.x.reshape((len(self.x),) + shape)
         self._event("task", plan_id=plan.plan_id, coordinates=plan.num_coordinates)
         return task
 

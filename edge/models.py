@@ -12,14 +12,20 @@ this reason; :func:`make_dp_compatible` swaps it out of a user's model.
 
 Users bring their own model as ``"package.module:factory"``; the factory is called with
 the keyword arguments given to :func:`build_model` and must return an ``nn.Module``.
+That path imports and calls arbitrary code, so it is for the device's (or the operator's)
+*own* configuration only. A model named by the network (a server's ``TaskInfo``) goes
+through :func:`build_registered_model`, which accepts only the bundled registry's names
+and checks every keyword argument's name, type and range, and the parameter count the
+arguments imply, before any factory is called.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -29,6 +35,11 @@ __all__ = [
     "MODELS",
     "UnsupportedModelError",
     "build_model",
+    "build_registered_model",
+    "check_model_kwargs",
+    "parse_model_kwargs",
+    "UntrustedModelError",
+    "MAX_REGISTERED_PARAMETERS",
     "load_factory",
     "model_input_shape",
     "logistic",
@@ -42,6 +53,42 @@ __all__ = [
 
 class UnsupportedModelError(ValueError):
     """A model that DP-SGD (Opacus) cannot train, and that we cannot repair automatically."""
+
+
+class UntrustedModelError(ValueError):
+    """A model name or argument from an untrusted source (the network) that is not allowed."""
+
+
+MAX_REGISTERED_PARAMETERS = 16 * 1024 * 1024  # what one TaskInfo can carry (wire.MAX_COORDINATES)
+MAX_KWARGS_JSON = 4096  # characters; TaskInfo.model_kwargs_json is bounded the same way on the wire
+
+
+@dataclass(frozen=True)
+class IntArg:
+    """An integer keyword argument in ``[lo, hi]`` (bools are refused: ``True`` is not a width)."""
+
+    lo: int
+    hi: int
+
+    def check(self, key: str, value: Any) -> int:
+        if type(value) is not int or not self.lo <= value <= self.hi:
+            raise UntrustedModelError(f"model argument {key!r} must be an integer in [{self.lo}, {self.hi}], "
+                                      f"got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class IntListArg:
+    """A list of 1 to ``max_len`` integers, each in ``[lo, hi]``."""
+
+    lo: int
+    hi: int
+    max_len: int
+
+    def check(self, key: str, value: Any) -> tuple[int, ...]:
+        if type(value) not in (list, tuple) or not 1 <= len(value) <= self.max_len:
+            raise UntrustedModelError(f"model argument {key!r} must be a list of 1 to {self.max_len} integers")
+        return tuple(IntArg(self.lo, self.hi).check(key, v) for v in value)
 
 
 def _groups_for(channels: int, max_groups: int = 8) -> int:
@@ -120,6 +167,8 @@ class ModelSpec:
     factory: Callable[..., nn.Module]
     input_shape: Callable[..., tuple[int, ...]]
     description: str
+    # the keyword arguments a remote task may set, and the values each may take
+    args: Mapping[str, IntArg | IntListArg] = field(default_factory=dict)
 
 
 def _flat_shape(in_features: int = 64, **_: Any) -> tuple[int, ...]:
@@ -133,12 +182,66 @@ def _image_shape(side: int) -> Callable[..., tuple[int, ...]]:
     return shape
 
 
+_FEATURES = IntArg(1, 1 << 20)
+_CLASSES = IntArg(2, 100_000)
+_CHANNELS = IntArg(1, 64)
+
 MODELS: dict[str, ModelSpec] = {
-    "logistic": ModelSpec("logistic", logistic, _flat_shape, "Flatten -> Linear (logistic regression)"),
-    "mlp": ModelSpec("mlp", mlp, _flat_shape, "ReLU MLP, hidden (128, 64)"),
-    "cnn8": ModelSpec("cnn8", cnn8, _image_shape(8), "2-conv CNN for 8x8 single-channel images (digits)"),
-    "cnn28": ModelSpec("cnn28", cnn28, _image_shape(28), "3-conv CNN for 28x28 single-channel images"),
+    "logistic": ModelSpec("logistic", logistic, _flat_shape, "Flatten -> Linear (logistic regression)",
+                          {"in_features": _FEATURES, "num_classes": _CLASSES}),
+    "mlp": ModelSpec("mlp", mlp, _flat_shape, "ReLU MLP, hidden (128, 64)",
+                     {"in_features": _FEATURES, "hidden": IntListArg(1, 1 << 16, 16), "num_classes": _CLASSES}),
+    "cnn8": ModelSpec("cnn8", cnn8, _image_shape(8), "2-conv CNN for 8x8 single-channel images (digits)",
+                      {"in_channels": _CHANNELS, "num_classes": _CLASSES}),
+    "cnn28": ModelSpec("cnn28", cnn28, _image_shape(28), "3-conv CNN for 28x28 single-channel images",
+                       {"in_channels": _CHANNELS, "num_classes": _CLASSES, "width": IntArg(1, 512)}),
 }
+
+
+def parse_model_kwargs(text: Any) -> dict[str, Any]:
+    """The JSON object of a task's model arguments, refused unless it is a small, flat-enough object."""
+    if not isinstance(text, str) or len(text) > MAX_KWARGS_JSON:
+        raise UntrustedModelError(f"model arguments must be a JSON object of at most {MAX_KWARGS_JSON} characters")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise UntrustedModelError(f"model arguments are not valid JSON: {exc}") from None
+    if type(value) is not dict:
+        raise UntrustedModelError("model arguments must be a JSON object")
+    return value
+
+
+def check_model_kwargs(name: Any, kwargs: Any) -> dict[str, Any]:
+    """Validate a remote model choice against the registry; returns the checked arguments.
+
+    Nothing is imported or called here: the name must be a bundled model, every key one
+    that model allows, every value of the allowed type and range, and the parameter count
+    the arguments imply (counted on the ``meta`` device, which allocates nothing) at most
+    :data:`MAX_REGISTERED_PARAMETERS`.
+    """
+    if type(name) is not str or name not in MODELS:
+        shown = name[:80] if isinstance(name, str) else type(name).__name__
+        raise UntrustedModelError(f"model {shown!r} is not a bundled model ({sorted(MODELS)}); a custom model can "
+                                  "only come from this device's own configuration (--model-factory)")
+    spec = MODELS[name]
+    if type(kwargs) is not dict:
+        raise UntrustedModelError("model arguments must be a mapping")
+    unknown = sorted(str(k)[:40] for k in kwargs if k not in spec.args)
+    if unknown:
+        raise UntrustedModelError(f"model {name!r} takes no argument(s) {unknown}; allowed: {sorted(spec.args)}")
+    checked = {key: spec.args[key].check(key, value) for key, value in kwargs.items()}
+    with torch.device("meta"):
+        count = sum(p.numel() for p in spec.factory(**checked).parameters())
+    if count > MAX_REGISTERED_PARAMETERS:
+        raise UntrustedModelError(f"model {name!r} with {checked} would have {count} parameters, "
+                                  f"more than the {MAX_REGISTERED_PARAMETERS} a task may carry")
+    return checked
+
+
+def build_registered_model(name: Any, kwargs: Any) -> nn.Module:
+    """Build a bundled model from an untrusted (network) description, checked before anything runs."""
+    checked = check_model_kwargs(name, kwargs)
+    return MODELS[name].factory(**checked)
 
 
 def load_factory(ref: str) -> Callable[..., nn.Module]:
@@ -166,6 +269,9 @@ def load_factory(ref: str) -> Callable[..., nn.Module]:
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a bundled model by name, or a user's model from ``"package.module:factory"``.
 
+    For local configuration only (a simulation config, the device's own flags): the
+    ``"package.module:factory"`` form imports and calls code. Names and arguments that come
+    from the network must go through :func:`build_registered_model` instead.
     Keyword arguments go to the factory. The result is always checked to be an
     ``nn.Module``; use :func:`make_dp_compatible` before DP training a user's model.
     """

@@ -9,8 +9,10 @@ deployment) plus two sections of its own:
 required unless ``plaintext = true``, which exists for local experiments only),
 ``max_request_bytes`` (every request except a secure-aggregation upload, whose limit is
 derived from the plan), ``clock_skew_s`` (accepted distance between a request's timestamp
-and the server clock), ``rate_per_s`` / ``rate_burst`` (per-device token bucket) and
-``poll_wait_s`` (how long a long poll waits for news).
+and the server clock), ``rate_per_s`` / ``rate_burst`` (per-device token bucket),
+``poll_wait_s`` (how long a long poll waits for news) and ``metrics`` (serve
+``GET /v1/metrics`` in the Prometheus text format; off by default, as it reveals load and
+timing to anyone who can reach the port).
 
 ``[deploy]``: ``state`` (the SQLite file: model versions, cohorts, journal and the
 privacy ledger), ``ledger_key`` (the ledger writer's Ed25519 key file, created if
@@ -59,6 +61,7 @@ class HttpSettings(Section):
     rate_per_s: float = 20.0
     rate_burst: int = 40
     poll_wait_s: float = 10.0
+    metrics: bool = False
 
     def _check(self) -> None:
         self._require("port", 0 <= self.port <= 65535, "must be in [0, 65535]")

@@ -11,24 +11,36 @@ versioned schema, except the two operator endpoints, which speak JSON):
 ``POST /submit``    ``Submit``              ``Ack`` once the message is durable
 ``POST /leave``     ``LeaveRequest``        ``Ack``: stop waiting for a cohort not yet started
 ``GET /health``     —                       JSON: status, version, schema
-``GET /metrics``    —                       JSON: version, cohorts, devices seen, bytes in/out…
+``GET /metrics``    —                       opt-in (``[http] metrics = true``, default off):
+                                           Prometheus text; ``?format=json`` for JSON
 =================  =====================  ==========================================
 
 Every ``POST`` goes through the same gate, in an order chosen so that the cheap checks
-run first and nothing is allocated for a request that will be refused:
+run first, nothing is allocated for a request that will be refused, and every limit is
+charged before anything is stored on the request's behalf:
 
-1. ``Content-Length`` above the endpoint's limit: **413** before a byte of the body is read
-   (the body is then streamed and cut off at the limit too, for chunked uploads);
-2. missing or malformed authentication headers, or a device key not on the allow-list: **401**;
+1. ``Content-Length`` above the endpoint's limit (or not ASCII digits): **413** / **400**
+   before a byte of the body is read (the body is then streamed and cut off at the limit
+   too, for chunked uploads);
+2. missing or malformed authentication headers, or a device key not on the allow-list:
+   **401**; a timestamp that is not ASCII digits: **400** ``bad_timestamp``
+   (``str.isdigit`` alone accepts ``"²"``, which ``int`` refuses);
 3. a timestamp outside ``±clock_skew_s`` of the server clock, or older than this process's
    start (what makes nonces forgotten in a restart harmless): **400** ``stale_timestamp``,
    with the server time in the reply so an honest device can resynchronise;
-4. the Ed25519 signature over method, path, body digest, nonce, timestamp and key: **401**;
-5. a nonce already seen inside the window: **409** ``replay``;
-6. the device's token bucket is empty: **429** with ``Retry-After``;
-7. ``wire.decode`` with the endpoint's limits (size, msgpack nesting and lengths, schema
-   version, tag, field kinds): **422**;
-8. the coordinator's own checks (plan, shapes, dtype, stage, membership): a
+4. the claimed key's *unverified* token bucket is empty: **429** before the body is read.
+   Public keys are no secret (every ``CohortStart`` lists them), so anyone can claim one;
+   this bucket bounds the body reads and signature checks such claims cost, and is refunded
+   when the signature verifies, so an honest device never drains it;
+5. the Ed25519 signature over method, path, body digest, nonce, timestamp and key: **401**;
+6. the device's own token bucket is empty: **429** with ``Retry-After``;
+7. a nonce already seen inside the window: **409** ``replay``. Nonces are kept per device,
+   only for admitted requests and only while their timestamp could still be accepted, so a
+   device holds at most ``rate_burst + rate_per_s · 2 · clock_skew_s`` of them and a flood
+   from one device cannot fill a table that another device needs;
+8. ``wire.decode`` with the endpoint's limits (size, msgpack nesting and lengths, schema
+   version, tag, field kinds), off the event loop for large bodies: **422**;
+9. the coordinator's own checks (plan, shapes, dtype, stage, membership): a
    :class:`~ftte.pipeline.refusal.Refused` code, always raised before any state change,
    answered with the status :mod:`ftte.pipeline.http_errors` maps it to.
 
@@ -40,11 +52,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import resource
 import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +70,7 @@ from ftte.pipeline.refusal import Refused
 from ftte.pipeline.deploy_config import HttpSettings
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ftte import wire
@@ -92,8 +106,11 @@ class ProtocolError(Exception):
         super().__init__(f"{status} {code}: {detail}")
         self.status, self.code, self.detail = status, code, detail
 
-MAX_NONCES = 2_000_000
+
 LATENCY_WINDOW = 20_000  # most recent successful requests per endpoint kept for the percentiles
+OFF_LOOP_BYTES = 256 * 1024  # bodies at least this large are hashed and decoded in a worker thread
+DECODE_WORKERS = 2  # at most this many large bodies are decoded at once
+SWEEP_EVERY = 10_000  # admitted requests between sweeps of every device's nonce table
 
 
 @dataclass
@@ -104,6 +121,9 @@ class TokenBucket:
     burst: float
     tokens: float
     updated: float
+
+    def refund(self) -> None:
+        self.tokens = min(self.burst, self.tokens + 1.0)
 
     def take(self, now: float) -> float:
         """0 if a token was taken, else the seconds until one is available."""
@@ -163,21 +183,48 @@ class Gate:
         if len({m for m, _ in self.devices.values()}) != len(self.devices):
             raise ValueError("two allow-listed keys map to the same member id")
         self.boot_ms = int(clock() * 1000)
-        self.nonces: OrderedDict[str, float] = OrderedDict()  # nonce -> expiry (seconds)
-        self.buckets: dict[int, TokenBucket] = {}
+        # A nonce must be remembered while its timestamp can still be accepted: at most
+        # 2 * clock_skew_s after it is seen. The device's bucket admits at most burst +
+        # rate * window requests in that time, which is therefore the most nonces an
+        # in-budget device can hold; the quota is a backstop if the clock jumps.
+        self.nonce_window_s = 2.0 * http.clock_skew_s
+        self.nonce_quota = int(math.ceil(http.rate_burst + http.rate_per_s * self.nonce_window_s)) + 1
+        self.nonces: dict[int, OrderedDict[str, float]] = {}  # member -> nonce -> expiry (seconds)
+        self.buckets: dict[int, TokenBucket] = {}  # admitted requests, per device
+        self.unverified: dict[int, TokenBucket] = {}  # requests claiming a key, before their signature checks
+        self.signature_checks = 0
+        self._admitted = 0
 
-    def _sweep(self, now: float) -> None:
-        while self.nonces:
-            nonce, expiry = next(iter(self.nonces.items()))
+    @property
+    def nonces_held(self) -> int:
+        return sum(len(table) for table in self.nonces.values())
+
+    def _bucket(self, table: dict[int, TokenBucket], member: int, now: float) -> TokenBucket:
+        bucket = table.get(member)
+        if bucket is None:
+            burst = float(self.http.rate_burst)
+            bucket = table[member] = TokenBucket(self.http.rate_per_s, burst, burst, now)
+        return bucket
+
+    @staticmethod
+    def _expire(table: OrderedDict[str, float], now: float) -> None:
+        while table:
+            nonce, expiry = next(iter(table.items()))
             if expiry > now:
                 break
-            self.nonces.popitem(last=False)
+            table.popitem(last=False)
+
+    def _sweep_all(self, now: float) -> None:
+        for member in list(self.nonces):
+            self._expire(self.nonces[member], now)
+            if not self.nonces[member]:
+                del self.nonces[member]
 
     async def admit(self, request: Request, limit: int) -> tuple[int, bytes]:
         """(member, body) of an authentic, fresh, in-budget request; raises ``ProtocolError`` otherwise."""
         length = request.headers.get("content-length")
         if length is not None:
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise ProtocolError(400, "bad_length", "Content-Length is not a number")
             if int(length) > limit:
                 raise ProtocolError(413, "too_large", f"body of {length} bytes exceeds the limit of {limit}")
@@ -185,8 +232,11 @@ class Gate:
         device, nonce, stamp, sig = h.get(HEADER_DEVICE), h.get(HEADER_NONCE), h.get(HEADER_TIME), h.get(HEADER_SIGNATURE)
         if not (device and nonce and stamp and sig):
             raise ProtocolError(401, "unsigned", "missing authentication headers")
-        if not (is_hex(device, 64) and is_hex(nonce, 32) and is_hex(sig, 128) and stamp.isdigit() and len(stamp) < 16):
+        if not (is_hex(device, 64) and is_hex(nonce, 32) and is_hex(sig, 128)):
             raise ProtocolError(401, "bad_auth_headers", "malformed authentication headers")
+        # isascii(): str.isdigit() is also true for "\xb2" ("²"), which int() then refuses
+        if not (stamp.isascii() and stamp.isdigit() and len(stamp) < 16):
+            raise ProtocolError(400, "bad_timestamp", "the timestamp must be decimal ASCII digits (milliseconds)")
         known = self.devices.get(device)
         if known is None:
             raise ProtocolError(401, "unknown_device", "this key is not on the allow-list")
@@ -196,28 +246,39 @@ class Gate:
         skew_ms = self.http.clock_skew_s * 1000
         if abs(t_ms - now * 1000) > skew_ms or t_ms < self.boot_ms:
             raise ProtocolError(400, "stale_timestamp", "timestamp outside the accepted window; resynchronise")
+        # Anyone can claim a public key: charge the claim before reading a body or checking a signature.
+        claims = self._bucket(self.unverified, member, now)
+        wait = claims.take(now)
+        if wait > 0:
+            raise ProtocolError(429, "rate_limited", f"too many unauthenticated requests for this key; "
+                                                     f"retry after {wait:.2f} s")
         try:
             body = await self._read(request, limit)
         except _BodyTooLarge:
             raise ProtocolError(413, "too_large", f"body exceeds the limit of {limit} bytes") from None
-        message = request_signing_bytes(request.method, request.url.path, body_digest(body), nonce, t_ms, device)
+        digest = await asyncio.to_thread(body_digest, body) if len(body) >= OFF_LOOP_BYTES else body_digest(body)
+        message = request_signing_bytes(request.method, request.url.path, digest, nonce, t_ms, device)
+        self.signature_checks += 1
         try:
             key.verify(bytes.fromhex(sig), message)
         except InvalidSignature:
             raise ProtocolError(401, "bad_signature", "the request signature does not verify") from None
-        self._sweep(now)
-        if nonce in self.nonces:
-            raise ProtocolError(409, "replay", "this nonce was already used")
-        if len(self.nonces) >= MAX_NONCES:
-            raise ProtocolError(503, "busy", "too many requests in the replay window")
-        self.nonces[nonce] = now + 2 * self.http.clock_skew_s
-        bucket = self.buckets.get(member)
-        if bucket is None:
-            bucket = self.buckets[member] = TokenBucket(self.http.rate_per_s, float(self.http.rate_burst),
-                                                        float(self.http.rate_burst), now)
-        wait = bucket.take(now)
+        claims.refund()  # authentic: the device's own bucket is what limits it from here
+        wait = self._bucket(self.buckets, member, now).take(now)
         if wait > 0:
             raise ProtocolError(429, "rate_limited", f"retry after {wait:.2f} s")
+        table = self.nonces.get(member)
+        if table is None:
+            table = self.nonces[member] = OrderedDict()
+        self._expire(table, now)
+        if nonce in table:
+            raise ProtocolError(409, "replay", "this nonce was already used")
+        if len(table) >= self.nonce_quota:
+            raise ProtocolError(429, "rate_limited", "too many requests from this device in the replay window")
+        table[nonce] = now + self.nonce_window_s
+        self._admitted += 1
+        if self._admitted % SWEEP_EVERY == 0:
+            self._sweep_all(now)
         return member, body
 
     @staticmethod
@@ -238,10 +299,15 @@ Handler = Callable[[int, Any, bytes], Awaitable[Any]]
 class DeviceApi:
     """Binds the gate, the coordinator and the metrics into Starlette routes."""
 
-    def __init__(self, coordinator: Coordinator, gate: Gate, http: HttpSettings) -> None:
+    def __init__(self, coordinator: Coordinator, gate: Gate, http: HttpSettings, *,
+                 metrics: bool | None = None) -> None:
         self.coordinator = coordinator
         self.gate = gate
         self.http = http
+        # /metrics reveals the fleet's activity (devices seen, cohorts, traffic): off unless the
+        # operator sets [http] metrics = true (expose it only where scrapers, not devices, reach)
+        self.metrics_enabled = bool(http.metrics) if metrics is None else metrics
+        self.decoder = ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="ftte-decode")
         self.metrics = Metrics()
         self.upload_limit = submit_limit(coordinator.task.dim, coordinator.cfg.server.buffer_size)
         self.latency: dict[str, list[float]] = {}
@@ -275,7 +341,11 @@ class DeviceApi:
                 t_body = time.perf_counter()
                 self.metrics.devices_seen.add(member)
                 try:
-                    msg = wire.decode(body, expect=request_type, max_bytes=limit_bytes)
+                    if len(body) >= OFF_LOOP_BYTES:  # never stall every other device on one large body
+                        msg = await asyncio.get_running_loop().run_in_executor(
+                            self.decoder, wire.decode, body, request_type, limit_bytes)
+                    else:
+                        msg = wire.decode(body, expect=request_type, max_bytes=limit_bytes)
                 except wire.WireError as exc:
                     raise ProtocolError(422, "malformed", str(exc)) from None
                 reply = await handler(member, msg, body)
@@ -323,9 +393,9 @@ class DeviceApi:
         return JSONResponse({"status": "ok", "version": self.coordinator.version, "schema": wire.SCHEMA_VERSION},
                             headers=self._time_header())
 
-    async def metrics_endpoint(self, request: Request) -> Response:
+    def metrics_doc(self) -> dict[str, Any]:
         m = self.metrics
-        doc = {
+        return {
             **self.coordinator.status(),
             "uptime_s": round(time.time() - m.started, 3),
             "devices_allowed": len(self.gate.devices),
@@ -335,10 +405,16 @@ class DeviceApi:
             "requests": m.requests,
             "statuses": {str(k): v for k, v in sorted(m.statuses.items())},
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "nonces_held": len(self.gate.nonces),
+            "nonces_held": self.gate.nonces_held,
             "latency": m.latency_summary(),
         }
-        return JSONResponse(doc, headers=self._time_header())
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        doc = self.metrics_doc()
+        if request.query_params.get("format") == "json":
+            return JSONResponse(doc, headers=self._time_header())
+        return PlainTextResponse(prometheus_text(doc), headers=self._time_header(),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def routes(self) -> list[Route]:
         return [
@@ -349,8 +425,55 @@ class DeviceApi:
             self.route("poll", PollRequest, self._poll),
             self.route("submit", Submit, self._submit, limit=self.upload_limit),
             Route(f"{API_PREFIX}/health", self.health, methods=["GET"]),
-            Route(f"{API_PREFIX}/metrics", self.metrics_endpoint, methods=["GET"]),
-        ]
+        ] + ([Route(f"{API_PREFIX}/metrics", self.metrics_endpoint, methods=["GET"])] if self.metrics_enabled else [])
+
+
+_COUNTERS = {"bytes_in", "bytes_out"}
+
+
+def _prom_name(key: str) -> str:
+    return "ftte_" + "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in key)
+
+
+def _prom_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def prometheus_text(doc: dict[str, Any]) -> str:
+    """The metrics document in the Prometheus text exposition format (version 0.0.4).
+
+    Numbers at the top level become gauges (``bytes_in``/``bytes_out`` counters), the
+    request and status counts become labelled counters, the latency percentiles a summary;
+    anything else (text, nested documents) is left out.
+    """
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {float(value)!r}" for labels, value in samples)
+
+    for key, value in sorted(doc.items()):
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            name = _prom_name(key) + ("_total" if key in _COUNTERS else "")
+            metric(name, "counter" if key in _COUNTERS else "gauge", [("", value)])
+    requests = doc.get("requests") or {}
+    metric("ftte_http_requests_total", "counter",
+           [(f'{{route="{_prom_label(str(r))}"}}', n) for r, n in sorted(requests.items())])
+    statuses = doc.get("statuses") or {}
+    metric("ftte_http_responses_total", "counter",
+           [(f'{{status="{_prom_label(str(c))}"}}', n) for c, n in sorted(statuses.items())])
+    latency = doc.get("latency") or {}
+    samples: list[tuple[str, float]] = []
+    for route, summary in sorted(latency.items()):
+        label = _prom_label(str(route))
+        samples += [(f'{{route="{label}",quantile="0.5"}}', summary["p50_ms"] / 1000.0),
+                    (f'{{route="{label}",quantile="0.99"}}', summary["p99_ms"] / 1000.0)]
+    metric("ftte_http_latency_seconds", "summary", samples)
+    lines.extend(f'ftte_http_latency_seconds_count{{route="{_prom_label(str(r))}"}} {float(s["count"])!r}'
+                 for r, s in sorted(latency.items()))
+    return "\n".join(lines) + "\n"
 
 
 def submit_limit(dim: int, cohort_size: int) -> int:
@@ -361,8 +484,10 @@ def submit_limit(dim: int, cohort_size: int) -> int:
     return max(masked, shares) + 4096
 
 
-def build_app(coordinator: Coordinator, gate: Gate, http: HttpSettings) -> tuple[Starlette, DeviceApi]:
-    api = DeviceApi(coordinator, gate, http)
+def build_app(coordinator: Coordinator, gate: Gate, http: HttpSettings, *,
+              metrics: bool | None = None) -> tuple[Starlette, DeviceApi]:
+    """The ASGI app; ``metrics`` overrides ``[http] metrics`` (default: off)."""
+    api = DeviceApi(coordinator, gate, http, metrics=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -375,9 +500,10 @@ def build_app(coordinator: Coordinator, gate: Gate, http: HttpSettings) -> tuple
             with contextlib.suppress(asyncio.CancelledError):
                 await timers
             await coordinator.drain()
+            api.decoder.shutdown(wait=False, cancel_futures=True)
 
     app = Starlette(routes=api.routes(), lifespan=lifespan)
     return app, api
 
 
-__all__ = ["DeviceApi", "Gate", "TokenBucket", "build_app", "submit_limit"]
+__all__ = ["DeviceApi", "Gate", "TokenBucket", "build_app", "prometheus_text", "submit_limit"]

@@ -142,6 +142,7 @@ port = {port}
 {tls}poll_wait_s = {poll_wait_s}
 rate_per_s = {rate_per_s}
 rate_burst = {rate_burst}
+metrics = true
 
 [deploy]
 state = "{state}"
@@ -202,7 +203,7 @@ class ServerProcess:
             return json.loads(r.read())
 
     def metrics(self) -> dict:
-        return self.get("/v1/metrics")
+        return self.get("/v1/metrics?format=json")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs."""

@@ -94,3 +94,84 @@ def test_random_bytes_never_crash_the_decoder(data):
         wire.decode(data)
     except wire.WireError:
         pass
+
+
+# --- hostile bodies: the decoder bounds what it builds (issue 10, finding 8) -----------------
+
+import tracemalloc  # noqa: E402
+
+from ftte.bench import hostile_body  # noqa: E402
+from ftte.deploy_messages import JoinRequest, Submit  # noqa: E402
+
+HOSTILE_EXPECT = {"join_with_junk_pairs": JoinRequest, "ids_of_arrays": SurvivorList}
+
+
+@pytest.mark.parametrize("case", ["nested_empty_arrays", "deep_nesting", "join_with_junk_pairs", "ids_of_arrays"])
+def test_hostile_body_is_refused_building_less_than_the_body(case):
+    """8 MiB of msgpack that ``unpackb`` would turn into ~500 MB of Python lists is refused while
+    the decoder allocates no more than its read chunk twice over (tracemalloc sees msgpack's
+    buffer), whatever the body's size."""
+    body = hostile_body.BUILDERS[case](8 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        with pytest.raises(wire.WireError):
+            wire.decode(body, expect=HOSTILE_EXPECT.get(case))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * wire.READ_CHUNK + 512 * 1024 < len(body) // 2, (case, peak, len(body))
+
+
+def test_submit_wrapping_junk_decodes_the_envelope_then_refuses_the_payload():
+    body = hostile_body.submit_wrapping_junk(8 * 1024 * 1024)
+    outer = wire.decode(body, expect=Submit)
+    tracemalloc.start()
+    try:
+        with pytest.raises(wire.WireError, match="container|array"):
+            wire.decode(outer.payload)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * wire.READ_CHUNK + 512 * 1024 < len(outer.payload) // 2
+
+
+def test_list_lengths_are_checked_against_the_bytes_left():
+    # an id list that claims 100 000 ids but carries 3: refused at the header, nothing read
+    head = b"".join(msgpack.packb(v, use_bin_type=True) for v in (1, 6, b"s" * 32))
+    body = b"\x94" + head + b"\xdc" + (60_000).to_bytes(2, "big") + b"\x01\x02\x03"
+    with pytest.raises(wire.WireError, match="at most"):
+        wire.decode(body)
+
+
+def test_trailing_bytes_and_scalars_in_place_of_lists_are_refused():
+    data = wire.encode(SurvivorList(b"s" * 32, (1, 2)))
+    with pytest.raises(wire.WireError, match="after the message"):
+        wire.decode(data + b"\x00")
+    with pytest.raises(wire.WireError, match="container"):
+        wire.decode(msgpack.packb([1, 6, [b"s" * 32], [1]], use_bin_type=True))
+    with pytest.raises(wire.WireError, match="container"):
+        wire.decode(msgpack.packb([1, 6, b"s" * 32, [[1]]], use_bin_type=True))
+    with pytest.raises(wire.WireError, match="pairs"):
+        wire.decode(msgpack.packb([1, 3, b"s" * 32, 1, b"h" * 32, [[2]], b"g" * 64], use_bin_type=True))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=300),
+       st.lists(st.tuples(st.integers(0, 2**64 - 1), st.binary(min_size=33, max_size=33)), max_size=50))
+def test_schema_walk_round_trips_what_encode_writes(ids, shares):
+    survivors = SurvivorList(b"s" * 32, tuple(ids))
+    assert wire.decode(wire.encode(survivors)) == survivors
+    unmask = UnmaskShares(b"s" * 32, 7, tuple(shares), tuple(shares[:3]), b"g" * 64)
+    assert wire.decode(wire.encode(unmask)) == unmask
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=1, max_size=200), st.integers(0, 10_000))
+def test_mutated_messages_decode_or_raise_wire_error(noise, at):
+    data = bytearray(wire.encode(UnmaskShares(b"s" * 32, 1, ((2, b"v" * 33),), ((3, b"w" * 33),), b"g" * 64)))
+    at %= len(data)
+    data[at:at + len(noise)] = noise
+    try:
+        wire.decode(bytes(data))
+    except wire.WireError:
+        pass

@@ -135,3 +135,98 @@ def test_unrepairable_model_is_refused_clearly() -> None:
 def test_lazy_batchnorm_is_refused_clearly() -> None:
     with pytest.raises(UnsupportedModelError, match="lazy BatchNorm"):
         make_dp_compatible(nn.Sequential(nn.Linear(3, 3), nn.LazyBatchNorm1d()))
+
+
+# --- models named by the network (issue 10, finding 1) -----------------------------------------
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from ftte.edge.models import (  # noqa: E402
+    MAX_REGISTERED_PARAMETERS,
+    IntArg,
+    ModelSpec,
+    UntrustedModelError,
+    build_registered_model,
+    check_model_kwargs,
+    parse_model_kwargs,
+)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("logistic", {"in_features": 64, "num_classes": 10}),  # what ftte server sends (deploy_task.model_kwargs)
+    ("mlp", {"in_features": 64, "num_classes": 10}),
+    ("mlp", {"in_features": 20, "hidden": [7, 5], "num_classes": 3}),
+    ("cnn8", {"in_channels": 1, "num_classes": 10}),
+    ("cnn28", {"in_channels": 3, "num_classes": 10, "width": 8}),
+    ("logistic", {}),
+])
+def test_registered_models_build_from_checked_arguments(name, kwargs):
+    model = build_registered_model(name, kwargs)
+    expected = build_model(name, **kwargs)
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in expected.named_parameters()]
+
+
+def test_a_remote_factory_reference_is_refused_without_importing_it(user_module, tmp_path):
+    marker = tmp_path / "imported"
+    (tmp_path / "ftte_test_import_side_effect.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef make():\n    import torch.nn as nn\n    return nn.Sequential()\n")
+    for ref in (f"{user_module}:make", "ftte_test_import_side_effect:make", "subprocess:run", "os:system",
+                "builtins:eval", "", "logistic ", "LOGISTIC", 3, None):
+        with pytest.raises(UntrustedModelError, match="not a bundled model"):
+            build_registered_model(ref, {})
+    assert "ftte_test_import_side_effect" not in sys.modules
+    assert not marker.exists()
+
+
+def test_bad_arguments_are_refused_before_the_factory_runs(monkeypatch):
+    calls = []
+
+    def spy(width: int = 2) -> nn.Sequential:
+        calls.append(width)
+        return nn.Sequential(nn.Linear(width, 2))
+
+    monkeypatch.setitem(MODELS, "spy", ModelSpec("spy", spy, lambda **_: (2,), "test", {"width": IntArg(1, 8)}))
+    for kwargs in ({"width": 9}, {"width": 0}, {"width": 2.0}, {"width": False}, {"width": "2"}, {"width": [2]},
+                   {"depth": 1}, {"width": 2, "extra": 1}, [("width", 2)], "width=2"):
+        with pytest.raises(UntrustedModelError):
+            build_registered_model("spy", kwargs)
+    assert calls == []
+    build_registered_model("spy", {"width": 3})
+    assert calls == [3, 3]  # once on the meta device (to count parameters), once for real
+
+
+def test_parameter_count_is_bounded_without_allocating():
+    with pytest.raises(UntrustedModelError, match="parameters"):
+        check_model_kwargs("mlp", {"in_features": 1 << 20, "hidden": [1 << 16] * 16, "num_classes": 100_000})
+    with pytest.raises(UntrustedModelError, match="parameters"):
+        check_model_kwargs("cnn28", {"in_channels": 64, "num_classes": 100_000, "width": 512})
+
+
+def test_model_arguments_json_is_parsed_defensively():
+    assert parse_model_kwargs('{"in_features": 4}') == {"in_features": 4}
+    for text in ("[" * 4000, "[]", "3", "null", "{", "x" * 5000, b"{}", None):
+        with pytest.raises(UntrustedModelError):
+            parse_model_kwargs(text)
+
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=4), max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(MODELS)),
+       st.dictionaries(st.sampled_from(["in_features", "num_classes", "hidden", "in_channels", "width", "bias", ""]),
+                       _json_values | st.integers(0, 1 << 21), max_size=4))
+def test_any_remote_arguments_are_either_refused_or_within_bounds(name, kwargs):
+    try:
+        checked = check_model_kwargs(name, json.loads(json.dumps(kwargs)))
+    except UntrustedModelError:
+        return
+    assert set(checked) <= set(MODELS[name].args)
+    with torch.device("meta"):
+        count = sum(p.numel() for p in MODELS[name].factory(**checked).parameters())
+    assert count <= MAX_REGISTERED_PARAMETERS
