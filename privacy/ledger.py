@@ -13,9 +13,17 @@ an edit without the key. Truncating the tail leaves a valid chain, so the ledger
 keeps a signed *head* (row count and last hash) that every append updates.
 
 What this cannot detect on its own: a wholesale rollback to an older, complete copy of
-the file (old rows, old signed head), or a forger who swaps in their own public key and
-re-signs everything. Both need an anchor outside the file: pin the writer's public key
-(``ftte audit --expect-key``) and publish the head hash (``--expect-head``).
+the file (old rows, old signed head), a forger who swaps in their own public key and
+re-signs everything, or the operator, who holds the key, rewriting rows and re-signing.
+These need evidence outside the file: publish anchors (``SEQ:HASH`` of a row, printed by
+``ftte audit``; ``--anchor`` re-hashes the chain up to it from the rows' contents), pin the
+writer's key (``--expect-key``), and let devices sign their own spend claims
+(``device_public_key``/``device_signature`` columns, :mod:`.spend`), which the key does not
+help to forge. The policy the server enforced is stored in the metadata (``policy``).
+
+Optional columns (``outcome``, ``device_public_key``, ``device_signature``) were added after
+format 1 was in use; a None value is left out of the canonical encoding, so older rows keep
+their hashes, and older files gain the columns when a writer opens them.
 
 Transactions: :meth:`Ledger.append` runs in its own ``BEGIN IMMEDIATE`` transaction, or,
 given ``conn=``, inside the caller's connection under a SAVEPOINT, so the server can
