@@ -138,21 +138,29 @@ class PrivacyPolicy:
             raise ValueError(f"unknown policy keys {sorted(unknown)}")
         return cls(**doc)
 
+    def violations(self, *, delta: float, noise_multiplier: float, accountant: str,
+                   epsilon_max: float | None = None, epsilon_total: float | None = None) -> list[str]:
+        """What a round with these settings would violate (empty: nothing). The server calls
+        this before admitting a join (``epsilon_total``: the device's ledger ε after the
+        round), a device before accepting a task; the audit calls it on every row."""
+        out = []
+        if accountant != self.accountant:
+            out.append(f"accountant {accountant!r} is not the policy's {self.accountant!r}")
+        if not (delta <= self.delta):
+            out.append(f"delta {delta!r} exceeds the policy's {self.delta!r}")
+        if not (noise_multiplier >= self.min_noise_multiplier):
+            out.append(f"noise multiplier {noise_multiplier!r} is below the floor {self.min_noise_multiplier!r}")
+        if epsilon_max is not None and not (epsilon_max <= self.epsilon_cap):
+            out.append(f"epsilon_max {epsilon_max!r} exceeds the cap {self.epsilon_cap!r}")
+        if epsilon_total is not None and not (epsilon_total <= self.epsilon_cap):
+            out.append(f"epsilon_total {epsilon_total!r} exceeds the cap {self.epsilon_cap!r}")
+        return out
+
     def row_violations(self, row: "LedgerRow") -> list[str]:
         """What is wrong with one ledger row under this policy (empty: nothing).
 
         The cumulative-ε check here uses the recorded figure; the audit also checks the
         recomputed one, and one δ per device, which need the device's other rows.
         """
-        out = []
-        if row.accountant != self.accountant:
-            out.append(f"accountant {row.accountant!r} is not the policy's {self.accountant!r}")
-        if not (row.delta <= self.delta):
-            out.append(f"delta {row.delta!r} exceeds the policy's {self.delta!r}")
-        if not (row.noise_multiplier >= self.min_noise_multiplier):
-            out.append(f"noise multiplier {row.noise_multiplier!r} is below the floor {self.min_noise_multiplier!r}")
-        if not (row.epsilon_max <= self.epsilon_cap):
-            out.append(f"epsilon_max {row.epsilon_max!r} exceeds the cap {self.epsilon_cap!r}")
-        if not (row.epsilon_total <= self.epsilon_cap):
-            out.append(f"epsilon_total {row.epsilon_total!r} exceeds the cap {self.epsilon_cap!r}")
-        return out
+        return self.violations(delta=row.delta, noise_multiplier=row.noise_multiplier, accountant=row.accountant,
+                               epsilon_max=row.epsilon_max, epsilon_total=row.epsilon_total)

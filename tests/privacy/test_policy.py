@@ -118,3 +118,10 @@ def test_policy_validates_its_fields():
     assert PrivacyPolicy.from_json(POLICY.to_json()) == POLICY
     with pytest.raises(ValueError, match="unknown policy keys"):
         PrivacyPolicy.from_json('{"delta": 1e-5, "epsilon_cap": 1, "min_noise_multiplier": 1, "x": 2}')
+
+
+def test_policy_check_before_a_round():
+    ok = POLICY.violations(delta=1e-6, noise_multiplier=1.0, accountant="rdp", epsilon_max=5.0, epsilon_total=4.9)
+    assert ok == []
+    bad = POLICY.violations(delta=0.5, noise_multiplier=0.1, accountant="rdp", epsilon_total=5.1)
+    assert len(bad) == 3 and "delta 0.5" in bad[0] and "below the floor" in bad[1] and "exceeds the cap" in bad[2]
