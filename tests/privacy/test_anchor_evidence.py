@@ -276,3 +276,25 @@ def test_signing_key_at_any_path_and_no_silent_creation(tmp_path):
     (tmp_path / "short.key").write_bytes(b"x" * 5)
     with pytest.raises(LedgerError, match="32 raw"):
         load_signing_key(tmp_path / "short.key")
+
+
+def test_a_ledger_from_before_the_optional_columns_still_audits_and_migrates(tmp_path):
+    """Rows written without outcome/device columns keep their hashes: an old file audits as
+    before, and a writer opening it adds the columns and extends the same chain."""
+    key = Ed25519PrivateKey.generate()
+    path = tmp_path / "old.db"
+    with Ledger(path, key) as led:
+        rows = ledger_rows(led, [(_spend("a", 1.0, v), RoundOutcome.MERGED, f"c{v}") for v in range(2)])
+        led.append_many([LedgerRow(**{**r.to_dict(), "outcome": None}) for r in rows])
+        anchor = led.anchor()
+    conn = sqlite3.connect(path)
+    for col in ("outcome", "device_public_key", "device_signature"):
+        conn.execute(f"ALTER TABLE {ROWS_TABLE} DROP COLUMN {col}")
+    conn.commit()
+    conn.close()
+    before = verify_ledger(path, anchors=[anchor])
+    assert before.ok, before.summary()
+    with Ledger(path, key) as led:  # a writer migrates the schema
+        _grow(led, range(2, 3))
+    after = verify_ledger(path, anchors=[anchor])
+    assert after.ok and after.n_rows == 4, after.summary()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 
@@ -66,6 +67,12 @@ def test_row_builder_rejects_unknown_outcomes_and_old_rows_keep_their_hash():
     plain = LedgerRow(**{**row.to_dict(), "outcome": None})
     assert b"outcome" not in canonical_row_bytes(1, "0" * 64, plain)
     assert b"device_signature" not in canonical_row_bytes(1, "0" * 64, row)
+    # byte for byte the format-1 encoding that existing ledgers were hashed with
+    old_fields = {k: v for k, v in plain.to_dict().items()
+                  if k not in ("outcome", "device_public_key", "device_signature")}
+    old = json.dumps({"format": "ftte.privacy.ledger/1", "seq": 1, "prev_hash": "0" * 64, "row": old_fields},
+                     sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode("ascii")
+    assert canonical_row_bytes(1, "0" * 64, plain) == old
     inf_row = ledger_row(spend("a", 0.0), outcome=RoundOutcome.MERGED, cohort_id=None, epsilon_before=math.nan,
                          epsilon_after=math.inf)
     assert inf_row.epsilon_round == math.inf and inf_row.cohort_id is None
