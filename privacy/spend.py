@@ -41,6 +41,7 @@ from .ledger import LedgerRow, library_versions, verify_signature
 if TYPE_CHECKING:
     import sqlite3
 
+    from .accountant import AccountantStore
     from .ledger import Ledger
 
 CLAIM_DOMAIN = b"ftte.privacy.spend-claim/1\x00"
@@ -263,3 +264,36 @@ def ledger_rows(
         prior.append(_Prior(spend.step, spend.delta, spend.accountant))
     return out
 
+
+
+def unrecorded_spends(
+    ledger: "Ledger",
+    store: "AccountantStore",
+    *,
+    plan_id: str,
+    version: int,
+    max_grad_norm: float,
+    epsilon_max: float,
+    rng_source: str,
+) -> list[SpendRecord]:
+    """Rounds a device's accountant store charged beyond the device's rows in the ledger.
+
+    A round is charged before it trains, but its row is written when its cohort ends; a run
+    that stops (or crashes) in between leaves spent rounds without rows. This returns them,
+    oldest first, for a driver to write as UNMERGED with :func:`ledger_rows`. ``version``,
+    ``plan_id``, the clipping norm and ``epsilon_max`` are not in the store: the caller states
+    them (the latest applied version is the honest answer when the true one is unknown).
+    Assumes, as the drivers guarantee, that the ledger holds a prefix of each device's
+    charged rounds.
+    """
+    out: list[SpendRecord] = []
+    for device in store.devices():
+        state = store.state(device)
+        if state is None:
+            continue
+        written = len(ledger.rows_for(device))
+        for step in state.history[written:]:
+            out.append(SpendRecord(device_id=device, plan_id=plan_id, version=version, step=step,
+                                   max_grad_norm=max_grad_norm, delta=state.delta, accountant=state.accountant,
+                                   epsilon_max=epsilon_max, rng_source=rng_source))
+    return out

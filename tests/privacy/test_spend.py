@@ -157,3 +157,29 @@ def test_concurrent_charges_never_exceed_the_budget(tmp_path):
     assert outcomes.count("ok") == 3 and outcomes.count("refused") == 5
     with AccountantStore(path) as store:
         assert len(store.history("d")) == 3
+
+
+def test_unrecorded_spends_fill_the_ledger_up_to_the_store(tmp_path):
+    """A run stopped with rounds charged but not written: the reconciled ledger holds every
+    charged round once, and each device's last epsilon_total equals its store's epsilon."""
+    from ftte.privacy.spend import unrecorded_spends
+
+    store = AccountantStore(":memory:")
+    steps = {"a": [PrivacyStep(1.0, 0.05, 5), PrivacyStep(1.2, 0.05, 5), PrivacyStep(1.0, 0.05, 5)],
+             "b": [PrivacyStep(1.1, 0.05, 5)]}
+    for dev, ss in steps.items():
+        for s in ss:
+            store.charge(dev, s, accountant="rdp", delta=DELTA, epsilon_max=50.0)
+    path = tmp_path / "ledger.db"
+    with Ledger(path, Ed25519PrivateKey.generate()) as led:
+        led.append_many(ledger_rows(led, [(spend("a", 1.0), RoundOutcome.MERGED, "c1")]))  # only a's first round
+        missing = unrecorded_spends(led, store, plan_id="plan", version=3, max_grad_norm=1.0, epsilon_max=50.0,
+                                    rng_source="chacha20:derived-from-run-seed (simulation)")
+        assert [(m.device_id, m.step) for m in missing] == [("a", steps["a"][1]), ("a", steps["a"][2]),
+                                                            ("b", steps["b"][0])]
+        led.append_many(ledger_rows(led, [(m, RoundOutcome.UNMERGED, None) for m in missing]))
+        assert unrecorded_spends(led, store, plan_id="plan", version=3, max_grad_norm=1.0, epsilon_max=50.0,
+                                 rng_source="x") == []
+        for dev in steps:
+            assert led.rows_for(dev)[-1].row.epsilon_total == store.epsilon(dev)
+    assert verify_ledger(path).ok
