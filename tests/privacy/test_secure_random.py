@@ -165,12 +165,12 @@ def test_optimizer_refuses_to_add_noise_without_a_secure_generator():
     from ftte.privacy.dpsgd import SecureNoiseDPOptimizer
 
     p = nn.Parameter(torch.zeros(3))
-    opt = SecureNoiseDPOptimizer(torch.optim.SGD([p], lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+    opt = SecureNoiseDPOptimizer(torch.optim.SGD([p], lr=0.1), noise_multiplier=0.7, max_grad_norm=2.0,
                                  expected_batch_size=1)
     p.summed_grad = torch.zeros(3)
     with pytest.raises(RuntimeError, match="noise_rng"):
         opt.add_noise()
     opt.noise_rng = SecureRandom.from_key(_key(11))
     opt.add_noise()
-    expected = SecureRandom.from_key(_key(11)).gaussian_tensor((3,), 1.0, dtype=torch.float32)
+    expected = SecureRandom.from_key(_key(11)).gaussian_tensor((3,), 0.7 * 2.0, dtype=torch.float32)
     assert torch.equal(p.grad, expected)
