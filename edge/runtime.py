@@ -20,6 +20,7 @@ from torch import nn
 from ftte.edge.plan import SubsetPlan, apply_subset_vector, split_model, subset_vector
 from ftte.privacy.accountant import AccountantStore
 from ftte.privacy.dpsgd import DPConfig, PrivateTrainer, RoundPlan, RoundStats
+from ftte.privacy.secure_random import SecureRandom
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,28 @@ class LocalTrainer:
         return self._trainer.epsilon()
 
     def train(self, device_id: int, base_version: int, weights: np.ndarray, x: np.ndarray, y: np.ndarray,
-              seed: int, plan: RoundPlan | None = None) -> LocalUpdate:
+              seed: int | None = None, plan: RoundPlan | None = None, *, key: bytes | None = None) -> LocalUpdate:
         """One round from the pulled subset ``weights``; raises ``BudgetExceededError`` before training if over budget.
-        ``plan``: a :meth:`plan_round` result the caller already checked (no second check)."""
+        ``plan``: a :meth:`plan_round` result the caller already checked (no second check).
+
+        Randomness (Poisson sampling and DP noise) comes from a ChaCha20 generator keyed by:
+        ``key`` (32 bytes the caller vouches for), else an integer ``seed`` (simulation only: the
+        key is derived from it, so the round is reproducible and only as secret as the seed),
+        else ``os.urandom`` (deployment: pass neither). ``RoundStats.rng_source`` says which.
+        """
         if len(x) == 0:
             raise ValueError(f"device {device_id} has no training records")
+        if seed is not None and key is not None:
+            raise ValueError("give at most one of seed (simulation) and key")
+        if key is not None:
+            rng = SecureRandom.from_key(key)
+        elif seed is not None:
+            rng = SecureRandom.from_seed(seed, "ftte.edge.runtime.train", str(device_id), str(base_version))
+            torch.manual_seed(seed)  # any other torch randomness (none in DP-SGD) stays reproducible
+        else:
+            rng = SecureRandom.from_os()
         apply_subset_vector(self.model, self.plan, weights)
         self._trainer.device_id = str(device_id)
-        torch.manual_seed(seed)  # Poisson sampling and DP noise draw from torch's generator
         stats = self._trainer.train_round(
             (torch.as_tensor(x), torch.as_tensor(y)),
             loss_fn=F.cross_entropy,
@@ -95,6 +110,7 @@ class LocalTrainer:
             batch_size=self.settings.batch_size,
             steps=self.settings.local_steps,
             plan=plan,
+            rng=rng,
         )
         delta = subset_vector(self.model, self.plan) - weights.astype(np.float32)
         return LocalUpdate(device_id, base_version, delta, stats)

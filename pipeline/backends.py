@@ -51,7 +51,9 @@ from ftte.edge.plan import SubsetPlan
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
 from ftte.round_messages import ModelPull
 from ftte.privacy.accountant import AccountantStore, DeviceAccountantState
-from ftte.privacy.dpsgd import RNG_SOURCE_DEFAULT, DPConfig, RoundPlan, RoundStats
+from ftte.privacy.dpsgd import RNG_SOURCE_SIMULATION, DPConfig, RoundPlan, RoundStats
+from ftte.privacy.ledger import library_versions
+from ftte.privacy.spend import SpendRecord
 
 __all__ = [
     "BackendUnavailable",
@@ -62,6 +64,8 @@ __all__ = [
     "TrainTask",
     "WorkerData",
     "WorkerSpec",
+    "lost_round_spend",
+    "lost_round_stats",
     "make_backend",
     "reserve_round",
     "seeded_store",
@@ -117,12 +121,13 @@ class TrainTask:
 # --- driver side of the privacy accounting ------------------------------------------------------
 
 def reserve_round(trainer: LocalTrainer, device_id: int, n_records: int) -> tuple[DeviceAccountantState | None, RoundPlan]:
-    """Budget check and record, in the driver's store, of the round ``device_id`` is about to train.
+    """Budget check and charge, in the driver's store, of the round ``device_id`` is about to train.
 
-    The same steps, in the same order, as ``PrivateTrainer.train_round`` takes before it
-    trains: plan (raises ``BudgetExceededError`` and stores nothing if the round would
-    exceed the budget), register, record with the history length the check was based on.
-    Returns the device's state before the round (what the worker is handed) and the plan.
+    The same steps as ``PrivateTrainer.train_round`` takes before it trains: plan (raises
+    ``BudgetExceededError`` and stores nothing if the round would exceed the budget), then
+    one ``AccountantStore.charge`` (register if new, re-check, record; atomically) against the
+    history length the plan was based on. Returns the device's state before the round (what
+    the worker is handed) and the plan.
     """
     plan = trainer.plan_round(device_id, n_records)
     if plan.budget is None:  # DP disabled: nothing is accounted
@@ -130,13 +135,29 @@ def reserve_round(trainer: LocalTrainer, device_id: int, n_records: int) -> tupl
     key = str(device_id)
     store = trainer.store
     prior = store.state(key)
-    store.register(key, accountant=plan.accountant, delta=plan.delta)
-    store.record(key, plan.privacy_step, epsilon_total=plan.budget.epsilon_after, expected_rounds=plan.prior_rounds)
+    store.charge(key, plan.privacy_step, accountant=plan.accountant, delta=plan.delta,
+                 epsilon_max=plan.budget.epsilon_max, expected_rounds=plan.prior_rounds)
     return prior, plan
 
 
+def lost_round_spend(task: TrainTask, dp: DPConfig, *, plan_id: str) -> SpendRecord:
+    """The :class:`SpendRecord` of a round whose worker died: charged before it started, never
+    released. Write it with ``ftte.privacy.spend.ledger_rows(ledger, [(spend, RoundOutcome.LOST,
+    None)])``, which computes the row's ε from the ledger like every other row."""
+    plan = task.plan
+    versions = library_versions()
+    return SpendRecord(
+        device_id=str(task.device_id), plan_id=plan_id, version=task.base_version, step=plan.privacy_step,
+        max_grad_norm=plan.max_grad_norm, delta=plan.delta, accountant=plan.accountant,
+        epsilon_max=dp.epsilon_max if plan.budget is not None else float("inf"), rng_source=RNG_SOURCE_SIMULATION,
+        torch_version=versions["torch"], opacus_version=versions["opacus"], ftte_version=versions["ftte"],
+    )
+
+
 def lost_round_stats(task: TrainTask, dp: DPConfig) -> RoundStats:
-    """The :class:`RoundStats` of a round whose worker died: spent (recorded before it started),
+    """Deprecated (kept while the simulator migrates): prefer :func:`lost_round_spend`.
+
+    The :class:`RoundStats` of a round whose worker died: spent (recorded before it started),
     never released. What the ledger needs comes from the plan; loss and wall time are unknown."""
     plan = task.plan
     if plan.budget is not None:
@@ -147,7 +168,7 @@ def lost_round_stats(task: TrainTask, dp: DPConfig) -> RoundStats:
         device_id=str(task.device_id), enabled=dp.enabled, steps=plan.steps, sample_rate=plan.sample_rate,
         noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm, epsilon_round=eps_round,
         epsilon_total=eps_total, delta=plan.delta, epsilon_max=eps_max, accountant=plan.accountant,
-        mean_loss=float("nan"), n_records=plan.n_records, empty_batches=0, rng_source=RNG_SOURCE_DEFAULT,
+        mean_loss=float("nan"), n_records=plan.n_records, empty_batches=0, rng_source=RNG_SOURCE_SIMULATION,
         wall_seconds=0.0,
     )
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import math
 import os
 import sqlite3
 import sys
@@ -43,13 +42,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 from ftte.pipeline.state import Checkpoint, ServerState
-from ftte.privacy.accountant import NON_PRIVATE_ACCOUNTANT, PrivacyStep, compute_epsilon
+from ftte.privacy.accountant import PrivacyStep, compute_epsilon
 from ftte.privacy.ledger import (
-    ROWS_TABLE,
     Ledger,
     LedgerRow,
     load_or_create_signing_key,
 )
+from ftte.privacy.spend import RoundOutcome, SpendRecord, ledger_rows
 
 T = TypeVar("T")
 
@@ -281,34 +280,29 @@ class Database:
         return len(rows)
 
     def _ledger_rows(self, commit: CohortCommit) -> list[LedgerRow]:
-        out: list[LedgerRow] = []
-        pending: dict[str, list[tuple[PrivacyStep, float, str]]] = {}
+        """The cohort's rows through the one row builder (``ftte.privacy.spend.ledger_rows``):
+        ε recomputed from each device's history in this ledger, read through the Ledger API
+        inside this connection. A member's late-reported round (``cohort_id == "unmerged"``)
+        is UNMERGED; the others are MERGED, or ABORTED when the cohort was not applied."""
+        assert self.ledger is not None
+        cohort_id = commit.record["cohort_id"]
+        this_round = RoundOutcome.MERGED if commit.history_row is not None else RoundOutcome.ABORTED
+        items: list[tuple[SpendRecord, RoundOutcome, str | None]] = []
         for r in commit.rounds:
-            prior = [(PrivacyStep(nm, q, n), d, a) for nm, q, n, d, a in self.conn.execute(
-                f"SELECT noise_multiplier, sample_rate, steps, delta, accountant FROM {ROWS_TABLE} "
-                "WHERE device_id = ? ORDER BY seq", (r.device_id,))]
-            prior += pending.get(r.device_id, [])
-            steps = [p[0] for p in prior]
-            if prior:
-                last_delta, last_acc = prior[-1][1], prior[-1][2]
-                before = compute_epsilon(steps, last_delta, _mechanism(last_acc))
+            spend = SpendRecord(
+                device_id=r.device_id, plan_id=r.plan_id, version=r.version, step=r.step,
+                max_grad_norm=r.max_grad_norm, delta=r.delta, accountant=r.accountant, epsilon_max=r.epsilon_max,
+                rng_source=r.rng_source, torch_version=r.torch_version, opacus_version=r.opacus_version,
+                ftte_version=r.ftte_version,
+                # MemberRound gains these fields when the coordinator forwards device evidence.
+                device_public_key=getattr(r, "device_public_key", None),
+                device_signature=getattr(r, "device_signature", None),
+            )
+            if r.cohort_id == RoundOutcome.UNMERGED.value:
+                items.append((spend, RoundOutcome.UNMERGED, None))
             else:
-                before = 0.0
-            total = compute_epsilon(steps + [r.step], r.delta, _mechanism(r.accountant))
-            eps_round = total - before if math.isfinite(total) else math.inf
-            out.append(LedgerRow(
-                device_id=r.device_id, plan_id=r.plan_id, version=r.version, sample_rate=r.step.sample_rate,
-                steps=r.step.steps, noise_multiplier=r.step.noise_multiplier, max_grad_norm=r.max_grad_norm,
-                accountant=r.accountant, rng_source=r.rng_source, epsilon_round=eps_round, epsilon_total=total,
-                delta=r.delta, epsilon_max=r.epsilon_max, cohort_id=r.cohort_id or commit.record["cohort_id"],
-                torch_version=r.torch_version, opacus_version=r.opacus_version, ftte_version=r.ftte_version,
-            ))
-            pending.setdefault(r.device_id, []).append((r.step, r.delta, r.accountant))
-        return out
-
-
-def _mechanism(accountant: str) -> str:
-    return accountant if accountant != NON_PRIVATE_ACCOUNTANT else "prv"
+                items.append((spend, this_round, r.cohort_id or cohort_id))
+        return ledger_rows(self.ledger, items, conn=self.conn)
 
 
 class JournalWriter:

@@ -8,6 +8,10 @@ Modules (import them directly; names below are also re-exported lazily so that
 - :mod:`.budget`     ``PrivacyBudget``, ``BudgetCheck``, ``BudgetExceededError``
 - :mod:`.ledger`     ``Ledger``, ``LedgerRow``, ``LedgerEntry``
 - :mod:`.audit`      ``verify_ledger``, ``write_report``, ``AuditResult``
+- :mod:`.secure_random` ``SecureRandom`` (ChaCha20 sampling and secure-mode Gaussian noise)
+- :mod:`.spend`      ``SpendRecord``, ``RoundOutcome``, ``ledger_row``, ``ledger_rows``, ``sign_spend``
+- :mod:`.device_record` a device's own JSONL record of its signed spend claims
+- :mod:`.policy`     ``PrivacyPolicy``, ``default_delta``, ``check_delta``, ``noise_multiplier_for_target``
 """
 
 from __future__ import annotations
@@ -20,7 +24,18 @@ _EXPORTS = {
     "PrivateTrainer": "dpsgd",
     "RoundStats": "dpsgd",
     "RoundPlan": "dpsgd",
-    "default_delta": "dpsgd",
+    "default_delta": "policy",
+    "check_delta": "policy",
+    "noise_multiplier_for_target": "policy",
+    "PrivacyPolicy": "policy",
+    "SecureRandom": "secure_random",
+    "SpendRecord": "spend",
+    "SpendClaim": "spend",
+    "RoundOutcome": "spend",
+    "ledger_row": "spend",
+    "ledger_rows": "spend",
+    "sign_spend": "spend",
+    "Charge": "accountant",
     "PrivacyStep": "accountant",
     "AccountantStore": "accountant",
     "DeviceAccountantState": "accountant",

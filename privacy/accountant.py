@@ -23,7 +23,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 SUPPORTED_ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 """Accountants that may be named in a config or a ledger row.
@@ -184,6 +184,19 @@ class DeviceAccountantState:
     def epsilon_after(self, planned: PrivacyStep) -> float:
         """ε after ``planned`` were appended to the history (nothing is stored)."""
         return compute_epsilon((*self.history, planned), self.delta, self.accountant)
+
+
+class Charge(NamedTuple):
+    """The result of :meth:`AccountantStore.charge`: the device's state after the round and
+    its cumulative ε before and after it (both recomputed from the stored history)."""
+
+    state: DeviceAccountantState
+    epsilon_before: float
+    epsilon_after: float
+
+    @property
+    def round_cost(self) -> float:
+        return self.epsilon_after - self.epsilon_before if math.isfinite(self.epsilon_after) else math.inf
 
 
 _SCHEMA = """
@@ -349,6 +362,67 @@ class AccountantStore:
         st2 = self.state(device_id)
         assert st2 is not None
         return st2
+
+    def charge(
+        self,
+        device_id: str,
+        step: PrivacyStep,
+        *,
+        accountant: str,
+        delta: float,
+        epsilon_max: float,
+        expected_rounds: int | None = None,
+    ) -> Charge:
+        """Register the device if new and record one round, in ONE ``BEGIN IMMEDIATE``
+        transaction, refusing it first if it would take the device past ``epsilon_max``.
+
+        This is the only call a driver needs before training: a refused round stores
+        nothing (not even the registration), and no other writer can slip a round in
+        between the budget check and the record. ``expected_rounds``: the history length a
+        plan was made against; a different length raises ``RuntimeError`` (re-plan).
+        Raises ``BudgetExceededError`` when over budget and ``ValueError`` when the device
+        is registered with another accountant or δ.
+        """
+        from .budget import BudgetExceededError  # budget.py imports this module
+
+        check_accountant_name(accountant)
+        if not (0.0 < delta < 1.0):
+            raise ValueError(f"delta must lie in (0, 1), got {delta}")
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            head = c.execute("SELECT accountant, delta FROM accountant_devices WHERE device_id = ?",
+                             (device_id,)).fetchone()
+            if head is None:
+                c.execute("INSERT INTO accountant_devices (device_id, accountant, delta, created_at) VALUES (?, ?, ?, ?)",
+                          (device_id, accountant, float(delta), _now()))
+            elif head[0] != accountant or float(head[1]) != float(delta):
+                raise ValueError(
+                    f"device {device_id!r} is registered with accountant={head[0]!r}, delta={head[1]!r}; "
+                    f"refusing to charge a round with accountant={accountant!r}, delta={delta!r}")
+            history = self.history(device_id)
+            if expected_rounds is not None and len(history) != expected_rounds:
+                raise RuntimeError(
+                    f"device {device_id!r}: history changed concurrently (expected {expected_rounds} rounds, "
+                    f"found {len(history)}); re-check the budget and retry")
+            before = compute_epsilon(history, delta, accountant)
+            after = compute_epsilon((*history, step), delta, accountant)
+            if not (after <= epsilon_max):
+                raise BudgetExceededError(
+                    device_id=device_id, epsilon_max=epsilon_max, delta=delta, epsilon_spent=before,
+                    round_cost=after - before, epsilon_after=after, planned=step, accountant=accountant)
+            c.execute(
+                "INSERT INTO accountant_steps (device_id, seq, noise_multiplier, sample_rate, steps, epsilon_total,"
+                " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (device_id, len(history) + 1, step.noise_multiplier, step.sample_rate, step.steps, float(after),
+                 _now()))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        state = self.state(device_id)
+        assert state is not None
+        return Charge(state, before, after)
 
     def _require(self, device_id: str) -> DeviceAccountantState:
         st = self.state(device_id)

@@ -14,6 +14,18 @@ The auditor trusts the ledger file for nothing. It checks, in order:
    δ; every recorded cumulative ε and per-round ε must match within tolerance.
 5. **Budgets**: any device whose cumulative ε (recorded or recomputed) exceeds its
    recorded ``epsilon_max`` is flagged.
+6. **Anchors** (``--anchor SEQ:HASH``, published earlier): the chain is recomputed from the
+   genesis hash through row SEQ from the rows' *contents*, and must end in HASH. Any change,
+   removal or reordering of a row at or before SEQ, or a swapped writer key, changes that
+   hash, whoever re-signed the ledger afterwards; honest growth past SEQ does not.
+7. **Device evidence**: a row carrying a device signature must verify against the claim
+   rebuilt from the row (:mod:`.spend`); one device id must keep one device key. Rows
+   without a signature are counted as unsigned, not failed.
+8. **Device records** (``--device-record FILE``): every claim a device kept must appear,
+   unchanged, in the ledger (:mod:`.device_record`).
+9. **Policy**: when the ledger's metadata holds a :class:`~.policy.PrivacyPolicy`, every
+   row must respect it (accountant, δ at most the policy's and one δ per device, the noise
+   floor, ``epsilon_max`` and recorded and recomputed ε within the cap).
 
 A row that fails integrity checks is still decoded and recomputed where possible, so
 the report shows what the tampered row claims.
@@ -21,16 +33,19 @@ the report shows what the tampered row claims.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .accountant import NON_PRIVATE_ACCOUNTANT, PrivacyStep, compute_epsilon
+from .device_record import DeviceRecordError, compare_with_ledger, read_claims
 from .ledger import (
     LEDGER_FORMAT,
+    POLICY_META_KEY,
     LedgerEntry,
     compute_row_hash,
     entry_from_record,
@@ -42,11 +57,29 @@ from .ledger import (
     row_signing_message,
     verify_signature,
 )
+from .policy import PrivacyPolicy
+from .spend import row_device_signature_ok
 
 DEFAULT_RTOL = 1e-6
 DEFAULT_ATOL = 1e-9
 
-ISSUE_KINDS = ("meta", "key", "decode", "sequence", "chain", "hash", "signature", "head", "epsilon", "over_budget")
+ISSUE_KINDS = ("meta", "key", "decode", "sequence", "chain", "hash", "signature", "head", "anchor",
+               "device_signature", "device_key", "device_record", "epsilon", "over_budget", "policy")
+INTEGRITY_KINDS = ("meta", "key", "decode", "sequence", "chain", "hash", "signature", "head", "anchor",
+                   "device_signature", "device_key")
+
+
+def parse_anchor(text: str) -> tuple[int, str]:
+    """``SEQ:HASH`` (as ``ftte audit --json`` prints it) to ``(seq, hash)``."""
+    seq_text, sep, hash_text = text.partition(":")
+    try:
+        seq = int(seq_text)
+        bytes.fromhex(hash_text)
+    except ValueError:
+        seq, hash_text = 0, ""
+    if not sep or seq < 1 or len(hash_text) != 64:
+        raise ValueError(f"anchor {text!r} is not SEQ:HASH (a row number >= 1 and a 64-digit hex SHA-256)")
+    return seq, hash_text.lower()
 
 
 @dataclass(frozen=True)
@@ -113,10 +146,18 @@ class AuditResult:
     budget_ok: bool
     issues: tuple[AuditIssue, ...]
     devices: dict[str, DeviceAudit] = field(default_factory=dict)
+    anchor: tuple[int, str] | None = None  # (seq, hash) of the last row: publish it
+    signed_rows: int = 0  # rows carrying a device signature (all verified, or an issue says otherwise)
+    unsigned_rows: int = 0  # rows without device evidence
+    policy: PrivacyPolicy | None = None
 
     @property
     def ok(self) -> bool:
         return self.integrity_ok and self.epsilon_ok and self.budget_ok and not self.issues
+
+    @property
+    def anchor_arg(self) -> str | None:
+        return None if self.anchor is None else f"{self.anchor[0]}:{self.anchor[1]}"
 
     def summary(self) -> str:
         """A few lines for a terminal."""
@@ -127,6 +168,9 @@ class AuditResult:
             f"  writer key {self.public_key_hex or '-'}",
             f"  integrity {'ok' if self.integrity_ok else 'FAILED'}, "
             f"epsilon {'ok' if self.epsilon_ok else 'MISMATCH'}, budgets {'ok' if self.budget_ok else 'EXCEEDED'}",
+            f"  device evidence: {self.signed_rows} signed rows, {self.unsigned_rows} unsigned",
+            f"  policy: {self.policy.to_json() if self.policy is not None else 'none recorded'}",
+            f"  anchor (publish): {self.anchor_arg or '-'}",
         ]
         by_kind: dict[str, int] = {}
         for issue in self.issues:
@@ -151,6 +195,10 @@ class AuditResult:
             "integrity_ok": self.integrity_ok,
             "epsilon_ok": self.epsilon_ok,
             "budget_ok": self.budget_ok,
+            "anchor": None if self.anchor is None else {"seq": self.anchor[0], "hash": self.anchor[1],
+                                                         "arg": self.anchor_arg},
+            "device_evidence": {"signed_rows": self.signed_rows, "unsigned_rows": self.unsigned_rows},
+            "policy": None if self.policy is None else json.loads(self.policy.to_json()),
             "issues": [vars(i) for i in self.issues],
             "devices": {
                 d: {
@@ -192,15 +240,20 @@ def verify_ledger(
     atol: float = DEFAULT_ATOL,
     expect_public_key: str | None = None,
     expect_head: str | None = None,
+    anchors: Sequence[tuple[int, str]] = (),
+    device_records: Sequence[str | os.PathLike[str]] = (),
 ) -> AuditResult:
     """Run every check on the ledger at ``path`` and return an :class:`AuditResult`.
 
+    ``anchors``: published ``(seq, hash)`` pairs the ledger must extend unchanged.
+    ``device_records``: device record files (:mod:`.device_record`) to check against the ledger.
     Raises ``FileNotFoundError`` if there is no file and ``sqlite3.DatabaseError`` if it
     is not an SQLite database; every other problem becomes an :class:`AuditIssue`.
     """
     conn = open_readonly(path)
     try:
-        return _verify(conn, os.fspath(path), rtol, atol, expect_public_key, expect_head)
+        return _verify(conn, os.fspath(path), rtol, atol, expect_public_key, expect_head, tuple(anchors),
+                       tuple(device_records))
     finally:
         conn.close()
 
@@ -212,6 +265,8 @@ def _verify(
     atol: float,
     expect_public_key: str | None,
     expect_head: str | None,
+    anchors: tuple[tuple[int, str], ...] = (),
+    device_records: tuple[str | os.PathLike[str], ...] = (),
 ) -> AuditResult:
     issues: list[AuditIssue] = []
     integrity_bad: set[int] = set()
@@ -285,8 +340,48 @@ def _verify(
     if expect_head is not None and last_hash != expect_head.lower():
         issues.append(AuditIssue("head", f"last row hash {last_hash} is not the expected {expect_head}"))
 
-    integrity_ok = not any(i.kind in ("meta", "key", "decode", "sequence", "chain", "hash", "signature", "head")
-                           for i in issues)
+    # 6. anchors -------------------------------------------------------------------------
+    for seq, anchor_hash in anchors:
+        problem = _anchor_problem(records, genesis, seq, anchor_hash)
+        if problem is not None:
+            issues.append(AuditIssue("anchor", f"anchor {seq}:{anchor_hash[:16]}…: {problem}", seq))
+
+    # 7. device evidence ----------------------------------------------------------------
+    signed = unsigned = 0
+    device_keys: dict[str, str] = {}
+    for position, (rec, entry) in enumerate(entries, start=1):
+        if entry is None:
+            continue
+        verdict = row_device_signature_ok(entry.row)
+        if verdict is None:
+            unsigned += 1
+            continue
+        signed += 1
+        if not verdict:
+            integrity_bad.add(position)
+            issues.append(AuditIssue("device_signature", "device signature does not verify against the row's "
+                                     "spend claim (parameters or epsilon changed, or forged)", entry.seq,
+                                     entry.row.device_id))
+        key = entry.row.device_public_key or ""
+        known = device_keys.setdefault(entry.row.device_id, key)
+        if known != key:
+            integrity_bad.add(position)
+            issues.append(AuditIssue("device_key", f"device key {key[:16]}… differs from this device's earlier "
+                                     f"key {known[:16]}…", entry.seq, entry.row.device_id))
+
+    integrity_ok = not any(i.kind in INTEGRITY_KINDS for i in issues)
+
+    # 8. device records -----------------------------------------------------------------
+    decoded = [e for _, e in entries if e is not None]
+    for record_path in device_records:
+        try:
+            claims = read_claims(record_path)
+        except (OSError, DeviceRecordError) as exc:
+            issues.append(AuditIssue("device_record", f"device record {record_path} unreadable: {exc}"))
+            continue
+        for finding in compare_with_ledger(claims, decoded):
+            issues.append(AuditIssue("device_record", f"{finding.kind}: {finding.message} (record {record_path})",
+                                     finding.seq, finding.device_id))
 
     # 4. ε recomputation, 5. budgets ----------------------------------------------------
     histories: dict[str, list[PrivacyStep]] = {}
@@ -354,12 +449,67 @@ def _verify(
             delta=last.delta, accountant=last.accountant, over_budget=over,
         )
 
+    # 9. policy ------------------------------------------------------------------------------
+    policy: PrivacyPolicy | None = None
+    if meta.get(POLICY_META_KEY) is not None:
+        try:
+            policy = PrivacyPolicy.from_json(meta[POLICY_META_KEY])
+        except (ValueError, TypeError) as exc:
+            issues.append(AuditIssue("policy", f"policy in metadata unreadable: {exc}"))
+    if policy is not None:
+        issues.extend(_policy_issues(policy, rounds, entries))
+
+    last_seq = records[-1].get("seq") if records else None
+    anchor = (int(last_seq), last_hash) if isinstance(last_seq, int) and isinstance(last_hash, str) else None
     return AuditResult(
         path=path, n_rows=len(records), ledger_id=ledger_id, public_key_hex=pub,
         head_hash=last_hash if isinstance(last_hash, str) else None,
         integrity_ok=integrity_ok, epsilon_ok=epsilon_ok, budget_ok=budget_ok,
-        issues=tuple(issues), devices=devices,
+        issues=tuple(issues), devices=devices, anchor=anchor, signed_rows=signed, unsigned_rows=unsigned,
+        policy=policy,
     )
+
+
+def _anchor_problem(records: list[dict[str, Any]], genesis: str, seq: int, anchor_hash: str) -> str | None:
+    """None when rows 1..seq, re-hashed from their contents, chain from the genesis to ``anchor_hash``.
+
+    Only contents are trusted here, never a stored hash or signature: a ledger rewritten and
+    re-signed with the writer's key still hashes differently."""
+    if seq > len(records):
+        return f"the ledger has only {len(records)} rows (rows at or before the anchor were removed)"
+    prev = genesis
+    for position in range(1, seq + 1):
+        rec = records[position - 1]
+        if rec.get("seq") != position:
+            return f"row {position} is stored as seq {rec.get('seq')!r} (rows removed or reordered)"
+        try:
+            entry = entry_from_record(rec)
+        except (TypeError, ValueError, KeyError) as exc:
+            return f"row {position} does not decode ({exc})"
+        prev = compute_row_hash(position, prev, entry.row)
+    if prev != anchor_hash:
+        return ("the chain re-hashed from the rows' contents ends in "
+                f"{prev[:16]}…: a row at or before the anchor was changed, removed or reordered, or the key replaced")
+    return None
+
+
+def _policy_issues(policy: PrivacyPolicy, rounds: dict[str, list[RoundAudit]],
+                   entries: list[tuple[dict[str, Any], LedgerEntry | None]]) -> list[AuditIssue]:
+    out: list[AuditIssue] = []
+    for _, entry in entries:
+        if entry is None:
+            continue
+        for problem in policy.row_violations(entry.row):
+            out.append(AuditIssue("policy", problem, entry.seq, entry.row.device_id))
+    for dev, rs in rounds.items():
+        deltas = sorted({r.delta for r in rs})
+        if len(deltas) > 1:
+            out.append(AuditIssue("policy", f"device {dev!r} is accounted at several deltas {deltas}", rs[-1].seq, dev))
+        for r in rs:
+            if not math.isnan(r.epsilon_total_recomputed) and r.epsilon_total_recomputed > policy.epsilon_cap:
+                out.append(AuditIssue("policy", f"recomputed epsilon_total {r.epsilon_total_recomputed:.6g} exceeds "
+                                      f"the cap {policy.epsilon_cap!r}", r.seq, dev))
+    return out
 
 
 def _nan_to_neg(x: float) -> float:
@@ -404,7 +554,9 @@ def write_report(result: AuditResult, out_dir: str | os.PathLike[str]) -> Report
         f"- Rows: {result.n_rows}; devices: {len(result.devices)}",
         f"- Ledger id: `{result.ledger_id}`",
         f"- Writer public key (Ed25519): `{result.public_key_hex}`",
-        f"- Head hash (publish this to anchor the ledger): `{result.head_hash}`",
+        f"- Anchor (publish this; audit later with `--anchor {result.anchor_arg}`): `{result.anchor_arg}`",
+        f"- Device evidence: {result.signed_rows} signed rows, {result.unsigned_rows} unsigned",
+        f"- Policy: {'`' + result.policy.to_json() + '`' if result.policy is not None else 'none recorded'}",
         f"- Integrity (sequence, chain, hashes, signatures, head): {'ok' if result.integrity_ok else 'FAILED'}",
         f"- Recomputed epsilon: {'matches' if result.epsilon_ok else 'MISMATCH'}",
         f"- Budgets: {'respected' if result.budget_ok else 'EXCEEDED'}",

@@ -1,7 +1,14 @@
-"""``ftte audit LEDGER [--report DIR]``: verify a privacy ledger and recompute every ε.
+"""``ftte audit LEDGER [--report DIR] [--anchor SEQ:HASH ...] [--device-record FILE ...]``:
+verify a privacy ledger, recompute every ε, check published anchors, device evidence,
+device records and the recorded policy.
 
-Exit status: 0 when everything verifies, 1 on any tampering, ε mismatch or exceeded
-budget, 2 when the ledger cannot be opened at all. Imports of torch/opacus happen only in
+Both the text and the ``--json`` output print the current anchor (``SEQ:HASH`` of the last
+row): publish it somewhere the operator cannot edit (a transparency log, an auditor's
+mailbox), and later audits with ``--anchor`` prove the rows up to it are unchanged.
+
+Exit status: 0 when everything verifies, 1 on any tampering, ε mismatch, exceeded budget,
+failed anchor, bad device evidence or policy violation, 2 when the ledger cannot be opened
+at all or an argument is malformed. Imports of torch/opacus happen only in
 :func:`run`, so ``ftte --help`` stays fast.
 """
 
@@ -23,18 +30,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the writer's Ed25519 public key (hex) the ledger must be signed with")
     parser.add_argument("--expect-head", metavar="HEX",
                         help="the published hash of the ledger's last row")
+    parser.add_argument("--anchor", metavar="SEQ:HASH", action="append", default=[],
+                        help="a published anchor (row number and its hash, as printed by an earlier audit); the "
+                             "ledger must extend it unchanged. Repeatable")
+    parser.add_argument("--device-record", metavar="FILE", action="append", default=[],
+                        help="a device's own record of its signed spend claims; report its rounds that the ledger "
+                             "lacks or states differently. Repeatable")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
 
 
 def run(args: argparse.Namespace) -> int:
     import sqlite3
 
-    from .audit import verify_ledger, write_report
+    from .audit import parse_anchor, verify_ledger, write_report
 
+    try:
+        anchors = [parse_anchor(a) for a in args.anchor]
+    except ValueError as exc:
+        print(f"ftte audit: {exc}", file=sys.stderr)
+        return 2
     try:
         result = verify_ledger(
             args.ledger, rtol=args.rtol, atol=args.atol,
             expect_public_key=args.expect_key, expect_head=args.expect_head,
+            anchors=anchors, device_records=args.device_record,
         )
     except (FileNotFoundError, sqlite3.DatabaseError) as exc:
         print(f"ftte audit: cannot read ledger: {exc}", file=sys.stderr)

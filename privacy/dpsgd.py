@@ -22,14 +22,21 @@ Design choices, each from a known failure mode:
 * **Budget first.** The round's cost is computed and checked against the device's budget
   before any data is read (:mod:`budget`); the round is then recorded in the persistent
   accountant store *before* training, so a crash mid-round can never under-count.
-* **Honest RNG.** Opacus's ``secure_mode`` needs torchcsprng, which cannot be installed
-  here; noise comes from torch's generator and :attr:`RoundStats.rng_source` says so.
+* **Cryptographic RNG.** Poisson sampling and Gaussian noise come from a ChaCha20
+  keystream (:mod:`.secure_random`), keyed from ``os.urandom`` unless the caller supplies
+  a generator (the simulator derives one from its run seed); noise uses the same
+  several-draws defence against floating-point attacks as Opacus's ``secure_mode`` (which
+  needs torchcsprng, not installable here). Opacus still does the per-sample clipping; only
+  its noise addition is replaced (:class:`SecureNoiseDPOptimizer`).
+  :attr:`RoundStats.rng_source` names the generator and where its key came from. Every
+  round draws a fresh 256-bit round key from the generator, so no two rounds share noise.
 * **Same interface without DP** (``DPConfig(enabled=False)``) for ablations: same
   sampling and loop, no clipping/noise, ε reported as ``inf``, nothing recorded.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -48,16 +55,17 @@ from .accountant import (
 )
 from .budget import BudgetCheck, PrivacyBudget
 from .ledger import LedgerRow, library_versions
+from .policy import check_delta, default_delta, noise_multiplier_for_target
+from .secure_random import SOURCE_KEY, SOURCE_OS, SOURCE_SEED, SecureRandom, poisson_batches
+from .spend import RoundOutcome, SpendRecord, ledger_row
 
-RNG_SOURCE_DEFAULT = "torch.default (secure_mode unavailable: torchcsprng not installable)"
-RNG_SOURCE_CALLER = "torch.Generator from caller (secure_mode unavailable: torchcsprng not installable)"
+RNG_SOURCE_OS = SOURCE_OS
+RNG_SOURCE_SIMULATION = SOURCE_SEED
+RNG_SOURCE_CALLER = SOURCE_KEY
+RNG_SOURCE_DEFAULT = RNG_SOURCE_OS  # what a trainer built without ``rng`` uses
 
-
-def default_delta(n_records: int) -> float:
-    """δ well below 1/n: a mechanism with δ ≥ 1/n may publish one whole record."""
-    if n_records < 1:
-        raise ValueError("n_records must be >= 1")
-    return 1.0 / (10.0 * n_records)
+__all__ = ["DPConfig", "PrivateTrainer", "RoundPlan", "RoundStats", "SecureNoiseDPOptimizer", "default_delta",
+           "check_delta"]
 
 
 @dataclass(frozen=True)
@@ -66,9 +74,11 @@ class DPConfig:
 
     ``noise_multiplier`` is used as given unless ``target_epsilon`` and
     ``planned_rounds`` are set, in which case it is derived (Opacus
-    ``get_noise_multiplier``) so that ``planned_rounds`` identical rounds spend at most
-    ``target_epsilon``. ``epsilon_max`` is the hard lifetime budget enforced before each
-    round. ``delta=None`` means ``1/(10·n_records)`` fixed at the device's first round.
+    ``get_noise_multiplier``, run through our accountants:
+    :func:`~ftte.privacy.policy.noise_multiplier_for_target`) so that ``planned_rounds``
+    identical rounds spend at most ``target_epsilon``. ``epsilon_max`` is the hard lifetime
+    budget enforced before each round. ``delta=None`` means ``min(1e-5, 1/(10·n_records))``
+    fixed at the device's first round; a given ``delta >= 1/n_records`` is refused.
     """
 
     enabled: bool = True
@@ -150,32 +160,34 @@ class RoundStats:
     rng_source: str
     wall_seconds: float
 
-    def to_ledger_row(
-        self, *, plan_id: str, version: int, cohort_id: str | None = None, timestamp: str | None = None
-    ) -> LedgerRow:
-        """The ledger row the server writes for this round."""
+    @property
+    def privacy_step(self) -> PrivacyStep:
+        return PrivacyStep(self.noise_multiplier, self.sample_rate, self.steps)
+
+    def spend_record(self, *, plan_id: str, version: int) -> SpendRecord:
+        """This round's :class:`~ftte.privacy.spend.SpendRecord` (what every ledger row is built from)."""
         versions = library_versions()
-        extra = {} if timestamp is None else {"timestamp": timestamp}
-        return LedgerRow(
-            device_id=self.device_id,
-            plan_id=plan_id,
-            version=version,
-            sample_rate=self.sample_rate,
-            steps=self.steps,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            accountant=self.accountant,
-            rng_source=self.rng_source,
-            epsilon_round=self.epsilon_round,
-            epsilon_total=self.epsilon_total,
-            delta=self.delta,
-            epsilon_max=self.epsilon_max,
-            cohort_id=cohort_id,
-            torch_version=versions["torch"],
-            opacus_version=versions["opacus"],
-            ftte_version=versions["ftte"],
-            **extra,
+        return SpendRecord(
+            device_id=self.device_id, plan_id=plan_id, version=version, step=self.privacy_step,
+            max_grad_norm=self.max_grad_norm, delta=self.delta, accountant=self.accountant,
+            epsilon_max=self.epsilon_max, rng_source=self.rng_source, torch_version=versions["torch"],
+            opacus_version=versions["opacus"], ftte_version=versions["ftte"],
         )
+
+    def to_ledger_row(
+        self, *, plan_id: str, version: int, cohort_id: str | None = None, timestamp: str | None = None,
+        outcome: RoundOutcome = RoundOutcome.MERGED,
+    ) -> LedgerRow:
+        """The ledger row for this round with the ε figures of the device's own store.
+
+        Those equal the ledger meaning of ``epsilon_total`` (see :mod:`.spend`) only when the
+        ledger holds every earlier round of this device, in order, as a single device's
+        ledger does; a server writing many devices' rows should use
+        :func:`ftte.privacy.spend.ledger_rows` with :meth:`spend_record`.
+        """
+        return ledger_row(self.spend_record(plan_id=plan_id, version=version), outcome=outcome,
+                          cohort_id=cohort_id, epsilon_before=self.epsilon_total - self.epsilon_round,
+                          epsilon_after=self.epsilon_total, timestamp=timestamp)
 
 
 Data = Dataset | Sequence[torch.Tensor]
@@ -197,6 +209,40 @@ def _fetch(ds: Dataset, idx: list[int]) -> tuple[torch.Tensor, ...]:
     return tuple(default_collate([ds[i] for i in idx]))
 
 
+@functools.cache
+def _secure_noise_optimizer_class():
+    """Build the optimizer subclass lazily: importing Opacus costs seconds."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class _SecureNoiseDPOptimizer(DPOptimizer):
+        """Opacus's DPOptimizer (per-sample clipping, accumulation, scaling unchanged) whose
+        Gaussian noise comes from :attr:`noise_rng` instead of torch's generator."""
+
+        noise_rng: SecureRandom | None = None
+
+        def add_noise(self) -> None:
+            rng = self.noise_rng
+            if rng is None:
+                # Never fall back to torch's generator silently: that is the weakness we replaced.
+                raise RuntimeError("SecureNoiseDPOptimizer.noise_rng is not set for this round")
+            std = float(self.noise_multiplier) * float(self.max_grad_norm)
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = rng.gaussian_tensor(p.summed_grad.shape, std, dtype=p.summed_grad.dtype,
+                                            device=p.summed_grad.device)
+                p.grad = (p.summed_grad + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return _SecureNoiseDPOptimizer
+
+
+def __getattr__(name: str):
+    if name == "SecureNoiseDPOptimizer":
+        return _secure_noise_optimizer_class()
+    raise AttributeError(name)
+
+
 class PrivateTrainer:
     """DP-SGD (or plain SGD) rounds on one trainable module, for one device process.
 
@@ -209,6 +255,9 @@ class PrivateTrainer:
     ``store`` holds the device's accountant history; pass an
     :class:`~ftte.privacy.accountant.AccountantStore` on a file so the budget survives
     restarts (the default in-memory store does not).
+
+    ``rng`` is the generator rounds draw their keys from (default: a fresh
+    :meth:`SecureRandom.from_os` per round); :meth:`train_round` also takes one per round.
     """
 
     def __init__(
@@ -220,11 +269,10 @@ class PrivateTrainer:
         device_id: str = "local",
         store: AccountantStore | None = None,
         momentum: float = 0.0,
-        generator: torch.Generator | None = None,
+        rng: SecureRandom | None = None,
     ) -> None:
         from opacus import GradSampleModule
         from opacus.grad_sample.gsm_base import AbstractGradSampleModule
-        from opacus.optimizers import DPOptimizer
         from opacus.validators import ModuleValidator
 
         if isinstance(module, AbstractGradSampleModule):
@@ -239,8 +287,7 @@ class PrivateTrainer:
         self.prefix = prefix
         self.device_id = device_id
         self.store = store if store is not None else AccountantStore(":memory:")
-        self.generator = generator
-        self.rng_source = RNG_SOURCE_CALLER if generator is not None else RNG_SOURCE_DEFAULT
+        self.rng = rng
         self._named_trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not self._named_trainable:
             raise ValueError("the trainable module has no parameter with requires_grad=True")
@@ -253,13 +300,12 @@ class PrivateTrainer:
             ModuleValidator.validate(module, strict=True)
             self._gsm = GradSampleModule(module, batch_first=True, loss_reduction="mean", strict=True)
             self._gsm.disable_hooks()
-            self._optimizer = DPOptimizer(
+            self._optimizer = _secure_noise_optimizer_class()(
                 base,
                 noise_multiplier=config.noise_multiplier,
                 max_grad_norm=config.max_grad_norm,
                 expected_batch_size=1,  # set per round from sample_rate * n_records
                 loss_reduction="mean",
-                generator=generator,
             )
         else:
             self._optimizer = base
@@ -329,6 +375,8 @@ class PrivateTrainer:
             return RoundPlan(n_records, q, steps, 0.0, math.inf, delta, NON_PRIVATE_ACCOUNTANT, None)
 
         state = self.store.state(self.device_id)
+        if cfg.delta is not None:
+            check_delta(cfg.delta, n_records)
         if state is not None:
             delta = state.delta
         else:
@@ -354,18 +402,9 @@ class PrivateTrainer:
             return float(cfg.noise_multiplier)
         key = (q, steps, delta)
         if key not in self._derived_noise:
-            from opacus.accountants.utils import get_noise_multiplier
-
             assert cfg.planned_rounds is not None
-            self._derived_noise[key] = float(
-                get_noise_multiplier(
-                    target_epsilon=cfg.target_epsilon,
-                    target_delta=delta,
-                    sample_rate=q,
-                    steps=steps * cfg.planned_rounds,
-                    accountant=cfg.accountant,
-                )
-            )
+            self._derived_noise[key] = noise_multiplier_for_target(
+                cfg.target_epsilon, delta, q, steps, cfg.planned_rounds, accountant=cfg.accountant)
         return self._derived_noise[key]
 
     # -- training --------------------------------------------------------------------
@@ -380,6 +419,7 @@ class PrivateTrainer:
         steps: int | None = None,
         epochs: float | None = None,
         plan: RoundPlan | None = None,
+        rng: SecureRandom | None = None,
     ) -> RoundStats:
         """One local round: budget check, record, then ``steps`` Poisson-sampled steps.
 
@@ -392,10 +432,12 @@ class PrivateTrainer:
         to a worker); it replaces the second check, whose accountant maths can cost up to a
         second. The round is still recorded in :attr:`store`, which must hold the history
         the plan was based on.
+
+        ``rng``: this round's generator (else :attr:`rng`, else a fresh OS-keyed one). The
+        round draws a 256-bit round key from it, and its sampling and noise streams from that.
         """
         if self._closed:
             raise RuntimeError("trainer is closed")
-        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
         ds = _as_dataset(data)
         n = len(ds)  # type: ignore[arg-type]
@@ -409,22 +451,25 @@ class PrivateTrainer:
 
         if cfg.enabled:
             assert plan.budget is not None
-            self.store.register(self.device_id, accountant=plan.accountant, delta=plan.delta)
-            # Record before training: if the process dies mid-round, the cost is counted.
-            # expected_rounds makes the record fail if another writer got in since the check.
-            self.store.record(self.device_id, plan.privacy_step, epsilon_total=plan.budget.epsilon_after,
-                              expected_rounds=plan.prior_rounds)
+            # Charge before training: if the process dies mid-round, the cost is counted.
+            # expected_rounds makes the charge fail if another writer got in since the check.
+            self.store.charge(self.device_id, plan.privacy_step, accountant=plan.accountant, delta=plan.delta,
+                              epsilon_max=cfg.epsilon_max, expected_rounds=plan.prior_rounds)
             self._optimizer.noise_multiplier = plan.noise_multiplier  # type: ignore[attr-defined]
             self._optimizer.max_grad_norm = plan.max_grad_norm  # type: ignore[attr-defined]
             self._optimizer.expected_batch_size = plan.sample_rate * n  # type: ignore[attr-defined]
 
+        # Draw the round key only now: a refused round consumes no randomness at all.
+        source = rng if rng is not None else self.rng if self.rng is not None else SecureRandom.from_os()
+        round_rng = SecureRandom.from_key(source.random_bytes(32), source=source.source)
+        sampling_rng, noise_rng = round_rng.child("poisson-sampling"), round_rng.child("gaussian-noise")
+        if cfg.enabled:
+            self._optimizer.noise_rng = noise_rng  # type: ignore[attr-defined]
         for group in self._base_optimizer.param_groups:
             group["lr"] = lr
         self._base_optimizer.state.clear()  # each round starts from fresh global weights
 
-        sampler = UniformWithReplacementSampler(
-            num_samples=n, sample_rate=plan.sample_rate, generator=self.generator, steps=plan.steps
-        )
+        sampler = poisson_batches(sampling_rng, n, plan.sample_rate, plan.steps)
         prefix_mode = self.prefix.training if isinstance(self.prefix, nn.Module) else None
         if isinstance(self.prefix, nn.Module):
             self.prefix.eval()  # frozen norm layers must not update running stats
@@ -463,6 +508,7 @@ class PrivateTrainer:
             self._optimizer.zero_grad(set_to_none=True)  # drop per-sample grads now
             if self._gsm is not None:
                 self._gsm.disable_hooks()
+                self._optimizer.noise_rng = None  # type: ignore[attr-defined]
             if isinstance(self.prefix, nn.Module) and prefix_mode:
                 self.prefix.train(prefix_mode)
         wall = time.perf_counter() - t0
@@ -489,7 +535,7 @@ class PrivateTrainer:
             mean_loss=mean_loss,
             n_records=n,
             empty_batches=empty,
-            rng_source=self.rng_source,
+            rng_source=source.source,
             wall_seconds=wall,
         )
 

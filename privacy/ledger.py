@@ -13,9 +13,17 @@ an edit without the key. Truncating the tail leaves a valid chain, so the ledger
 keeps a signed *head* (row count and last hash) that every append updates.
 
 What this cannot detect on its own: a wholesale rollback to an older, complete copy of
-the file (old rows, old signed head), or a forger who swaps in their own public key and
-re-signs everything. Both need an anchor outside the file: pin the writer's public key
-(``ftte audit --expect-key``) and publish the head hash (``--expect-head``).
+the file (old rows, old signed head), a forger who swaps in their own public key and
+re-signs everything, or the operator, who holds the key, rewriting rows and re-signing.
+These need evidence outside the file: publish anchors (``SEQ:HASH`` of a row, printed by
+``ftte audit``; ``--anchor`` re-hashes the chain up to it from the rows' contents), pin the
+writer's key (``--expect-key``), and let devices sign their own spend claims
+(``device_public_key``/``device_signature`` columns, :mod:`.spend`), which the key does not
+help to forge. The policy the server enforced is stored in the metadata (``policy``).
+
+Optional columns (``outcome``, ``device_public_key``, ``device_signature``) were added after
+format 1 was in use; a None value is left out of the canonical encoding, so older rows keep
+their hashes, and older files gain the columns when a writer opens them.
 
 Transactions: :meth:`Ledger.append` runs in its own ``BEGIN IMMEDIATE`` transaction, or,
 given ``conn=``, inside the caller's connection under a SAVEPOINT, so the server can
@@ -34,13 +42,17 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import metadata
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+if TYPE_CHECKING:
+    from .policy import PrivacyPolicy
+
 LEDGER_FORMAT = "ftte.privacy.ledger/1"
+POLICY_META_KEY = "policy"
 ROWS_TABLE = "privacy_ledger_rows"
 META_TABLE = "privacy_ledger_meta"
 _ROW_DOMAIN = b"ftte.privacy.ledger.row/1\x00"
@@ -99,6 +111,9 @@ class LedgerRow:
     opacus_version: str = field(default_factory=lambda: library_versions()["opacus"])
     ftte_version: str = field(default_factory=lambda: library_versions()["ftte"])
     timestamp: str = field(default_factory=_utc_now)
+    outcome: str | None = None
+    device_public_key: str | None = None
+    device_signature: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise types so the canonical encoding does not depend on whether a caller
@@ -128,12 +143,25 @@ class LedgerRow:
             setf(name, value)
         if self.accountant not in _ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {_ACCOUNTANTS}, got {self.accountant!r}")
+        if self.outcome is not None:
+            from .spend import RoundOutcome  # spend.py builds rows, so it imports this module
+
+            setf("outcome", RoundOutcome(self.outcome).value)
+        for name in ("device_public_key", "device_signature"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a hex str or None, got {type(value).__name__}")
+        if (self.device_public_key is None) != (self.device_signature is None):
+            raise ValueError("device_public_key and device_signature go together")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LedgerRow))
+OPTIONAL_FIELDS: tuple[str, ...] = ("outcome", "device_public_key", "device_signature")
+"""Columns added after format 1 was in use: omitted from the canonical encoding when None,
+so rows written before they existed keep their hashes."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +193,10 @@ def canonical_row_bytes(seq: int, prev_hash: str, row: LedgerRow | dict[str, Any
     JSON floats are written with Python's shortest round-trip ``repr``, so a value read
     back from SQLite (an IEEE double) re-encodes to the same bytes.
     """
-    data = row.to_dict() if isinstance(row, LedgerRow) else {k: row[k] for k in ROW_FIELDS}
+    data = row.to_dict() if isinstance(row, LedgerRow) else {k: row.get(k) for k in ROW_FIELDS}
+    for name in OPTIONAL_FIELDS:
+        if data.get(name) is None:
+            data.pop(name, None)
     doc = {"format": LEDGER_FORMAT, "seq": int(seq), "prev_hash": prev_hash, "row": data}
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode("ascii")
 
@@ -201,25 +232,48 @@ def verify_signature(public_key_hex_: str, message: bytes, signature_hex: str) -
         return False
 
 
-def load_or_create_signing_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
-    """The writer's long-term Ed25519 key, kept as 32 raw bytes in a 0600 file.
+def load_signing_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """The writer's key from a configured path; never creates one.
 
-    Created with ``O_EXCL`` so two processes racing to create it cannot end up with
-    different keys.
+    A configured key path that does not exist is an operator error (a missing mount, a
+    typo): silently creating a new key there would start a ledger nobody can tie to the
+    published key, so we refuse with the path in the message.
     """
     path = os.fspath(path)
     try:
         with open(path, "rb") as fh:
-            return Ed25519PrivateKey.from_private_bytes(fh.read())
+            raw = fh.read()
     except FileNotFoundError:
-        pass
+        raise LedgerError(
+            f"ledger signing key {path} does not exist; create it once (e.g. with "
+            f"ftte.privacy.ledger.load_or_create_signing_key) or fix the configured path"
+        ) from None
+    if len(raw) != 32:
+        raise LedgerError(f"ledger signing key {path} is not 32 raw Ed25519 bytes")
+    return Ed25519PrivateKey.from_private_bytes(raw)
+
+
+def load_or_create_signing_key(path: str | os.PathLike[str], *, create: bool = True) -> Ed25519PrivateKey:
+    """The writer's long-term Ed25519 key, kept as 32 raw bytes in a 0600 file at any path.
+
+    Created with ``O_EXCL`` so two processes racing to create it cannot end up with
+    different keys. ``create=False`` (a configured path) behaves as :func:`load_signing_key`.
+    The key should not live beside the ledger: whoever holds both can re-sign a rewritten
+    ledger (only anchors published elsewhere catch that, see ``audit``).
+    """
+    path = os.fspath(path)
+    if not create or os.path.exists(path):
+        return load_signing_key(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise LedgerError(f"cannot create ledger signing key {path}: directory {parent} does not exist")
     key = Ed25519PrivateKey.generate()
     raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                             serialization.NoEncryption())
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return load_or_create_signing_key(path)
+        return load_signing_key(path)
     with os.fdopen(fd, "wb") as fh:
         fh.write(raw)
     return key
@@ -254,7 +308,10 @@ CREATE TABLE IF NOT EXISTS {ROWS_TABLE} (
     timestamp        TEXT NOT NULL,
     prev_hash        TEXT NOT NULL UNIQUE,
     row_hash         TEXT NOT NULL UNIQUE,
-    signature        TEXT NOT NULL
+    signature        TEXT NOT NULL,
+    outcome          TEXT,
+    device_public_key TEXT,
+    device_signature TEXT
 );
 CREATE INDEX IF NOT EXISTS {ROWS_TABLE}_device ON {ROWS_TABLE} (device_id, seq);
 CREATE TRIGGER IF NOT EXISTS {ROWS_TABLE}_no_update BEFORE UPDATE ON {ROWS_TABLE}
@@ -278,6 +335,14 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     """
     for stmt in _split_sql(_SCHEMA):
         conn.execute(stmt)
+    present = _row_columns(conn)
+    for name in OPTIONAL_FIELDS:  # a ledger created before these columns existed
+        if name not in present:
+            conn.execute(f"ALTER TABLE {ROWS_TABLE} ADD COLUMN {name} TEXT")
+
+
+def _row_columns(conn: sqlite3.Connection) -> set[str]:
+    return {r[1] for r in conn.execute(f"PRAGMA table_info({ROWS_TABLE})")}
 
 
 def _split_sql(script: str) -> list[str]:
@@ -298,7 +363,8 @@ def _split_sql(script: str) -> list[str]:
 
 def entry_from_record(record: sqlite3.Row | dict[str, Any]) -> LedgerEntry:
     """Decode one stored row. Raises (TypeError/ValueError) if its columns are malformed."""
-    data = {k: record[k] for k in ROW_FIELDS}
+    data = {k: record[k] for k in ROW_FIELDS if k not in OPTIONAL_FIELDS}
+    data.update({k: record.get(k) if isinstance(record, dict) else record[k] for k in OPTIONAL_FIELDS})
     return LedgerEntry(
         seq=int(record["seq"]),
         row=LedgerRow(**data),
@@ -312,10 +378,20 @@ def read_meta(conn: sqlite3.Connection) -> dict[str, str]:
     return {k: v for k, v in conn.execute(f"SELECT key, value FROM {META_TABLE}")}
 
 
-def read_records(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Every stored row as a plain dict, in ``seq`` order, without any validation."""
-    cur = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM {ROWS_TABLE} ORDER BY seq")
-    return [dict(zip(_COLUMNS, r)) for r in cur.fetchall()]
+def read_records(conn: sqlite3.Connection, device_id: str | None = None) -> list[dict[str, Any]]:
+    """Stored rows (all, or one device's) as plain dicts, in ``seq`` order, without any
+    validation. Optional columns a ledger predates read as None."""
+    present = _row_columns(conn)
+    cols = [c for c in _COLUMNS if c in present or c not in OPTIONAL_FIELDS]
+    where, args = ("WHERE device_id = ? ", (device_id,)) if device_id is not None else ("", ())
+    cur = conn.execute(f"SELECT {', '.join(cols)} FROM {ROWS_TABLE} {where}ORDER BY seq", args)
+    out = []
+    for r in cur.fetchall():
+        rec = dict(zip(cols, r))
+        for name in OPTIONAL_FIELDS:
+            rec.setdefault(name, None)
+        out.append(rec)
+    return out
 
 
 def parse_head(value: str | None) -> LedgerHead | None:
@@ -459,8 +535,39 @@ class Ledger:
         """All rows in order, decoded but *not verified* (use ``audit.verify_ledger``)."""
         return [entry_from_record(r) for r in read_records(conn or self._conn)]
 
-    def rows_for(self, device_id: str) -> list[LedgerEntry]:
-        return [e for e in self.entries() if e.row.device_id == device_id]
+    def rows_for(self, device_id: str, conn: sqlite3.Connection | None = None) -> list[LedgerEntry]:
+        """One device's rows in ledger order (``conn``: read inside the caller's transaction)."""
+        return [entry_from_record(r) for r in read_records(conn or self._conn, device_id)]
+
+    def anchor(self) -> tuple[int, str] | None:
+        """(seq, hash) of the last row: publish it, then audit later with ``--anchor SEQ:HASH``."""
+        last = self._conn.execute(f"SELECT seq, row_hash FROM {ROWS_TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
+        return (int(last[0]), str(last[1])) if last else None
+
+    # -- policy ------------------------------------------------------------------------
+    def set_policy(self, policy: "PrivacyPolicy") -> None:
+        """Write the task's privacy policy into the metadata, once; the same policy again is a
+        no-op, a different one is refused (the audit checks every row against it)."""
+        if self._key is None:
+            raise LedgerError("ledger opened without a signing key is read-only")
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            current = read_meta(c).get(POLICY_META_KEY)
+            if current is None:
+                c.execute(f"INSERT INTO {META_TABLE} (key, value) VALUES (?, ?)", (POLICY_META_KEY, policy.to_json()))
+            elif current != policy.to_json():
+                raise LedgerError(f"ledger {self.path} already records policy {current}; refusing {policy.to_json()}")
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def policy(self) -> "PrivacyPolicy | None":
+        from .policy import PrivacyPolicy
+
+        text = read_meta(self._conn).get(POLICY_META_KEY)
+        return None if text is None else PrivacyPolicy.from_json(text)
 
     def head(self) -> LedgerHead | None:
         return parse_head(read_meta(self._conn).get("head"))

@@ -9,6 +9,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
+from ftte.privacy.secure_random import SecureRandom
 from ftte.privacy.accountant import AccountantStore
 from ftte.privacy.dpsgd import DPConfig, PrivateTrainer
 from ftte.privacy.ledger import Ledger
@@ -48,7 +49,7 @@ def clean_ledger(tmp_path_factory: pytest.TempPathFactory) -> dict:
             store = AccountantStore(root / f"acc-{dev}.db")
             trainer = PrivateTrainer(
                 nn.Linear(4, 2), DPConfig(noise_multiplier=schedule[0], accountant=acct, epsilon_max=8.0),
-                device_id=dev, store=store, generator=torch.Generator().manual_seed(1),
+                device_id=dev, store=store, rng=SecureRandom.from_seed(1),
             )
             for version, nm in enumerate(schedule):
                 trainer.config = DPConfig(noise_multiplier=nm, accountant=acct, epsilon_max=8.0)

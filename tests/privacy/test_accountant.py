@@ -12,6 +12,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ftte.privacy.secure_random import SecureRandom
 from ftte.privacy.accountant import AccountantStore, PrivacyStep, compute_epsilon, opacus_history
 from ftte.privacy.dpsgd import DPConfig, PrivateTrainer, default_delta
 
@@ -62,7 +63,7 @@ def test_recorded_epsilon_equals_opacus_privacy_engine(easy_task, mechanism):
     schedule = [2.0, 2.5, 2.0]
     delta = 1e-3
     cfg = DPConfig(noise_multiplier=schedule[0], accountant=mechanism, delta=delta, epsilon_max=100.0)
-    trainer = PrivateTrainer(nn.Linear(4, 2), cfg, generator=torch.Generator().manual_seed(0))
+    trainer = PrivateTrainer(nn.Linear(4, 2), cfg, rng=SecureRandom.from_seed(0))
     totals = []
     for nm in schedule:
         trainer.config = replace(cfg, noise_multiplier=nm)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from ftte.privacy.secure_random import SecureRandom
 from ftte.privacy.accountant import AccountantStore, PrivacyStep, compute_epsilon
 from ftte.privacy.budget import BudgetExceededError, PrivacyBudget
 from ftte.privacy.dpsgd import DPConfig, PrivateTrainer
@@ -42,11 +43,11 @@ def test_refusal_happens_before_training_and_leaves_everything_unchanged(tmp_pat
     store = AccountantStore(tmp_path / "acc.db")
     ledger_path = tmp_path / "ledger.db"
     ledger = Ledger(ledger_path, signing_key)
-    gen = torch.Generator().manual_seed(5)
+    gen = SecureRandom.from_seed(5)
     model = nn.Linear(4, 2)
     # noise 1.0, q = 1/16, 5 steps costs about 1.0 at delta=1/640 for the first round
-    trainer = PrivateTrainer(model, DPConfig(noise_multiplier=1.0, epsilon_max=1.5), device_id="pos-9",
-                             store=store, generator=gen)
+    trainer = PrivateTrainer(model, DPConfig(noise_multiplier=1.0, epsilon_max=1.5, delta=1 / 640), device_id="pos-9",
+                             store=store, rng=gen)
 
     first = trainer.train_round((x, y), loss_fn=nn.functional.cross_entropy, lr=0.1, batch_size=4, steps=5)
     ledger.append(first.to_ledger_row(plan_id="p", version=0))
@@ -59,7 +60,7 @@ def test_refusal_happens_before_training_and_leaves_everything_unchanged(tmp_pat
         return nn.functional.cross_entropy(out, target)
 
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    rng_state = gen.get_state().clone()
+    rng_state = gen.bytes_drawn
     history = store.history("pos-9")
     ledger_bytes = hashlib.sha256(ledger_path.read_bytes()).hexdigest()
     head = ledger.head()
@@ -70,7 +71,7 @@ def test_refusal_happens_before_training_and_leaves_everything_unchanged(tmp_pat
     assert err.value.epsilon_after > 1.5
 
     assert calls == []  # no forward pass, no loss
-    assert torch.equal(gen.get_state(), rng_state)  # no sampling, no noise drawn
+    assert gen.bytes_drawn == rng_state  # no sampling, no noise drawn
     for k, v in model.state_dict().items():
         assert torch.equal(v, weights[k]), k
     assert store.history("pos-9") == history  # nothing reserved

@@ -9,8 +9,9 @@ import torch
 from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 
+from ftte.privacy.secure_random import SecureRandom
 from ftte.privacy.accountant import AccountantStore
-from ftte.privacy.dpsgd import RNG_SOURCE_CALLER, RNG_SOURCE_DEFAULT, DPConfig, PrivateTrainer
+from ftte.privacy.dpsgd import RNG_SOURCE_DEFAULT, RNG_SOURCE_SIMULATION, DPConfig, PrivateTrainer
 
 ce = nn.functional.cross_entropy
 
@@ -38,14 +39,14 @@ def test_dp_sgd_learns_an_easy_task_with_frozen_prefix(easy_task):
     loss0, acc0 = _full_loss_and_acc(prefix, head, x, y)
     trainer = PrivateTrainer(head, DPConfig(noise_multiplier=0.7, max_grad_norm=1.0, epsilon_max=1e3,
                                             accountant="rdp"),
-                             prefix=prefix, generator=torch.Generator().manual_seed(2))
+                             prefix=prefix, rng=SecureRandom.from_seed(2))
     stats = [trainer.train_round((x, y), loss_fn=ce, lr=0.5, batch_size=16, steps=15) for _ in range(3)]
     loss1, acc1 = _full_loss_and_acc(prefix, head, x, y)
     assert loss1 < 0.6 * loss0, (loss0, loss1)
     assert acc1 >= 0.85 and acc1 > acc0
     assert stats[-1].mean_loss < stats[0].mean_loss
     assert all(s.noise_multiplier == 0.7 and s.max_grad_norm == 1.0 for s in stats)
-    assert stats[0].rng_source == RNG_SOURCE_CALLER and "secure_mode unavailable" in stats[0].rng_source
+    assert stats[0].rng_source == RNG_SOURCE_SIMULATION == "chacha20:derived-from-run-seed (simulation)"
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -119,7 +120,7 @@ def test_empty_poisson_batches_are_noise_only_steps(tmp_path):
     store = AccountantStore(tmp_path / "a.db")
     cfg = DPConfig(noise_multiplier=1.0, epsilon_max=1e3, accountant="rdp")
     mixed = PrivateTrainer(nn.Linear(3, 2), cfg, store=store, device_id="sensor",
-                           generator=torch.Generator().manual_seed(3))
+                           rng=SecureRandom.from_seed(3))
     stats = mixed.train_round((x, y), loss_fn=ce, lr=0.1, sample_rate=0.05, steps=12)
     assert 6 <= stats.empty_batches < 12  # P(empty) = 0.95^5 ≈ 0.77
     assert stats.steps == 12 and store.history("sensor")[0].steps == 12  # empty steps are counted
@@ -129,7 +130,7 @@ def test_empty_poisson_batches_are_noise_only_steps(tmp_path):
     # noise-only steps, and the round is still accounted in full
     model = nn.Linear(3, 2)
     w0 = [p.detach().clone() for p in model.parameters()]
-    empty = PrivateTrainer(model, cfg, store=store, device_id="idle", generator=torch.Generator().manual_seed(4))
+    empty = PrivateTrainer(model, cfg, store=store, device_id="idle", rng=SecureRandom.from_seed(4))
     stats = empty.train_round((x, y), loss_fn=ce, lr=0.1, sample_rate=1e-5, steps=12)
     assert stats.empty_batches == 12 and math.isnan(stats.mean_loss)
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), w0))
@@ -145,7 +146,7 @@ def test_non_private_mode_same_interface(easy_task):
     assert trainer.hook_count == 0
     assert stats.enabled is False and stats.noise_multiplier == 0.0 and stats.accountant == "none"
     assert stats.epsilon_total == math.inf and stats.epsilon_round == math.inf
-    assert stats.rng_source == RNG_SOURCE_DEFAULT
+    assert stats.rng_source == RNG_SOURCE_DEFAULT == "chacha20:os"
     assert trainer.store.state("local") is None  # nothing accounted
     row = stats.to_ledger_row(plan_id="ablation", version=0)
     assert row.accountant == "none" and row.epsilon_total == math.inf
