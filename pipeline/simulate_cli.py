@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ftte.pipeline.run_outputs import ConfigError, add_common_arguments, config_from_args, fail, print_summary, run_one
+from ftte.pipeline.run_outputs import (
+    ConfigError, add_common_arguments, config_from_args, fail, interrupted, print_summary, run_one,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
         return fail("ftte simulate", exc)
     out = Path(args.out or "runs/simulate")
     try:
-        result = run_one(cfg, out, quiet=args.quiet)
+        result = run_one(cfg, out, quiet=args.quiet, fresh=args.fresh)
     except (ConfigError, ValueError) as exc:
         return fail("ftte simulate", exc)
+    except KeyboardInterrupt as exc:
+        return interrupted("ftte simulate", exc)
     print_summary(result.summary, out)
     return 0
