@@ -269,6 +269,15 @@ def target_warning(summary: Mapping[str, Any]) -> str | None:
     return None
 
 
+def quiet_library_warnings() -> None:
+    """Silence the library warnings a normal run triggers and that ask nothing of the user
+    (call inside ``warnings.catch_warnings()``)."""
+    warnings.simplefilter("ignore", RuntimeWarning)  # opacus' PRV domain maths warns on log(0)
+    # Opacus' per-sample-gradient hooks read only grad_output, so torch's note that the first
+    # layer's full backward hook gets no grad_input (its input needs no gradient) is moot.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+
 def run_one(cfg: Config, out_dir: Path | None, *, quiet: bool = False, label: str = "", fresh: bool = False,
             checked: bool = False) -> "RunResult":
     """Run ``cfg`` into ``out_dir`` (resuming an earlier run of the same configuration there)
@@ -286,7 +295,7 @@ def run_one(cfg: Config, out_dir: Path | None, *, quiet: bool = False, label: st
     aside = _set_aside(out_dir, RUN_FILES) if (out_dir is not None and fresh) else None
     desc = label or cfg.run.strategy
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # opacus' PRV domain maths warns on log(0)
+        quiet_library_warnings()
         # Build first: data, fleet, model and plan search can still refuse the config, and a
         # refused run must leave no directory behind (and, with --fresh, the old run intact).
         try:
