@@ -104,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # commands that handle Ctrl-C themselves say more; none shows a traceback
         print(f"ftte {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # an error some cleanup raised while handling Ctrl-C is still Ctrl-C
+        if not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
+        print(f"ftte {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

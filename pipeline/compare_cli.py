@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ftte.pipeline.run_outputs import (
-    ConfigError, add_common_arguments, check_resumable, config_from_args, fail, interrupted, print_summary, run_one,
-    target_warning,
+    ConfigError, add_common_arguments, caused_by_interrupt, check_resumable, config_from_args, fail, interrupted,
+    print_summary, run_one, target_warning,
 )
 
 STRATEGIES = ("ftte", "fedbuff", "fedavg")
@@ -91,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
         report = compare(base_cfg, out, names, quiet=args.quiet, fresh=args.fresh, on_summary=show)
     except (ConfigError, ValueError) as exc:
         return fail("ftte compare", exc)
-    except KeyboardInterrupt as exc:
+    except BaseException as exc:
+        if not caused_by_interrupt(exc):
+            raise
         return interrupted("ftte compare", exc)
     warning = target_warning(next(iter(report["strategies"].values())))
     if warning:

@@ -147,7 +147,11 @@ def saved_config(out_dir: Path) -> Config | None:
 
 
 def _read_meta(ledger: Path, key: str) -> str | None:
-    conn = sqlite3.connect(f"{ledger.resolve().as_uri()}?mode=ro", uri=True)
+    # A cleanly closed WAL database has everything in the main file: open it immutable, so
+    # that not even SQLite's -wal/-shm side files appear. After a crash they exist already,
+    # and the (read-only) connection must read the log too.
+    wal = ledger.with_name(ledger.name + "-wal").exists()
+    conn = sqlite3.connect(f"{ledger.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}", uri=True)
     try:
         row = conn.execute("SELECT value FROM server_meta WHERE key = ?", (key,)).fetchone()
     except sqlite3.OperationalError:  # no server_meta table: the ledger of some other writer
@@ -269,6 +273,19 @@ def target_warning(summary: Mapping[str, Any]) -> str | None:
     return None
 
 
+def caused_by_interrupt(exc: BaseException | None) -> bool:
+    """True for Ctrl-C, also when a cleanup handler replaced it by its own error: SQLite's
+    ``except BaseException: ROLLBACK`` raises "no transaction is active" if the interrupt
+    lands just after COMMIT (the commit stands, so the saved state is still whole)."""
+    for _ in range(8):
+        if exc is None:
+            return False
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__context__
+    return False
+
+
 def quiet_library_warnings() -> None:
     """Silence the library warnings a normal run triggers and that ask nothing of the user
     (call inside ``warnings.catch_warnings()``)."""
@@ -320,7 +337,9 @@ def run_one(cfg: Config, out_dir: Path | None, *, quiet: bool = False, label: st
                     bar.update(sim.version, status=f"resumed at version {sim.version}")
                 try:
                     result = sim.run()
-                except KeyboardInterrupt:
+                except BaseException as exc:
+                    if not caused_by_interrupt(exc):
+                        raise
                     bar.set_status("interrupted")
                     _save_sitting(sim, Sitting.of(sim, start_version, time.perf_counter() - t0))
                     raise RunInterrupted(out_dir, sim.version) from None
@@ -381,15 +400,17 @@ def fail(prog: str, exc: BaseException) -> int:
     return 2
 
 
-def interrupted(prog: str, exc: KeyboardInterrupt) -> int:
+def interrupted(prog: str, exc: BaseException) -> int:
     """One line for Ctrl-C, and the conventional exit status 128 + SIGINT."""
     message = exc.message if isinstance(exc, RunInterrupted) else "interrupted"
+    if not isinstance(exc, RunInterrupted) and isinstance(exc.__cause__, RunInterrupted):
+        message = exc.__cause__.message
     print(f"{prog}: {message}", file=sys.stderr)
     return 130
 
 
 __all__ = [
-    "EXTENDING_KEYS", "NEUTRAL_KEYS", "ConfigError", "RunFolderMismatch", "RunInterrupted", "add_common_arguments",
+    "EXTENDING_KEYS", "NEUTRAL_KEYS", "ConfigError", "caused_by_interrupt", "RunFolderMismatch", "RunInterrupted", "add_common_arguments",
     "check_resumable", "config_differences", "config_from_args", "fail", "interrupted", "majority_class_rate",
     "print_summary", "run_one", "saved_config", "target_warning", "whole_run_summary", "write_outputs",
 ]

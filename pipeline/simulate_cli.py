@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ftte.pipeline.run_outputs import (
-    ConfigError, add_common_arguments, config_from_args, fail, interrupted, print_summary, run_one,
+    ConfigError, add_common_arguments, caused_by_interrupt, config_from_args, fail, interrupted, print_summary,
+    run_one,
 )
 
 
@@ -46,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
         result = run_one(cfg, out, quiet=args.quiet, fresh=args.fresh)
     except (ConfigError, ValueError) as exc:
         return fail("ftte simulate", exc)
-    except KeyboardInterrupt as exc:
+    except BaseException as exc:
+        if not caused_by_interrupt(exc):
+            raise
         return interrupted("ftte simulate", exc)
     print_summary(result.summary, out)
     return 0
