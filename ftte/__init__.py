@@ -12,6 +12,7 @@ Python API (the same work as the ``ftte`` commands, returning results instead of
 * :func:`compare` - ftte, fedbuff and fedavg on the same fleet; returns the comparison dict
 * :func:`audit` - verify a privacy ledger; returns an ``AuditResult``
 * ``EdgeClient`` - the HTTP client of an edge device (``ftte.edge.http_client.EdgeClient``)
+* ``ConfigError``, ``RunFolderMismatch`` (a ``ConfigError``), ``RunInterrupted`` (a ``KeyboardInterrupt``)
 
 Overrides are keyword arguments in either of two forms, which may be mixed:
 ``fleet={"devices": 20, "stragglers": 0.5}`` (one keyword per section, a partial table)
@@ -26,7 +27,16 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 __version__ = "0.1.0"
 
-__all__ = ["EdgeClient", "__version__", "audit", "compare", "load_config", "simulate"]
+__all__ = ["ConfigError", "EdgeClient", "RunFolderMismatch", "RunInterrupted", "__version__", "audit", "compare",
+           "load_config", "simulate"]
+
+# name -> module of the names resolved on first use (importing them here would load the stack)
+_LAZY = {
+    "EdgeClient": "ftte.edge.http_client",  # needs httpx and the edge stack
+    "ConfigError": "ftte.pipeline.config",  # a configuration is malformed; names the key
+    "RunFolderMismatch": "ftte.pipeline.run_outputs",  # out= holds a run of another configuration
+    "RunInterrupted": "ftte.pipeline.run_outputs",  # Ctrl-C; the run is saved and resumable
+}
 
 if TYPE_CHECKING:
     from ftte.edge.http_client import EdgeClient
@@ -81,6 +91,6 @@ def audit(path: "str | os.PathLike[str]", *, report: "str | os.PathLike[str] | N
 
 
 def __getattr__(name: str) -> Any:
-    if name == "EdgeClient":  # imported on first use: it needs httpx and the edge stack
-        return importlib.import_module("ftte.edge.http_client").EdgeClient
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'ftte' has no attribute {name!r}")
