@@ -17,7 +17,7 @@ STRATEGIES = ("ftte", "fedbuff", "fedavg")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
+    add_common_arguments(parser, fresh=True)
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help="comma-separated subset of ftte,fedbuff,fedavg (default: all three)")
 

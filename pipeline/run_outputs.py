@@ -92,15 +92,17 @@ def config_from_args(path: str | None, overrides: list[str] | None) -> Config:
     return cfg
 
 
-def add_common_arguments(parser) -> None:
+def add_common_arguments(parser, *, fresh: bool = False) -> None:
+    """--config, --out, --set, --quiet; and --fresh for commands that pass it to :func:`run_one`."""
     parser.add_argument("--config", metavar="FILE.toml", help="run configuration (default: the packaged default)")
     parser.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/<command>)")
     parser.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
                         help="override one config key, e.g. --set server.buffer_size=20 (repeatable)")
-    parser.add_argument("--fresh", action="store_true",
-                        help="if DIR holds an earlier run, discard it and start over (default: resume it, which "
-                             "needs the same configuration; only run.max_versions and run.max_virtual_time_s "
-                             "may grow)")
+    if fresh:
+        parser.add_argument("--fresh", action="store_true",
+                            help="if DIR holds an earlier run, discard it and start over (default: resume it, which "
+                                 "needs the same configuration; only run.max_versions and run.max_virtual_time_s "
+                                 "may grow)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -12,7 +12,7 @@ from ftte.pipeline.run_outputs import (
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
+    add_common_arguments(parser, fresh=True)
     parser.add_argument("--strategy", choices=("ftte", "fedbuff", "fedavg"), help="override [run] strategy")
     parser.add_argument("--backend", choices=("local", "ray"),
                         help="override [run] backend: where device training runs (ray needs the ray extra)")
