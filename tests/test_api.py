@@ -24,7 +24,7 @@ def test_readme_python_examples_run_as_written(tmp_path, monkeypatch, capsys):
     import ftte
 
     blocks = readme_python_examples()
-    assert len(blocks) >= 3
+    assert len(blocks) >= 4
     monkeypatch.chdir(tmp_path)  # the examples write runs/… relative to the working directory
     namespace: dict = {}
     for block in blocks:
@@ -38,6 +38,8 @@ def test_readme_python_examples_run_as_written(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs/cmp/compare.json").is_file()
     assert set(namespace["report"]["strategies"]) == {"ftte", "fedavg"}
     assert ftte.load_config("runs/quick/config.toml").run.max_versions == 5  # the refused call wrote nothing
+    assert namespace["client"].member == int(out.splitlines()[-1])
+    assert (tmp_path / "device.key").stat().st_mode & 0o077 == 0
 
 
 def test_import_ftte_loads_no_heavy_stack():
