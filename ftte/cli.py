@@ -1,4 +1,4 @@
-"""The ``ftte`` command line.
+"""The ftte command line: simulate, compare, audit, serve and benchmark.
 
 Each subcommand lives in the module that owns its work and exposes two functions,
 ``configure(parser)`` and ``run(args) -> int``. Modules are imported only when their
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
+import re
 import sys
 from typing import Sequence
 
@@ -30,7 +32,36 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("keygen",): ("ftte.edge.keygen_cli", "create a device identity key and print its public key"),
     ("bench", "http"): ("ftte.bench.http_load", "loopback load test of `ftte server`: requests/s, latency, memory"),
     ("bench", "hostile"): ("ftte.bench.hostile_body", "memory and time to refuse hostile msgpack request bodies"),
+    ("config", "show"): ("ftte.pipeline.config_cli", "print the configuration in force as TOML"),
 }
+
+# ``code`` and `code` (reStructuredText and Markdown inline literals) in help texts
+_LITERAL = re.compile(r"``(.+?)``|`([^`]+?)`")
+
+
+def plain_text(text: str) -> str:
+    """Help text without inline-literal markup: a terminal shows the quotes verbatim."""
+    return _LITERAL.sub(lambda m: m.group(1) or m.group(2), text)
+
+
+class PlainHelpFormatter(argparse.HelpFormatter):
+    """Strips inline-literal markup from descriptions and argument help, wherever they were written."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return plain_text(super()._expand_help(action))
+
+    def _format_action(self, action: argparse.Action) -> str:
+        return plain_text(super()._format_action(action))
+
+
+def quiet_native_logs() -> None:
+    """Keep torch's profiler (kineto) from printing "USDT: profiler_start/stop" lines on stderr
+    each time the simulator measures training memory. Level 6 is above kineto's highest
+    (USDT = 5); a user's own KINETO_LOG_LEVEL is left alone."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
 def _available(module: str) -> bool:
@@ -38,7 +69,8 @@ def _available(module: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ftte", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ftte", description=__doc__.splitlines()[0],
+                                     formatter_class=PlainHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ftte {__version__}")
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -46,12 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         if not _available(module):
             continue
         if len(path) == 1:
-            sub = top.add_parser(path[0], help=help_text, description=help_text)
+            sub = top.add_parser(path[0], help=help_text, description=help_text, formatter_class=PlainHelpFormatter)
         else:
             if path[0] not in groups:
-                group_parser = top.add_parser(path[0], help=f"{path[0]} subcommands")
+                group_parser = top.add_parser(path[0], help=f"{path[0]} subcommands",
+                                              formatter_class=PlainHelpFormatter)
                 groups[path[0]] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-            sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text)
+            sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text,
+                                             formatter_class=PlainHelpFormatter)
         mod = importlib.import_module(module)
         mod.configure(sub)
         sub.set_defaults(_module=module)
@@ -65,7 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if module is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(module).run(args) or 0)
+    quiet_native_logs()
+    try:
+        return int(importlib.import_module(module).run(args) or 0)
+    except KeyboardInterrupt:  # commands that handle Ctrl-C themselves say more; none shows a traceback
+        print(f"ftte {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an error some cleanup raised while handling Ctrl-C is still Ctrl-C
+        if not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
+        print(f"ftte {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

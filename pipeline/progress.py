@@ -2,7 +2,8 @@
 
 On a terminal it redraws one line in place (carriage return) at most every
 ``min_interval_s``; on a pipe or log file it writes a plain line at most every
-``plain_interval_s`` plus a final line, so logs stay short.
+``plain_interval_s`` plus a final line (unless the last line written already showed the
+final count and status), so logs stay short and the last line appears once.
 
     with Progress(total=200, desc="simulate") as bar:
         for version in ...:
@@ -64,6 +65,7 @@ class Progress:
         self._start = clock()
         self._last_draw = -float("inf")
         self._last_len = 0
+        self._drawn: tuple[int, str] | None = None  # (count, status) of the last line written
         self._closed = False
 
     # stream helpers ------------------------------------------------------------------
@@ -136,7 +138,7 @@ class Progress:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is not None and exc_type is not KeyboardInterrupt and not self.status:
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt) and not self.status:
             self.status = f"failed: {exc_type.__name__}"
         self.close()
 
@@ -149,7 +151,11 @@ class Progress:
             self._draw(final=False)
 
     def _draw(self, final: bool) -> None:
+        state = (self.count, self.status)
+        if final and not self.is_tty and state == self._drawn:
+            return  # a log already holds this line: write the last line once
         self._last_draw = self._clock()
+        self._drawn = state
         text = self.line()
         try:
             if self.is_tty:

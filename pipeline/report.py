@@ -203,7 +203,7 @@ def plot_accuracy(
     if histories or target is not None:
         ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path_png)
+    fig.savefig(path_png, metadata={"Title": title})
     return path_png
 
 

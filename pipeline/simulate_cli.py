@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ftte.pipeline.run_outputs import ConfigError, add_common_arguments, config_from_args, fail, print_summary, run_one
+from ftte.pipeline.run_outputs import (
+    ConfigError, add_common_arguments, caused_by_interrupt, config_from_args, fail, interrupted, print_summary,
+    run_one,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
+    add_common_arguments(parser, fresh=True)
     parser.add_argument("--strategy", choices=("ftte", "fedbuff", "fedavg"), help="override [run] strategy")
     parser.add_argument("--backend", choices=("local", "ray"),
                         help="override [run] backend: where device training runs (ray needs the ray extra)")
@@ -41,8 +44,12 @@ def run(args: argparse.Namespace) -> int:
         return fail("ftte simulate", exc)
     out = Path(args.out or "runs/simulate")
     try:
-        result = run_one(cfg, out, quiet=args.quiet)
+        result = run_one(cfg, out, quiet=args.quiet, fresh=args.fresh)
     except (ConfigError, ValueError) as exc:
         return fail("ftte simulate", exc)
+    except BaseException as exc:
+        if not caused_by_interrupt(exc):
+            raise
+        return interrupted("ftte simulate", exc)
     print_summary(result.summary, out)
     return 0

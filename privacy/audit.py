@@ -539,8 +539,8 @@ def _fmt(x: float) -> str:
 
 
 def write_report(result: AuditResult, out_dir: str | os.PathLike[str]) -> ReportFiles:
-    """Write ``audit.md`` (summary, issues, one table per device) and ``epsilon.png``
-    (cumulative ε per device over its rounds, with each device's budget dashed)."""
+    """Write ``audit.md`` (summary, issues, one table per device) and ``epsilon.png`` (the
+    spread of cumulative ε over devices as the ledger grows, and a histogram of final ε)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md_path, png_path = out / "audit.md", out / "epsilon.png"
@@ -561,7 +561,7 @@ def write_report(result: AuditResult, out_dir: str | os.PathLike[str]) -> Report
         f"- Recomputed epsilon: {'matches' if result.epsilon_ok else 'MISMATCH'}",
         f"- Budgets: {'respected' if result.budget_ok else 'EXCEEDED'}",
         "",
-        f"![cumulative epsilon per device]({png_path.name})",
+        f"![cumulative epsilon over devices]({png_path.name})",
         "",
         "## Issues",
         "",
@@ -600,31 +600,72 @@ def write_report(result: AuditResult, out_dir: str | os.PathLike[str]) -> Report
     return ReportFiles(markdown=md_path, plot=png_path)
 
 
+def _epsilon_quantiles(result: AuditResult, max_points: int = 400) -> tuple[list[int], "Any"]:
+    """Cumulative ε of every device as the ledger grows: for up to ``max_points`` ledger rows
+    (evenly spaced, last included), the row's sequence number and the min, 10%, 50%, 90%
+    quantiles and max over devices (a device counts 0 before its first row)."""
+    import numpy as np
+
+    devices = sorted(result.devices)
+    index = {d: i for i, d in enumerate(devices)}
+    rows = sorted((r.seq, index[d], r.epsilon_total_recorded)
+                  for d, a in result.devices.items() for r in a.rounds)
+    if not rows:
+        return [], np.zeros((0, 5))
+    keep = set(np.linspace(0, len(rows) - 1, min(max_points, len(rows))).round().astype(int).tolist())
+    current = np.zeros(len(devices))
+    seqs, stats = [], []
+    for i, (seq, dev, eps) in enumerate(rows):
+        if math.isfinite(eps):
+            current[dev] = eps
+        if i in keep:
+            seqs.append(seq)
+            stats.append(np.quantile(current, [0.0, 0.1, 0.5, 0.9, 1.0]))
+    return seqs, np.array(stats)
+
+
 def _plot(result: AuditResult, path: Path) -> None:
-    import matplotlib
+    _figure(result).savefig(path)
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    try:
-        for dev, audit in sorted(result.devices.items()):
-            xs = list(range(1, len(audit.rounds) + 1))
-            ys = [r.epsilon_total_recorded for r in audit.rounds]
-            (line,) = ax.plot(xs, ys, marker="o", label=dev)
-            if math.isfinite(audit.epsilon_max):
-                ax.axhline(audit.epsilon_max, color=line.get_color(), linestyle="--", linewidth=0.8)
-        from matplotlib.ticker import MaxNLocator
+def _figure(result: AuditResult) -> "Any":
+    """Two panels that stay readable for any number of devices: the spread of cumulative ε
+    over devices as the ledger grows (median, 10-90% band, min-max band) and a histogram of
+    every device's final ε; budgets dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("round of the device")
-        ax.set_ylabel("cumulative epsilon (recorded)")
-        ax.set_title("Privacy spend per device (dashed: budget)")
-        if result.devices:
-            ax.legend(fontsize="small", loc="best")
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax, hist = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    n = len(result.devices)
+    budgets = sorted({a.epsilon_max for a in result.devices.values() if math.isfinite(a.epsilon_max)})
+    seqs, q = _epsilon_quantiles(result)
+    if seqs:
+        ax.fill_between(seqs, q[:, 0], q[:, 4], step="post", color="C0", alpha=0.15, label="min-max")
+        ax.fill_between(seqs, q[:, 1], q[:, 3], step="post", color="C0", alpha=0.35, label="10-90%")
+        ax.plot(seqs, q[:, 2], drawstyle="steps-post", color="C0", linewidth=1.6, label="median")
+    finals = [a.epsilon_total_recorded for a in result.devices.values() if math.isfinite(a.epsilon_total_recorded)]
+    if finals:
+        hist.hist(finals, bins=min(30, max(5, len(finals) // 3)), color="C0", alpha=0.8)
+    for i, b in enumerate(budgets[:3]):
+        label = "budget" if i == 0 else None
+        ax.axhline(b, color="0.3", linestyle="--", linewidth=1.0, label=label)
+        hist.axvline(b, color="0.3", linestyle="--", linewidth=1.0, label=label)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("ledger row (sequence number)")
+    ax.set_ylabel("cumulative epsilon (recorded)")
+    ax.set_title(f"Privacy spend over {n} device{'s' if n != 1 else ''}")
+    ax.grid(True, alpha=0.3)
+    if seqs or budgets:
+        ax.legend(fontsize="small", loc="upper left")
+    hist.yaxis.set_major_locator(MaxNLocator(integer=True))
+    hist.set_xlabel("final cumulative epsilon")
+    hist.set_ylabel("devices")
+    hist.set_title("Final epsilon per device")
+    hist.grid(True, alpha=0.3)
+    if budgets:
+        hist.legend(fontsize="small", loc="upper left")
+    fig.tight_layout()
+    return fig
