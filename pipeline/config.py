@@ -432,14 +432,46 @@ class PrivacyConfig(Section):
     delta: float = 0.0
     epsilon_max: float = 10.0
     accountant: Literal["prv", "rdp"] = "rdp"
+    target_epsilon: float = 10.0
+    planned_rounds: int = 10
+    min_noise_multiplier: float = 0.5
 
     def _check(self) -> None:
         self._require("noise_multiplier", 0.0 <= self.noise_multiplier < math.inf, "must be >= 0 and finite")
-        if self.enabled:
+        if self.enabled and not self.target_epsilon:
             self._require("noise_multiplier", self.noise_multiplier > 0.0, "must be > 0 when privacy is enabled")
         self._require("max_grad_norm", 0.0 < self.max_grad_norm < math.inf, "must be > 0 and finite")
-        self._require("delta", 0.0 <= self.delta < 1.0, "must be in [0, 1) (0 = auto)")
+        self._require("delta", 0.0 <= self.delta < 1.0,
+                      "must be in [0, 1) (0 = auto: min(1e-5, 1/(10 n)) for a device holding n records; "
+                      "a delta of 1/n or more is refused where n is known)")
         self._require("epsilon_max", self.epsilon_max > 0.0, "must be > 0 (inf = unlimited)")
+        self._require("target_epsilon", 0.0 <= self.target_epsilon <= self.epsilon_max,
+                      "must be in [0, epsilon_max] (0 = use noise_multiplier as given)")
+        self._require("planned_rounds", self.planned_rounds >= 0, "must be >= 0")
+        if self.target_epsilon and not self.planned_rounds:
+            _fail(self._where(), "planned_rounds", "is required (>= 1) when target_epsilon is set")
+        self._require("min_noise_multiplier", 0.0 < self.min_noise_multiplier < math.inf, "must be > 0 and finite")
+        if self.enabled and not self.target_epsilon:
+            self._require("noise_multiplier", self.noise_multiplier >= self.min_noise_multiplier,
+                          f"must be >= min_noise_multiplier ({self.min_noise_multiplier})")
+
+    def dp_config(self) -> Any:
+        """The device trainer's DP settings (:class:`~ftte.privacy.dpsgd.DPConfig`) from this section."""
+        from ftte.privacy.dpsgd import DPConfig
+
+        target = self.target_epsilon or None
+        return DPConfig(enabled=self.enabled, noise_multiplier=self.noise_multiplier,
+                        max_grad_norm=self.max_grad_norm, delta=self.delta or None, accountant=self.accountant,
+                        epsilon_max=self.epsilon_max, target_epsilon=target,
+                        planned_rounds=self.planned_rounds if target else None)
+
+    def policy(self) -> Any:
+        """The operator's policy (:class:`~ftte.privacy.policy.PrivacyPolicy`) the server enforces and records."""
+        from ftte.privacy.policy import PrivacyPolicy
+
+        cap = self.epsilon_max if math.isfinite(self.epsilon_max) else 1e6
+        return PrivacyPolicy(delta=self.delta or 1e-5, epsilon_cap=cap, min_noise_multiplier=self.min_noise_multiplier,
+                             accountant=self.accountant)
 
 
 @dataclass(frozen=True)
@@ -609,6 +641,8 @@ class Config:
                 f"[secagg] neighbors: must be < the cohort size ([server] {what} = {k}) on the ring graph, "
                 f"got {sa.neighbors}; use graph = 'full' for small cohorts"
             )
+        if sa.max_corrupt >= k:
+            raise ConfigError(f"[secagg] max_corrupt: must be < the cohort size ([server] {what} = {k})")
         t = sa.effective_threshold(k)
         label = f"threshold (in force: {t}{', auto' if sa.threshold == 0 else ''})"
         if t < 2:
@@ -621,8 +655,6 @@ class Config:
                 f"({sa.max_corrupt}) so that the server, even with colluding members, can never reconstruct "
                 "both the self-mask and the mask keys that unmask one member"
             )
-        if sa.max_corrupt >= k:
-            raise ConfigError(f"[secagg] max_corrupt: must be < the cohort size ([server] {what} = {k})")
 
     def check_simulation(self) -> "Config":
         """Rules that only a simulated fleet can break (a deployment's fleet is its allow-list)."""

@@ -37,11 +37,11 @@ from ftte.crypto.primitives import Signer
 from ftte.edge.plan import SubsetPlan, subset_vector
 from ftte.edge.runtime import LocalTrainer, LocalUpdate
 from ftte.round_messages import ModelPull
-from ftte.pipeline.backends import (DeviceBackend, TrainTask, WorkerData, WorkerSpec, lost_round_stats, make_backend,
+from ftte.pipeline.backends import (DeviceBackend, TrainTask, WorkerData, WorkerSpec, lost_round_spend, make_backend,
                                     reserve_round)
 from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time
 from ftte.pipeline.cohort import CohortRun, run_cohort
-from ftte.pipeline.config import Config
+from ftte.pipeline.config import Config, ConfigError
 from ftte.pipeline.datasets import load_dataset
 from ftte.pipeline.fleet import SimDevice, build_fleet
 from ftte.pipeline.evaluation import Evaluator
@@ -56,7 +56,8 @@ from ftte.pipeline.strategies import Strategy, cohort_policy, strategy_for
 from ftte.pipeline.work import layer_macs, macs_per_sample, round_seconds
 from ftte.privacy.accountant import AccountantStore
 from ftte.privacy.budget import BudgetExceededError
-from ftte.privacy.dpsgd import DPConfig
+from ftte.privacy.dpsgd import RNG_SOURCE_SIMULATION
+from ftte.privacy.spend import RoundOutcome, ledger_rows, unrecorded_spends
 from ftte.privacy.ledger import Ledger, load_or_create_signing_key
 
 OFFLINE_MEAN_S = 60.0  # mean time an unavailable device stays offline before trying again
@@ -98,14 +99,8 @@ class Simulation:
         self.plan = plan if plan is not None else self.strategy.choose_plan(self.model, self.data, self.fleet)
         self.evaluator = Evaluator(self.model, self.plan, self.data.x_test, self.data.y_test)
         self.policy = cohort_policy(cfg)
-        self.dp = DPConfig(
-            enabled=cfg.privacy.enabled,
-            noise_multiplier=cfg.privacy.noise_multiplier,
-            max_grad_norm=cfg.privacy.max_grad_norm,
-            delta=cfg.privacy.delta or None,
-            accountant=cfg.privacy.accountant,
-            epsilon_max=cfg.privacy.epsilon_max,
-        )
+        self.dp = cfg.privacy.dp_config()
+        self._check_delta()
         self.settings = cfg.train.settings()
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +135,21 @@ class Simulation:
             self.close()
             raise
 
+    def _check_delta(self) -> None:
+        """A configured delta must stay below 1/n on every device: δ >= 1/n may publish a whole record."""
+        d = self.cfg.privacy.delta
+        if not (self.dp.enabled and d):
+            return
+        largest = max(len(ix) for ix in self.data.device_indices)
+        if d >= 1.0 / largest:
+            raise ConfigError(f"[privacy] delta: {d:g} is at least 1/n for a device holding {largest} records "
+                              f"(1/n = {1.0 / largest:.3g}); use a smaller delta or 0 (auto: min(1e-5, 1/(10 n)))")
+
+    def weak_privacy_devices(self) -> int:
+        """Devices whose records are so few that example-level DP says little (n below 100, so
+        δ = 1/(10 n) > 1e-3 or sampling gives no amplification)."""
+        return sum(1 for ix in self.data.device_indices if len(ix) < 100) if self.dp.enabled else 0
+
     # -- persistence ---------------------------------------------------------------------------
     def _resume(self) -> None:
         if self.state is None:
@@ -165,35 +175,16 @@ class Simulation:
 
         A device's accountant records a round before it trains, but the server writes the
         round's row when the round's buffer is applied. Rounds still in flight when a run
-        stops (or crashes) were spent but never merged: without a row, the device's next
-        row would carry a cumulative ε the audit cannot rebuild from the rows. Such rounds
-        are recorded with ``cohort_id = "unmerged"`` and, as their trained-from version
-        is no longer known, the latest applied version.
+        stops (or crashes) were spent but never merged: they are written as
+        :attr:`RoundOutcome.UNMERGED` and, as their trained-from version is no longer known,
+        with the latest applied version.
         """
         if self.ledger is None or not self.dp.enabled:
             return 0
-        from ftte.privacy.accountant import compute_epsilon
-        from ftte.privacy.dpsgd import RNG_SOURCE_DEFAULT
-        from ftte.privacy.ledger import LedgerRow
-
-        counts: dict[str, int] = {}
-        for entry in self.ledger.entries():
-            counts[entry.row.device_id] = counts.get(entry.row.device_id, 0) + 1
-        rows = []
-        for device in self.store.devices():
-            state = self.store.state(device)
-            history = list(state.history)
-            for i in range(counts.get(device, 0), len(history)):
-                before = compute_epsilon(history[:i], state.delta, state.accountant)
-                after = compute_epsilon(history[: i + 1], state.delta, state.accountant)
-                step = history[i]
-                rows.append(LedgerRow(
-                    device_id=device, plan_id=self.plan.plan_id, version=self.version,
-                    sample_rate=step.sample_rate, steps=step.steps, noise_multiplier=step.noise_multiplier,
-                    max_grad_norm=self.dp.max_grad_norm, accountant=state.accountant, rng_source=RNG_SOURCE_DEFAULT,
-                    epsilon_round=after - before, epsilon_total=after, delta=state.delta,
-                    epsilon_max=self.dp.epsilon_max, cohort_id="unmerged",
-                ))
+        spends = unrecorded_spends(self.ledger, self.store, plan_id=self.plan.plan_id, version=self.version,
+                                   max_grad_norm=self.dp.max_grad_norm, epsilon_max=self.dp.epsilon_max,
+                                   rng_source=RNG_SOURCE_SIMULATION)
+        rows = ledger_rows(self.ledger, [(s, RoundOutcome.UNMERGED, None) for s in spends])
         if rows:
             self.ledger.append_many(rows)
         return len(rows)
@@ -251,9 +242,8 @@ class Simulation:
         """A worker died mid-round: the device dropped out, but its round was recorded (spent)
         before it started, so the ledger gets the round's row now, in the device's order."""
         if self.ledger is not None and self.dp.enabled:
-            row = lost_round_stats(pending.task, self.dp).to_ledger_row(
-                plan_id=self.plan.plan_id, version=pending.task.base_version, cohort_id="lost")
-            self.ledger.append_many([row])
+            spend = lost_round_spend(pending.task, self.dp, plan_id=self.plan.plan_id)
+            self.ledger.append_many(ledger_rows(self.ledger, [(spend, RoundOutcome.LOST, None)]))
 
     # -- merging -----------------------------------------------------------------------------------
     def _start(self, cohort_id: str, members: list[tuple[SimDevice, LocalUpdate]]):
@@ -268,11 +258,15 @@ class Simulation:
                           derive_rng(self.cfg.run.seed, "cohort", cohort_id), secure=self.cfg.secagg.enabled,
                           latency_s=self.cfg.fleet.latency_s)
 
-    def _ledger_rows(self, members: list[tuple[SimDevice, LocalUpdate]], cohort_id: str | None) -> list[Any]:
+    def _ledger_rows(self, members: list[tuple[SimDevice, LocalUpdate]], cohort_id: str,
+                     merged: tuple[int, ...] = ()) -> list[Any]:
+        """One row per member: MERGED if its update is in the applied sum, else ABORTED (spent all the same)."""
         if not self.dp.enabled or self.ledger is None:
             return []
-        return [u.stats.to_ledger_row(plan_id=self.plan.plan_id, version=u.base_version, cohort_id=cohort_id)
-                for _, u in members]
+        spends = [(u.stats.spend_record(plan_id=self.plan.plan_id, version=u.base_version),
+                   RoundOutcome.MERGED if d.device_id in merged else RoundOutcome.ABORTED, cohort_id)
+                  for d, u in members]
+        return ledger_rows(self.ledger, spends)
 
     def _apply(self, run: CohortRun, members: list[tuple[SimDevice, LocalUpdate]], now: float) -> None:
         applied = self.server.apply(run.result, now=now, evaluate=self.evaluator)
@@ -286,7 +280,7 @@ class Simulation:
                 self.upload_bytes.append(run.bytes_up[m])
             self.aborted_cohorts += 1
         self._commit(applied.record, applied.history.to_dict() if applied.history else None, now,
-                     self._ledger_rows(members, run.result.cohort_id))
+                     self._ledger_rows(members, run.result.cohort_id, applied.record.included))
         if applied.applied and self.on_version is not None:
             self.on_version(self.history[-1])
 
@@ -459,6 +453,18 @@ class Simulation:
         eps = [self.store.epsilon(dev) for dev in self.store.devices()]
         return max(eps) if eps else 0.0
 
+    def _noise_summary(self) -> dict[str, float] | float | None:
+        """The noise multiplier in force: the configured one, or (target-epsilon mode) the range derived per device."""
+        if not self.dp.enabled:
+            return None
+        if self.dp.target_epsilon is None:
+            return self.dp.noise_multiplier
+        used = [step.noise_multiplier for dev in self.store.devices() for step in self.store.history(dev)]
+        if not used:
+            return None
+        return {"min": round(min(used), 4), "max": round(max(used), 4), "target_epsilon": self.dp.target_epsilon,
+                "planned_rounds": self.dp.planned_rounds}
+
     def summary(self, wall: float, start_version: int) -> dict[str, Any]:
         cfg = self.cfg
         target = cfg.run.target_accuracy
@@ -492,6 +498,9 @@ class Simulation:
             "differential_privacy": self.dp.enabled,
             "epsilon_max": self.epsilon_max(),
             "delta": delta,
+            "privacy_unit": "a record on a device (example-level DP-SGD)" if self.dp.enabled else None,
+            "noise_multiplier": self._noise_summary(),
+            "devices_with_weak_privacy": self.weak_privacy_devices(),
             "devices_out_of_budget": len(self.retired),
             "worker_dropouts": len(getattr(self.backend, "lost", ())),
             "backend": cfg.run.backend,

@@ -35,7 +35,7 @@ def run_traced(cfg, backend, out=None):
         elif kind == "trained":
             key = payload[0].device_id
         else:  # merged
-            key = payload[0].cohort_id
+            key = payload[0].result.cohort_id
         events.append((now, kind, key))
         return now, (kind, payload)
 

@@ -20,7 +20,7 @@ from ftte.pipeline.simulator import OFFLINE_MEAN_S  # noqa: E402
 
 def test_fedavg_on_ray_is_bit_identical_to_local_and_ships_data_once(ray_2cpu):
     # a budget that retires devices mid-run, so the driver-side budget check is exercised too
-    cfg = tiny(**{"run.strategy": "fedavg", "run.max_versions": 6, "privacy.epsilon_max": 0.5})
+    cfg = tiny(**{"run.strategy": "fedavg", "run.max_versions": 6, "privacy.epsilon_max": 1.0})
     local, local_events, lx = run_traced(cfg, LocalBackend())
     remote, remote_events, rx = run_traced(cfg, RayBackend(workers=2))
     assert remote.history == local.history
