@@ -64,6 +64,7 @@ batch_size = 16
 [privacy]
 noise_multiplier = 1.0
 epsilon_max = 1000000.0
+target_epsilon = 0.0
 accountant = "rdp"
 [secagg]
 clip = 1.0

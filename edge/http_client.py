@@ -26,6 +26,7 @@ nothing from ``ftte.pipeline``), so it stays installable on a device.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -62,7 +63,9 @@ from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
 from ftte.privacy.accountant import AccountantStore
 from ftte.privacy.budget import BudgetExceededError
 from ftte.privacy.dpsgd import DPConfig
+from ftte.privacy.device_record import append_claim
 from ftte.privacy.ledger import library_versions
+from ftte.privacy.spend import sign_spend
 from torch import nn
 
 from ftte import __version__, wire
@@ -338,6 +341,7 @@ class EdgeClient:
         self.policy = policy or DevicePolicy(trusted_keys=pinned, min_members=min_members, max_corrupt=max_corrupt)
         self._rng = np.random.default_rng(seed)
         self._seed = random.Random(seed)
+        self._test_seed = seed
         self.transport = transport or Transport(server_url, identity, verify=verify, timeout_s=timeout_s, retry=retry)
         self.task: TaskInfo | None = None
         self.plan: SubsetPlan | None = None
@@ -432,9 +436,11 @@ class EdgeClient:
         else:
             budget = self.epsilon_max
         try:
+            target = min(task.target_epsilon, budget) if task.target_epsilon > 0 else None
             dp = DPConfig(enabled=bool(task.dp_enabled), noise_multiplier=task.noise_multiplier,
                           max_grad_norm=task.max_grad_norm, delta=task.delta if task.delta > 0 else None,
-                          accountant=task.accountant, epsilon_max=budget if math.isfinite(budget) else math.inf)
+                          accountant=task.accountant, epsilon_max=budget if math.isfinite(budget) else math.inf,
+                          target_epsilon=target, planned_rounds=task.planned_rounds if target else None)
             settings = TrainSettings(task.local_steps, task.batch_size, task.lr)
         except ValueError as exc:
             raise ModelMismatch(f"refused the server's training settings: {exc}") from None
@@ -468,7 +474,9 @@ class EdgeClient:
 
     def train(self, pull: ModelPull) -> LocalUpdate:
         assert self.trainer is not None
-        seed = self._seed.randrange(2**31 - 1)
+        # Noise and sampling are keyed from the OS for every round (never from a seed the server
+        # could search); ``seed`` only makes a test's runs repeatable, and the ledger says so.
+        seed = None if self._test_seed is None else self._seed.randrange(2**31 - 1)
         update = self.trainer.train(self.member, pull.version, np.array(pull.weights, dtype=np.float32),
                                     self.x, self.y, seed)
         self._event("trained", version=pull.version, epsilon=float(update.stats.epsilon_total))
@@ -509,6 +517,7 @@ class EdgeClient:
         s = update.stats
         versions = library_versions()
         seq, late = self._late_rounds()
+        signature = self._sign_spend(update, pull.version)
         join = JoinRequest(
             plan_id=self.plan.plan_id, base_version=pull.version, model_hash=pull.model_hash,
             steps=s.steps, sample_rate=float(s.sample_rate), noise_multiplier=float(s.noise_multiplier),
@@ -517,7 +526,7 @@ class EdgeClient:
             epsilon_max=float(s.epsilon_max) if math.isfinite(s.epsilon_max) else 0.0,
             rng_source=s.rng_source[:256], torch_version=versions["torch"][:64],
             opacus_version=versions["opacus"][:64], ftte_version=versions["ftte"][:64],
-            round_seq=seq, unreported=tuple((i, wire.encode(r)) for i, r in late),
+            round_seq=seq, unreported=tuple((i, wire.encode(r)) for i, r in late), spend_signature=signature,
         )
         try:
             reply = self.transport.call("join", join, (JoinReply,), patience_s=self.stage_patience)
@@ -592,6 +601,25 @@ class EdgeClient:
         return RoundResult("dropped", base_version, cohort_id, reason=why, epsilon=eps)
 
     # -- rounds the ledger must eventually hold -------------------------------------------------
+    @property
+    def claims_file(self) -> Path:
+        """This device's own record of its signed spend claims (``ftte audit --device-record``)."""
+        return self.state_dir / "spend_claims.jsonl"
+
+    def _sign_spend(self, update: LocalUpdate, version: int) -> bytes:
+        """Sign "this round, at these parameters, brought me to ε" and keep the claim locally before
+        anything is sent, so the operator cannot later drop or alter this round's row unnoticed."""
+        assert self.plan is not None
+        s = update.stats
+        if not s.enabled:
+            return b""
+        spend = s.spend_record(plan_id=self.plan.plan_id, version=version)
+        spend = dataclasses.replace(spend, rng_source=spend.rng_source[:256])
+        signed, claim = sign_spend(spend, float(s.epsilon_total), self.identity)
+        assert signed.device_public_key is not None and signed.device_signature is not None
+        append_claim(self.claims_file, claim, signed.device_public_key, signed.device_signature)
+        return bytes.fromhex(signed.device_signature)
+
     @property
     def _reported_file(self) -> Path:
         return self.state_dir / "reported.json"

@@ -60,6 +60,11 @@ class TaskInfo(Message):
     variance_penalty: float = field(F64, default=0.0)
     r_min: float = field(F64, default=0.0)
     max_corrupt: int = field(U64, default=0)
+    # Target-epsilon mode (0 = off): each device derives its noise multiplier from its own sample
+    # rate so that ``planned_rounds`` rounds spend at most ``target_epsilon``; never below the floor.
+    target_epsilon: float = field(F64, default=0.0)
+    planned_rounds: int = field(U64, default=0)
+    min_noise_multiplier: float = field(F64, default=0.0)
 
 
 @message(42)
@@ -93,6 +98,9 @@ class JoinRequest(Message):
     ftte_version: str = field(text(64))
     round_seq: int = field(U64, default=0)  # this round's place in the device's accountant history (1-based)
     unreported: tuple = field(pairs(var_bytes(256)), default=())  # (seq, encoded SpentRound) never reported
+    # The device's Ed25519 signature over its spend claim for this round (ftte.privacy.spend):
+    # the ledger stores it, and the audit verifies it against the row the server wrote.
+    spend_signature: bytes = field(var_bytes(64), default=b"")
 
 
 @message(53)

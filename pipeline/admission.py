@@ -38,7 +38,8 @@ def check_join(req: JoinRequest, model: ServerModel, cfg: Config, max_staleness:
         return
     if req.accountant != p.accountant:
         raise Refused("dp_mismatch", f"accountant must be {p.accountant!r}")
-    if req.noise_multiplier + 1e-12 < p.noise_multiplier or req.max_grad_norm > p.max_grad_norm + 1e-12:
+    floor = p.min_noise_multiplier if p.target_epsilon else p.noise_multiplier  # target mode: derived per device
+    if req.noise_multiplier + 1e-12 < floor or req.max_grad_norm > p.max_grad_norm + 1e-12:
         raise Refused("dp_mismatch", "noise multiplier or clipping norm differ from the task")
     if req.steps != cfg.train.local_steps or not 0.0 < req.sample_rate <= 1.0:
         raise Refused("dp_mismatch", "steps or sample rate outside the task")

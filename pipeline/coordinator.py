@@ -69,6 +69,7 @@ from ftte.pipeline.refusal import Refused
 from ftte.pipeline.server_model import Applied, CohortResult, CohortSum, ServerModel
 from ftte.pipeline.strategies import cohort_policy
 from ftte.privacy.accountant import PrivacyStep
+from ftte.privacy.spend import RoundOutcome
 from ftte.protocol.cohort import codec_for, plan_cohort, session_params
 
 from ftte import wire
@@ -89,7 +90,6 @@ from ftte.round_messages import ModelPull
 
 ENDED_CACHE = 512
 TICK_S = 0.1
-UNMERGED = "unmerged"  # cohort id of a ledger row for a round that was spent but never aggregated
 
 
 @dataclass
@@ -131,6 +131,7 @@ class Coordinator:
         self._tasks: set[asyncio.Task] = set()
         self._pull_cache: tuple[int, ModelPull] | None = None
         self._evaluate: Evaluator | None = None
+        self.policy = self.cfg.privacy.policy()
 
     # -- the model, as the rest of the server and the tests read it -----------------------------
     @property
@@ -152,6 +153,8 @@ class Coordinator:
     async def recover(self) -> None:
         """Load the latest version and replay the journal of every unfinished cohort."""
         await self.db.call(self.db.commit_initial, self.task.initial_subset, self.plan_id, self.cfg.to_json())
+        if self.cfg.privacy.enabled:
+            await self.db.call(self.db.set_policy, self.policy)  # the audit checks every row against it
         self.started_at = await self.db.call(self.db.started_at)
         rec: Recovered = await self.db.call(self.db.recover, self.settings.deploy.max_staleness)
         if rec.checkpoint is not None:
@@ -202,8 +205,7 @@ class Coordinator:
             return
         if e.kind == JOIN:
             assert e.member is not None and e.data is not None
-            c.joins[e.member] = wire.decode(e.data, expect=JoinRequest)
-            c.join_bytes[e.member] = e.data
+            c.add_join(e.member, wire.decode(e.data, expect=JoinRequest), e.data)
         elif e.kind == LEAVE:
             assert e.member is not None
             c.joins.pop(e.member, None)
@@ -279,6 +281,8 @@ class Coordinator:
 
     async def join(self, member: int, req: JoinRequest, raw: bytes) -> JoinReply:
         check_join(req, self.model, self.cfg, self.settings.deploy.max_staleness)
+        if self.cfg.privacy.enabled:
+            await self._check_policy(member, req)
         for c in self.live.values():  # a retried join whose reply was lost
             if c.join_bytes.get(member) == raw:
                 fut = c.durable.get((-1, member))
@@ -293,8 +297,7 @@ class Coordinator:
             self.forming = c
             futs.append(self.journal.append(JournalEntry(c.cohort_id, OPEN, now)))
         c = self.forming
-        c.joins[member] = req  # a device that gave up on its earlier join replaces it
-        c.join_bytes[member] = raw
+        c.add_join(member, req, raw)  # a device that gave up on its earlier join replaces it (both are spent)
         fut = self.journal.append(JournalEntry(c.cohort_id, JOIN, now, member, None, raw))
         c.durable[(-1, member)] = fut
         futs.append(fut)
@@ -303,6 +306,23 @@ class Coordinator:
             self._start(c)
         await asyncio.shield(asyncio.gather(*futs))
         return JoinReply(c.cohort_id, req.base_version)
+
+    async def _check_policy(self, member: int, req: JoinRequest) -> None:
+        """Refuse, before anything is stored, a join whose round breaks the task's privacy policy or
+        would take the device's ledger ε past the cap (counting its rounds still in flight)."""
+        policy = self.policy
+        rounds = [r for c in self.live.values() if member in c.joins
+                  for r in self._member_rounds(member, c, ())]
+        rounds += join_rounds(member, req, self.identities.get(member), merged=False)
+        for r in rounds:
+            problems = policy.violations(delta=r.delta, noise_multiplier=r.step.noise_multiplier,
+                                         accountant=r.accountant, epsilon_max=r.epsilon_max)
+            if problems:
+                raise Refused("policy", "; ".join(problems))
+        eps = await self.db.call(self.db.epsilon_after, rounds)
+        if eps > policy.epsilon_cap:
+            raise Refused("policy", f"this round would take the device to epsilon {eps:.4g}, above the "
+                                    f"task's cap {policy.epsilon_cap:g}")
 
     async def leave(self, member: int, req: LeaveRequest) -> Ack:
         """A device stops waiting for a cohort that has not started; too late once it has."""
@@ -524,7 +544,8 @@ class Coordinator:
             evaluate = self._evaluate
             applied: Applied = await asyncio.to_thread(
                 m.propose, result, now=now - self.started_at, evaluate=evaluate, time_key="elapsed_s")
-            rounds = tuple(r for mem in sorted(c.joins) for r in self._member_rounds(mem, c)) \
+            included = applied.record.included
+            rounds = tuple(r for mem in sorted(c.joins) for r in self._member_rounds(mem, c, included)) \
                 if self.cfg.privacy.enabled else ()
             history = applied.history.to_dict() if applied.history is not None else None
             st = applied.state
@@ -553,18 +574,14 @@ class Coordinator:
             self._trim_ended()
             c.notify()
 
-    def _member_rounds(self, member: int, c: LiveCohort) -> list[MemberRound]:
-        """Ledger rows of one member: rounds it reports late (``unmerged``), then this round."""
-        j = c.joins[member]
-        eps_max = j.epsilon_max if j.epsilon_max > 0 else math.inf
-        common = dict(device_id=str(member), plan_id=j.plan_id, version=j.base_version, accountant=j.accountant,
-                      epsilon_max=eps_max, rng_source=j.rng_source, torch_version=j.torch_version,
-                      opacus_version=j.opacus_version, ftte_version=j.ftte_version)
-        rows = [MemberRound(step=PrivacyStep(r.noise_multiplier, r.sample_rate, r.steps),
-                            max_grad_norm=r.max_grad_norm, delta=r.delta, cohort_id=UNMERGED, **common)
-                for _, r in spent_rounds(j)]
-        rows.append(MemberRound(step=PrivacyStep(j.noise_multiplier, j.sample_rate, j.steps),
-                                max_grad_norm=j.max_grad_norm, delta=j.delta, **common))
+    def _member_rounds(self, member: int, c: LiveCohort, included: tuple[int, ...]) -> list[MemberRound]:
+        """Ledger rows of one member, in its own order: joins it made earlier into this cohort and
+        that a later join replaced (their rounds were spent all the same), rounds it reports late,
+        then this round (MERGED only if its update is in the applied sum)."""
+        rows: list[MemberRound] = []
+        for j in c.superseded.get(member, []):
+            rows += join_rounds(member, j, self.identities.get(member), merged=False, superseded=True)
+        rows += join_rounds(member, c.joins[member], self.identities.get(member), merged=member in included)
         return rows
 
     def _trim_ended(self) -> None:
@@ -614,3 +631,24 @@ def _end_from_record(record: dict[str, Any]) -> CohortEnd:
 
 
 __all__ = ["Coordinator", "LiveCohort", "Refused"]
+
+
+def join_rounds(member: int, j: JoinRequest, identity: bytes | None, *, merged: bool,
+                superseded: bool = False) -> list[MemberRound]:
+    """The ledger rows a join stands for: the rounds it reports late, then its own round (with the
+    device's signature over its spend claim, when it sent one). A superseded join's own round is
+    UNMERGED: it was trained and reported, then replaced by a later join of the same device."""
+    eps_max = j.epsilon_max if j.epsilon_max > 0 else math.inf
+    common = dict(device_id=str(member), plan_id=j.plan_id, version=j.base_version, accountant=j.accountant,
+                  epsilon_max=eps_max, rng_source=j.rng_source, torch_version=j.torch_version,
+                  opacus_version=j.opacus_version, ftte_version=j.ftte_version)
+    unmerged = RoundOutcome.UNMERGED.value
+    rows = [MemberRound(step=PrivacyStep(r.noise_multiplier, r.sample_rate, r.steps),
+                        max_grad_norm=r.max_grad_norm, delta=r.delta, cohort_id=unmerged, **common)
+            for _, r in spent_rounds(j)]
+    signed = dict(device_public_key=identity.hex(), device_signature=j.spend_signature.hex()) \
+        if j.spend_signature and identity is not None else {}
+    rows.append(MemberRound(step=PrivacyStep(j.noise_multiplier, j.sample_rate, j.steps),
+                            max_grad_norm=j.max_grad_norm, delta=j.delta, merged=merged,
+                            cohort_id=unmerged if superseded else None, **signed, **common))
+    return rows

@@ -66,6 +66,9 @@ class DeployTask:
             variance_penalty=self.rule.variance_penalty,
             r_min=self.rule.r_min,
             max_corrupt=cfg.secagg.max_corrupt,
+            target_epsilon=p.target_epsilon if p.enabled else 0.0,
+            planned_rounds=p.planned_rounds if p.enabled and p.target_epsilon else 0,
+            min_noise_multiplier=p.min_noise_multiplier,
         )
 
 

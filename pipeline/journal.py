@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from ftte.pipeline.state import Checkpoint, ServerState
+from ftte.privacy.policy import PrivacyPolicy
 from ftte.privacy.accountant import PrivacyStep, compute_epsilon
 from ftte.privacy.ledger import (
     Ledger,
@@ -97,6 +98,9 @@ class MemberRound:
     opacus_version: str
     ftte_version: str
     cohort_id: str | None = None  # None: the committed cohort; "unmerged" for a round reported late
+    device_public_key: str | None = None  # hex; with the signature, the device's evidence for this row
+    device_signature: str | None = None
+    merged: bool = False  # its update is in the applied sum
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,16 @@ class Database:
         value = self.state.get_meta("deploy_started_at")
         return float(value) if value else time.time()
 
+    def set_policy(self, policy: PrivacyPolicy) -> None:
+        assert self.ledger is not None
+        self.ledger.set_policy(policy)
+
+    def epsilon_after(self, rounds: list[MemberRound]) -> float:
+        """One device's ledger ε once ``rounds`` (its rounds not yet in the ledger, oldest first) are added."""
+        assert self.ledger is not None
+        rows = ledger_rows(self.ledger, [(_spend(r), RoundOutcome.UNMERGED, None) for r in rounds])
+        return rows[-1].epsilon_total if rows else 0.0
+
     # -- finishing a cohort --------------------------------------------------------------
     def commit_cohort(self, commit: CohortCommit) -> int:
         """Ledger rows with ε recomputed from the ledger itself, then the one-transaction commit.
@@ -283,26 +297,27 @@ class Database:
         """The cohort's rows through the one row builder (``ftte.privacy.spend.ledger_rows``):
         ε recomputed from each device's history in this ledger, read through the Ledger API
         inside this connection. A member's late-reported round (``cohort_id == "unmerged"``)
-        is UNMERGED; the others are MERGED, or ABORTED when the cohort was not applied."""
+        is UNMERGED; the others are MERGED when their update is in the applied sum, else
+        ABORTED (the cohort aborted, or the member dropped out of it)."""
         assert self.ledger is not None
         cohort_id = commit.record["cohort_id"]
-        this_round = RoundOutcome.MERGED if commit.history_row is not None else RoundOutcome.ABORTED
         items: list[tuple[SpendRecord, RoundOutcome, str | None]] = []
         for r in commit.rounds:
-            spend = SpendRecord(
-                device_id=r.device_id, plan_id=r.plan_id, version=r.version, step=r.step,
-                max_grad_norm=r.max_grad_norm, delta=r.delta, accountant=r.accountant, epsilon_max=r.epsilon_max,
-                rng_source=r.rng_source, torch_version=r.torch_version, opacus_version=r.opacus_version,
-                ftte_version=r.ftte_version,
-                # MemberRound gains these fields when the coordinator forwards device evidence.
-                device_public_key=getattr(r, "device_public_key", None),
-                device_signature=getattr(r, "device_signature", None),
-            )
             if r.cohort_id == RoundOutcome.UNMERGED.value:
-                items.append((spend, RoundOutcome.UNMERGED, None))
+                items.append((_spend(r), RoundOutcome.UNMERGED, None))
             else:
-                items.append((spend, this_round, r.cohort_id or cohort_id))
+                outcome = RoundOutcome.MERGED if r.merged and commit.history_row is not None else RoundOutcome.ABORTED
+                items.append((_spend(r), outcome, r.cohort_id or cohort_id))
         return ledger_rows(self.ledger, items, conn=self.conn)
+
+
+def _spend(r: MemberRound) -> SpendRecord:
+    return SpendRecord(
+        device_id=r.device_id, plan_id=r.plan_id, version=r.version, step=r.step, max_grad_norm=r.max_grad_norm,
+        delta=r.delta, accountant=r.accountant, epsilon_max=r.epsilon_max, rng_source=r.rng_source,
+        torch_version=r.torch_version, opacus_version=r.opacus_version, ftte_version=r.ftte_version,
+        device_public_key=r.device_public_key, device_signature=r.device_signature,
+    )
 
 
 class JournalWriter:

@@ -26,6 +26,7 @@ class LiveCohort:
     opened_at: float
     joins: dict[int, JoinRequest] = field(default_factory=dict)
     join_bytes: dict[int, bytes] = field(default_factory=dict)
+    superseded: dict[int, list[JoinRequest]] = field(default_factory=dict)  # earlier joins a member replaced
     start: CohortStart | None = None
     codec: UpdateCodec | None = None
     server: SecAggServer | None = None
@@ -42,6 +43,14 @@ class LiveCohort:
     aborted: str = ""
     end: CohortEnd | None = None
     changed: asyncio.Event | None = None
+
+    def add_join(self, member: int, req: JoinRequest, raw: bytes) -> None:
+        """A member's join; an earlier join it replaces is kept, since its round was spent too."""
+        old = self.joins.get(member)
+        if old is not None and self.join_bytes.get(member) != raw:
+            self.superseded.setdefault(member, []).append(old)
+        self.joins[member] = req
+        self.join_bytes[member] = raw
 
     @property
     def collecting(self) -> Stage | None:

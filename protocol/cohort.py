@@ -142,6 +142,8 @@ class DevicePolicy:
     bounds keep a server from making honest members' weights vanish, which would leave one
     member's update alone in the sum: the staleness exponent is capped, ``r_min`` floored,
     and a cohort in which this device's own weight would fall below ``min_weight`` is refused.
+    ``max_delta`` and ``min_noise_multiplier`` are the device's own privacy floor: a task asking
+    for a larger delta or less noise is refused, whatever the server's policy says.
     """
 
     trusted_keys: frozenset[bytes] | None = None
@@ -150,6 +152,8 @@ class DevicePolicy:
     max_staleness_exponent: float = 2.0
     min_r_min: float = 0.1
     min_weight: float = 1e-3
+    max_delta: float = 1e-5
+    min_noise_multiplier: float = 0.5
 
     def __post_init__(self) -> None:
         if self.min_members < 2 or self.max_corrupt < 0 or not 0 < self.min_r_min <= 1:
@@ -173,6 +177,13 @@ def check_task(task: TaskInfo, policy: DevicePolicy) -> None:
         raise CohortRefused(f"r_min {task.r_min} below this device's floor {policy.min_r_min}")
     if not 0 <= task.variance_penalty < math.inf:
         raise CohortRefused(f"variance penalty {task.variance_penalty} out of range")
+    if task.dp_enabled:
+        if task.delta > policy.max_delta:
+            raise CohortRefused(f"the task's delta {task.delta:g} is above this device's ceiling {policy.max_delta:g}")
+        noise = task.min_noise_multiplier if task.target_epsilon > 0 else task.noise_multiplier
+        if noise < policy.min_noise_multiplier:
+            raise CohortRefused(f"the task's noise multiplier {noise:g} is below this device's floor "
+                                f"{policy.min_noise_multiplier:g}")
     if task.max_corrupt < policy.max_corrupt:
         raise CohortRefused(f"the task tolerates {task.max_corrupt} colluding members, this device assumes "
                             f"{policy.max_corrupt}")

@@ -125,6 +125,7 @@ enabled = true
 noise_multiplier = {noise_multiplier}
 max_grad_norm = 1.0
 epsilon_max = {epsilon_max}
+target_epsilon = 0.0
 accountant = "rdp"
 
 [secagg]

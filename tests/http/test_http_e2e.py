@@ -54,7 +54,7 @@ def simulator_accuracy(versions: int, x_test: np.ndarray, y_test: np.ndarray) ->
         "fleet.devices": N_DEVICES, "fleet.classes": fleet, "model.name": "logistic", "data.partition": "iid",
         "server.buffer_size": 4, "server.deadline_s": 5.0, "run.max_versions": versions, "run.strategy": "ftte",
         "train.local_steps": TRAIN["local_steps"], "train.batch_size": TRAIN["batch_size"], "train.lr": TRAIN["lr"],
-        "privacy.noise_multiplier": TRAIN["noise_multiplier"], "privacy.epsilon_max": 1000.0,
+        "privacy.noise_multiplier": TRAIN["noise_multiplier"], "privacy.epsilon_max": 1000.0, "privacy.target_epsilon": 0.0,
         "privacy.accountant": "rdp", "secagg.clip": 2.0, "secagg.value_bits": 12,
     })
     sim = Simulation(cfg)

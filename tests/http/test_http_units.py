@@ -132,6 +132,7 @@ batch_size = 8
 noise_multiplier = 1.0
 accountant = "rdp"
 epsilon_max = 100.0
+target_epsilon = 0.0
 [secagg]
 clip = 2.0
 [server]
