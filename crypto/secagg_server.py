@@ -5,6 +5,22 @@ before it touches any state, so a refused message leaves the session as it was. 
 ``close_*`` method ends a stage, returns what to send next, and aborts the session when
 fewer than T members remain; an aborted session drops every masked input and share it
 held, so nothing it keeps could be unmasked.
+
+One bad member must not stall a cohort that has T honest survivors:
+
+* A member may report (``MaskedInput.skipped``) neighbours whose shares it could not use;
+  it did not mask with them and will refuse a survivor list naming both. ``close_upload``
+  leaves out of the sum a small set of members covering every such complaint, greedily (most
+  complaints first, the accused before the accuser on a tie). The server cannot tell a
+  garbage ciphertext from a false complaint, so a single unattributable complaint costs one
+  member: whoever is accused. A member that complains about two or more, or is complained
+  about by two or more, goes first. Left-out members are treated as dropped (their key is
+  recovered, their seed never is), which is safe: their masked input stays masked.
+* At unmasking, each secret is reconstructed by :func:`shamir.robust_reconstruct` and
+  checked against its commitment (the seed commitment, or the advertised mask public key);
+  a wrong share among the first t makes it try other t-subsets (bounded, see there) instead
+  of aborting. Holders whose shares were off the verified polynomial are listed in the
+  result and tried last for every later secret.
 """
 
 from __future__ import annotations
@@ -33,7 +49,8 @@ from ftte.crypto.secagg_session import (
     SessionParams,
     ShapeError,
     SignatureError,
-    neighbours,
+    masking_graph,
+    nonce_commitment,
     seed_commitment,
     session_id,
     share_index,
@@ -78,7 +95,9 @@ class AggregateResult:
 
     total: np.ndarray
     survivors: tuple[int, ...]
-    dropped: tuple[int, ...]  # shared keys but sent no masked input: their pairwise masks were removed
+    dropped: tuple[int, ...]  # shared keys but are not in the sum: their pairwise masks were removed
+    excluded: tuple[int, ...] = ()  # uploaded, but left out to settle complaints about unusable shares
+    bad_shares: tuple[int, ...] = ()  # holders that released a share off the polynomial of a verified secret
 
 
 class SecAggServer:
@@ -88,8 +107,12 @@ class SecAggServer:
         self._context = params.context()
         self.session = b""
         self.adverts: dict[int, AdvertiseKeys] = {}
-        self.roster: dict[int, tuple[bytes, bytes]] = {}
+        self.roster: dict[int, tuple[bytes, bytes, bytes]] = {}  # member -> (c_public, s_public, nonce commitment)
         self.graph: dict[int, frozenset[int]] = {}
+        self.graph_digest = b""
+        self.skipped: dict[int, frozenset[int]] = {}  # uploader -> neighbours it did not mask with
+        self.excluded: tuple[int, ...] = ()
+        self._suspects: set[int] = set()  # holders caught releasing a wrong share
         self.share_msgs: dict[int, ShareKeys] = {}
         self.masked: dict[int, np.ndarray] = {}
         self.survivors: tuple[int, ...] = ()
@@ -133,6 +156,7 @@ class SecAggServer:
         elif isinstance(msg, MaskedInput):
             self._check_masked(msg)
             self.masked[member] = msg.vector
+            self.skipped[member] = frozenset(msg.skipped)
         elif isinstance(msg, UnmaskShares):
             self._check_unmask(msg)
             self.unmask_msgs[member] = msg
@@ -153,8 +177,10 @@ class SecAggServer:
         if msg.member not in self.roster:
             raise MemberError(f"member {msg.member} did not advertise keys")
         recipients = [r for r, _ in msg.ciphertexts]
-        if sorted(recipients) != sorted(self.graph[msg.member]) or len(set(recipients)) != len(recipients):
-            raise MemberError(f"member {msg.member} addressed shares to the wrong holders")
+        if sorted(recipients) != sorted(set(self.roster) - {msg.member}) or len(set(recipients)) != len(recipients):
+            raise MemberError(f"member {msg.member} must address shares to every other roster member, once")
+        if not constant_time_equal(nonce_commitment(self._context, msg.member, msg.nonce), self.roster[msg.member][2]):
+            raise SignatureError(f"nonce of member {msg.member} does not open its commitment")
 
     def _check_masked(self, msg: MaskedInput) -> None:
         self._once(self.masked, msg.member)
@@ -166,13 +192,16 @@ class SecAggServer:
                 f"masked input of member {msg.member}: expected {dtype} x {self.params.dim}, "
                 f"got {msg.vector.dtype} x {msg.vector.shape[0]}"
             )
+        skipped = msg.skipped
+        if list(skipped) != sorted(set(skipped)) or not set(skipped) <= (self.graph[msg.member] & set(self.share_msgs)):
+            raise MemberError(f"member {msg.member} skipped members that are not neighbours that shared keys")
 
     def _check_consistency(self, msg: ConsistencySignature) -> None:
         self._once(self.consistency_sigs, msg.member)
         if msg.member not in self.masked:
             raise MemberError(f"member {msg.member} is not a survivor")
         try:
-            ed25519_verify(self.params.identity_key(msg.member), msg.signature, consistency_bytes(self.session, self.survivors))
+            ed25519_verify(self.params.identity_key(msg.member), msg.signature, consistency_bytes(self.session, self.survivors, self.graph_digest))
         except CryptoError:
             raise SignatureError(f"consistency signature of member {msg.member} does not verify") from None
 
@@ -215,10 +244,9 @@ class SecAggServer:
         if self.stage is not ServerStage.ADVERTISE:
             raise SecAggError(f"cannot close advertise in stage {self.stage.value}")
         self._require(len(self.adverts), "members advertised keys")
-        self.roster = {m: (a.c_public, a.s_public) for m, a in self.adverts.items()}
+        self.roster = {m: (a.c_public, a.s_public, a.nonce_commitment) for m, a in self.adverts.items()}
         self.session = session_id(self._context, self.roster)
-        self.graph = neighbours(self.params, self.session, tuple(self.roster))
-        if min(len(g) + 1 for g in self.graph.values()) < self.params.t:
+        if len(self.roster) < self.params.t:
             raise self._abort(f"too few members advertised to reach share threshold {self.params.t}")
         self.stage = ServerStage.SHARE
         return Roster(self._context, tuple((m, wire.encode(self.adverts[m])) for m in sorted(self.adverts)))
@@ -227,18 +255,29 @@ class SecAggServer:
         if self.stage is not ServerStage.SHARE:
             raise SecAggError(f"cannot close share in stage {self.stage.value}")
         self._require(len(self.share_msgs), "members shared keys")
+        nonces = {m: self.share_msgs[m].nonce for m in sorted(self.share_msgs)}
+        try:
+            graph = masking_graph(self.params, self.session, tuple(self.roster), nonces)
+        except ValueError as exc:
+            raise self._abort(f"no ring order: {exc}; session aborted, nothing revealed") from None
+        self.graph, self.graph_digest = graph.neighbours, graph.digest
         inbox: dict[int, list[tuple[int, bytes]]] = {m: [] for m in self.share_msgs}
         for sender in sorted(self.share_msgs):
             for recipient, ciphertext in self.share_msgs[sender].ciphertexts:
-                if recipient in inbox:
+                if recipient in inbox and recipient in self.graph[sender]:  # only neighbours hold shares
                     inbox[recipient].append((sender, ciphertext))
+        revealed = tuple(nonces.items())
         self.stage = ServerStage.UPLOAD
-        return {m: ShareDelivery(self.session, tuple(box)) for m, box in inbox.items()}
+        return {m: ShareDelivery(self.session, tuple(box), revealed) for m, box in inbox.items()}
 
     def close_upload(self) -> SurvivorList:
         if self.stage is not ServerStage.UPLOAD:
             raise SecAggError(f"cannot close upload in stage {self.stage.value}")
         self._require(len(self.masked), "masked inputs")
+        self.excluded = settle_complaints({m: self.skipped.get(m, frozenset()) & set(self.masked) for m in self.masked})
+        for m in self.excluded:
+            del self.masked[m]  # its masks with members that skipped it cannot cancel
+        self._require(len(self.masked), "masked inputs after leaving out members with unusable shares")
         self.survivors = tuple(sorted(self.masked))
         self.stage = ServerStage.CONSISTENCY
         return SurvivorList(self.session, self.survivors)
@@ -281,6 +320,8 @@ class SecAggServer:
         for j in dropped:
             key_j = X25519Key(keys[j])
             for i in sorted(self.graph[j] & survivor_set):
+                if j in self.skipped.get(i, ()):
+                    continue  # i never masked with j
                 secret = key_j.agree(self.roster[i][1])
                 mask = expand_mask(pairwise_seed(secret, self.session, i, j), dim, bits)
                 # member i added +mask if i < j, else -mask: undo it.
@@ -291,28 +332,48 @@ class SecAggServer:
         self.masked.clear()
         self.unmask_msgs.clear()
         self.stage = ServerStage.DONE
-        self.result = AggregateResult(total, survivors, dropped)
+        self.result = AggregateResult(total, survivors, dropped, self.excluded, tuple(sorted(self._suspects)))
         return self.result
 
     def _recover(self, owner: int, shares: list[shamir.Share], t: int, cache: shamir.LagrangeCache, kind: str) -> bytes:
         if len(shares) < t:
             raise self._abort(f"only {len(shares)} {kind} shares of member {owner}, need {t}: session aborted")
+        # Holders already caught with a wrong share go last: the first t usually verify at once.
+        ordered = sorted(shares, key=lambda s: (s.index - 1) in self._suspects)
         try:
-            secret = shamir.reconstruct(shares[:t], t, check_extra=False, cache=cache)
-            if self._matches(owner, secret, kind):
-                return secret
-        except shamir.ShamirError:
-            pass
-        # A wrong share among the first t: use all of them, which pins down the inconsistency.
-        try:
-            secret = shamir.reconstruct(shares, t, check_extra=True)
+            secret, wrong = shamir.robust_reconstruct(
+                ordered, t, lambda secret: self._matches(owner, secret, kind), cache=cache
+            )
         except shamir.ShamirError as exc:
-            raise self._abort(f"{kind} shares of member {owner} are inconsistent: {exc}") from None
-        if not self._matches(owner, secret, kind):
-            raise self._abort(f"recovered {kind} of member {owner} does not match its commitment")
+            raise self._abort(f"{kind} of member {owner} cannot be recovered from its shares ({exc}): session aborted") from None
+        self._suspects.update(s.index - 1 for s in wrong)  # share index = member id + 1
         return secret
 
     def _matches(self, owner: int, secret: bytes, kind: str) -> bool:
         if kind == "seed":
             return constant_time_equal(seed_commitment(self.session, owner, secret), self.share_msgs[owner].seed_commitment)
         return constant_time_equal(x25519_public_from_private(secret), self.roster[owner][1])
+
+
+def settle_complaints(skipped: dict[int, frozenset[int]]) -> tuple[int, ...]:
+    """Members to leave out so that no member in the sum skipped another member in it.
+
+    ``skipped[u]`` holds the uploaders whose shares u could not use. Greedy vertex cover of
+    the complaint graph: repeatedly leave out whoever is in the most open complaints, the
+    accused before the accuser on a tie (a garbage ciphertext is the common case), then the
+    lower id. With an honest server every complaint has a malicious end, so each malicious
+    member costs at most as many honest members as it files or draws lone complaints.
+    """
+    edges = {(u, v) for u, vs in skipped.items() for v in vs if u != v}
+    out: list[int] = []
+    while edges:
+        degree: dict[int, int] = {}
+        accused: dict[int, int] = {}
+        for u, v in edges:
+            degree[u] = degree.get(u, 0) + 1
+            degree[v] = degree.get(v, 0) + 1
+            accused[v] = accused.get(v, 0) + 1
+        worst = max(degree, key=lambda m: (degree[m], accused.get(m, 0), -m))
+        out.append(worst)
+        edges = {(u, v) for u, v in edges if worst not in (u, v)}
+    return tuple(sorted(out))
