@@ -313,6 +313,16 @@ class SecAggClient:
                 seed_shares.append((owner, seed_share.value_bytes()))
             else:
                 key_shares.append((owner, key_share.value_bytes()))
+        # My masks with partners outside the list: the server removes them from my input. (Their
+        # key shares, released above by every honest holder, would give the server the same masks.)
+        pair_seeds = tuple(
+            (peer, pairwise_seed(self._s.agree(self.roster[peer][1]), self.session, self.member, peer))
+            for peer in self.share_peers
+            if peer not in survivors
+        )
         self._held.clear()
         self.stage = ClientStage.DONE
-        return sign_message(self._identity, UnmaskShares(self.session, self.member, tuple(seed_shares), tuple(key_shares)))
+        return sign_message(
+            self._identity,
+            UnmaskShares(self.session, self.member, tuple(seed_shares), tuple(key_shares), pair_seeds=pair_seeds),
+        )

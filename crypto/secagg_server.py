@@ -220,12 +220,20 @@ class SecAggServer:
             raise MemberError(f"member {msg.member} repeated an owner")
         if not set(seed_owners) <= (held & survivors) or not set(key_owners) <= (held - survivors):
             raise MemberError(f"member {msg.member} released shares of owners it does not hold or of the wrong kind")
+        partners = self._partners(msg.member)
+        pair_owners = [o for o, _ in msg.pair_seeds]
+        if len(set(pair_owners)) != len(pair_owners) or not set(pair_owners) <= (partners - survivors):
+            raise MemberError(f"member {msg.member} sent mask seeds for members it did not mask with or that survived")
         x = share_index(msg.member)
         try:
             for _, value in msg.seed_shares + msg.key_shares:
                 shamir.Share.from_bytes(x, value)
         except shamir.ShamirError as exc:
             raise ShapeError(f"member {msg.member} sent a malformed share: {exc}") from None
+
+    def _partners(self, member: int) -> set[int]:
+        """Whom ``member`` masked with: neighbours that shared keys, less those it skipped."""
+        return (set(self.graph[member]) & set(self.share_msgs)) - self.skipped.get(member, frozenset())
 
     # -- closing stages ----------------------------------------------------------------------
     def _abort(self, why: str) -> SessionAborted:
@@ -308,7 +316,18 @@ class SecAggServer:
         dropped = tuple(sorted(set(self.share_msgs) - set(survivors)))
         cache = shamir.LagrangeCache()
         seeds = {m: self._recover(m, seed_shares.get(m, []), t, cache, "seed") for m in survivors}
-        keys = {m: self._recover(m, key_shares.get(m, []), t, cache, "key") for m in dropped}
+        survivor_set = set(survivors)
+        # a dropped member's key is needed only if some survivor masked with it (one that
+        # skipped it holds none of its shares either)
+        partners = {j: sorted(i for i in self.graph[j] & survivor_set if j not in self.skipped.get(i, ())) for j in dropped}
+        pair_seeds = {(i, j): seed for i in survivors if i in self.unmask_msgs for j, seed in self.unmask_msgs[i].pair_seeds}
+        # a dropped member's key is rebuilt only if some survivor masked with it and did not
+        # send the mask's seed itself (it dropped before unmasking)
+        keys = {
+            j: self._recover(j, key_shares.get(j, []), t, cache, "key")
+            for j in dropped
+            if any((i, j) not in pair_seeds for i in partners[j])
+        }
 
         dim, bits = self.params.dim, self.params.ring_bits
         total = np.zeros(dim, dtype=ring_dtype(bits))
@@ -316,14 +335,14 @@ class SecAggServer:
             np.add(total, self.masked[m], out=total)
         for m in survivors:
             np.subtract(total, expand_mask(self_mask_seed(seeds[m], self.session, m), dim, bits), out=total)
-        survivor_set = set(survivors)
         for j in dropped:
-            key_j = X25519Key(keys[j])
-            for i in sorted(self.graph[j] & survivor_set):
-                if j in self.skipped.get(i, ()):
-                    continue  # i never masked with j
-                secret = key_j.agree(self.roster[i][1])
-                mask = expand_mask(pairwise_seed(secret, self.session, i, j), dim, bits)
+            key_j = X25519Key(keys[j]) if j in keys else None
+            for i in partners[j]:
+                seed = pair_seeds.get((i, j))
+                if seed is None:
+                    assert key_j is not None
+                    seed = pairwise_seed(key_j.agree(self.roster[i][1]), self.session, i, j)
+                mask = expand_mask(seed, dim, bits)
                 # member i added +mask if i < j, else -mask: undo it.
                 if i < j:
                     np.subtract(total, mask, out=total)

@@ -121,13 +121,18 @@ class ConsistencyBundle(Message):
 
 @message(9)
 class UnmaskShares(Message):
-    """Stage 4: seed shares of survivors and key shares of dropped members, never both for one member."""
+    """Stage 4: seed shares of survivors and key shares of dropped members, never both for one
+    member, and the pairwise mask seeds shared with dropped mask partners."""
 
     session: bytes = field(KEY32)
     member: int = field(U64)
     seed_shares: tuple = field(pairs(SHARE))  # (owner, share of owner's self-mask seed)
     key_shares: tuple = field(pairs(SHARE))  # (owner, share of owner's mask private key)
     signature: bytes = field(SIG64, default=EMPTY_SIGNATURE)
+    # (partner, seed of my pairwise mask with it) for each mask partner outside the survivor
+    # list: lets the server remove that mask even when the partner's key cannot be rebuilt
+    # (say, it sent garbage to most of its holders). Covered by the signature.
+    pair_seeds: tuple = field(pairs(KEY32), default=())
 
 
 SIGNED_TYPES = (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskShares)
