@@ -60,3 +60,47 @@ def test_lagrange_cache_gives_same_result():
     for s in secrets:
         shares = shamir.split(s, 3, [4, 8, 15, 16])
         assert shamir.reconstruct(shares[:3], 3, cache=cache) == s
+
+
+@settings(max_examples=80, deadline=None)
+@given(secret=st.binary(min_size=32, max_size=32), data=st.data())
+def test_robust_reconstruct_finds_the_committed_secret_despite_wrong_shares(secret, data):
+    t = data.draw(st.integers(1, 8), label="t")
+    n = data.draw(st.integers(t, 14), label="n")
+    shares = shamir.split(secret, t, list(range(1, n + 1)))
+    bad = set(data.draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n), label="bad"))
+    tampered = [
+        shamir.Share(s.index, (s.value + 1 + data.draw(st.integers(0, 2**64), label="delta")) % shamir.PRIME) if i in bad else s
+        for i, s in enumerate(shares)
+    ]
+    order = data.draw(st.permutations(tampered), label="order")
+    verify = lambda candidate: candidate == secret  # stands for the commitment check
+    if n - len(bad) >= t:
+        got, wrong = shamir.robust_reconstruct(order, t, verify, max_candidates=10**6)
+        assert got == secret
+        assert {s.index for s in wrong} <= {shares[i].index for i in bad}
+        if any(shares[i].index in {s.index for s in order[:t]} for i in bad):
+            # the first t held a wrong share, so the rest were examined: every wrong one is named
+            assert {s.index for s in wrong} == {shares[i].index for i in bad}
+    else:
+        with pytest.raises(shamir.ShamirError):
+            shamir.robust_reconstruct(order, t, verify, max_candidates=10**6)
+
+
+def test_robust_reconstruct_bounds_its_work():
+    secret = os.urandom(32)
+    shares = shamir.split(secret, 20, list(range(1, 31)))
+    # three wrong shares at the front: the all-right subset is candidate 1 + 21 + C(22, 2) + 1 = 254
+    bad = [shamir.Share(s.index, (s.value + 7 * (i + 1)) % shamir.PRIME) for i, s in enumerate(shares[:3])]
+    mixed = bad + shares[3:]
+    tried = []
+
+    def verify(candidate):
+        tried.append(candidate)
+        return candidate == secret
+
+    with pytest.raises(shamir.ShamirError, match="within 100 candidates"):
+        shamir.robust_reconstruct(mixed, 20, verify, max_candidates=100)
+    assert len(tried) <= 100
+    got, wrong = shamir.robust_reconstruct(mixed, 20, verify)  # the default bound (4096) suffices
+    assert got == secret and {s.index for s in wrong} == {1, 2, 3}
