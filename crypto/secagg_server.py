@@ -10,12 +10,13 @@ One bad member must not stall a cohort that has T honest survivors:
 
 * A member may report (``MaskedInput.skipped``) neighbours whose shares it could not use;
   it did not mask with them and will refuse a survivor list naming both. ``close_upload``
-  leaves out of the sum a small set of members covering every such complaint, greedily (most
-  complaints first, the accused before the accuser on a tie). The server cannot tell a
-  garbage ciphertext from a false complaint, so a single unattributable complaint costs one
-  member: whoever is accused. A member that complains about two or more, or is complained
-  about by two or more, goes first. Left-out members are treated as dropped (their key is
-  recovered, their seed never is), which is safe: their masked input stays masked.
+  leaves out of the sum a small set of members covering every such complaint (see
+  :func:`settle_complaints`). Left-out members are treated as dropped: their seed is never
+  recovered, so their masked input stays masked. Survivors send the seeds of their masks
+  with dropped partners (``UnmaskShares.pair_seeds``, only for partners outside the signed
+  survivor list, as key shares are), so a member that sent garbage to most of its holders
+  can be left out although its key cannot be rebuilt. These seeds tell the server nothing
+  that the dropped partner's key shares (released by every honest holder) would not.
 * At unmasking, each secret is reconstructed by :func:`shamir.robust_reconstruct` and
   checked against its commitment (the seed commitment, or the advertised mask public key);
   a wrong share among the first t makes it try other t-subsets (bounded, see there) instead
@@ -380,8 +381,12 @@ def settle_complaints(skipped: dict[int, frozenset[int]]) -> tuple[int, ...]:
     ``skipped[u]`` holds the uploaders whose shares u could not use. Greedy vertex cover of
     the complaint graph: repeatedly leave out whoever is in the most open complaints, the
     accused before the accuser on a tie (a garbage ciphertext is the common case), then the
-    lower id. With an honest server every complaint has a malicious end, so each malicious
-    member costs at most as many honest members as it files or draws lone complaints.
+    lower id. With an honest server every complaint has a malicious end. One malicious member
+    costs at most one honest member, and only by a single false complaint (which the server
+    cannot tell from a single garbage ciphertext); two or more complaints filed by or about it
+    put it out alone. Colluders can cost more (greedy cover is within a factor ln(d) + 1 of
+    the smallest, d the most complaints touching one member); the session still aborts,
+    revealing nothing, if fewer than T remain.
     """
     edges = {(u, v) for u, vs in skipped.items() for v in vs if u != v}
     out: list[int] = []

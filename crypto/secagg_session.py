@@ -26,15 +26,27 @@ Residual. The ring needs the nonce of every roster member: a member whose reveal
 missing (it dropped, or a colluder withholds it after seeing the honest nonces, or the
 server hides it) makes every honest member abort the session. Deriving the order from
 whichever nonces arrived instead would let the server pick, after seeing them, among all
-the subsets it can claim arrived (and show different members different subsets), which
-is grinding again. So the only choice left to the adversary is, once per session, to
-accept the ring it sees or abort the session, visibly to every member ("no nonce from
-member m"); a new session draws fresh honest nonces. With per-session success chance p
-(for a target's ``neighbors`` ring neighbours all being colluders, p is about
-``(c/(n-1))**neighbors``), R aborted sessions buy at most a ``1 - (1-p)**(R+1)`` chance, and
-the device bounds R by refusing to offer the same update to more than a few sessions.
-The cost to honest members: a member that drops between advertising and sharing keys
-aborts a ring session (the full graph does not need the nonces and tolerates it).
+the subsets it can claim arrived, and show different members different subsets (then
+honest members outside a target's true neighbourhood would hold and release its shares),
+which is worse than grinding. So the adversary's only choice is, once per session, to
+accept the ring it sees or abort the session, visibly to every member ("no ring order ...
+missing [m]"); a new session draws fresh honest nonces. If a favourable ring comes with
+chance p per session (both of two colluders among a target's 4 neighbours in a 20-member
+ring: p = 6/171), R aborted sessions buy at most ``1 - (1 - p)**(R + 1)``, against
+certainty after a few dozen offline re-keys before; the device bounds R by limiting how
+many sessions it offers the same update to. The cost to honest members: a member that
+drops between advertising and sharing keys aborts a ring session (the full graph ignores
+the nonces and tolerates it).
+
+What a favourable ring would still buy. With ``t >= max_corrupt + 2`` and every honest
+member on the same ring, no placement of colluders unmasks anyone: unmasking u needs u's
+seed (t seed shares: honest holders release them only while u is a survivor, and u's
+honest holders are its ring neighbours) and every pairwise mask of u (an honest
+neighbour's mask is removable only once that neighbour is out of the survivor list, and
+then it releases nothing); so all of u's honest neighbours out leaves u's own share and
+the colluders', fewer than t. A ground ring would buy availability attacks (colluders as
+most of a target's holders refuse to answer) and break the random-graph assumption of
+SecAgg+'s dropout analysis; the unpredictable order removes both.
 """
 
 from __future__ import annotations

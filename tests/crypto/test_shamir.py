@@ -1,3 +1,4 @@
+import hashlib
 import os
 
 import pytest
@@ -69,10 +70,10 @@ def test_robust_reconstruct_finds_the_committed_secret_despite_wrong_shares(secr
     n = data.draw(st.integers(t, 14), label="n")
     shares = shamir.split(secret, t, list(range(1, n + 1)))
     bad = set(data.draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n), label="bad"))
-    tampered = [
-        shamir.Share(s.index, (s.value + 1 + data.draw(st.integers(0, 2**64), label="delta")) % shamir.PRIME) if i in bad else s
-        for i, s in enumerate(shares)
-    ]
+    # offsets unrelated across shares: equal ones can cancel in a Lagrange sum (see the next test)
+    salt = data.draw(st.binary(min_size=8, max_size=8), label="salt")
+    offsets = [1 + int.from_bytes(hashlib.sha256(salt + bytes([i])).digest(), "big") % (shamir.PRIME - 1) for i in range(n)]
+    tampered = [shamir.Share(s.index, (s.value + offsets[i]) % shamir.PRIME) if i in bad else s for i, s in enumerate(shares)]
     order = data.draw(st.permutations(tampered), label="order")
     verify = lambda candidate: candidate == secret  # stands for the commitment check
     if n - len(bad) >= t:
@@ -104,3 +105,17 @@ def test_robust_reconstruct_bounds_its_work():
     assert len(tried) <= 100
     got, wrong = shamir.robust_reconstruct(mixed, 20, verify)  # the default bound (4096) suffices
     assert got == secret and {s.index for s in wrong} == {1, 2, 3}
+
+
+def test_colluding_wrong_shares_can_cancel_and_blame_right_ones():
+    """The documented caveat: the Lagrange coefficients at zero over x = 1, 2, 3 are 3, -3, 1,
+    so shares at x = 1 and 2 shifted by the same amount cancel and {1, 2, 3} reconstructs the
+    right secret; the right shares at x = 4 and 5 are then named as wrong. The secret is right;
+    the server only uses the names to try those holders last."""
+    secret = os.urandom(32)
+    shares = shamir.split(secret, 3, [1, 2, 3, 4, 5])
+    assert shamir.lagrange_at_zero((1, 2, 3)) == [3, shamir.PRIME - 3, 1]
+    shifted = {s.index: shamir.Share(s.index, (s.value + 5) % shamir.PRIME) if s.index <= 2 else s for s in shares}
+    order = [shifted[x] for x in (1, 2, 4, 3, 5)]  # the first three, {1, 2, 4}, do not verify
+    got, wrong = shamir.robust_reconstruct(order, 3, lambda c: c == secret)
+    assert got == secret and [s.index for s in wrong] == [4, 5]
