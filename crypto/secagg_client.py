@@ -3,8 +3,15 @@
 Stages: advertise keys -> share keys -> masked input -> consistency check -> unmask.
 Each method consumes the server's message for one stage and returns this member's reply;
 calling a method out of order raises, and a refused message leaves the state unchanged.
-Fresh X25519 keys and a fresh self-mask seed are drawn per session, and the member never
-releases both a seed share and a key share for the same owner.
+Fresh X25519 keys, a fresh self-mask seed and a fresh ring-order nonce are drawn per
+session, and the member never releases both a seed share and a key share for the same owner.
+
+A neighbour whose shares do not decrypt (or do not parse) is treated exactly like one whose
+shares never arrived: this member keeps none of its shares, does not mask with it, names it
+in ``MaskedInput.skipped`` so the server can leave one of the two out of the sum, and refuses
+any survivor list that names it. So a malicious server that corrupts or drops ciphertexts
+gains nothing it could not get by withholding them (which it always could): each such
+neighbour must leave the sum, or this member stops before releasing anything.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from ftte.crypto.primitives import (
     aead_encrypt,
     ed25519_verify,
     X25519Key,
+    constant_time_equal,
     random_bytes,
     x25519_check_public,
 )
@@ -36,7 +44,8 @@ from ftte.crypto.secagg_session import (
     SessionParams,
     ShapeError,
     SignatureError,
-    neighbours,
+    masking_graph,
+    nonce_commitment,
     seed_commitment,
     session_id,
     share_aad,
@@ -92,10 +101,14 @@ class SecAggClient:
         self.c_public, self.s_public = self._c.public_key, self._s.public_key
         self._c_secrets: dict[int, bytes] = {}  # peer -> X25519(c) secret, agreed once per session
         self._seed = random_bytes(32)
+        self._nonce = random_bytes(32)  # ring-order contribution, revealed once the roster is fixed
+        self.nonce_commitment = nonce_commitment(self._context, member, self._nonce)
         self.session: bytes = b""
-        self.roster: dict[int, tuple[bytes, bytes]] = {}
+        self.roster: dict[int, tuple[bytes, bytes, bytes]] = {}  # member -> (c_public, s_public, nonce commitment)
         self.neighbours: frozenset[int] = frozenset()
+        self.graph_digest: bytes = b""
         self.share_peers: tuple[int, ...] = ()  # members whose shares I hold (and who mask with me)
+        self.skipped: tuple[int, ...] = ()  # neighbours that shared keys but whose shares I could not use
         self._held: dict[int, tuple[shamir.Share, shamir.Share]] = {}  # owner -> (seed share, key share)
         self._survivors: tuple[int, ...] = ()
         self.released: dict[int, str] = {}  # owner -> "seed" | "key"
@@ -118,7 +131,8 @@ class SecAggClient:
     def advertise(self) -> AdvertiseKeys:
         self._expect(ClientStage.NEW)
         msg = sign_message(
-            self._identity, AdvertiseKeys(self._context, self.member, self.c_public, self.s_public)
+            self._identity,
+            AdvertiseKeys(self._context, self.member, self.c_public, self.s_public, nonce_commitment=self.nonce_commitment),
         )
         self.stage = ClientStage.ADVERTISED
         return msg
@@ -129,7 +143,7 @@ class SecAggClient:
         self._expect(ClientStage.ADVERTISED)
         if roster_msg.context != self._context:
             raise ReplayError("roster for another cohort context")
-        roster: dict[int, tuple[bytes, bytes]] = {}
+        roster: dict[int, tuple[bytes, bytes, bytes]] = {}
         for member, blob in roster_msg.adverts:
             try:
                 advert = wire.decode(blob, expect=AdvertiseKeys)
@@ -145,17 +159,18 @@ class SecAggClient:
                 ed25519_verify(self.params.identity_key(member), advert.signature, signing_bytes(advert))
             except CryptoError as exc:
                 raise SignatureError(f"advertisement of member {member}: {exc}") from None
-            roster[member] = (advert.c_public, advert.s_public)
-        if roster.get(self.member) != (self.c_public, self.s_public):
+            roster[member] = (advert.c_public, advert.s_public, advert.nonce_commitment)
+        if roster.get(self.member) != (self.c_public, self.s_public, self.nonce_commitment):
             raise MemberError("roster does not carry my own advertisement")
         if len(roster) < self.params.threshold:
             raise self._abort(f"only {len(roster)} members advertised keys, threshold is {self.params.threshold}")
+        if len(roster) < self.params.t:
+            raise self._abort(f"{len(roster)} members cannot reach share threshold {self.params.t}")
         session = session_id(self._context, roster)
-        graph = neighbours(self.params, session, tuple(roster))
-        holders = sorted(graph[self.member] | {self.member})
-        if len(holders) < self.params.t:
-            raise self._abort(f"{len(holders)} share holders cannot reach share threshold {self.params.t}")
-        self.session, self.roster, self.neighbours = session, roster, graph[self.member]
+        self.session, self.roster = session, roster
+        # The ring order is not known yet (it needs every member's nonce, revealed below), so
+        # shares go to every member; holders keep only their ring neighbours' (see secagg_session).
+        holders = sorted(roster)
         indices = [share_index(h) for h in holders]
         seed_shares = shamir.split(self._seed, self.params.t, indices)
         key_shares = shamir.split(self._s.private_bytes(), self.params.t, indices)
@@ -168,9 +183,38 @@ class SecAggClient:
             key = share_key(secret, session, self.member, holder)
             plaintext = s_share.value_bytes() + k_share.value_bytes()
             ciphertexts.append((holder, aead_encrypt(key, plaintext, share_aad(session, self.member, holder))))
-        msg = ShareKeys(session, self.member, seed_commitment(session, self.member, self._seed), tuple(ciphertexts))
+        msg = ShareKeys(
+            session, self.member, seed_commitment(session, self.member, self._seed), tuple(ciphertexts), nonce=self._nonce
+        )
         self.stage = ClientStage.SHARED
         return sign_message(self._identity, msg)
+
+    def _revealed_nonces(self, delivery: ShareDelivery) -> dict[int, bytes]:
+        """Every nonce in the delivery, each checked against its member's commitment."""
+        nonces: dict[int, bytes] = {}
+        for member, nonce in delivery.nonces:
+            if member not in self.roster or member in nonces:
+                raise MemberError(f"nonce from unknown or repeated member {member}")
+            if not constant_time_equal(nonce_commitment(self._context, member, nonce), self.roster[member][2]):
+                raise SignatureError(f"nonce of member {member} does not open its commitment")
+            nonces[member] = nonce
+        if nonces.get(self.member) != self._nonce:
+            raise MemberError("delivery does not carry my own nonce")
+        return nonces
+
+    def _open_shares(self, sender: int, ciphertext: bytes) -> tuple[shamir.Share, shamir.Share] | None:
+        """The (seed, key) shares ``sender`` sent me, or None if they do not decrypt or parse."""
+        secret = self._c_secrets.get(sender) or self._c.agree(self.roster[sender][0])
+        key = share_key(secret, self.session, sender, self.member)
+        try:
+            plain = aead_decrypt(key, ciphertext, share_aad(self.session, sender, self.member))
+            index = share_index(self.member)
+            return (
+                shamir.Share.from_bytes(index, plain[: shamir.SHARE_BYTES]),
+                shamir.Share.from_bytes(index, plain[shamir.SHARE_BYTES :]),
+            )
+        except (CryptoError, shamir.ShamirError):
+            return None
 
     # -- stage 2 ---------------------------------------------------------------------------
     def masked_input(self, delivery: ShareDelivery, vector: np.ndarray) -> MaskedInput:
@@ -181,26 +225,27 @@ class SecAggClient:
         vector = np.asarray(vector)
         if vector.dtype != dtype or vector.shape != (self.params.dim,):
             raise ShapeError(f"input must be a {dtype} vector of length {self.params.dim}, got {vector.dtype} {vector.shape}")
+        nonces = self._revealed_nonces(delivery)
+        senders: set[int] = set()
+        for sender, _ in delivery.ciphertexts:
+            if sender not in nonces or sender == self.member or sender in senders:
+                raise MemberError(f"shares from member {sender}, who did not reveal a nonce, is me, or repeats")
+            senders.add(sender)
+        try:
+            graph = masking_graph(self.params, self.session, tuple(self.roster), nonces)
+        except ValueError as exc:
+            raise self._abort(f"no ring order: {exc}") from None
+        neighbours = graph.neighbours[self.member]
         held: dict[int, tuple[shamir.Share, shamir.Share]] = {}
-        my_index = share_index(self.member)
         for sender, ciphertext in delivery.ciphertexts:
-            if sender not in self.neighbours or sender in held:
-                raise MemberError(f"shares from member {sender}, who is not an unseen neighbour")
-            secret = self._c_secrets.get(sender) or self._c.agree(self.roster[sender][0])
-            key = share_key(secret, self.session, sender, self.member)
-            try:
-                plain = aead_decrypt(key, ciphertext, share_aad(self.session, sender, self.member))
-            except CryptoError as exc:
-                raise SignatureError(f"shares from member {sender}: {exc}") from None
-            try:
-                held[sender] = (
-                    shamir.Share.from_bytes(my_index, plain[: shamir.SHARE_BYTES]),
-                    shamir.Share.from_bytes(my_index, plain[shamir.SHARE_BYTES :]),
-                )
-            except shamir.ShamirError as exc:
-                raise ShapeError(f"shares from member {sender}: {exc}") from None
+            if sender in neighbours:  # shares of non-neighbours are not mine to hold: never opened
+                shares = self._open_shares(sender, ciphertext)
+                if shares is not None:
+                    held[sender] = shares
         if len(held) + 1 < self.params.t:
             raise self._abort(f"only {len(held) + 1} of my share holders shared keys, share threshold is {self.params.t}")
+        self.neighbours, self.graph_digest = neighbours, graph.digest
+        self.skipped = tuple(sorted(m for m in neighbours if m in nonces and m not in held))
         self._held.update(held)
         self.share_peers = tuple(sorted(held))
         masked = vector + expand_mask(self_mask_seed(self._seed, self.session, self.member), self.params.dim, self.params.ring_bits)
@@ -212,7 +257,7 @@ class SecAggClient:
             else:
                 np.subtract(masked, mask, out=masked)
         self.stage = ClientStage.MASKED
-        return sign_message(self._identity, MaskedInput(self.session, self.member, masked))
+        return sign_message(self._identity, MaskedInput(self.session, self.member, masked, skipped=self.skipped))
 
     # -- stage 3 ---------------------------------------------------------------------------
     def consistency(self, survivors_msg: SurvivorList) -> ConsistencySignature:
@@ -235,7 +280,7 @@ class SecAggClient:
         self._survivors = tuple(survivors)
         self.stage = ClientStage.SIGNED
         return ConsistencySignature(
-            self.session, self.member, self._identity.sign(consistency_bytes(self.session, self._survivors))
+            self.session, self.member, self._identity.sign(consistency_bytes(self.session, self._survivors, self.graph_digest))
         )
 
     # -- stage 4 ---------------------------------------------------------------------------
@@ -244,7 +289,7 @@ class SecAggClient:
         self._expect(ClientStage.SIGNED)
         self._check_session(bundle.session)
         signed: set[int] = set()
-        message = consistency_bytes(self.session, self._survivors)
+        message = consistency_bytes(self.session, self._survivors, self.graph_digest)
         for member, signature in bundle.signatures:
             if member not in self._survivors or member in signed:
                 raise MemberError(f"consistency signature from non-survivor or duplicate member {member}")
@@ -268,6 +313,16 @@ class SecAggClient:
                 seed_shares.append((owner, seed_share.value_bytes()))
             else:
                 key_shares.append((owner, key_share.value_bytes()))
+        # My masks with partners outside the list: the server removes them from my input. (Their
+        # key shares, released above by every honest holder, would give the server the same masks.)
+        pair_seeds = tuple(
+            (peer, pairwise_seed(self._s.agree(self.roster[peer][1]), self.session, self.member, peer))
+            for peer in self.share_peers
+            if peer not in survivors
+        )
         self._held.clear()
         self.stage = ClientStage.DONE
-        return sign_message(self._identity, UnmaskShares(self.session, self.member, tuple(seed_shares), tuple(key_shares)))
+        return sign_message(
+            self._identity,
+            UnmaskShares(self.session, self.member, tuple(seed_shares), tuple(key_shares), pair_seeds=pair_seeds),
+        )

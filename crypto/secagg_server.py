@@ -5,6 +5,23 @@ before it touches any state, so a refused message leaves the session as it was. 
 ``close_*`` method ends a stage, returns what to send next, and aborts the session when
 fewer than T members remain; an aborted session drops every masked input and share it
 held, so nothing it keeps could be unmasked.
+
+One bad member must not stall a cohort that has T honest survivors:
+
+* A member may report (``MaskedInput.skipped``) neighbours whose shares it could not use;
+  it did not mask with them and will refuse a survivor list naming both. ``close_upload``
+  leaves out of the sum a small set of members covering every such complaint (see
+  :func:`settle_complaints`). Left-out members are treated as dropped: their seed is never
+  recovered, so their masked input stays masked. Survivors send the seeds of their masks
+  with dropped partners (``UnmaskShares.pair_seeds``, only for partners outside the signed
+  survivor list, as key shares are), so a member that sent garbage to most of its holders
+  can be left out although its key cannot be rebuilt. These seeds tell the server nothing
+  that the dropped partner's key shares (released by every honest holder) would not.
+* At unmasking, each secret is reconstructed by :func:`shamir.robust_reconstruct` and
+  checked against its commitment (the seed commitment, or the advertised mask public key);
+  a wrong share among the first t makes it try other t-subsets (bounded, see there) instead
+  of aborting. Holders whose shares were off the verified polynomial are listed in the
+  result and tried last for every later secret.
 """
 
 from __future__ import annotations
@@ -33,7 +50,8 @@ from ftte.crypto.secagg_session import (
     SessionParams,
     ShapeError,
     SignatureError,
-    neighbours,
+    masking_graph,
+    nonce_commitment,
     seed_commitment,
     session_id,
     share_index,
@@ -78,7 +96,9 @@ class AggregateResult:
 
     total: np.ndarray
     survivors: tuple[int, ...]
-    dropped: tuple[int, ...]  # shared keys but sent no masked input: their pairwise masks were removed
+    dropped: tuple[int, ...]  # shared keys but are not in the sum: their pairwise masks were removed
+    excluded: tuple[int, ...] = ()  # uploaded, but left out to settle complaints about unusable shares
+    bad_shares: tuple[int, ...] = ()  # holders that released a share off the polynomial of a verified secret
 
 
 class SecAggServer:
@@ -88,8 +108,12 @@ class SecAggServer:
         self._context = params.context()
         self.session = b""
         self.adverts: dict[int, AdvertiseKeys] = {}
-        self.roster: dict[int, tuple[bytes, bytes]] = {}
+        self.roster: dict[int, tuple[bytes, bytes, bytes]] = {}  # member -> (c_public, s_public, nonce commitment)
         self.graph: dict[int, frozenset[int]] = {}
+        self.graph_digest = b""
+        self.skipped: dict[int, frozenset[int]] = {}  # uploader -> neighbours it did not mask with
+        self.excluded: tuple[int, ...] = ()
+        self._suspects: set[int] = set()  # holders caught releasing a wrong share
         self.share_msgs: dict[int, ShareKeys] = {}
         self.masked: dict[int, np.ndarray] = {}
         self.survivors: tuple[int, ...] = ()
@@ -133,6 +157,7 @@ class SecAggServer:
         elif isinstance(msg, MaskedInput):
             self._check_masked(msg)
             self.masked[member] = msg.vector
+            self.skipped[member] = frozenset(msg.skipped)
         elif isinstance(msg, UnmaskShares):
             self._check_unmask(msg)
             self.unmask_msgs[member] = msg
@@ -153,8 +178,10 @@ class SecAggServer:
         if msg.member not in self.roster:
             raise MemberError(f"member {msg.member} did not advertise keys")
         recipients = [r for r, _ in msg.ciphertexts]
-        if sorted(recipients) != sorted(self.graph[msg.member]) or len(set(recipients)) != len(recipients):
-            raise MemberError(f"member {msg.member} addressed shares to the wrong holders")
+        if sorted(recipients) != sorted(set(self.roster) - {msg.member}) or len(set(recipients)) != len(recipients):
+            raise MemberError(f"member {msg.member} must address shares to every other roster member, once")
+        if not constant_time_equal(nonce_commitment(self._context, msg.member, msg.nonce), self.roster[msg.member][2]):
+            raise SignatureError(f"nonce of member {msg.member} does not open its commitment")
 
     def _check_masked(self, msg: MaskedInput) -> None:
         self._once(self.masked, msg.member)
@@ -166,13 +193,16 @@ class SecAggServer:
                 f"masked input of member {msg.member}: expected {dtype} x {self.params.dim}, "
                 f"got {msg.vector.dtype} x {msg.vector.shape[0]}"
             )
+        skipped = msg.skipped
+        if list(skipped) != sorted(set(skipped)) or not set(skipped) <= (self.graph[msg.member] & set(self.share_msgs)):
+            raise MemberError(f"member {msg.member} skipped members that are not neighbours that shared keys")
 
     def _check_consistency(self, msg: ConsistencySignature) -> None:
         self._once(self.consistency_sigs, msg.member)
         if msg.member not in self.masked:
             raise MemberError(f"member {msg.member} is not a survivor")
         try:
-            ed25519_verify(self.params.identity_key(msg.member), msg.signature, consistency_bytes(self.session, self.survivors))
+            ed25519_verify(self.params.identity_key(msg.member), msg.signature, consistency_bytes(self.session, self.survivors, self.graph_digest))
         except CryptoError:
             raise SignatureError(f"consistency signature of member {msg.member} does not verify") from None
 
@@ -191,12 +221,20 @@ class SecAggServer:
             raise MemberError(f"member {msg.member} repeated an owner")
         if not set(seed_owners) <= (held & survivors) or not set(key_owners) <= (held - survivors):
             raise MemberError(f"member {msg.member} released shares of owners it does not hold or of the wrong kind")
+        partners = self._partners(msg.member)
+        pair_owners = [o for o, _ in msg.pair_seeds]
+        if len(set(pair_owners)) != len(pair_owners) or not set(pair_owners) <= (partners - survivors):
+            raise MemberError(f"member {msg.member} sent mask seeds for members it did not mask with or that survived")
         x = share_index(msg.member)
         try:
             for _, value in msg.seed_shares + msg.key_shares:
                 shamir.Share.from_bytes(x, value)
         except shamir.ShamirError as exc:
             raise ShapeError(f"member {msg.member} sent a malformed share: {exc}") from None
+
+    def _partners(self, member: int) -> set[int]:
+        """Whom ``member`` masked with: neighbours that shared keys, less those it skipped."""
+        return (set(self.graph[member]) & set(self.share_msgs)) - self.skipped.get(member, frozenset())
 
     # -- closing stages ----------------------------------------------------------------------
     def _abort(self, why: str) -> SessionAborted:
@@ -215,10 +253,9 @@ class SecAggServer:
         if self.stage is not ServerStage.ADVERTISE:
             raise SecAggError(f"cannot close advertise in stage {self.stage.value}")
         self._require(len(self.adverts), "members advertised keys")
-        self.roster = {m: (a.c_public, a.s_public) for m, a in self.adverts.items()}
+        self.roster = {m: (a.c_public, a.s_public, a.nonce_commitment) for m, a in self.adverts.items()}
         self.session = session_id(self._context, self.roster)
-        self.graph = neighbours(self.params, self.session, tuple(self.roster))
-        if min(len(g) + 1 for g in self.graph.values()) < self.params.t:
+        if len(self.roster) < self.params.t:
             raise self._abort(f"too few members advertised to reach share threshold {self.params.t}")
         self.stage = ServerStage.SHARE
         return Roster(self._context, tuple((m, wire.encode(self.adverts[m])) for m in sorted(self.adverts)))
@@ -227,18 +264,29 @@ class SecAggServer:
         if self.stage is not ServerStage.SHARE:
             raise SecAggError(f"cannot close share in stage {self.stage.value}")
         self._require(len(self.share_msgs), "members shared keys")
+        nonces = {m: self.share_msgs[m].nonce for m in sorted(self.share_msgs)}
+        try:
+            graph = masking_graph(self.params, self.session, tuple(self.roster), nonces)
+        except ValueError as exc:
+            raise self._abort(f"no ring order: {exc}; session aborted, nothing revealed") from None
+        self.graph, self.graph_digest = graph.neighbours, graph.digest
         inbox: dict[int, list[tuple[int, bytes]]] = {m: [] for m in self.share_msgs}
         for sender in sorted(self.share_msgs):
             for recipient, ciphertext in self.share_msgs[sender].ciphertexts:
-                if recipient in inbox:
+                if recipient in inbox and recipient in self.graph[sender]:  # only neighbours hold shares
                     inbox[recipient].append((sender, ciphertext))
+        revealed = tuple(nonces.items())
         self.stage = ServerStage.UPLOAD
-        return {m: ShareDelivery(self.session, tuple(box)) for m, box in inbox.items()}
+        return {m: ShareDelivery(self.session, tuple(box), revealed) for m, box in inbox.items()}
 
     def close_upload(self) -> SurvivorList:
         if self.stage is not ServerStage.UPLOAD:
             raise SecAggError(f"cannot close upload in stage {self.stage.value}")
         self._require(len(self.masked), "masked inputs")
+        self.excluded = settle_complaints({m: self.skipped.get(m, frozenset()) & set(self.masked) for m in self.masked})
+        for m in self.excluded:
+            del self.masked[m]  # its masks with members that skipped it cannot cancel
+        self._require(len(self.masked), "masked inputs after leaving out members with unusable shares")
         self.survivors = tuple(sorted(self.masked))
         self.stage = ServerStage.CONSISTENCY
         return SurvivorList(self.session, self.survivors)
@@ -269,7 +317,18 @@ class SecAggServer:
         dropped = tuple(sorted(set(self.share_msgs) - set(survivors)))
         cache = shamir.LagrangeCache()
         seeds = {m: self._recover(m, seed_shares.get(m, []), t, cache, "seed") for m in survivors}
-        keys = {m: self._recover(m, key_shares.get(m, []), t, cache, "key") for m in dropped}
+        survivor_set = set(survivors)
+        # a dropped member's key is needed only if some survivor masked with it (one that
+        # skipped it holds none of its shares either)
+        partners = {j: sorted(i for i in self.graph[j] & survivor_set if j not in self.skipped.get(i, ())) for j in dropped}
+        pair_seeds = {(i, j): seed for i in survivors if i in self.unmask_msgs for j, seed in self.unmask_msgs[i].pair_seeds}
+        # a dropped member's key is rebuilt only if some survivor masked with it and did not
+        # send the mask's seed itself (it dropped before unmasking)
+        keys = {
+            j: self._recover(j, key_shares.get(j, []), t, cache, "key")
+            for j in dropped
+            if any((i, j) not in pair_seeds for i in partners[j])
+        }
 
         dim, bits = self.params.dim, self.params.ring_bits
         total = np.zeros(dim, dtype=ring_dtype(bits))
@@ -277,12 +336,14 @@ class SecAggServer:
             np.add(total, self.masked[m], out=total)
         for m in survivors:
             np.subtract(total, expand_mask(self_mask_seed(seeds[m], self.session, m), dim, bits), out=total)
-        survivor_set = set(survivors)
         for j in dropped:
-            key_j = X25519Key(keys[j])
-            for i in sorted(self.graph[j] & survivor_set):
-                secret = key_j.agree(self.roster[i][1])
-                mask = expand_mask(pairwise_seed(secret, self.session, i, j), dim, bits)
+            key_j = X25519Key(keys[j]) if j in keys else None
+            for i in partners[j]:
+                seed = pair_seeds.get((i, j))
+                if seed is None:
+                    assert key_j is not None
+                    seed = pairwise_seed(key_j.agree(self.roster[i][1]), self.session, i, j)
+                mask = expand_mask(seed, dim, bits)
                 # member i added +mask if i < j, else -mask: undo it.
                 if i < j:
                     np.subtract(total, mask, out=total)
@@ -291,28 +352,52 @@ class SecAggServer:
         self.masked.clear()
         self.unmask_msgs.clear()
         self.stage = ServerStage.DONE
-        self.result = AggregateResult(total, survivors, dropped)
+        self.result = AggregateResult(total, survivors, dropped, self.excluded, tuple(sorted(self._suspects)))
         return self.result
 
     def _recover(self, owner: int, shares: list[shamir.Share], t: int, cache: shamir.LagrangeCache, kind: str) -> bytes:
         if len(shares) < t:
             raise self._abort(f"only {len(shares)} {kind} shares of member {owner}, need {t}: session aborted")
+        # Holders already caught with a wrong share go last: the first t usually verify at once.
+        ordered = sorted(shares, key=lambda s: (s.index - 1) in self._suspects)
         try:
-            secret = shamir.reconstruct(shares[:t], t, check_extra=False, cache=cache)
-            if self._matches(owner, secret, kind):
-                return secret
-        except shamir.ShamirError:
-            pass
-        # A wrong share among the first t: use all of them, which pins down the inconsistency.
-        try:
-            secret = shamir.reconstruct(shares, t, check_extra=True)
+            secret, wrong = shamir.robust_reconstruct(
+                ordered, t, lambda secret: self._matches(owner, secret, kind), cache=cache
+            )
         except shamir.ShamirError as exc:
-            raise self._abort(f"{kind} shares of member {owner} are inconsistent: {exc}") from None
-        if not self._matches(owner, secret, kind):
-            raise self._abort(f"recovered {kind} of member {owner} does not match its commitment")
+            raise self._abort(f"{kind} of member {owner} cannot be recovered from its shares ({exc}): session aborted") from None
+        self._suspects.update(s.index - 1 for s in wrong)  # share index = member id + 1
         return secret
 
     def _matches(self, owner: int, secret: bytes, kind: str) -> bool:
         if kind == "seed":
             return constant_time_equal(seed_commitment(self.session, owner, secret), self.share_msgs[owner].seed_commitment)
         return constant_time_equal(x25519_public_from_private(secret), self.roster[owner][1])
+
+
+def settle_complaints(skipped: dict[int, frozenset[int]]) -> tuple[int, ...]:
+    """Members to leave out so that no member in the sum skipped another member in it.
+
+    ``skipped[u]`` holds the uploaders whose shares u could not use. Greedy vertex cover of
+    the complaint graph: repeatedly leave out whoever is in the most open complaints, the
+    accused before the accuser on a tie (a garbage ciphertext is the common case), then the
+    lower id. With an honest server every complaint has a malicious end. One malicious member
+    costs at most one honest member, and only by a single false complaint (which the server
+    cannot tell from a single garbage ciphertext); two or more complaints filed by or about it
+    put it out alone. Colluders can cost more (greedy cover is within a factor ln(d) + 1 of
+    the smallest, d the most complaints touching one member); the session still aborts,
+    revealing nothing, if fewer than T remain.
+    """
+    edges = {(u, v) for u, vs in skipped.items() for v in vs if u != v}
+    out: list[int] = []
+    while edges:
+        degree: dict[int, int] = {}
+        accused: dict[int, int] = {}
+        for u, v in edges:
+            degree[u] = degree.get(u, 0) + 1
+            degree[v] = degree.get(v, 0) + 1
+            accused[v] = accused.get(v, 0) + 1
+        worst = max(degree, key=lambda m: (degree[m], accused.get(m, 0), -m))
+        out.append(worst)
+        edges = {(u, v) for u, v in edges if worst not in (u, v)}
+    return tuple(sorted(out))

@@ -2,11 +2,57 @@
 
 Both state machines derive everything here from the same public inputs, so they agree
 on the session id, on who shares with whom and on the thresholds without exchanging it.
+
+Ring order (SecAgg+). Who masks with whom, and who holds whose shares, is a ring whose
+order must be unpredictable to the server and to colluding members until nothing they
+choose can change it any more. Deriving it from the session id (a hash of the advertised
+keys) let them re-roll it offline: colluders re-keyed until they surrounded a target.
+Now each member commits in ``AdvertiseKeys`` to a fresh 32-byte nonce
+(:func:`nonce_commitment`, bound to the context and the member; the commitments are
+also in the session id, so the server cannot show two members different commitments
+without splitting them into sessions that cannot decrypt each other's shares). Once the
+roster is fixed it reveals the nonce in ``ShareKeys``; the order is a hash of the session
+id and the nonces of *every* roster member (:func:`ring_seed`). Colluders commit before any
+honest nonce is known, and honest nonces are uniform, so whatever they choose the ring
+is a uniformly random ring.
+
+Because the order is unknown when ``ShareKeys`` is sent, a member encrypts its shares to
+every roster member; each honest member keeps only those of its ring neighbours (so the
+holders of a member's secrets are still exactly its ring neighbours). Colluders keep all
+of theirs, which is why the ring needs ``t >= max_corrupt + 2``: the owner's own share and
+every colluder's together stay below ``t``.
+
+Residual. The ring needs the nonce of every roster member: a member whose reveal is
+missing (it dropped, or a colluder withholds it after seeing the honest nonces, or the
+server hides it) makes every honest member abort the session. Deriving the order from
+whichever nonces arrived instead would let the server pick, after seeing them, among all
+the subsets it can claim arrived, and show different members different subsets (then
+honest members outside a target's true neighbourhood would hold and release its shares),
+which is worse than grinding. So the adversary's only choice is, once per session, to
+accept the ring it sees or abort the session, visibly to every member ("no ring order ...
+missing [m]"); a new session draws fresh honest nonces. If a favourable ring comes with
+chance p per session (both of two colluders among a target's 4 neighbours in a 20-member
+ring: p = 6/171), R aborted sessions buy at most ``1 - (1 - p)**(R + 1)``, against
+certainty after a few dozen offline re-keys before; the device bounds R by limiting how
+many sessions it offers the same update to. The cost to honest members: a member that
+drops between advertising and sharing keys aborts a ring session (the full graph ignores
+the nonces and tolerates it).
+
+What a favourable ring would still buy. With ``t >= max_corrupt + 2`` and every honest
+member on the same ring, no placement of colluders unmasks anyone: unmasking u needs u's
+seed (t seed shares: honest holders release them only while u is a survivor, and u's
+honest holders are its ring neighbours) and every pairwise mask of u (an honest
+neighbour's mask is removable only once that neighbour is out of the survivor list, and
+then it releases nothing); so all of u's honest neighbours out leaves u's own share and
+the colluders', fewer than t. A ground ring would buy availability attacks (colluders as
+most of a target's holders refuse to answer) and break the random-graph assumption of
+SecAgg+'s dropout analysis; the unpredictable order removes both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 
@@ -138,6 +184,11 @@ class SessionParams:
                 )
             if t > holders:
                 raise ConfigError(f"share threshold {t} exceeds the {holders} holders: recovery impossible")
+            if t < self.max_corrupt + 2:
+                raise ConfigError(
+                    f"share threshold {t} must be at least max_corrupt + 2 = {self.max_corrupt + 2}: shares are sent "
+                    "to every member before the ring order is known, so every colluder holds one"
+                )
 
     @staticmethod
     def default_share_threshold(neighbors: int) -> int:
@@ -178,34 +229,68 @@ class SessionParams:
         return sha256(*parts)
 
 
-def session_id(context: bytes, roster: dict[int, tuple[bytes, bytes]]) -> bytes:
-    """Binds the context to the sorted advertised members and their fresh public keys."""
+def nonce_commitment(context: bytes, member: int, nonce: bytes) -> bytes:
+    """What ``AdvertiseKeys`` carries: hiding (the nonce is 32 random bytes) and binding."""
+    return sha256(b"ftte/secagg/nonce-commitment/v1", context, _u64(member), nonce)
+
+
+def session_id(context: bytes, roster: Mapping[int, tuple[bytes, ...]]) -> bytes:
+    """Binds the context to the sorted advertised members and everything they advertised
+    (fresh public keys and nonce commitment)."""
     parts = [b"ftte/secagg/session/v1", context]
     for m in sorted(roster):
-        c_pk, s_pk = roster[m]
-        parts += [_u64(m), c_pk, s_pk]
+        parts += [_u64(m), *roster[m]]
     return sha256(*parts)
 
 
-def neighbours(params: SessionParams, session: bytes, roster: tuple[int, ...]) -> dict[int, frozenset[int]]:
-    """Who masks with whom among the advertised members ``roster`` (sorted).
+def ring_seed(session: bytes, nonces: Mapping[int, bytes]) -> bytes:
+    """The ring order's seed: the session id and every roster member's revealed nonce."""
+    parts = [b"ftte/secagg/ring-order/v2", session]
+    for m in sorted(nonces):
+        parts += [_u64(m), nonces[m]]
+    return sha256(*parts)
 
-    Full graph: everyone. Ring graph: ``neighbors/2`` on each side of a random ring whose
-    order comes from the session id, so the server cannot choose it after seeing keys.
-    """
-    members = tuple(sorted(roster))
-    if params.graph == "full" or params.neighbors >= len(members) - 1:
-        everyone = frozenset(members)
-        return {m: everyone - {m} for m in members}
-    order_key = hkdf(session, salt=b"ftte/secagg/ring-order/v1", info=b"")
+
+def ring_neighbours(seed: bytes, members: tuple[int, ...], neighbors: int) -> dict[int, frozenset[int]]:
+    """``neighbors/2`` members on each side of each member on the ring ordered by ``seed``."""
+    members = tuple(sorted(members))
+    order_key = hkdf(seed, salt=b"ftte/secagg/ring-order/v1", info=b"")
     draws = expand_mask(order_key, len(members), 32)
     ring = [members[i] for i in np.argsort(draws, kind="stable")]
-    half = params.neighbors // 2
+    half = neighbors // 2
     n = len(ring)
-    out: dict[int, frozenset[int]] = {}
-    for pos, m in enumerate(ring):
-        out[m] = frozenset(ring[(pos + d) % n] for d in range(-half, half + 1) if d != 0)
-    return out
+    return {m: frozenset(ring[(pos + d) % n] for d in range(-half, half + 1) if d != 0) for pos, m in enumerate(ring)}
+
+
+def uses_ring(params: SessionParams, roster_size: int) -> bool:
+    """Whether this roster is masked on a ring (else everyone masks with everyone)."""
+    return params.graph == "ring" and params.neighbors < roster_size - 1
+
+
+@dataclass(frozen=True)
+class MaskingGraph:
+    """Who masks with (and holds the shares of) whom, and a digest that consistency
+    signatures cover, so members who derived different graphs never count each other."""
+
+    neighbours: dict[int, frozenset[int]]
+    digest: bytes
+
+
+def masking_graph(params: SessionParams, session: bytes, roster: tuple[int, ...], nonces: Mapping[int, bytes]) -> MaskingGraph:
+    """The graph among the advertised members ``roster``, given every revealed nonce.
+
+    Full graph: everyone, nonces unused. Ring: needs the nonce of every roster member
+    (see the module docstring for why a missing one aborts rather than being skipped).
+    """
+    members = tuple(sorted(roster))
+    if not uses_ring(params, len(members)):
+        everyone = frozenset(members)
+        return MaskingGraph({m: everyone - {m} for m in members}, sha256(b"ftte/secagg/graph/full/v1", session))
+    missing = [m for m in members if m not in nonces]
+    if missing or len(nonces) != len(members):
+        raise ValueError(f"the ring order needs every roster member's nonce; missing {missing}")
+    seed = ring_seed(session, nonces)
+    return MaskingGraph(ring_neighbours(seed, members, params.neighbors), sha256(b"ftte/secagg/graph/ring/v1", seed))
 
 
 def share_index(member: int) -> int:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from itertools import combinations
+from typing import Callable, Iterable, Sequence
 
 PRIME = 2**256 + 297
 SECRET_BYTES = 32
 SHARE_BYTES = 33
 MAX_INDEX = 2**64  # indices are member ids + 1
+MAX_CANDIDATES = 4096  # t-subsets :func:`robust_reconstruct` tries before giving up
 
 
 class ShamirError(ValueError):
@@ -142,3 +144,57 @@ def reconstruct(
     if secret >= 2 ** (8 * SECRET_BYTES):
         raise ShamirError("shares are inconsistent: reconstructed value is not a 32-byte secret")
     return secret.to_bytes(SECRET_BYTES, "big")
+
+
+def robust_reconstruct(
+    shares: Sequence[Share],
+    threshold: int,
+    verify: Callable[[bytes], bool],
+    *,
+    cache: LagrangeCache | None = None,
+    max_candidates: int = MAX_CANDIDATES,
+) -> tuple[bytes, list[Share]]:
+    """The secret behind ``shares`` that ``verify`` accepts, despite wrong shares among them.
+
+    ``verify`` checks a candidate against something the dealer committed to (the seed
+    commitment, the advertised public key), so a wrong share cannot pass it off as right.
+    Candidates are the t-subsets of the first ``t + r`` shares for r = 0, 1, 2, ...: with at
+    most ``e`` wrong shares and at least ``t`` right ones, some subset of the first ``t + e``
+    is all right, so the search succeeds after at most ``sum(C(t + r, r) for r <= e)``
+    candidates; it gives up (:class:`ShamirError`) after ``max_candidates`` of them (4096
+    covers one wrong share for t <= 4094, two for t <= 88, three for t <= 27). Put shares
+    you trust first: the first candidate is the first ``t``.
+
+    Returns the secret and, when the first ``t`` did not verify, the shares off the
+    polynomial that reconstructed it (when they did, the rest are not examined). With several
+    colluding wrong shares that happen to reconstruct the right secret together, right
+    shares may be listed: treat the list as evidence for ordering, not as proof.
+    """
+    shares = list(shares)
+    t = threshold
+    if t < 1:
+        raise ShamirError("threshold must be >= 1")
+    if len(shares) < t:
+        raise ShamirError(f"need {t} shares, got {len(shares)}")
+    if len({s.index for s in shares}) != len(shares):
+        raise ShamirError("share indices repeat")
+    tried = 0
+    for r in range(len(shares) - t + 1):
+        window = shares[: t + r]
+        for left_out in combinations(range(t + r), r):
+            if tried >= max_candidates:
+                raise ShamirError(f"no {t} of {len(shares)} shares verify within {max_candidates} candidates")
+            tried += 1
+            skip = set(left_out)
+            basis = [s for i, s in enumerate(window) if i not in skip]
+            try:
+                secret = reconstruct(basis, t, check_extra=False, cache=cache)
+            except ShamirError:
+                continue
+            if verify(secret):
+                if r == 0:
+                    return secret, []  # the fast path: extra shares are not examined
+                chosen = {s.index for s in basis}
+                wrong = [s for s in shares if s.index not in chosen and _interpolate(basis, s.index) != s.value]
+                return secret, wrong
+    raise ShamirError(f"no {t} of {len(shares)} shares reconstruct a secret that verifies")

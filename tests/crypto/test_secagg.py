@@ -77,6 +77,11 @@ def test_dropouts_up_to_n_minus_t_at_each_stage(stage, graph, neighbors):
     inputs = random_inputs(params, 3)
     drop = {m: stage for m in (1, 4, 7)}  # n - T = 3
     result, st_ = run_session(params, identities_for(params), inputs, drop)
+    if graph == "ring" and stage == "share":
+        # the ring order needs every advertised member's nonce: a member that drops between
+        # advertising and sharing keys aborts a ring session (see secagg_session's docstring)
+        assert result is None and "ring order" in st_.aborted
+        return
     if graph == "ring" and result is None:
         pytest.fail(f"ring session aborted: {st_.aborted}")
     assert result is not None, st_.aborted
@@ -294,11 +299,7 @@ def test_client_rejects_forged_roster_ciphertext_and_consistency_signature():
     with pytest.raises(SignatureError):
         h.clients[0].share_keys(bad_roster)
     h.share()  # the same client still proceeds with the honest roster
-    sender, ct = h.deliveries[0].ciphertexts[0]
-    flipped = ct[:-1] + bytes([ct[-1] ^ 1])
-    bad_delivery = ShareDelivery(h.deliveries[0].session, ((sender, flipped),) + h.deliveries[0].ciphertexts[1:])
-    with pytest.raises(SignatureError):
-        h.clients[0].masked_input(bad_delivery, h.inputs[0])
+    # (a tampered ciphertext no longer rejects the whole delivery: see test_secagg_robust.py)
     h.upload()
     live = h.survivors.survivors
     sigs = {m: h.clients[m].consistency(h.survivors) for m in live}
@@ -372,7 +373,7 @@ def test_client_refuses_survivors_it_never_masked_with():
     h = Harness(n=5, t=3)
     h.advertise(); h.share()
     full = h.deliveries[0]
-    withheld = ShareDelivery(full.session, tuple((m, ct) for m, ct in full.ciphertexts if m not in (3, 4)))
+    withheld = ShareDelivery(full.session, tuple((m, ct) for m, ct in full.ciphertexts if m not in (3, 4)), full.nonces)
     h.clients[0].masked_input(withheld, h.inputs[0])  # masks with 1 and 2 only
     with pytest.raises(MemberError, match="never masked"):
         h.clients[0].consistency(SurvivorList(full.session, (0, 3, 4)))
