@@ -131,7 +131,7 @@ class Coordinator:
         self._tasks: set[asyncio.Task] = set()
         self._pull_cache: tuple[int, ModelPull] | None = None
         self._evaluate: Evaluator | None = None
-        self.policy = self.cfg.privacy.policy()
+        self.privacy_policy = self.cfg.privacy.policy()
 
     # -- the model, as the rest of the server and the tests read it -----------------------------
     @property
@@ -154,7 +154,7 @@ class Coordinator:
         """Load the latest version and replay the journal of every unfinished cohort."""
         await self.db.call(self.db.commit_initial, self.task.initial_subset, self.plan_id, self.cfg.to_json())
         if self.cfg.privacy.enabled:
-            await self.db.call(self.db.set_policy, self.policy)  # the audit checks every row against it
+            await self.db.call(self.db.set_policy, self.privacy_policy)  # the audit checks every row against it
         self.started_at = await self.db.call(self.db.started_at)
         rec: Recovered = await self.db.call(self.db.recover, self.settings.deploy.max_staleness)
         if rec.checkpoint is not None:
@@ -310,7 +310,7 @@ class Coordinator:
     async def _check_policy(self, member: int, req: JoinRequest) -> None:
         """Refuse, before anything is stored, a join whose round breaks the task's privacy policy or
         would take the device's ledger ε past the cap (counting its rounds still in flight)."""
-        policy = self.policy
+        policy = self.privacy_policy
         rounds = [r for c in self.live.values() if member in c.joins
                   for r in self._member_rounds(member, c, ())]
         rounds += join_rounds(member, req, self.identities.get(member), merged=False)

@@ -101,7 +101,7 @@ def free_port() -> int:
 def write_server_config(path: Path, *, pki: Pki | None, allow: Path, state: Path, port: int, test_data: Path | None,
                         buffer_size: int = 4, deadline_s: float = 5.0, stage_timeout_s: float = 4.0,
                         local_steps: int = 3, batch_size: int = 16, lr: float = 0.5, server_lr: float = 1.0,
-                        epsilon_max: float = 1000.0, noise_multiplier: float = 0.7, poll_wait_s: float = 5.0,
+                        epsilon_max: float = 1000.0, noise_multiplier: float = 0.7, metrics: bool = True, poll_wait_s: float = 5.0,
                         rate_per_s: float = 50.0, rate_burst: int = 100, model: str = "logistic",
                         extra: str = "") -> Path:
     tls = (f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\n' if pki is not None
@@ -143,7 +143,7 @@ port = {port}
 {tls}poll_wait_s = {poll_wait_s}
 rate_per_s = {rate_per_s}
 rate_burst = {rate_burst}
-metrics = true
+metrics = {"true" if metrics else "false"}
 
 [deploy]
 state = "{state}"

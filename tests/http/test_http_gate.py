@@ -49,7 +49,8 @@ class LiveServer:
         db_path = tmp / "state" / "server.db"
         db_path.parent.mkdir(parents=True, exist_ok=True)
         cfg = write_server_config(tmp / "server.toml", pki=self.pki, allow=allow, state=db_path, port=self.port,
-                                  test_data=None, rate_per_s=rate_per_s, rate_burst=rate_burst)
+                                  test_data=None, rate_per_s=rate_per_s, rate_burst=rate_burst,
+                                  metrics=bool(metrics))
         settings = load_server_config(cfg)
         keys = load_allow_list(settings.path(settings.deploy.allow_list))
         self.db = Database(settings.path(settings.deploy.state), settings.path(settings.deploy.ledger_key),

@@ -67,7 +67,9 @@ def honest_task(member: int, **override) -> TaskInfo:
                     model_kwargs_json=json.dumps({"in_features": IN_FEATURES, "num_classes": CLASSES}),
                     input_shape=(IN_FEATURES,), num_classes=CLASSES, initial_weights=weights, local_steps=1,
                     batch_size=4, lr=0.1, dp_enabled=1, noise_multiplier=1.0, max_grad_norm=1.0, delta=0.0,
-                    accountant="rdp", epsilon_max=0.0, buffer_size=2, stage_timeout_ms=1000, poll_wait_ms=1000)
+                    accountant="rdp", epsilon_max=0.0, buffer_size=2, stage_timeout_ms=1000, poll_wait_ms=1000,
+                    clip=2.0, value_bits=12, staleness_exponent=0.5, variance_penalty=1.0, r_min=0.25,
+                    max_corrupt=1)
     return dataclasses.replace(task, **override)
 
 
