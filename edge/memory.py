@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from ftte.edge.plan import SubsetPlan
-from ftte.edge.step import OptimizerKind, StepConfig, SubsetStep
+from ftte.edge.step import CLIPPING_MODES, ClippingMode, OptimizerKind, StepConfig, SubsetStep
 
 __all__ = [
     "TrainingSetup",
@@ -87,8 +87,11 @@ class TrainingSetup:
     optimizer: OptimizerKind = "momentum"
     num_classes: int | None = None
     prefix_chunk: int | None = None
+    clipping: ClippingMode = "per_sample"
 
     def __post_init__(self) -> None:
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {self.clipping!r}")
         if self.prefix_chunk is not None and int(self.prefix_chunk) < 1:
             raise ValueError(f"prefix_chunk must be >= 1 or None, got {self.prefix_chunk}")
         if int(self.batch_size) < 1:
@@ -98,7 +101,9 @@ class TrainingSetup:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
 
     def step_config(self, **overrides: float) -> StepConfig:
-        return StepConfig(dp=self.dp, optimizer=self.optimizer, prefix_chunk=self.prefix_chunk, **overrides)
+        return StepConfig(
+            dp=self.dp, optimizer=self.optimizer, prefix_chunk=self.prefix_chunk, clipping=self.clipping, **overrides
+        )
 
 
 @dataclass(frozen=True)
@@ -471,8 +476,10 @@ def _layer_costs(layer: _Layer, tr: dict[str, int], b: int, *, grad_mode: bool, 
                 c.node_work = max(outb + inb, tr.get("weight", 0) * e)
         else:
             # torch's im2col kernel ("slow_conv2d"): an unfolded-input buffer, forward and backward
+            # (backward re-unfolds only for the weight gradient; the input gradient and the bias
+            # gradient need no columns buffer: measured on torch 2.13)
             c.fwd_work = unfolded
-            if node:
+            if node and "weight" in tr:
                 c.node_work = unfolded
         if hook:
             if m.padding == "same":
@@ -533,6 +540,125 @@ def _layer_costs(layer: _Layer, tr: dict[str, int], b: int, *, grad_mode: bool, 
     return c
 
 
+def _single_backward(
+    costs: list[_Costs],
+    sizes: dict[int, int],
+    kept: set[int],
+    cur_id: int,
+    refs: dict[int, set[int]],
+    in_id: list[int],
+    out_id: list[int],
+    extras: list[int],
+    forward_end: int,
+    logits: int,
+) -> tuple[int, int, int]:
+    """One backward pass, last layer first, freeing saved storages as it goes (non-private
+    or per-sample DP). Returns ``(peak, held .grad bytes, held per-sample-gradient bytes)``."""
+    refs = {k: set(v) for k, v in refs.items()}
+    held_grads = held_gs = 0
+    extras_live = sum(extras)
+    alive = kept | {cur_id}
+    g = logits  # gradient w.r.t. the current layer's output
+    peak = forward_end + g
+    for j in range(len(costs) - 1, -1, -1):
+        c = costs[j]
+        live = sum(sizes[s] for s in alive) + extras_live + held_grads + held_gs + g
+        if j == 0:
+            # the suffix input needs no grad, so Opacus's hook fires before the layer's node
+            peak = max(peak, live + c.hook_work)
+            held_gs += c.grad_sample
+            peak = max(peak, live + c.grad_sample + c.node_work + c.grad_in + c.grads)
+            held_grads += c.grads
+        else:
+            peak = max(peak, live + c.node_work + c.grad_in + c.grads)
+            held_grads += c.grads
+            peak = max(peak, live + c.grads + c.grad_in + c.hook_work)
+            held_gs += c.grad_sample
+        extras_live -= extras[j]
+        for sid in (in_id[j], out_id[j]):
+            refs.get(sid, set()).discard(j)
+        alive = {sid for sid in alive if refs.get(sid)}
+        if not c.is_view:
+            g = c.grad_in  # a view layer passes on a view of the same gradient
+    return peak, held_grads, held_gs
+
+
+def _ghost_norm_work(layer: _Layer, c: _Costs, b: int) -> int:
+    """Transient bytes of Opacus's fast-clipping hook on one trainable layer.
+
+    Layers with a ghost norm sampler (``Linear`` on per-sample vectors) compute each
+    sample's gradient norm from ``backprops * batch`` and the activations without forming
+    per-sample gradients: one output-sized buffer plus a few batch-sized vectors. Every
+    other layer computes its per-sample gradients as in per-sample mode (``hook_work``),
+    takes their norms and drops them before the next layer's hook.
+    """
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    if type(layer.module) in GradSampleModuleFastGradientClipping.NORM_SAMPLERS and len(layer.in_shape) == 1:
+        outb = b * layer.out_numel * layer.out_elem
+        return outb + 4 * b * 4
+    return c.hook_work
+
+
+def _ghost_backward(
+    suffix: list[_Layer],
+    costs: list[_Costs],
+    sizes: dict[int, int],
+    kept: set[int],
+    cur_id: int,
+    refs: dict[int, set[int]],
+    in_id: list[int],
+    out_id: list[int],
+    extras: list[int],
+    forward_end: int,
+    logits: int,
+    b: int,
+) -> tuple[int, int, int]:
+    """Ghost clipping's two backward passes (Opacus ``DPTensorFastGradientClipping.backward``).
+
+    Pass one runs with ``retain_graph=True``, so every saved storage stays alive while the
+    hooks compute per-sample gradient norms and ``.grad`` is written; no per-sample
+    gradient outlives its layer's hook. ``.grad`` is then zeroed in place (kept), and pass
+    two backpropagates the re-weighted per-sample losses with hooks off, freeing saved
+    storages as it goes; each layer's new gradient is a transient buffer added into ``.grad``.
+    Returns ``(peak, held .grad bytes, 0)``.
+    """
+    all_saved = sum(sizes[s] for s in kept | {cur_id}) + sum(extras)
+    loss_vectors = 4 * b * 4  # per-sample losses, clipping factors, their product
+    held_grads = 0
+    g = logits
+    peak = forward_end + g + loss_vectors
+    for j in range(len(costs) - 1, -1, -1):
+        c = costs[j]
+        work = _ghost_norm_work(suffix[j], c, b) if c.grad_sample else 0
+        live = all_saved + loss_vectors + held_grads + g
+        if j == 0:
+            peak = max(peak, live + work)
+            peak = max(peak, live + c.node_work + c.grad_in + c.grads)
+        else:
+            peak = max(peak, live + c.node_work + c.grad_in + c.grads)
+            peak = max(peak, live + c.grads + c.grad_in + work)
+        held_grads += c.grads
+        if not c.is_view:
+            g = c.grad_in
+    # pass two: the graph is freed layer by layer; new gradients are added into the held .grad
+    refs = {k: set(v) for k, v in refs.items()}
+    extras_live = sum(extras)
+    alive = kept | {cur_id}
+    g = logits
+    for j in range(len(costs) - 1, -1, -1):
+        c = costs[j]
+        live = sum(sizes[s] for s in alive) + extras_live + loss_vectors + held_grads + g
+        peak = max(peak, live + c.node_work + c.grad_in + c.grads)
+        extras_live -= extras[j]
+        for sid in (in_id[j], out_id[j]):
+            refs.get(sid, set()).discard(j)
+        alive = {sid for sid in alive if refs.get(sid)}
+        if not c.is_view:
+            g = c.grad_in
+    return peak, held_grads, 0
+
+
 class MemoryEstimator:
     """Estimates peak step memory for any plan of one model, probing layer shapes only once.
 
@@ -562,9 +688,12 @@ class MemoryEstimator:
         dp: bool = True,
         optimizer: OptimizerKind = "momentum",
         prefix_chunk: int | None = None,
+        clipping: ClippingMode = "per_sample",
     ) -> MemoryEstimate:
         plan.check(self.model)
-        setup = TrainingSetup(batch_size, self.input_shape, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk)
+        setup = TrainingSetup(
+            batch_size, self.input_shape, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk, clipping=clipping
+        )
         b = setup.batch_size
         trainable = set(plan.trainable)
         sizes_tr = [self._named[n][0] * self._named[n][1] for n in plan.trainable]
@@ -633,32 +762,15 @@ class MemoryEstimator:
         if input_is_batch and 0 in kept:
             saved_activation_bytes += x_bytes  # the batch itself is saved (counted in the baseline)
 
-        # backward, last layer first
-        held_grads = held_gs = 0
-        extras_live = sum(extras)
-        alive = kept | {cur_id}
-        g = logits  # gradient w.r.t. the current layer's output
-        peak = forward_end + g
-        for j in range(len(suffix) - 1, -1, -1):
-            c = costs[j]
-            live = sum(sizes[s] for s in alive) + extras_live + held_grads + held_gs + g
-            if j == 0:
-                # the suffix input needs no grad, so Opacus's hook fires before the layer's node
-                peak = max(peak, live + c.hook_work)
-                held_gs += c.grad_sample
-                peak = max(peak, live + c.grad_sample + c.node_work + c.grad_in + c.grads)
-                held_grads += c.grads
-            else:
-                peak = max(peak, live + c.node_work + c.grad_in + c.grads)
-                held_grads += c.grads
-                peak = max(peak, live + c.grads + c.grad_in + c.hook_work)
-                held_gs += c.grad_sample
-            extras_live -= extras[j]
-            for sid in (in_id[j], out_id[j]):
-                refs.get(sid, set()).discard(j)
-            alive = {sid for sid in alive if refs.get(sid)}
-            if not c.is_view:
-                g = c.grad_in  # a view layer passes on a view of the same gradient
+        ghost = dp and clipping == "ghost"
+        if ghost:
+            peak, held_grads, held_gs = _ghost_backward(
+                suffix, costs, sizes, kept, cur_id, refs, in_id, out_id, extras, forward_end, logits, b
+            )
+        else:
+            peak, held_grads, held_gs = _single_backward(
+                costs, sizes, kept, cur_id, refs, in_id, out_id, extras, forward_end, logits
+            )
         phase_peaks["backward"] = peak
         after_backward = held_grads + held_gs
 
@@ -683,7 +795,7 @@ class MemoryEstimator:
             batch_bytes=int(batch_bytes),
             trainable_bytes=int(trainable_bytes),
             gradient_bytes=int(trainable_bytes),
-            per_sample_gradient_bytes=int(b * trainable_bytes) if dp else 0,
+            per_sample_gradient_bytes=int(b * trainable_bytes) if dp and not ghost else 0,
             saved_activation_bytes=int(saved_activation_bytes),
             peak_phase=phase,
             phase_peaks={name: int(baseline + v) for name, v in phase_peaks.items()},
@@ -694,5 +806,10 @@ class MemoryEstimator:
 def estimate_training_memory(model: nn.Module, plan: SubsetPlan, setup: TrainingSetup) -> MemoryEstimate:
     """Predict the peak bytes of one step (see :class:`MemoryEstimator` and the module docstring)."""
     return MemoryEstimator(model, setup.input_shape).estimate(
-        plan, setup.batch_size, dp=setup.dp, optimizer=setup.optimizer, prefix_chunk=setup.prefix_chunk
+        plan,
+        setup.batch_size,
+        dp=setup.dp,
+        optimizer=setup.optimizer,
+        prefix_chunk=setup.prefix_chunk,
+        clipping=setup.clipping,
     )
