@@ -130,6 +130,7 @@ class MemoryEstimate:
     peak_phase: str
     phase_peaks: dict[str, int] = field(default_factory=dict)
     approximate_layers: tuple[str, ...] = ()
+    clipping: str = "per_sample"  # the DP clipping mode costed (see ftte.edge.step)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +156,7 @@ class MemoryMeasurement:
     saved_activation_bytes: int
     peak_phase: str
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    clipping: str = "per_sample"  # the DP clipping mode measured (see ftte.edge.step)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -286,6 +288,7 @@ def measure_training_memory(
         saved_activation_bytes=int(sum(saved.values())),
         peak_phase=phase,
         phase_peaks={k: baseline + v for k, v in phase_peaks.items()},
+        clipping=setup.clipping,
     )
 
 
@@ -800,6 +803,7 @@ class MemoryEstimator:
             peak_phase=phase,
             phase_peaks={name: int(baseline + v) for name, v in phase_peaks.items()},
             approximate_layers=tuple(l.path for l, c in zip(suffix, costs) if c.approximate),
+            clipping=clipping,
         )
 
 

@@ -20,6 +20,15 @@ that fits wins (ties: less memory). Beyond that, a greedy pass per possible firs
 trainable layer ``f``: start from ``{f}``, repeatedly add the later unit with the best
 score gained per byte added that still fits, keep the best plan over all ``f``.
 
+**Clipping mode.** Under DP a plan can be trained with per-sample clipping or with
+ghost clipping (:mod:`ftte.edge.step`). Ghost clipping avoids ``batch x parameters``
+per-sample gradients for ``Linear`` layers but keeps the whole graph through a second
+backward pass, so it is cheaper for linear heads and dearer for convolutions. With
+``clipping="auto"`` every candidate is costed in both modes and takes the cheaper (ties:
+per-sample, which has no extra backward pass); :attr:`PlanChoice.clipping` says which the
+device must use. With ``verify=True`` the final choice between the two modes is made on
+measured peaks.
+
 With ``verify=True`` the chosen plan is also measured (a real Opacus step); if the
 measurement exceeds the budget, the search repeats with the budget shrunk by the
 overshoot, so the returned plan's *measured* peak fits.
@@ -39,7 +48,7 @@ from torch import nn
 from ftte.edge.memory import MemoryEstimate, MemoryEstimator, MemoryMeasurement, TrainingSetup, measure_training_memory
 from ftte.edge.plan import SubsetPlan, layer_of
 from ftte.edge.profile import DeviceProfile
-from ftte.edge.step import OptimizerKind
+from ftte.edge.step import ClippingMode, OptimizerKind
 
 __all__ = [
     "DEFAULT_BUDGET_FRACTION",
@@ -73,6 +82,7 @@ class PlanChoice:
     candidates_evaluated: int
     method: str
     prefix_chunk: int | None = None  # the micro-batch size the estimate assumed for the frozen prefix
+    clipping: str = "per_sample"  # the DP clipping mode the device must train this plan with
 
     @property
     def fits(self) -> bool:
@@ -155,6 +165,7 @@ def search_plan(
     prefix_chunk: int | None = None,
     verify: bool = False,
     max_retries: int = 3,
+    clipping: ClippingMode | Literal["auto"] | None = None,
 ) -> PlanChoice:
     """The highest-benefit plan whose estimated peak memory is at most ``budget_bytes``.
 
@@ -163,6 +174,9 @@ def search_plan(
     arguments. ``prefix_chunk`` is the micro-batch size the device will run its frozen
     prefix with (see :class:`ftte.edge.plan.FrozenPrefix`); the estimate, and the plan,
     depend on it. ``calibration`` is ``(x, y)`` server-side data, tensors or arrays.
+    ``clipping`` is ``"per_sample"``, ``"ghost"`` or ``"auto"`` (cheaper of the two per
+    candidate, see the module docstring); ``None`` takes ``setup.clipping`` (per-sample
+    without a setup). It only matters with DP.
     Raises :class:`BudgetTooSmallError` if no plan fits. See the module docstring for
     score, cost and search.
     """
@@ -171,6 +185,19 @@ def search_plan(
             raise ValueError("give either setup or batch_size/input_shape, not both")
         batch_size, input_shape = setup.batch_size, setup.input_shape
         dp, optimizer, prefix_chunk = setup.dp, setup.optimizer, setup.prefix_chunk
+        if clipping is None:
+            clipping = setup.clipping
+    if clipping is None:
+        clipping = "per_sample"
+    if clipping not in ("per_sample", "ghost", "auto"):
+        raise ValueError(f"clipping must be 'per_sample', 'ghost' or 'auto', got {clipping!r}")
+    modes: tuple[ClippingMode, ...]
+    if not dp:
+        modes = ("per_sample",)
+    elif clipping == "auto":
+        modes = ("per_sample", "ghost")
+    else:
+        modes = (clipping,)  # type: ignore[assignment]
     if batch_size is None or input_shape is None:
         raise ValueError("search_plan needs a TrainingSetup or both batch_size and input_shape")
     input_shape = tuple(int(s) for s in input_shape)
@@ -194,8 +221,13 @@ def search_plan(
     def cost(chosen: frozenset[int]) -> tuple[SubsetPlan, MemoryEstimate]:
         if chosen not in cache:
             plan = SubsetPlan.from_names(model, [n for i in sorted(chosen) for n in units[i]])
-            est = estimator.estimate(plan, batch_size, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk)
-            cache[chosen] = (plan, est)
+            options = [
+                estimator.estimate(
+                    plan, batch_size, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk, clipping=mode
+                )
+                for mode in modes
+            ]
+            cache[chosen] = (plan, min(options, key=lambda e: e.peak_bytes))  # first (per-sample) on ties
         return cache[chosen]
 
     limit = int(budget_bytes)
@@ -211,15 +243,29 @@ def search_plan(
         plan, est = cost(best)
         measured = None
         if verify:
-            check = TrainingSetup(batch_size, input_shape, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk)
-            measured = measure_training_memory(model, plan, check)
+            runs = [
+                measure_training_memory(
+                    model,
+                    plan,
+                    TrainingSetup(
+                        batch_size, input_shape, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk, clipping=mode
+                    ),
+                )
+                for mode in modes
+            ]
+            measured = min(runs, key=lambda m: m.peak_bytes)
+            if measured.clipping != est.clipping:  # the measurement decides between the modes
+                est = estimator.estimate(
+                    plan, batch_size, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk, clipping=measured.clipping
+                )
             if measured.peak_bytes > budget_bytes:
                 # the estimate was optimistic for this plan: shrink the limit by the overshoot and retry
                 limit = int(limit * budget_bytes / measured.peak_bytes) - 1
                 continue
         score = sum(scores[i] for i in best)
         return PlanChoice(
-            plan, est, measured, int(budget_bytes), score, score / total, len(cache), method, prefix_chunk
+            plan, est, measured, int(budget_bytes), score, score / total, len(cache), method, prefix_chunk,
+            est.clipping,
         )
     raise BudgetTooSmallError(f"no plan's measured peak fit {budget_bytes} bytes after {max_retries} retries")
 
