@@ -76,3 +76,23 @@ def test_clipping_mode_is_validated_and_priced() -> None:
     assert clipping_compute_factor("ghost", dp=False) == 1.0
     with pytest.raises(ValueError):
         clipping_compute_factor("other")
+
+
+def test_simulated_compute_charges_ghost_clipping_its_second_backward() -> None:
+    from ftte.pipeline.work import layer_macs, macs_per_sample
+
+    model = build_model("cnn28")
+    layers = layer_macs(model, (1, 28, 28))
+    forward = sum(l.macs for l in layers)
+    suffix = sum(l.macs for l in layers if int(l.name) >= 13)
+    per = macs_per_sample(layers, "13", True)
+    ghost = macs_per_sample(layers, "13", True, "ghost")
+    # per-sample: forward + backward + per-sample gradients of both Linear layers
+    assert per == forward + 2 * suffix + suffix
+    # ghost: a second suffix backward, and only the norms (in + out) of each Linear
+    assert ghost == forward + 4 * suffix + (576 + 128) + (128 + 10)
+    # a conv suffix still forms per-sample gradients under ghost clipping
+    conv_suffix = sum(l.macs for l in layers if int(l.name) >= 8)
+    conv_params = sum(l.macs for l in layers if int(l.name) >= 8 and l.has_params and l.ghost_norm_macs is None)
+    assert macs_per_sample(layers, "8", True, "ghost") == forward + 4 * conv_suffix + conv_params + 704 + 138
+    assert macs_per_sample(layers, "13", False, "ghost") == macs_per_sample(layers, "13", False)
