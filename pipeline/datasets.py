@@ -31,7 +31,12 @@ the training arrays. Sources (``[data] name``):
     A user's ``.npz`` with arrays ``x`` (samples first; ``x.ndim > 2`` is kept as images)
     and ``y``.
 
-The test split is stratified by label; with ``standardize = true`` features are
+The test split is stratified by label. A *calibration* split (``calibration_fraction``
+of the samples, stratified, drawn after the test split from what would otherwise be
+device data) can be held apart as well: it stands for public or server-owned data the
+server may use to choose plans (:func:`ftte.edge.plan_search.contribution_scores`), and
+it is neither on any device nor in the test set. With the fraction at 0 (the default)
+nothing changes. With ``standardize = true`` features are
 standardised with training statistics only (per feature for tables, one mean and
 standard deviation for images). Everything is deterministic under ``seed``.
 """
@@ -42,7 +47,7 @@ import csv
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +88,9 @@ class FederatedData:
     input_shape: tuple[int, ...]
     device_indices: tuple[np.ndarray, ...]  # per device: sorted int64 indices into x_train
     label_values: tuple[Any, ...]  # original label of each class index
+    # server-held calibration split (public/server-owned stand-in); empty unless asked for
+    x_calib: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.float32))
+    y_calib: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
 
     @property
     def n_devices(self) -> int:
@@ -113,6 +121,7 @@ class FederatedData:
             "name": self.name,
             "n_train": int(len(self.y_train)),
             "n_test": int(len(self.y_test)),
+            "n_calibration": int(len(self.y_calib)),
             "n_classes": int(self.n_classes),
             "input_shape": list(self.input_shape),
             "n_devices": int(self.n_devices),
@@ -127,10 +136,25 @@ class FederatedData:
 # public entry
 
 
-def load_dataset(cfg: DataConfig, seed: int, n_devices: int) -> FederatedData:
-    """Load ``cfg.name``, hold out the test set, standardise, and split over devices."""
+def load_dataset(
+    cfg: DataConfig, seed: int, n_devices: int, *, calibration_fraction: float | None = None
+) -> FederatedData:
+    """Load ``cfg.name``, hold out the test set (and a calibration split), standardise,
+    and split over devices.
+
+    ``calibration_fraction`` (default: ``cfg.calibration_fraction`` if the config has that
+    key, else 0) is the share of *all* samples held apart for the server's plan choice.
+    The synthetic source has no calibration split (its devices own their shards).
+    """
     if n_devices < 1:
         raise ValueError(f"n_devices must be >= 1, got {n_devices}")
+    if calibration_fraction is None:
+        calibration_fraction = float(getattr(cfg, "calibration_fraction", 0.0))
+    if not 0.0 <= calibration_fraction < 1.0 - cfg.test_fraction:
+        raise DatasetError(
+            f"calibration_fraction must be in [0, 1 - test_fraction = {1.0 - cfg.test_fraction:g}), "
+            f"got {calibration_fraction:g}"
+        )
     if cfg.name == "synthetic":
         return _synthetic(cfg, seed, n_devices)
     if cfg.name == "digits":
@@ -149,9 +173,16 @@ def load_dataset(cfg: DataConfig, seed: int, n_devices: int) -> FederatedData:
         raise DatasetError(f"unknown dataset {cfg.name!r}")
 
     train, test = _stratified_split(y, cfg.test_fraction, derive_rng(seed, "data", "split"))
+    calib = np.zeros(0, dtype=np.int64)
+    if calibration_fraction > 0:
+        # a share of all samples, taken from the training pool (relative fraction of that pool)
+        share = calibration_fraction / (1.0 - cfg.test_fraction)
+        keep, cal = _stratified_split(y[train], share, derive_rng(seed, "data", "calibration"))
+        train, calib = train[keep], train[cal]
     x_train, y_train, x_test, y_test = x[train], y[train], x[test], y[test]
+    x_calib, y_calib = x[calib], y[calib]
     if cfg.standardize:
-        x_train, x_test = _standardize(x_train, x_test, per_feature=not image)
+        x_train, x_test, x_calib = _standardize(x_train, x_test, per_feature=not image, others=(x_calib,))
     n_min = n_devices * cfg.min_samples_per_device
     if len(y_train) < n_min:
         raise DatasetError(
@@ -172,6 +203,8 @@ def load_dataset(cfg: DataConfig, seed: int, n_devices: int) -> FederatedData:
         input_shape=tuple(int(s) for s in x.shape[1:]),
         device_indices=tuple(parts),
         label_values=tuple(values),
+        x_calib=np.ascontiguousarray(x_calib, dtype=np.float32),
+        y_calib=y_calib.astype(np.int64),
     )
 
 
@@ -206,7 +239,11 @@ def _stratified_split(y: np.ndarray, test_fraction: float, rng: np.random.Genera
     return np.sort(tr), np.sort(te)
 
 
-def _standardize(x_train: np.ndarray, x_test: np.ndarray, per_feature: bool) -> tuple[np.ndarray, np.ndarray]:
+def _standardize(
+    x_train: np.ndarray, x_test: np.ndarray, per_feature: bool, others: tuple[np.ndarray, ...] = ()
+) -> tuple[np.ndarray, ...]:
+    """Standardise with training statistics; ``others`` (e.g. the calibration split) are
+    transformed the same way and returned after the test set."""
     x_train = x_train.astype(np.float64)
     x_test = x_test.astype(np.float64)
     if per_feature:
@@ -220,7 +257,7 @@ def _standardize(x_train: np.ndarray, x_test: np.ndarray, per_feature: bool) -> 
         mean = x_train.mean()
         std = x_train.std()
         std = std if std > 1e-12 else 1.0
-    return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
+    return tuple(((a.astype(np.float64) - mean) / std).astype(np.float32) for a in (x_train, x_test, *others))
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray, tuple, bool]:

@@ -207,3 +207,21 @@ def test_mnist_federated_split_is_label_skewed(mnist_cache):
     # unstandardised: the raw [0, 1] scale
     raw = load_dataset(_mnist_cfg(standardize=False), seed=0, n_devices=10)
     assert 0.0 <= float(raw.x_train.min()) and float(raw.x_train.max()) <= 1.0
+
+
+def test_calibration_split_is_held_apart_and_off_by_default(mnist_cache):
+    plain = load_dataset(_mnist_cfg(), seed=0, n_devices=20)
+    assert len(plain.y_calib) == 0 and plain.summary()["n_calibration"] == 0
+    d = load_dataset(_mnist_cfg(), seed=0, n_devices=20, calibration_fraction=0.1)
+    assert d.x_calib.shape == (500, 1, 28, 28) and d.x_calib.dtype == np.float32
+    assert np.array_equal(np.bincount(d.y_calib), np.full(10, 50))  # stratified
+    raw, raw_plain = (load_dataset(_mnist_cfg(standardize=False), seed=0, n_devices=20, calibration_fraction=f)
+                      for f in (0.1, 0.0))
+    assert np.array_equal(raw.x_test, raw_plain.x_test)  # the same test images (standardisation stats differ)
+    assert len(d.y_train) + len(d.y_test) + len(d.y_calib) == 5000
+    # no calibration image is on a device or in the test set
+    seen = {row.tobytes() for row in np.concatenate([d.x_train, d.x_test]).reshape(len(d.y_train) + len(d.y_test), -1)}
+    assert not any(row.tobytes() in seen for row in d.x_calib.reshape(500, -1))
+    _check_common(d, 20)
+    with pytest.raises(DatasetError, match="calibration_fraction"):
+        load_dataset(_mnist_cfg(), seed=0, n_devices=20, calibration_fraction=0.85)
