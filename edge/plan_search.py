@@ -32,6 +32,23 @@ measured peaks.
 With ``verify=True`` the chosen plan is also measured (a real Opacus step); if the
 measurement exceeds the budget, the search repeats with the budget shrunk by the
 overshoot, so the returned plan's *measured* peak fits.
+
+**Contribution analysis** (:func:`choose_plan_by_contribution`). The gradient-norm score
+above ignores DP noise: under DP-SGD every trained coordinate also receives noise, so
+on small devices a larger plan can learn *less* than a smaller one. Following the
+contribution analysis of Lin et al. 2022 ("On-device training under 256KB memory"), the
+server instead measures what each candidate plan buys: from the current model, a few
+DP-SGD steps of that plan (clipping at the run's ``max_grad_norm``, Gaussian noise at
+the run's ``noise_multiplier``, the devices' batch size and learning rate) on one half
+of a calibration split, then the loss drop on the other half, averaged over a few
+repeats with common batches and seeds. Candidates are the plans that fit the memory
+budget among: every head (the last ``k`` units), every single unit, and the plan the
+score search picks. This **assumes the server holds public or server-owned data**
+resembling the task (the calibration split of :mod:`ftte.pipeline.datasets`, never a
+device's records and never the test set). Without such data, fall back to
+:func:`search_plan` without calibration (parameter count) or with a synthetic/proxy batch,
+and prefer smaller plans when the noise per coordinate is high; do not score plans on
+device data, because that spends (unaccounted) privacy.
 """
 
 from __future__ import annotations
@@ -57,6 +74,11 @@ __all__ = [
     "default_budget",
     "parameter_importance",
     "search_plan",
+    "PlanContribution",
+    "ContributionChoice",
+    "candidate_plans",
+    "contribution_scores",
+    "choose_plan_by_contribution",
 ]
 
 #: Share of the weakest device's RAM given to the training working set. The rest is the
@@ -311,3 +333,219 @@ def _search(
         if best is None or key(chosen) > key(best):
             best = chosen
     return best
+
+
+# --------------------------------------------------------------------------------------
+# contribution analysis: candidates scored by what a few noisy steps actually buy
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanContribution:
+    """What a few DP-SGD steps of one candidate plan did to the held-out calibration loss."""
+
+    plan: SubsetPlan
+    clipping: str
+    estimate: MemoryEstimate | None
+    loss_before: float
+    loss_after: float  # mean over repeats
+    loss_drop: float  # mean over repeats of before - after (higher is better)
+    loss_drop_stderr: float  # standard error of that mean (0 with one repeat)
+    repeats: int
+
+    def to_dict(self) -> dict:
+        return {
+            "plan_id": self.plan.plan_id,
+            "trainable": list(self.plan.trainable),
+            "trainable_coordinates": self.plan.num_coordinates,
+            "clipping": self.clipping,
+            "estimate_bytes": None if self.estimate is None else self.estimate.peak_bytes,
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "loss_drop": self.loss_drop,
+            "loss_drop_stderr": self.loss_drop_stderr,
+            "repeats": self.repeats,
+        }
+
+
+@dataclass(frozen=True)
+class ContributionChoice:
+    """The candidate with the largest measured loss drop, and the whole scored table."""
+
+    plan: SubsetPlan
+    clipping: str
+    estimate: MemoryEstimate
+    budget_bytes: int
+    scores: tuple[PlanContribution, ...]  # best first
+
+    @property
+    def best(self) -> PlanContribution:
+        return self.scores[0]
+
+
+def _setup_of(setup: TrainingSetup, clipping: str) -> TrainingSetup:
+    return TrainingSetup(
+        setup.batch_size, setup.input_shape, dp=setup.dp, optimizer=setup.optimizer,
+        num_classes=setup.num_classes, prefix_chunk=setup.prefix_chunk, clipping=clipping,  # type: ignore[arg-type]
+    )
+
+
+def candidate_plans(
+    model: nn.Module,
+    budget_bytes: int,
+    setup: TrainingSetup,
+    *,
+    clipping: ClippingMode | Literal["auto"] = "auto",
+    granularity: Literal["layer", "tensor"] = "layer",
+    include: Sequence[SubsetPlan] = (),
+) -> list[tuple[SubsetPlan, MemoryEstimate]]:
+    """Plans worth scoring that fit ``budget_bytes`` by estimate, each with its cheaper clipping mode.
+
+    Every head (the last ``k`` units, ``k = 1..n``), every single unit, and ``include``;
+    duplicates removed, in that order. ``clipping`` as in :func:`search_plan`.
+    """
+    if clipping not in ("per_sample", "ghost", "auto"):
+        raise ValueError(f"clipping must be 'per_sample', 'ghost' or 'auto', got {clipping!r}")
+    modes = ("per_sample",) if not setup.dp else (("per_sample", "ghost") if clipping == "auto" else (clipping,))
+    estimator = MemoryEstimator(model, setup.input_shape)
+    units = _units(model, granularity)
+    plans: list[SubsetPlan] = []
+    for k in range(1, len(units) + 1):
+        plans.append(SubsetPlan.from_names(model, [n for u in units[-k:] for n in u]))
+    plans += [SubsetPlan.from_names(model, u) for u in units]
+    plans += list(include)
+    out: list[tuple[SubsetPlan, MemoryEstimate]] = []
+    seen: set[str] = set()
+    for plan in plans:
+        if plan.plan_id in seen:
+            continue
+        seen.add(plan.plan_id)
+        est = min(
+            (estimator.estimate(plan, setup.batch_size, dp=setup.dp, optimizer=setup.optimizer,
+                                prefix_chunk=setup.prefix_chunk, clipping=m) for m in modes),  # type: ignore[arg-type]
+            key=lambda e: e.peak_bytes,
+        )
+        if est.peak_bytes <= budget_bytes:
+            out.append((plan, est))
+    return out
+
+
+def contribution_scores(
+    model: nn.Module,
+    candidates: Sequence[SubsetPlan | tuple[SubsetPlan, MemoryEstimate]],
+    calibration: tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    lr: float,
+    batch_size: int,
+    steps: int = 5,
+    repeats: int = 3,
+    optimizer: OptimizerKind = "sgd",
+    dp: bool = True,
+    seed: int = 0,
+    loss_fn: nn.Module | None = None,
+) -> list[PlanContribution]:
+    """Score each candidate by the calibration-loss drop of ``steps`` DP-SGD steps; best first.
+
+    ``calibration`` is server-held ``(x, y)`` (see the module docstring for why it must
+    not be device data or the test set). It is split once, by ``seed``, into a half the
+    steps train on and a half the loss is measured on. Each repeat draws its batches
+    (``batch_size`` samples without replacement) and its noise seed once and uses them for
+    every candidate (common random numbers), so differences between candidates are not
+    differences between batches. A candidate given with its estimate is trained in the
+    estimate's clipping mode (the result does not depend on the mode, only the memory
+    does). ``model`` is not modified.
+    """
+    if steps < 1 or repeats < 1 or batch_size < 1:
+        raise ValueError("steps, repeats and batch_size must be >= 1")
+    from ftte.edge.step import StepConfig, SubsetStep
+
+    x = torch.as_tensor(calibration[0], dtype=torch.float32)
+    y = torch.as_tensor(calibration[1]).long()
+    if len(x) != len(y) or len(y) < 4:
+        raise ValueError(f"calibration needs matching x and y with at least 4 samples, got {len(x)} and {len(y)}")
+    criterion = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(len(y), generator=gen)
+    half = len(y) // 2
+    tr_idx, ev_idx = perm[:half], perm[half:]
+    x_ev, y_ev = x[ev_idx], y[ev_idx]
+    b = min(int(batch_size), len(tr_idx))
+
+    def eval_loss(m: nn.Module) -> float:
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            value = float(criterion(m(x_ev), y_ev))
+        m.train(was)
+        return value
+
+    loss_before = eval_loss(model)
+    draws = []
+    for _ in range(repeats):
+        batches = [tr_idx[torch.randperm(len(tr_idx), generator=gen)[:b]] for _ in range(steps)]
+        draws.append((batches, int(torch.randint(0, 2**62, (1,), generator=gen))))
+
+    results: list[PlanContribution] = []
+    for item in candidates:
+        plan, est = (item if isinstance(item, tuple) else (item, None))
+        mode = est.clipping if est is not None else "per_sample"
+        drops, afters = [], []
+        for batches, noise_seed in draws:
+            work = copy.deepcopy(model)
+            cfg = StepConfig(dp=dp, optimizer=optimizer, lr=lr, noise_multiplier=noise_multiplier,
+                             max_grad_norm=max_grad_norm, clipping=mode)  # type: ignore[arg-type]
+            step = SubsetStep(work, plan, cfg, expected_batch_size=b, loss_fn=copy.deepcopy(criterion),
+                              generator=torch.Generator().manual_seed(noise_seed))
+            for idx in batches:
+                step(x[idx], y[idx])
+            step.zero_grad()
+            after = eval_loss(work)
+            afters.append(after)
+            drops.append(loss_before - after)
+        mean = float(np.mean(drops))
+        stderr = float(np.std(drops, ddof=1) / np.sqrt(len(drops))) if len(drops) > 1 else 0.0
+        results.append(PlanContribution(plan, mode, est, loss_before, float(np.mean(afters)), mean, stderr, repeats))
+    results.sort(key=lambda r: (-r.loss_drop, r.plan.num_coordinates))
+    return results
+
+
+def choose_plan_by_contribution(
+    model: nn.Module,
+    budget_bytes: int,
+    setup: TrainingSetup,
+    calibration: tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    lr: float,
+    steps: int = 5,
+    repeats: int = 3,
+    clipping: ClippingMode | Literal["auto"] = "auto",
+    granularity: Literal["layer", "tensor"] = "layer",
+    seed: int = 0,
+) -> ContributionChoice:
+    """The fitting candidate plan whose few noisy steps lower the held-out calibration loss most.
+
+    Candidates come from :func:`candidate_plans` (heads, single units, and the plan
+    :func:`search_plan` picks by gradient-norm score on the same calibration data); each
+    is scored by :func:`contribution_scores` at the run's own ``noise_multiplier``,
+    ``max_grad_norm``, learning rate and the setup's batch size and optimizer. Raises
+    :class:`BudgetTooSmallError` when nothing fits. Module docstring: assumptions.
+    """
+    try:
+        searched = [search_plan(model, budget_bytes, setup, calibration=calibration, clipping=clipping).plan]
+    except BudgetTooSmallError:
+        searched = []
+    cands = candidate_plans(model, budget_bytes, setup, clipping=clipping, granularity=granularity, include=searched)
+    if not cands:
+        raise BudgetTooSmallError(f"no candidate plan fits {budget_bytes} bytes at batch size {setup.batch_size}")
+    scores = contribution_scores(
+        model, cands, calibration, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, lr=lr,
+        batch_size=setup.batch_size, steps=steps, repeats=repeats, optimizer=setup.optimizer, dp=setup.dp,
+        seed=seed,
+    )
+    best = scores[0]
+    assert best.estimate is not None
+    return ContributionChoice(best.plan, best.clipping, best.estimate, int(budget_bytes), tuple(scores))
