@@ -543,6 +543,39 @@ def _layer_costs(layer: _Layer, tr: dict[str, int], b: int, *, grad_mode: bool, 
     return c
 
 
+def _sliced_costs(layer: _Layer, tr: dict[str, int], b: int, k: int, *, rg_in: bool, dp: bool) -> _Costs:
+    """Costs of a channel-sliced layer (:class:`ftte.edge.plan.ChannelSlice`): a trained
+    layer with ``k`` outputs and a frozen one with the rest, both reading the same input,
+    outputs concatenated. ``tr`` already holds the trained part's sizes."""
+    from ftte.edge.plan import ChannelSlice
+
+    split = ChannelSlice(layer.module, k)  # views only: no parameter memory
+    out = layer.out_numel
+    rows = layer.module.weight.shape[0]
+    parts = []
+    for module, n_out, part_tr in ((split.trained, k, tr), (split.frozen, rows - k, {})):
+        part = _Layer(layer.path, layer.top, module, layer.in_numel, layer.in_elem, layer.in_shape,
+                      out * n_out // rows, layer.out_elem, layer.params, layer.elem)
+        parts.append(_layer_costs(part, part_tr, b, grad_mode=True, rg_in=rg_in, dp=dp))
+    t, f = parts
+    outb = b * out * layer.out_elem
+    inb = b * layer.in_numel * layer.in_elem
+    return _Costs(
+        fwd_work=outb,  # both halves' outputs, alive while they are concatenated
+        out_alloc=outb,
+        saves_in=t.saves_in or f.saves_in,
+        saves_out=False,
+        saved_extra=0,
+        # trained half's backward, or the frozen half's while the first input gradient is held
+        node_work=max(t.node_work, f.node_work + (inb if rg_in else 0)),
+        grad_in=inb if rg_in else 0,
+        grads=t.grads,
+        hook_work=t.hook_work,
+        grad_sample=t.grad_sample,
+        approximate=t.approximate or f.approximate,
+    )
+
+
 def _single_backward(
     costs: list[_Costs],
     sizes: dict[int, int],
@@ -699,7 +732,8 @@ class MemoryEstimator:
         )
         b = setup.batch_size
         trainable = set(plan.trainable)
-        sizes_tr = [self._named[n][0] * self._named[n][1] for n in plan.trainable]
+        # trained part of each tensor (a channel slice trains only its first rows)
+        sizes_tr = [math.prod(plan.trained_shape(n)) * self._named[n][1] for n in plan.trainable]
         trainable_bytes = sum(sizes_tr)
         optimizer_state_bytes = {"sgd": 0, "momentum": 1, "adam": 2}[optimizer] * trainable_bytes
         if optimizer == "adam":
@@ -710,8 +744,16 @@ class MemoryEstimator:
         logits = b * self.num_classes * 4
         k = next(i for i, l in enumerate(self.layers) if l.top == plan.trainable_layers[0])
 
+        cuts = plan.slice_map
+
         def tr_of(layer: _Layer) -> dict[str, int]:
-            return {local: self._named[full][0] for local, full in layer.params.items() if full in trainable}
+            return {local: math.prod(plan.trained_shape(full)) for local, full in layer.params.items()
+                    if full in trainable}
+
+        def costs_of(layer: _Layer, tr: dict[str, int], rg: bool) -> _Costs:
+            if layer.path in cuts and layer.path == layer.top:
+                return _sliced_costs(layer, tr, b, cuts[layer.path], rg_in=rg, dp=dp)
+            return _layer_costs(layer, tr, b, grad_mode=True, rg_in=rg, dp=dp)
 
         phase_peaks: dict[str, int] = {}
 
@@ -745,7 +787,7 @@ class MemoryEstimator:
         cur_id, rg, peak = 0, False, 0
         for j, layer in enumerate(suffix):
             tr = tr_of(layer)
-            c = _layer_costs(layer, tr, b, grad_mode=True, rg_in=rg, dp=dp)
+            c = costs_of(layer, tr, rg)
             costs.append(c)
             new_id = cur_id if c.out_alloc == 0 else len(sizes)
             sizes[new_id] = sizes[cur_id] if c.out_alloc == 0 else c.out_alloc
