@@ -264,7 +264,7 @@ class SubsetPlan:
             "content_hash": self.content_hash,
             "parameters": [[n, list(s)] for n, s in self.parameters],
             "trainable": list(self.trainable),
-            "slices": [[layer, k] for layer, k in self.slices],
+            **({"slices": [[layer, k] for layer, k in self.slices]} if self.slices else {}),
         }
 
     @classmethod

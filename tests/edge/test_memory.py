@@ -173,3 +173,31 @@ def test_estimator_reuses_its_probe_and_rejects_non_sequential() -> None:
 
     with pytest.raises(TypeError, match="nn.Sequential"):
         MemoryEstimator(Net(), (3,))
+
+
+SLICED = [
+    ("cnn28", ["8", "13", "15"], {"8": 16}),
+    ("cnn28", ["13", "15"], {"13": 32}),
+    ("cnn28", ["4", "5", "8"], {"4": 32, "8": 8}),
+    ("cnn8", ["3", "10"], {"3": 8}),
+    ("cnn8", ["0"], {"0": 4}),
+    ("mlp", ["3", "5"], {"3": 16, "5": 3}),
+    ("logistic", ["1"], {"1": 4}),
+]
+
+
+@pytest.mark.parametrize("clipping", ["per_sample", "ghost"])
+@pytest.mark.parametrize("name, layers, slices", SLICED, ids=[f"{n}-{'-'.join(l)}" for n, l, _ in SLICED])
+def test_estimate_of_channel_slice_plans_within_15_percent(name, layers, slices, clipping) -> None:
+    model = build_model(name)
+    names = [n for n, _ in model.named_parameters() if n.split(".")[0] in layers]
+    plan = SubsetPlan.with_slices(model, names, slices)
+    for batch_size in (1, 32):
+        setup = TrainingSetup(batch_size, model_input_shape(name), dp=True, clipping=clipping)
+        measured = measure_training_memory(model, plan, setup)
+        estimated = estimate_training_memory(model, plan, setup)
+        err = relative_error(estimated.peak_bytes, measured.peak_bytes)
+        assert abs(err) <= TOLERANCE, (name, slices, clipping, batch_size, err)
+        assert estimated.trainable_bytes == 4 * plan.num_coordinates
+        if clipping == "per_sample":  # per-sample gradients cover the trained rows only
+            assert measured.per_sample_gradient_bytes == batch_size * 4 * plan.num_coordinates
