@@ -42,8 +42,9 @@ DP-SGD steps of that plan (clipping at the run's ``max_grad_norm``, Gaussian noi
 the run's ``noise_multiplier``, the devices' batch size and learning rate) on one half
 of a calibration split, then the loss drop on the other half, averaged over a few
 repeats with common batches and seeds. Candidates are the plans that fit the memory
-budget among: every head (the last ``k`` units), every single unit, and the plan the
-score search picks. This **assumes the server holds public or server-owned data**
+budget among: every head (the last ``k`` units), every head whose first layer is cut to
+a fraction of its output channels (channel slices, :mod:`ftte.edge.plan`), every single
+unit, and the plan the score search picks. This **assumes the server holds public or server-owned data**
 resembling the task (the calibration split of :mod:`ftte.pipeline.datasets`, never a
 device's records and never the test set). Without such data, fall back to
 :func:`search_plan` without calibration (parameter count) or with a synthetic/proxy batch,
@@ -398,11 +399,15 @@ def candidate_plans(
     clipping: ClippingMode | Literal["auto"] = "auto",
     granularity: Literal["layer", "tensor"] = "layer",
     include: Sequence[SubsetPlan] = (),
+    slice_fractions: Sequence[float] = (0.25, 0.5),
 ) -> list[tuple[SubsetPlan, MemoryEstimate]]:
     """Plans worth scoring that fit ``budget_bytes`` by estimate, each with its cheaper clipping mode.
 
-    Every head (the last ``k`` units, ``k = 1..n``), every single unit, and ``include``;
-    duplicates removed, in that order. ``clipping`` as in :func:`search_plan`.
+    Every head (the last ``k`` units, ``k = 1..n``); for every head whose first unit is a
+    whole ``Conv2d``/``Linear`` layer, the same head with that layer cut to each of
+    ``slice_fractions`` of its output channels (a channel slice, see
+    :mod:`ftte.edge.plan`), so a budget can buy part of a layer; every single unit; and
+    ``include``. Duplicates removed, in that order. ``clipping`` as in :func:`search_plan`.
     """
     if clipping not in ("per_sample", "ghost", "auto"):
         raise ValueError(f"clipping must be 'per_sample', 'ghost' or 'auto', got {clipping!r}")
@@ -410,8 +415,19 @@ def candidate_plans(
     estimator = MemoryEstimator(model, setup.input_shape)
     units = _units(model, granularity)
     plans: list[SubsetPlan] = []
+    children = dict(model.named_children())
     for k in range(1, len(units) + 1):
-        plans.append(SubsetPlan.from_names(model, [n for u in units[-k:] for n in u]))
+        names = [n for u in units[-k:] for n in u]
+        plans.append(SubsetPlan.from_names(model, names))
+        first = layer_of(units[-k][0])
+        layer = children.get(first)
+        whole_layer = {n for n, _ in model.named_parameters() if layer_of(n) == first} == set(units[-k])
+        if whole_layer and isinstance(layer, (nn.Conv2d, nn.Linear)) and getattr(layer, "groups", 1) == 1:
+            rows = int(layer.weight.shape[0])
+            for f in slice_fractions:
+                cut = int(round(f * rows))
+                if 1 <= cut < rows:
+                    plans.append(SubsetPlan.with_slices(model, names, {first: cut}))
     plans += [SubsetPlan.from_names(model, u) for u in units]
     plans += list(include)
     out: list[tuple[SubsetPlan, MemoryEstimate]] = []
@@ -528,8 +544,9 @@ def choose_plan_by_contribution(
 ) -> ContributionChoice:
     """The fitting candidate plan whose few noisy steps lower the held-out calibration loss most.
 
-    Candidates come from :func:`candidate_plans` (heads, single units, and the plan
-    :func:`search_plan` picks by gradient-norm score on the same calibration data); each
+    Candidates come from :func:`candidate_plans` (heads, heads whose first layer is a
+    channel slice, single units, and the plan :func:`search_plan` picks by gradient-norm
+    score on the same calibration data); each
     is scored by :func:`contribution_scores` at the run's own ``noise_multiplier``,
     ``max_grad_norm``, learning rate and the setup's batch size and optimizer. Raises
     :class:`BudgetTooSmallError` when nothing fits. Module docstring: assumptions.

@@ -77,12 +77,12 @@ def test_candidates_fit_the_budget_and_carry_their_clipping_mode() -> None:
     est = MemoryEstimator(model, (1, 28, 28))
     cands = candidate_plans(model, 8_000_000, setup, clipping="auto")
     assert cands and all(e.peak_bytes <= 8_000_000 for _, e in cands)
-    by_layers = {p.trainable_layers: e for p, e in cands}
+    by_layers = {p.trainable_layers: e for p, e in cands if not p.slices}
     # the two-Linear head fits only under ghost clipping, so it is a ghost candidate
     assert by_layers[("13", "15")].clipping == "ghost"
     assert est.estimate(SubsetPlan.from_layers(model, ["13", "15"]), 32).peak_bytes > 8_000_000
-    assert ("13", "15") not in {p.trainable_layers for p, _ in candidate_plans(model, 8_000_000, setup,
-                                                                              clipping="per_sample")}
+    per_sample_only = candidate_plans(model, 8_000_000, setup, clipping="per_sample")
+    assert ("13", "15") not in {p.trainable_layers for p, _ in per_sample_only if not p.slices}
     with pytest.raises(BudgetTooSmallError):
         choose_plan_by_contribution(model, 1000, setup, _calibration_images(), noise_multiplier=1.0,
                                     max_grad_norm=1.0, lr=0.1)
@@ -91,3 +91,23 @@ def test_candidates_fit_the_budget_and_carry_their_clipping_mode() -> None:
 def _calibration_images():
     g = torch.Generator().manual_seed(0)
     return torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def test_candidates_include_channel_slices_that_buy_part_of_a_layer() -> None:
+    model = build_model("cnn28")
+    setup = TrainingSetup(32, (1, 28, 28))
+    budget = 7_700_000
+    est = MemoryEstimator(model, (1, 28, 28))
+    whole = SubsetPlan.from_layers(model, ["8", "9", "13", "15"])
+    assert min(est.estimate(whole, 32, clipping=m).peak_bytes for m in ("per_sample", "ghost")) > budget
+    cands = candidate_plans(model, budget, setup, clipping="auto")
+    sliced = [(p, e) for p, e in cands if p.slices]
+    assert sliced, [p.trainable_layers for p, _ in cands]
+    # part of conv 8 (a quarter of its filters) fits where the whole layer does not
+    part = next(p for p, _ in sliced if p.slices == (("8", 16),))
+    assert part.trainable_layers == ("8", "9", "13", "15")
+    for p, e in sliced:
+        assert e.peak_bytes <= budget and e.trainable_bytes == 4 * p.num_coordinates
+        (layer, k), = p.slices
+        assert layer == p.trainable_layers[0]
+    assert not any(p.slices for p, _ in candidate_plans(model, budget, setup, slice_fractions=()))
