@@ -96,7 +96,7 @@ def _calibration_images():
 def test_candidates_include_channel_slices_that_buy_part_of_a_layer() -> None:
     model = build_model("cnn28")
     setup = TrainingSetup(32, (1, 28, 28))
-    budget = 7_700_000
+    budget = 8_100_000
     est = MemoryEstimator(model, (1, 28, 28))
     whole = SubsetPlan.from_layers(model, ["8", "9", "13", "15"])
     assert min(est.estimate(whole, 32, clipping=m).peak_bytes for m in ("per_sample", "ghost")) > budget
