@@ -301,3 +301,27 @@ def test_training_a_channel_slice_moves_only_its_rows(clipping: str) -> None:
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(suffix(prefix(x)), model.eval()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("clipping", ["per_sample", "ghost"])
+def test_private_trainer_trains_a_channel_sliced_suffix(clipping: str) -> None:
+    """The device runtime's path: split_model, then PrivateTrainer on the suffix."""
+    from ftte.privacy.dpsgd import DPConfig, PrivateTrainer
+
+    torch.manual_seed(1)
+    model = build_model("cnn8")
+    plan = SubsetPlan.with_slices(model, ["8.weight", "8.bias", "10.weight", "10.bias"], {"8": 12})
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    v0 = subset_vector(model, plan)
+    prefix, suffix = split_model(model, plan)
+    trainer = PrivateTrainer(suffix, DPConfig(noise_multiplier=1.0, epsilon_max=1e3, accountant="rdp"),
+                             prefix=prefix, generator=torch.Generator().manual_seed(0), clipping=clipping)
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
+    trainer.train_round((x, y), loss_fn=nn.CrossEntropyLoss(), lr=0.3, batch_size=10, steps=3)
+    trainer.close()
+    v1 = subset_vector(model, plan)
+    assert v1.shape == v0.shape and not np.array_equal(v0, v1)
+    params = dict(model.named_parameters())
+    assert torch.equal(params["8.weight"][12:], start["8.weight"][12:])
+    assert not torch.equal(params["8.weight"][:12], start["8.weight"][:12])
+    assert torch.equal(params["3.weight"], start["3.weight"])
