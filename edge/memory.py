@@ -36,6 +36,16 @@ layers (a ReLU output is also the next layer's saved input; ``Flatten`` returns 
 are counted once. Layer types without a rule are costed conservatively and listed in
 ``MemoryEstimate.approximate_layers``.
 
+Under ghost clipping (``TrainingSetup.clipping = "ghost"``, see :mod:`ftte.edge.step`)
+the step runs two backward passes: the first keeps the whole graph (``retain_graph``)
+while Opacus computes per-sample gradient *norms* -- for ``Linear`` layers from output
+gradients and activations only, for other layers by forming one layer's per-sample
+gradients at a time and dropping them -- and writes ``.grad``; the second backpropagates
+the re-weighted per-sample losses with hooks off, freeing the graph as it goes. No
+per-sample gradient survives to the optimizer step. The estimator simulates both passes.
+A channel-sliced layer (:class:`ftte.edge.plan.ChannelSlice`) is costed as its trained and
+frozen halves reading one input, with outputs concatenated.
+
 Not counted by either side: allocator overhead and fragmentation, Python objects, the
 interpreter and torch runtime. The batch is exactly ``batch_size`` samples; with
 Poisson sampling the batch varies, so budget with a high quantile of the batch size.
@@ -45,7 +55,8 @@ process that is not allocating tensors on other threads at the same time.
 The per-layer rules were read off torch 2.13 (CPU, oneDNN convolution for batches above
 one) and Opacus 1.6 (hook-based grad samplers); other versions can allocate different
 temporaries. Tests hold estimate and measurement within 15% on every bundled model,
-several plans, with and without DP, so a drift shows up there.
+several plans, with and without DP, in both clipping modes and for channel-slice plans,
+so a drift shows up there.
 """
 
 from __future__ import annotations
