@@ -417,6 +417,7 @@ class PrivateTrainer:
             raise RuntimeError("trainer is closed")
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+        criterion = self._ghost_loss(loss_fn) if self._ghost else loss_fn  # checked before anything is recorded
         ds = _as_dataset(data)
         n = len(ds)  # type: ignore[arg-type]
         if plan is None:
@@ -444,7 +445,6 @@ class PrivateTrainer:
             group["lr"] = lr
         self._base_optimizer.state.clear()  # each round starts from fresh global weights
 
-        criterion = self._ghost_loss(loss_fn) if self._ghost else loss_fn
         sampler = UniformWithReplacementSampler(
             num_samples=n, sample_rate=plan.sample_rate, generator=self.generator, steps=plan.steps
         )
@@ -519,6 +519,8 @@ class PrivateTrainer:
     def _ghost_loss(self, loss_fn: LossFn) -> Callable:
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
+        if loss_fn is nn.functional.cross_entropy:  # the functional default: same loss as a module
+            loss_fn = nn.CrossEntropyLoss()
         if not isinstance(loss_fn, nn.Module) or getattr(loss_fn, "reduction", None) != "mean":
             raise ValueError("ghost clipping needs loss_fn to be a loss module with reduction='mean' "
                              "(e.g. nn.CrossEntropyLoss()), so per-sample losses can be re-weighted")

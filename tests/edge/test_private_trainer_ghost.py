@@ -61,6 +61,13 @@ def test_ghost_needs_a_mean_loss_module_and_a_known_mode() -> None:
     trainer = PrivateTrainer(_model(), DPConfig(noise_multiplier=1.0, epsilon_max=1e6, accountant="rdp"),
                              clipping="ghost")
     with pytest.raises(ValueError, match="reduction='mean'"):
-        trainer.train_round((x, y), loss_fn=nn.functional.cross_entropy, lr=0.1, batch_size=16, steps=1)
+        trainer.train_round((x, y), loss_fn=lambda out, t: nn.functional.nll_loss(out.log_softmax(1), t), lr=0.1,
+                            batch_size=16, steps=1)
+    with pytest.raises(ValueError, match="reduction='mean'"):
+        trainer.train_round((x, y), loss_fn=nn.CrossEntropyLoss(reduction="sum"), lr=0.1, batch_size=16, steps=1)
+    assert trainer.epsilon() == 0.0  # a refused loss spends no budget
+    # the functional cross-entropy (what edge.runtime passes) is accepted as its module
+    stats = trainer.train_round((x, y), loss_fn=nn.functional.cross_entropy, lr=0.1, batch_size=16, steps=2)
+    assert stats.steps == 2
     with pytest.raises(ValueError, match="clipping"):
         PrivateTrainer(_model(), DPConfig(noise_multiplier=1.0), clipping="fast")
