@@ -36,6 +36,16 @@ layers (a ReLU output is also the next layer's saved input; ``Flatten`` returns 
 are counted once. Layer types without a rule are costed conservatively and listed in
 ``MemoryEstimate.approximate_layers``.
 
+Under ghost clipping (``TrainingSetup.clipping = "ghost"``, see :mod:`ftte.edge.step`)
+the step runs two backward passes: the first keeps the whole graph (``retain_graph``)
+while Opacus computes per-sample gradient *norms* -- for ``Linear`` layers from output
+gradients and activations only, for other layers by forming one layer's per-sample
+gradients at a time and dropping them -- and writes ``.grad``; the second backpropagates
+the re-weighted per-sample losses with hooks off, freeing the graph as it goes. No
+per-sample gradient survives to the optimizer step. The estimator simulates both passes.
+A channel-sliced layer (:class:`ftte.edge.plan.ChannelSlice`) is costed as its trained and
+frozen halves reading one input, with outputs concatenated.
+
 Not counted by either side: allocator overhead and fragmentation, Python objects, the
 interpreter and torch runtime. The batch is exactly ``batch_size`` samples; with
 Poisson sampling the batch varies, so budget with a high quantile of the batch size.
@@ -45,7 +55,8 @@ process that is not allocating tensors on other threads at the same time.
 The per-layer rules were read off torch 2.13 (CPU, oneDNN convolution for batches above
 one) and Opacus 1.6 (hook-based grad samplers); other versions can allocate different
 temporaries. Tests hold estimate and measurement within 15% on every bundled model,
-several plans, with and without DP, so a drift shows up there.
+several plans, with and without DP, in both clipping modes and for channel-slice plans,
+so a drift shows up there.
 """
 
 from __future__ import annotations
@@ -60,7 +71,7 @@ import torch
 from torch import nn
 
 from ftte.edge.plan import SubsetPlan
-from ftte.edge.step import OptimizerKind, StepConfig, SubsetStep
+from ftte.edge.step import CLIPPING_MODES, ClippingMode, OptimizerKind, StepConfig, SubsetStep
 
 __all__ = [
     "TrainingSetup",
@@ -87,8 +98,11 @@ class TrainingSetup:
     optimizer: OptimizerKind = "momentum"
     num_classes: int | None = None
     prefix_chunk: int | None = None
+    clipping: ClippingMode = "per_sample"
 
     def __post_init__(self) -> None:
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {self.clipping!r}")
         if self.prefix_chunk is not None and int(self.prefix_chunk) < 1:
             raise ValueError(f"prefix_chunk must be >= 1 or None, got {self.prefix_chunk}")
         if int(self.batch_size) < 1:
@@ -98,7 +112,9 @@ class TrainingSetup:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
 
     def step_config(self, **overrides: float) -> StepConfig:
-        return StepConfig(dp=self.dp, optimizer=self.optimizer, prefix_chunk=self.prefix_chunk, **overrides)
+        return StepConfig(
+            dp=self.dp, optimizer=self.optimizer, prefix_chunk=self.prefix_chunk, clipping=self.clipping, **overrides
+        )
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,7 @@ class MemoryEstimate:
     peak_phase: str
     phase_peaks: dict[str, int] = field(default_factory=dict)
     approximate_layers: tuple[str, ...] = ()
+    clipping: str = "per_sample"  # the DP clipping mode costed (see ftte.edge.step)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +167,7 @@ class MemoryMeasurement:
     saved_activation_bytes: int
     peak_phase: str
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    clipping: str = "per_sample"  # the DP clipping mode measured (see ftte.edge.step)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -281,6 +299,7 @@ def measure_training_memory(
         saved_activation_bytes=int(sum(saved.values())),
         peak_phase=phase,
         phase_peaks={k: baseline + v for k, v in phase_peaks.items()},
+        clipping=setup.clipping,
     )
 
 
@@ -471,8 +490,10 @@ def _layer_costs(layer: _Layer, tr: dict[str, int], b: int, *, grad_mode: bool, 
                 c.node_work = max(outb + inb, tr.get("weight", 0) * e)
         else:
             # torch's im2col kernel ("slow_conv2d"): an unfolded-input buffer, forward and backward
+            # (backward re-unfolds only for the weight gradient; the input gradient and the bias
+            # gradient need no columns buffer: measured on torch 2.13)
             c.fwd_work = unfolded
-            if node:
+            if node and "weight" in tr:
                 c.node_work = unfolded
         if hook:
             if m.padding == "same":
@@ -533,6 +554,158 @@ def _layer_costs(layer: _Layer, tr: dict[str, int], b: int, *, grad_mode: bool, 
     return c
 
 
+def _sliced_costs(layer: _Layer, tr: dict[str, int], b: int, k: int, *, rg_in: bool, dp: bool) -> _Costs:
+    """Costs of a channel-sliced layer (:class:`ftte.edge.plan.ChannelSlice`): a trained
+    layer with ``k`` outputs and a frozen one with the rest, both reading the same input,
+    outputs concatenated. ``tr`` already holds the trained part's sizes."""
+    from ftte.edge.plan import ChannelSlice
+
+    split = ChannelSlice(layer.module, k)  # views only: no parameter memory
+    out = layer.out_numel
+    rows = layer.module.weight.shape[0]
+    parts = []
+    for module, n_out, part_tr in ((split.trained, k, tr), (split.frozen, rows - k, {})):
+        part = _Layer(layer.path, layer.top, module, layer.in_numel, layer.in_elem, layer.in_shape,
+                      out * n_out // rows, layer.out_elem, layer.params, layer.elem)
+        parts.append(_layer_costs(part, part_tr, b, grad_mode=True, rg_in=rg_in, dp=dp))
+    t, f = parts
+    outb = b * out * layer.out_elem
+    inb = b * layer.in_numel * layer.in_elem
+    return _Costs(
+        fwd_work=outb,  # both halves' outputs, alive while they are concatenated
+        out_alloc=outb,
+        saves_in=t.saves_in or f.saves_in,
+        saves_out=False,
+        saved_extra=0,
+        # trained half's backward, or the frozen half's while the first input gradient is held
+        node_work=max(t.node_work, f.node_work + (inb if rg_in else 0)),
+        grad_in=inb if rg_in else 0,
+        grads=t.grads,
+        hook_work=t.hook_work,
+        grad_sample=t.grad_sample,
+        approximate=t.approximate or f.approximate,
+    )
+
+
+def _single_backward(
+    costs: list[_Costs],
+    sizes: dict[int, int],
+    kept: set[int],
+    cur_id: int,
+    refs: dict[int, set[int]],
+    in_id: list[int],
+    out_id: list[int],
+    extras: list[int],
+    forward_end: int,
+    logits: int,
+) -> tuple[int, int, int]:
+    """One backward pass, last layer first, freeing saved storages as it goes (non-private
+    or per-sample DP). Returns ``(peak, held .grad bytes, held per-sample-gradient bytes)``."""
+    refs = {k: set(v) for k, v in refs.items()}
+    held_grads = held_gs = 0
+    extras_live = sum(extras)
+    alive = kept | {cur_id}
+    g = logits  # gradient w.r.t. the current layer's output
+    peak = forward_end + g
+    for j in range(len(costs) - 1, -1, -1):
+        c = costs[j]
+        live = sum(sizes[s] for s in alive) + extras_live + held_grads + held_gs + g
+        if j == 0:
+            # the suffix input needs no grad, so Opacus's hook fires before the layer's node
+            peak = max(peak, live + c.hook_work)
+            held_gs += c.grad_sample
+            peak = max(peak, live + c.grad_sample + c.node_work + c.grad_in + c.grads)
+            held_grads += c.grads
+        else:
+            peak = max(peak, live + c.node_work + c.grad_in + c.grads)
+            held_grads += c.grads
+            peak = max(peak, live + c.grads + c.grad_in + c.hook_work)
+            held_gs += c.grad_sample
+        extras_live -= extras[j]
+        for sid in (in_id[j], out_id[j]):
+            refs.get(sid, set()).discard(j)
+        alive = {sid for sid in alive if refs.get(sid)}
+        if not c.is_view:
+            g = c.grad_in  # a view layer passes on a view of the same gradient
+    return peak, held_grads, held_gs
+
+
+def _ghost_norm_work(layer: _Layer, c: _Costs, b: int) -> int:
+    """Transient bytes of Opacus's fast-clipping hook on one trainable layer.
+
+    Layers with a ghost norm sampler (``Linear`` on per-sample vectors) compute each
+    sample's gradient norm from ``backprops * batch`` and the activations without forming
+    per-sample gradients: one output-sized buffer plus a few batch-sized vectors. Every
+    other layer computes its per-sample gradients as in per-sample mode (``hook_work``),
+    takes their norms and drops them before the next layer's hook.
+    """
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    if type(layer.module) in GradSampleModuleFastGradientClipping.NORM_SAMPLERS and len(layer.in_shape) == 1:
+        outb = b * layer.out_numel * layer.out_elem
+        return outb + 4 * b * 4
+    return c.hook_work
+
+
+def _ghost_backward(
+    suffix: list[_Layer],
+    costs: list[_Costs],
+    sizes: dict[int, int],
+    kept: set[int],
+    cur_id: int,
+    refs: dict[int, set[int]],
+    in_id: list[int],
+    out_id: list[int],
+    extras: list[int],
+    forward_end: int,
+    logits: int,
+    b: int,
+) -> tuple[int, int, int]:
+    """Ghost clipping's two backward passes (Opacus ``DPTensorFastGradientClipping.backward``).
+
+    Pass one runs with ``retain_graph=True``, so every saved storage stays alive while the
+    hooks compute per-sample gradient norms and ``.grad`` is written; no per-sample
+    gradient outlives its layer's hook. ``.grad`` is then zeroed in place (kept), and pass
+    two backpropagates the re-weighted per-sample losses with hooks off, freeing saved
+    storages as it goes; each layer's new gradient is a transient buffer added into ``.grad``.
+    Returns ``(peak, held .grad bytes, 0)``.
+    """
+    all_saved = sum(sizes[s] for s in kept | {cur_id}) + sum(extras)
+    loss_vectors = 4 * b * 4  # per-sample losses, clipping factors, their product
+    held_grads = 0
+    g = logits
+    peak = forward_end + g + loss_vectors
+    for j in range(len(costs) - 1, -1, -1):
+        c = costs[j]
+        work = _ghost_norm_work(suffix[j], c, b) if c.grad_sample else 0
+        live = all_saved + loss_vectors + held_grads + g
+        if j == 0:
+            peak = max(peak, live + work)
+            peak = max(peak, live + c.node_work + c.grad_in + c.grads)
+        else:
+            peak = max(peak, live + c.node_work + c.grad_in + c.grads)
+            peak = max(peak, live + c.grads + c.grad_in + work)
+        held_grads += c.grads
+        if not c.is_view:
+            g = c.grad_in
+    # pass two: the graph is freed layer by layer; new gradients are added into the held .grad
+    refs = {k: set(v) for k, v in refs.items()}
+    extras_live = sum(extras)
+    alive = kept | {cur_id}
+    g = logits
+    for j in range(len(costs) - 1, -1, -1):
+        c = costs[j]
+        live = sum(sizes[s] for s in alive) + extras_live + loss_vectors + held_grads + g
+        peak = max(peak, live + c.node_work + c.grad_in + c.grads)
+        extras_live -= extras[j]
+        for sid in (in_id[j], out_id[j]):
+            refs.get(sid, set()).discard(j)
+        alive = {sid for sid in alive if refs.get(sid)}
+        if not c.is_view:
+            g = c.grad_in
+    return peak, held_grads, 0
+
+
 class MemoryEstimator:
     """Estimates peak step memory for any plan of one model, probing layer shapes only once.
 
@@ -562,12 +735,16 @@ class MemoryEstimator:
         dp: bool = True,
         optimizer: OptimizerKind = "momentum",
         prefix_chunk: int | None = None,
+        clipping: ClippingMode = "per_sample",
     ) -> MemoryEstimate:
         plan.check(self.model)
-        setup = TrainingSetup(batch_size, self.input_shape, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk)
+        setup = TrainingSetup(
+            batch_size, self.input_shape, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk, clipping=clipping
+        )
         b = setup.batch_size
         trainable = set(plan.trainable)
-        sizes_tr = [self._named[n][0] * self._named[n][1] for n in plan.trainable]
+        # trained part of each tensor (a channel slice trains only its first rows)
+        sizes_tr = [math.prod(plan.trained_shape(n)) * self._named[n][1] for n in plan.trainable]
         trainable_bytes = sum(sizes_tr)
         optimizer_state_bytes = {"sgd": 0, "momentum": 1, "adam": 2}[optimizer] * trainable_bytes
         if optimizer == "adam":
@@ -578,8 +755,16 @@ class MemoryEstimator:
         logits = b * self.num_classes * 4
         k = next(i for i, l in enumerate(self.layers) if l.top == plan.trainable_layers[0])
 
+        cuts = plan.slice_map
+
         def tr_of(layer: _Layer) -> dict[str, int]:
-            return {local: self._named[full][0] for local, full in layer.params.items() if full in trainable}
+            return {local: math.prod(plan.trained_shape(full)) for local, full in layer.params.items()
+                    if full in trainable}
+
+        def costs_of(layer: _Layer, tr: dict[str, int], rg: bool) -> _Costs:
+            if layer.path in cuts and layer.path == layer.top:
+                return _sliced_costs(layer, tr, b, cuts[layer.path], rg_in=rg, dp=dp)
+            return _layer_costs(layer, tr, b, grad_mode=True, rg_in=rg, dp=dp)
 
         phase_peaks: dict[str, int] = {}
 
@@ -613,7 +798,7 @@ class MemoryEstimator:
         cur_id, rg, peak = 0, False, 0
         for j, layer in enumerate(suffix):
             tr = tr_of(layer)
-            c = _layer_costs(layer, tr, b, grad_mode=True, rg_in=rg, dp=dp)
+            c = costs_of(layer, tr, rg)
             costs.append(c)
             new_id = cur_id if c.out_alloc == 0 else len(sizes)
             sizes[new_id] = sizes[cur_id] if c.out_alloc == 0 else c.out_alloc
@@ -633,32 +818,15 @@ class MemoryEstimator:
         if input_is_batch and 0 in kept:
             saved_activation_bytes += x_bytes  # the batch itself is saved (counted in the baseline)
 
-        # backward, last layer first
-        held_grads = held_gs = 0
-        extras_live = sum(extras)
-        alive = kept | {cur_id}
-        g = logits  # gradient w.r.t. the current layer's output
-        peak = forward_end + g
-        for j in range(len(suffix) - 1, -1, -1):
-            c = costs[j]
-            live = sum(sizes[s] for s in alive) + extras_live + held_grads + held_gs + g
-            if j == 0:
-                # the suffix input needs no grad, so Opacus's hook fires before the layer's node
-                peak = max(peak, live + c.hook_work)
-                held_gs += c.grad_sample
-                peak = max(peak, live + c.grad_sample + c.node_work + c.grad_in + c.grads)
-                held_grads += c.grads
-            else:
-                peak = max(peak, live + c.node_work + c.grad_in + c.grads)
-                held_grads += c.grads
-                peak = max(peak, live + c.grads + c.grad_in + c.hook_work)
-                held_gs += c.grad_sample
-            extras_live -= extras[j]
-            for sid in (in_id[j], out_id[j]):
-                refs.get(sid, set()).discard(j)
-            alive = {sid for sid in alive if refs.get(sid)}
-            if not c.is_view:
-                g = c.grad_in  # a view layer passes on a view of the same gradient
+        ghost = dp and clipping == "ghost"
+        if ghost:
+            peak, held_grads, held_gs = _ghost_backward(
+                suffix, costs, sizes, kept, cur_id, refs, in_id, out_id, extras, forward_end, logits, b
+            )
+        else:
+            peak, held_grads, held_gs = _single_backward(
+                costs, sizes, kept, cur_id, refs, in_id, out_id, extras, forward_end, logits
+            )
         phase_peaks["backward"] = peak
         after_backward = held_grads + held_gs
 
@@ -683,16 +851,22 @@ class MemoryEstimator:
             batch_bytes=int(batch_bytes),
             trainable_bytes=int(trainable_bytes),
             gradient_bytes=int(trainable_bytes),
-            per_sample_gradient_bytes=int(b * trainable_bytes) if dp else 0,
+            per_sample_gradient_bytes=int(b * trainable_bytes) if dp and not ghost else 0,
             saved_activation_bytes=int(saved_activation_bytes),
             peak_phase=phase,
             phase_peaks={name: int(baseline + v) for name, v in phase_peaks.items()},
             approximate_layers=tuple(l.path for l, c in zip(suffix, costs) if c.approximate),
+            clipping=clipping,
         )
 
 
 def estimate_training_memory(model: nn.Module, plan: SubsetPlan, setup: TrainingSetup) -> MemoryEstimate:
     """Predict the peak bytes of one step (see :class:`MemoryEstimator` and the module docstring)."""
     return MemoryEstimator(model, setup.input_shape).estimate(
-        plan, setup.batch_size, dp=setup.dp, optimizer=setup.optimizer, prefix_chunk=setup.prefix_chunk
+        plan,
+        setup.batch_size,
+        dp=setup.dp,
+        optimizer=setup.optimizer,
+        prefix_chunk=setup.prefix_chunk,
+        clipping=setup.clipping,
     )

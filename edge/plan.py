@@ -5,8 +5,17 @@ A :class:`SubsetPlan` names the trainable parameter tensors (layer-wise, by the 
 parameter of the model it was made for. The content hash covers both, so a plan can
 never be applied to a different architecture by accident, and two plans that train the
 same tensors of the same model have the same id on every machine and in every process.
-(Output-channel slices of a tensor are not supported: the search in
-:mod:`ftte.edge.plan_search` works on whole tensors.)
+
+**Channel slices.** A plan may train only the first ``k`` output channels of a
+``Conv2d`` (or output features of a ``Linear``) layer: ``slices`` maps the layer to
+``k``, and every trainable tensor of that layer (weight and bias) is trained in rows
+``[0, k)`` of its first dimension only; the other rows stay frozen. That lets a memory
+budget buy part of a layer (per-sample gradients, optimizer state and the update scale
+with ``k``). For training, :func:`split_model` swaps the layer in the suffix for a
+:class:`ChannelSlice` of two ordinary layers (trained rows, frozen rows) whose
+parameters are views of the model's own tensors, so Opacus sees plain ``Conv2d``/``Linear``
+modules and training updates the model in place. A plan without slices hashes exactly
+as before slices existed.
 
 :func:`split_model` turns a plan into the two halves training needs. The model must be
 an ``nn.Sequential``; its top-level children are the *layers*. Everything before the
@@ -23,6 +32,7 @@ order (:func:`subset_vector`); the server applies the aggregate with
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections import OrderedDict
@@ -40,6 +50,7 @@ __all__ = [
     "FrozenPrefix",
     "TrainableSuffix",
     "PlannedModel",
+    "ChannelSlice",
     "model_signature",
     "layer_names",
     "layer_of",
@@ -90,6 +101,7 @@ class SubsetPlan:
 
     trainable: tuple[str, ...]
     parameters: Signature
+    slices: tuple[tuple[str, int], ...] = ()  # (layer, leading output channels trained), model order
 
     def __post_init__(self) -> None:
         names = [n for n, _ in self.parameters]
@@ -104,6 +116,25 @@ class SubsetPlan:
         ordered = tuple(n for n in names if n in wanted)
         if ordered != tuple(self.trainable):
             raise ValueError("SubsetPlan: trainable names must be unique and in model order")
+        self._check_slices()
+
+    def _check_slices(self) -> None:
+        shapes = dict(self.parameters)
+        layers = [layer for layer, _ in self.slices]
+        if len(set(layers)) != len(layers):
+            raise ValueError("SubsetPlan: at most one channel slice per layer")
+        order = {layer: i for i, layer in enumerate(self.trainable_layers)}
+        for layer, k in self.slices:
+            if layer not in order:
+                raise ValueError(f"SubsetPlan: channel slice of layer {layer!r}, which has no trainable tensor")
+            rows = {shapes[n][0] for n in self.trainable if layer_of(n) == layer if shapes[n]}
+            if len(rows) != 1:
+                raise ValueError(f"SubsetPlan: layer {layer!r} tensors do not share an output dimension to slice")
+            (out,) = rows
+            if not (isinstance(k, int) and 1 <= k < out):
+                raise ValueError(f"SubsetPlan: slice of layer {layer!r} must keep 1..{out - 1} channels, got {k!r}")
+        if layers != sorted(layers, key=lambda layer: order[layer]):
+            raise ValueError("SubsetPlan: channel slices must be in model order")
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -133,6 +164,22 @@ class SubsetPlan:
         return cls.from_names(model, names)
 
     @classmethod
+    def with_slices(cls, model: nn.Module, names: Iterable[str], slices: dict[str, int]) -> "SubsetPlan":
+        """Plan training ``names`` with the given layers cut to their first ``k`` output channels.
+
+        Only top-level ``Conv2d`` (ungrouped) and ``Linear`` layers can be sliced.
+        """
+        plan = cls.from_names(model, names)
+        children = dict(model.named_children())
+        for layer in slices:
+            module = children.get(layer)
+            if not isinstance(module, (nn.Conv2d, nn.Linear)) or getattr(module, "groups", 1) != 1:
+                raise ValueError(f"only top-level ungrouped Conv2d or Linear layers can be sliced, not {layer!r}")
+        order = {layer: i for i, layer in enumerate(layer_names(model))}
+        ordered = tuple(sorted(((str(l), int(k)) for l, k in slices.items()), key=lambda lk: order[lk[0]]))
+        return cls(trainable=plan.trainable, parameters=plan.parameters, slices=ordered)
+
+    @classmethod
     def full(cls, model: nn.Module) -> "SubsetPlan":
         """Plan training every parameter (the full-model baseline)."""
         return cls.from_names(model, [n for n, _ in model.named_parameters()])
@@ -140,11 +187,13 @@ class SubsetPlan:
     # -- identity ---------------------------------------------------------------------
     def canonical_bytes(self) -> bytes:
         """Canonical encoding hashed for :attr:`content_hash` (sorted-key compact JSON, UTF-8)."""
-        doc = {
+        doc: dict = {
             "format": PLAN_FORMAT,
             "parameters": [[n, list(s)] for n, s in self.parameters],
             "trainable": list(self.trainable),
         }
+        if self.slices:  # absent when empty, so plans without slices keep their old hash
+            doc["slices"] = [[layer, k] for layer, k in self.slices]
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
 
     @property
@@ -163,10 +212,24 @@ class SubsetPlan:
         return dict(self.parameters)
 
     @property
+    def slice_map(self) -> dict[str, int]:
+        """Layer -> leading output channels trained (only sliced layers)."""
+        return dict(self.slices)
+
+    def trained_rows(self, name: str) -> int | None:
+        """Rows (first dimension) of tensor ``name`` that are trained, ``None`` for all of them."""
+        return self.slice_map.get(layer_of(name))
+
+    def trained_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of the trained part of tensor ``name`` (its rows cut by a channel slice)."""
+        shape = self.shapes[name]
+        k = self.trained_rows(name)
+        return shape if k is None else (k,) + tuple(shape[1:])
+
+    @property
     def num_coordinates(self) -> int:
-        """Length of the update vector: scalars in the trainable tensors."""
-        shapes = self.shapes
-        return int(sum(int(np.prod(shapes[n], dtype=np.int64)) for n in self.trainable))
+        """Length of the update vector: scalars in the trained parts of the trainable tensors."""
+        return int(sum(int(np.prod(self.trained_shape(n), dtype=np.int64)) for n in self.trainable))
 
     @property
     def total_coordinates(self) -> int:
@@ -183,7 +246,7 @@ class SubsetPlan:
         return tuple(out)
 
     def is_full(self) -> bool:
-        return len(self.trainable) == len(self.parameters)
+        return len(self.trainable) == len(self.parameters) and not self.slices
 
     def check(self, model: nn.Module) -> None:
         """Raise :class:`PlanMismatchError` unless ``model`` has exactly this plan's parameter names and shapes."""
@@ -201,15 +264,23 @@ class SubsetPlan:
             "content_hash": self.content_hash,
             "parameters": [[n, list(s)] for n, s in self.parameters],
             "trainable": list(self.trainable),
+            **({"slices": [[layer, k] for layer, k in self.slices]} if self.slices else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "SubsetPlan":
         if data.get("format") != PLAN_FORMAT:
             raise ValueError(f"not a subset plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
+        raw_slices = data.get("slices", [])
+        if not isinstance(raw_slices, list) or not all(
+            isinstance(s, list) and len(s) == 2 and isinstance(s[1], int) and not isinstance(s[1], bool)
+            for s in raw_slices
+        ):
+            raise ValueError("subset plan slices must be a list of [layer, channels] pairs")
         plan = cls(
             trainable=tuple(str(n) for n in data["trainable"]),
             parameters=tuple((str(n), tuple(int(x) for x in s)) for n, s in data["parameters"]),
+            slices=tuple((str(layer), int(k)) for layer, k in raw_slices),
         )
         for key in ("content_hash", "plan_id"):
             if key in data and data[key] != getattr(plan, key):
@@ -298,6 +369,48 @@ class TrainableSuffix(nn.Sequential):
         return super().forward(x)
 
 
+class ChannelSlice(nn.Module):
+    """A ``Conv2d``/``Linear`` layer split into its first ``k`` output channels (trained) and
+    the rest (frozen), outputs concatenated back in order.
+
+    Both halves are ordinary layers whose parameters are *views* of the original tensors'
+    rows, so Opacus hooks them like any layer, its per-sample gradients cover only the
+    trained rows, and the optimizer's in-place updates land in the original model.
+    """
+
+    def __init__(self, layer: nn.Module, k: int) -> None:
+        super().__init__()
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"ChannelSlice needs a Conv2d or Linear layer, got {type(layer).__name__}")
+        self.k = int(k)
+        self.dim = 1 if isinstance(layer, nn.Conv2d) else -1
+        self.trained = self._part(layer, slice(0, self.k))
+        self.frozen = self._part(layer, slice(self.k, None))
+
+    @staticmethod
+    def _part(layer: nn.Module, rows: slice) -> nn.Module:
+        """A fresh layer with ``layer``'s hyper-parameters whose tensors are views of ``rows``."""
+        weight = layer.weight.data[rows]
+        bias = layer.bias.data[rows] if layer.bias is not None else None
+        part: nn.Module
+        if isinstance(layer, nn.Conv2d):
+            part = nn.Conv2d(
+                layer.in_channels, weight.shape[0], layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                dilation=layer.dilation, groups=layer.groups, bias=bias is not None, padding_mode=layer.padding_mode,
+                device="meta",
+            )
+        else:
+            part = nn.Linear(layer.in_features, weight.shape[0], bias=bias is not None, device="meta")
+        part.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+        if bias is not None:
+            part.bias = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
+        part.train(layer.training)
+        return part
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.trained(x), self.frozen(x)], dim=self.dim)
+
+
 class PlannedModel(nn.Module):
     """``suffix(prefix(x))`` as one module (for evaluation, or non-private training)."""
 
@@ -318,7 +431,9 @@ def split_model(
     The halves share parameters with ``model`` (no copies), so training the suffix
     trains the model. Side effect, on purpose: every parameter's ``requires_grad`` is set
     from the plan, since that flag is what Opacus and the optimizer read.
-    ``prefix_chunk`` micro-batches the prefix (see :class:`FrozenPrefix`). Only an
+    ``prefix_chunk`` micro-batches the prefix (see :class:`FrozenPrefix`). A channel-sliced
+    layer appears in the suffix as a :class:`ChannelSlice` (its parameters are then named
+    ``<layer>.trained.*`` / ``<layer>.frozen.*`` in the suffix). Only an
     ``nn.Sequential`` has layer boundaries to cut at; anything else raises ``TypeError``.
     """
     if not isinstance(model, nn.Sequential):
@@ -331,6 +446,19 @@ def split_model(
     for name, p in model.named_parameters():
         p.requires_grad_(name in wanted)
     children = list(model.named_children())
+    if plan.slices:
+        cut = plan.slice_map
+        sliced = []
+        for name, child in children:
+            if name in cut:
+                part = ChannelSlice(child, cut[name])  # trained rows keep requires_grad; the rest are frozen
+                for p in part.frozen.parameters():
+                    p.requires_grad_(False)
+                for p in child.parameters():
+                    p.requires_grad_(False)  # the original tensors are trained through the views
+                child = part
+            sliced.append((name, child))
+        children = sliced
     first_layer = plan.trainable_layers[0]
     if first_layer == "":
         raise ValueError("a parameter registered directly on the Sequential cannot be planned layer-wise")
@@ -342,9 +470,14 @@ def split_model(
 
 
 def _planned_tensors(model: nn.Module, plan: SubsetPlan) -> list[torch.Tensor]:
+    """The trained part of each planned tensor (rows cut by a channel slice), in plan order."""
     plan.check(model)
     params = dict(model.named_parameters())
-    return [params[n] for n in plan.trainable]
+    out = []
+    for n in plan.trainable:
+        k = plan.trained_rows(n)
+        out.append(params[n] if k is None else params[n][:k])
+    return out
 
 
 def subset_vector(model: nn.Module, plan: SubsetPlan) -> np.ndarray:

@@ -20,9 +20,36 @@ that fits wins (ties: less memory). Beyond that, a greedy pass per possible firs
 trainable layer ``f``: start from ``{f}``, repeatedly add the later unit with the best
 score gained per byte added that still fits, keep the best plan over all ``f``.
 
+**Clipping mode.** Under DP a plan can be trained with per-sample clipping or with
+ghost clipping (:mod:`ftte.edge.step`). Ghost clipping avoids ``batch x parameters``
+per-sample gradients for ``Linear`` layers but keeps the whole graph through a second
+backward pass, so it is cheaper for linear heads and dearer for convolutions. With
+``clipping="auto"`` every candidate is costed in both modes and takes the cheaper (ties:
+per-sample, which has no extra backward pass); :attr:`PlanChoice.clipping` says which the
+device must use. With ``verify=True`` the final choice between the two modes is made on
+measured peaks.
+
 With ``verify=True`` the chosen plan is also measured (a real Opacus step); if the
 measurement exceeds the budget, the search repeats with the budget shrunk by the
 overshoot, so the returned plan's *measured* peak fits.
+
+**Contribution analysis** (:func:`choose_plan_by_contribution`). The gradient-norm score
+above ignores DP noise: under DP-SGD every trained coordinate also receives noise, so
+on small devices a larger plan can learn *less* than a smaller one. Following the
+contribution analysis of Lin et al. 2022 ("On-device training under 256KB memory"), the
+server instead measures what each candidate plan buys: from the current model, a few
+DP-SGD steps of that plan (clipping at the run's ``max_grad_norm``, Gaussian noise at
+the run's ``noise_multiplier``, the devices' batch size and learning rate) on one half
+of a calibration split, then the loss drop on the other half, averaged over a few
+repeats with common batches and seeds. Candidates are the plans that fit the memory
+budget among: every head (the last ``k`` units), every head whose first layer is cut to
+a fraction of its output channels (channel slices, :mod:`ftte.edge.plan`), every single
+unit, and the plan the score search picks. This **assumes the server holds public or server-owned data**
+resembling the task (the calibration split of :mod:`ftte.pipeline.datasets`, never a
+device's records and never the test set). Without such data, fall back to
+:func:`search_plan` without calibration (parameter count) or with a synthetic/proxy batch,
+and prefer smaller plans when the noise per coordinate is high; do not score plans on
+device data, because that spends (unaccounted) privacy.
 """
 
 from __future__ import annotations
@@ -39,7 +66,7 @@ from torch import nn
 from ftte.edge.memory import MemoryEstimate, MemoryEstimator, MemoryMeasurement, TrainingSetup, measure_training_memory
 from ftte.edge.plan import SubsetPlan, layer_of
 from ftte.edge.profile import DeviceProfile
-from ftte.edge.step import OptimizerKind
+from ftte.edge.step import ClippingMode, OptimizerKind
 
 __all__ = [
     "DEFAULT_BUDGET_FRACTION",
@@ -48,6 +75,11 @@ __all__ = [
     "default_budget",
     "parameter_importance",
     "search_plan",
+    "PlanContribution",
+    "ContributionChoice",
+    "candidate_plans",
+    "contribution_scores",
+    "choose_plan_by_contribution",
 ]
 
 #: Share of the weakest device's RAM given to the training working set. The rest is the
@@ -73,6 +105,7 @@ class PlanChoice:
     candidates_evaluated: int
     method: str
     prefix_chunk: int | None = None  # the micro-batch size the estimate assumed for the frozen prefix
+    clipping: str = "per_sample"  # the DP clipping mode the device must train this plan with
 
     @property
     def fits(self) -> bool:
@@ -155,6 +188,7 @@ def search_plan(
     prefix_chunk: int | None = None,
     verify: bool = False,
     max_retries: int = 3,
+    clipping: ClippingMode | Literal["auto"] | None = None,
 ) -> PlanChoice:
     """The highest-benefit plan whose estimated peak memory is at most ``budget_bytes``.
 
@@ -163,6 +197,9 @@ def search_plan(
     arguments. ``prefix_chunk`` is the micro-batch size the device will run its frozen
     prefix with (see :class:`ftte.edge.plan.FrozenPrefix`); the estimate, and the plan,
     depend on it. ``calibration`` is ``(x, y)`` server-side data, tensors or arrays.
+    ``clipping`` is ``"per_sample"``, ``"ghost"`` or ``"auto"`` (cheaper of the two per
+    candidate, see the module docstring); ``None`` takes ``setup.clipping`` (per-sample
+    without a setup). It only matters with DP.
     Raises :class:`BudgetTooSmallError` if no plan fits. See the module docstring for
     score, cost and search.
     """
@@ -171,6 +208,19 @@ def search_plan(
             raise ValueError("give either setup or batch_size/input_shape, not both")
         batch_size, input_shape = setup.batch_size, setup.input_shape
         dp, optimizer, prefix_chunk = setup.dp, setup.optimizer, setup.prefix_chunk
+        if clipping is None:
+            clipping = setup.clipping
+    if clipping is None:
+        clipping = "per_sample"
+    if clipping not in ("per_sample", "ghost", "auto"):
+        raise ValueError(f"clipping must be 'per_sample', 'ghost' or 'auto', got {clipping!r}")
+    modes: tuple[ClippingMode, ...]
+    if not dp:
+        modes = ("per_sample",)
+    elif clipping == "auto":
+        modes = ("per_sample", "ghost")
+    else:
+        modes = (clipping,)  # type: ignore[assignment]
     if batch_size is None or input_shape is None:
         raise ValueError("search_plan needs a TrainingSetup or both batch_size and input_shape")
     input_shape = tuple(int(s) for s in input_shape)
@@ -194,8 +244,13 @@ def search_plan(
     def cost(chosen: frozenset[int]) -> tuple[SubsetPlan, MemoryEstimate]:
         if chosen not in cache:
             plan = SubsetPlan.from_names(model, [n for i in sorted(chosen) for n in units[i]])
-            est = estimator.estimate(plan, batch_size, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk)
-            cache[chosen] = (plan, est)
+            options = [
+                estimator.estimate(
+                    plan, batch_size, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk, clipping=mode
+                )
+                for mode in modes
+            ]
+            cache[chosen] = (plan, min(options, key=lambda e: e.peak_bytes))  # first (per-sample) on ties
         return cache[chosen]
 
     limit = int(budget_bytes)
@@ -211,15 +266,29 @@ def search_plan(
         plan, est = cost(best)
         measured = None
         if verify:
-            check = TrainingSetup(batch_size, input_shape, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk)
-            measured = measure_training_memory(model, plan, check)
+            runs = [
+                measure_training_memory(
+                    model,
+                    plan,
+                    TrainingSetup(
+                        batch_size, input_shape, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk, clipping=mode
+                    ),
+                )
+                for mode in modes
+            ]
+            measured = min(runs, key=lambda m: m.peak_bytes)
+            if measured.clipping != est.clipping:  # the measurement decides between the modes
+                est = estimator.estimate(
+                    plan, batch_size, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk, clipping=measured.clipping
+                )
             if measured.peak_bytes > budget_bytes:
                 # the estimate was optimistic for this plan: shrink the limit by the overshoot and retry
                 limit = int(limit * budget_bytes / measured.peak_bytes) - 1
                 continue
         score = sum(scores[i] for i in best)
         return PlanChoice(
-            plan, est, measured, int(budget_bytes), score, score / total, len(cache), method, prefix_chunk
+            plan, est, measured, int(budget_bytes), score, score / total, len(cache), method, prefix_chunk,
+            est.clipping,
         )
     raise BudgetTooSmallError(f"no plan's measured peak fit {budget_bytes} bytes after {max_retries} retries")
 
@@ -265,3 +334,235 @@ def _search(
         if best is None or key(chosen) > key(best):
             best = chosen
     return best
+
+
+# --------------------------------------------------------------------------------------
+# contribution analysis: candidates scored by what a few noisy steps actually buy
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanContribution:
+    """What a few DP-SGD steps of one candidate plan did to the held-out calibration loss."""
+
+    plan: SubsetPlan
+    clipping: str
+    estimate: MemoryEstimate | None
+    loss_before: float
+    loss_after: float  # mean over repeats
+    loss_drop: float  # mean over repeats of before - after (higher is better)
+    loss_drop_stderr: float  # standard error of that mean (0 with one repeat)
+    repeats: int
+
+    def to_dict(self) -> dict:
+        return {
+            "plan_id": self.plan.plan_id,
+            "trainable": list(self.plan.trainable),
+            "trainable_coordinates": self.plan.num_coordinates,
+            "clipping": self.clipping,
+            "estimate_bytes": None if self.estimate is None else self.estimate.peak_bytes,
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "loss_drop": self.loss_drop,
+            "loss_drop_stderr": self.loss_drop_stderr,
+            "repeats": self.repeats,
+        }
+
+
+@dataclass(frozen=True)
+class ContributionChoice:
+    """The candidate with the largest measured loss drop, and the whole scored table."""
+
+    plan: SubsetPlan
+    clipping: str
+    estimate: MemoryEstimate
+    budget_bytes: int
+    scores: tuple[PlanContribution, ...]  # best first
+
+    @property
+    def best(self) -> PlanContribution:
+        return self.scores[0]
+
+
+def _setup_of(setup: TrainingSetup, clipping: str) -> TrainingSetup:
+    return TrainingSetup(
+        setup.batch_size, setup.input_shape, dp=setup.dp, optimizer=setup.optimizer,
+        num_classes=setup.num_classes, prefix_chunk=setup.prefix_chunk, clipping=clipping,  # type: ignore[arg-type]
+    )
+
+
+def candidate_plans(
+    model: nn.Module,
+    budget_bytes: int,
+    setup: TrainingSetup,
+    *,
+    clipping: ClippingMode | Literal["auto"] = "auto",
+    granularity: Literal["layer", "tensor"] = "layer",
+    include: Sequence[SubsetPlan] = (),
+    slice_fractions: Sequence[float] = (0.25, 0.5),
+) -> list[tuple[SubsetPlan, MemoryEstimate]]:
+    """Plans worth scoring that fit ``budget_bytes`` by estimate, each with its cheaper clipping mode.
+
+    Every head (the last ``k`` units, ``k = 1..n``); for every head whose first unit is a
+    whole ``Conv2d``/``Linear`` layer, the same head with that layer cut to each of
+    ``slice_fractions`` of its output channels (a channel slice, see
+    :mod:`ftte.edge.plan`), so a budget can buy part of a layer; every single unit; and
+    ``include``. Duplicates removed, in that order. ``clipping`` as in :func:`search_plan`.
+    """
+    if clipping not in ("per_sample", "ghost", "auto"):
+        raise ValueError(f"clipping must be 'per_sample', 'ghost' or 'auto', got {clipping!r}")
+    modes = ("per_sample",) if not setup.dp else (("per_sample", "ghost") if clipping == "auto" else (clipping,))
+    estimator = MemoryEstimator(model, setup.input_shape)
+    units = _units(model, granularity)
+    plans: list[SubsetPlan] = []
+    children = dict(model.named_children())
+    for k in range(1, len(units) + 1):
+        names = [n for u in units[-k:] for n in u]
+        plans.append(SubsetPlan.from_names(model, names))
+        first = layer_of(units[-k][0])
+        layer = children.get(first)
+        whole_layer = {n for n, _ in model.named_parameters() if layer_of(n) == first} == set(units[-k])
+        if whole_layer and isinstance(layer, (nn.Conv2d, nn.Linear)) and getattr(layer, "groups", 1) == 1:
+            rows = int(layer.weight.shape[0])
+            for f in slice_fractions:
+                cut = int(round(f * rows))
+                if 1 <= cut < rows:
+                    plans.append(SubsetPlan.with_slices(model, names, {first: cut}))
+    plans += [SubsetPlan.from_names(model, u) for u in units]
+    plans += list(include)
+    out: list[tuple[SubsetPlan, MemoryEstimate]] = []
+    seen: set[str] = set()
+    for plan in plans:
+        if plan.plan_id in seen:
+            continue
+        seen.add(plan.plan_id)
+        est = min(
+            (estimator.estimate(plan, setup.batch_size, dp=setup.dp, optimizer=setup.optimizer,
+                                prefix_chunk=setup.prefix_chunk, clipping=m) for m in modes),  # type: ignore[arg-type]
+            key=lambda e: e.peak_bytes,
+        )
+        if est.peak_bytes <= budget_bytes:
+            out.append((plan, est))
+    return out
+
+
+def contribution_scores(
+    model: nn.Module,
+    candidates: Sequence[SubsetPlan | tuple[SubsetPlan, MemoryEstimate]],
+    calibration: tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    lr: float,
+    batch_size: int,
+    steps: int = 5,
+    repeats: int = 3,
+    optimizer: OptimizerKind = "sgd",
+    dp: bool = True,
+    seed: int = 0,
+    loss_fn: nn.Module | None = None,
+) -> list[PlanContribution]:
+    """Score each candidate by the calibration-loss drop of ``steps`` DP-SGD steps; best first.
+
+    ``calibration`` is server-held ``(x, y)`` (see the module docstring for why it must
+    not be device data or the test set). It is split once, by ``seed``, into a half the
+    steps train on and a half the loss is measured on. Each repeat draws its batches
+    (``batch_size`` samples without replacement) and its noise seed once and uses them for
+    every candidate (common random numbers), so differences between candidates are not
+    differences between batches. A candidate given with its estimate is trained in the
+    estimate's clipping mode (the result does not depend on the mode, only the memory
+    does). ``model`` is not modified.
+    """
+    if steps < 1 or repeats < 1 or batch_size < 1:
+        raise ValueError("steps, repeats and batch_size must be >= 1")
+    from ftte.edge.step import StepConfig, SubsetStep
+
+    x = torch.as_tensor(calibration[0], dtype=torch.float32)
+    y = torch.as_tensor(calibration[1]).long()
+    if len(x) != len(y) or len(y) < 4:
+        raise ValueError(f"calibration needs matching x and y with at least 4 samples, got {len(x)} and {len(y)}")
+    criterion = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(len(y), generator=gen)
+    half = len(y) // 2
+    tr_idx, ev_idx = perm[:half], perm[half:]
+    x_ev, y_ev = x[ev_idx], y[ev_idx]
+    b = min(int(batch_size), len(tr_idx))
+
+    def eval_loss(m: nn.Module) -> float:
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            value = float(criterion(m(x_ev), y_ev))
+        m.train(was)
+        return value
+
+    loss_before = eval_loss(model)
+    draws = []
+    for _ in range(repeats):
+        batches = [tr_idx[torch.randperm(len(tr_idx), generator=gen)[:b]] for _ in range(steps)]
+        draws.append((batches, int(torch.randint(0, 2**62, (1,), generator=gen))))
+
+    results: list[PlanContribution] = []
+    for item in candidates:
+        plan, est = (item if isinstance(item, tuple) else (item, None))
+        mode = est.clipping if est is not None else "per_sample"
+        drops, afters = [], []
+        for batches, noise_seed in draws:
+            work = copy.deepcopy(model)
+            cfg = StepConfig(dp=dp, optimizer=optimizer, lr=lr, noise_multiplier=noise_multiplier,
+                             max_grad_norm=max_grad_norm, clipping=mode)  # type: ignore[arg-type]
+            step = SubsetStep(work, plan, cfg, expected_batch_size=b, loss_fn=copy.deepcopy(criterion),
+                              generator=torch.Generator().manual_seed(noise_seed))
+            for idx in batches:
+                step(x[idx], y[idx])
+            step.zero_grad()
+            after = eval_loss(work)
+            afters.append(after)
+            drops.append(loss_before - after)
+        mean = float(np.mean(drops))
+        stderr = float(np.std(drops, ddof=1) / np.sqrt(len(drops))) if len(drops) > 1 else 0.0
+        results.append(PlanContribution(plan, mode, est, loss_before, float(np.mean(afters)), mean, stderr, repeats))
+    results.sort(key=lambda r: (-r.loss_drop, r.plan.num_coordinates))
+    return results
+
+
+def choose_plan_by_contribution(
+    model: nn.Module,
+    budget_bytes: int,
+    setup: TrainingSetup,
+    calibration: tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    lr: float,
+    steps: int = 5,
+    repeats: int = 3,
+    clipping: ClippingMode | Literal["auto"] = "auto",
+    granularity: Literal["layer", "tensor"] = "layer",
+    seed: int = 0,
+) -> ContributionChoice:
+    """The fitting candidate plan whose few noisy steps lower the held-out calibration loss most.
+
+    Candidates come from :func:`candidate_plans` (heads, heads whose first layer is a
+    channel slice, single units, and the plan :func:`search_plan` picks by gradient-norm
+    score on the same calibration data); each
+    is scored by :func:`contribution_scores` at the run's own ``noise_multiplier``,
+    ``max_grad_norm``, learning rate and the setup's batch size and optimizer. Raises
+    :class:`BudgetTooSmallError` when nothing fits. Module docstring: assumptions.
+    """
+    try:
+        searched = [search_plan(model, budget_bytes, setup, calibration=calibration, clipping=clipping).plan]
+    except BudgetTooSmallError:
+        searched = []
+    cands = candidate_plans(model, budget_bytes, setup, clipping=clipping, granularity=granularity, include=searched)
+    if not cands:
+        raise BudgetTooSmallError(f"no candidate plan fits {budget_bytes} bytes at batch size {setup.batch_size}")
+    scores = contribution_scores(
+        model, cands, calibration, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, lr=lr,
+        batch_size=setup.batch_size, steps=steps, repeats=repeats, optimizer=setup.optimizer, dp=setup.dp,
+        seed=seed,
+    )
+    best = scores[0]
+    assert best.estimate is not None
+    return ContributionChoice(best.plan, best.clipping, best.estimate, int(budget_bytes), tuple(scores))

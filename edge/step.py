@@ -7,6 +7,23 @@ runs under ``no_grad`` and only the trainable suffix is wrapped by Opacus's
 suffix), then ``DPOptimizer`` clips each sample's gradient, adds Gaussian noise and
 takes the optimizer step.
 
+Two clipping modes (:data:`ClippingMode`), same clipped-and-noised update:
+
+``per_sample`` (default)
+    Opacus's ``GradSampleModule`` materialises every sample's gradient of every
+    trainable tensor (``batch x trainable`` values held until the step), which
+    ``DPOptimizer`` clips and sums.
+``ghost``
+    Opacus's fast gradient clipping ("ghost clipping", Li et al. 2022; Bu et al.
+    2023): ``GradSampleModuleFastGradientClipping`` computes only each sample's
+    gradient *norm* in a first backward pass (for ``Linear`` from activations and
+    output gradients without forming the per-sample gradient; for other layers one
+    layer's per-sample gradient at a time, dropped after its norm is taken), then
+    ``DPLossFastGradientClipping`` runs a second backward pass on the per-sample losses
+    re-weighted by the clipping factors, which yields the sum of clipped gradients
+    directly; ``DPOptimizerFastGradientClipping`` only adds noise. Less memory, one
+    more backward pass of the suffix (see :func:`clipping_compute_factor`).
+
 The full privacy machinery (Poisson sampling over a dataset, accountants, ledger) lives
 in ``ftte.privacy``; this module deliberately depends on Opacus directly so that the
 memory planner does not depend on the trainer. The model is wrapped once, at
@@ -25,9 +42,12 @@ from torch.profiler import record_function
 
 from ftte.edge.plan import FrozenPrefix, SubsetPlan, split_model
 
-__all__ = ["OptimizerKind", "StepConfig", "SubsetStep", "PHASES"]
+__all__ = ["OptimizerKind", "ClippingMode", "CLIPPING_MODES", "StepConfig", "SubsetStep", "PHASES",
+           "clipping_compute_factor"]
 
 OptimizerKind = Literal["sgd", "momentum", "adam"]
+ClippingMode = Literal["per_sample", "ghost"]
+CLIPPING_MODES: tuple[str, ...] = ("per_sample", "ghost")
 
 #: ``record_function`` labels of a step's phases (the memory measurement attributes its peak to one).
 PHASES = ("prefix", "forward", "backward", "step")
@@ -53,12 +73,28 @@ class StepConfig:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     prefix_chunk: int | None = None  # micro-batch size for the frozen prefix (None: whole batch)
+    clipping: ClippingMode = "per_sample"  # how DP-SGD clips (see the module docstring); ignored without dp
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "momentum", "adam"):
             raise ValueError(f"optimizer must be 'sgd', 'momentum' or 'adam', got {self.optimizer!r}")
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {self.clipping!r}")
         if self.dp and (self.noise_multiplier < 0 or self.max_grad_norm <= 0):
             raise ValueError("DP needs noise_multiplier >= 0 and max_grad_norm > 0")
+
+
+def clipping_compute_factor(clipping: str, dp: bool = True) -> float:
+    """Backward passes of the trainable suffix per step, relative to one.
+
+    Ghost clipping runs the suffix's backward twice (norms, then the re-weighted loss),
+    so the simulator charges the suffix's backward MACs twice; per-sample clipping and
+    non-private steps run it once. The per-sample-gradient (or norm) work is charged
+    separately by the caller.
+    """
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
+    return 2.0 if (dp and clipping == "ghost") else 1.0
 
 
 def _make_optimizer(params: list[nn.Parameter], cfg: StepConfig) -> torch.optim.Optimizer:
@@ -98,12 +134,35 @@ class SubsetStep:
         self.params = [p for p in suffix.parameters() if p.requires_grad]
         base = _make_optimizer(self.params, config)
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
-        if config.dp:
+        self._ghost = config.dp and config.clipping == "ghost"
+        self._dp_loss = None
+        self.suffix: nn.Module
+        self.optimizer: torch.optim.Optimizer
+        if self._ghost:
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+            from opacus.optimizers import DPOptimizerFastGradientClipping
+            from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+            self.suffix = GradSampleModuleFastGradientClipping(
+                suffix, batch_first=True, loss_reduction="mean", max_grad_norm=config.max_grad_norm,
+                use_ghost_clipping=True,
+            )
+            self.optimizer = DPOptimizerFastGradientClipping(
+                base,
+                noise_multiplier=config.noise_multiplier,
+                max_grad_norm=config.max_grad_norm,
+                expected_batch_size=int(expected_batch_size),
+                loss_reduction="mean",
+                generator=generator,
+            )
+            # the loss must reduce by the mean (Opacus checks the criterion agrees)
+            self._dp_loss = DPLossFastGradientClipping(self.suffix, self.optimizer, self.loss_fn, loss_reduction="mean")
+        elif config.dp:
             from opacus import GradSampleModule
             from opacus.optimizers import DPOptimizer
 
-            self.suffix: nn.Module = GradSampleModule(suffix, batch_first=True, loss_reduction="mean")
-            self.optimizer: torch.optim.Optimizer = DPOptimizer(
+            self.suffix = GradSampleModule(suffix, batch_first=True, loss_reduction="mean")
+            self.optimizer = DPOptimizer(
                 base,
                 noise_multiplier=config.noise_multiplier,
                 max_grad_norm=config.max_grad_norm,
@@ -132,17 +191,21 @@ class SubsetStep:
             if not self.config.dp:
                 return float("nan")
             for p in self.params:
-                p.grad_sample = torch.zeros((0,) + tuple(p.shape), dtype=p.dtype, device=p.device)
+                if self._ghost:  # the fast-clipping optimizer noises p.grad (the clipped sum)
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = torch.zeros((0,) + tuple(p.shape), dtype=p.dtype, device=p.device)
             with record_function("step"):
                 self.optimizer.step()
             return float("nan")
         with record_function("prefix"):
             h = self.prefix(x)
         with record_function("forward"):
-            loss = self.loss_fn(self.suffix(h), y)
-            del h
+            out = self.suffix(h)
+            loss = self._dp_loss(out, y) if self._dp_loss is not None else self.loss_fn(out, y)
+            del h, out
         with record_function("backward"):
-            loss.backward()
+            loss.backward()  # ghost: both passes (norms, then the re-weighted loss)
         with record_function("step"):
             self.optimizer.step()
         return float(loss.detach())

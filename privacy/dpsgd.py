@@ -210,12 +210,16 @@ def _fetch(ds: Dataset, idx: list[int]) -> tuple[torch.Tensor, ...]:
 
 
 @functools.cache
-def _secure_noise_optimizer_class():
-    """Build the optimizer subclass lazily: importing Opacus costs seconds."""
-    from opacus.optimizers import DPOptimizer
+def _secure_noise_optimizer_class(ghost: bool = False):
+    """Build the optimizer subclass lazily: importing Opacus costs seconds. ``ghost``: on
+    Opacus's fast-gradient-clipping optimizer (its ``p.summed_grad`` is the clipped sum the
+    second backward pass produced; noise is added the same way)."""
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    class _SecureNoiseDPOptimizer(DPOptimizer):
+    base = DPOptimizerFastGradientClipping if ghost else DPOptimizer
+
+    class _SecureNoiseDPOptimizer(base):  # type: ignore[valid-type,misc]
         """Opacus's DPOptimizer (per-sample clipping, accumulation, scaling unchanged) whose
         Gaussian noise comes from :attr:`noise_rng` instead of torch's generator."""
 
@@ -270,7 +274,12 @@ class PrivateTrainer:
         store: AccountantStore | None = None,
         momentum: float = 0.0,
         rng: SecureRandom | None = None,
+        clipping: str = "per_sample",
     ) -> None:
+        """``clipping="ghost"`` uses Opacus's fast gradient clipping: the same clipped,
+        noised update without materialising per-sample gradients of ``Linear`` layers, at
+        the price of a second backward pass; ``train_round``'s ``loss_fn`` must then be a
+        loss module with a ``reduction`` attribute (Opacus re-evaluates it per sample)."""
         from opacus import GradSampleModule
         from opacus.grad_sample.gsm_base import AbstractGradSampleModule
         from opacus.validators import ModuleValidator
@@ -292,15 +301,28 @@ class PrivateTrainer:
         if not self._named_trainable:
             raise ValueError("the trainable module has no parameter with requires_grad=True")
         self._derived_noise: dict[tuple[float, int, float], float] = {}
+        if clipping not in ("per_sample", "ghost"):
+            raise ValueError(f"clipping must be 'per_sample' or 'ghost', got {clipping!r}")
+        self.clipping = clipping
+        self._ghost = config.enabled and clipping == "ghost"
         self._gsm = None
         base = torch.optim.SGD([p for _, p in self._named_trainable], lr=0.0, momentum=momentum)
         self._base_optimizer = base
         if config.enabled:
             # BatchNorm and friends mix samples, which breaks per-example DP: fail loudly.
             ModuleValidator.validate(module, strict=True)
-            self._gsm = GradSampleModule(module, batch_first=True, loss_reduction="mean", strict=True)
+            if self._ghost:
+                from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+                self._gsm = GradSampleModuleFastGradientClipping(
+                    module, batch_first=True, loss_reduction="mean", strict=True,
+                    max_grad_norm=config.max_grad_norm, use_ghost_clipping=True,
+                )
+            else:
+                self._gsm = GradSampleModule(module, batch_first=True, loss_reduction="mean", strict=True)
+            optimizer_cls = _secure_noise_optimizer_class(ghost=self._ghost)
             self._gsm.disable_hooks()
-            self._optimizer = _secure_noise_optimizer_class()(
+            self._optimizer = optimizer_cls(
                 base,
                 noise_multiplier=config.noise_multiplier,
                 max_grad_norm=config.max_grad_norm,
@@ -439,6 +461,7 @@ class PrivateTrainer:
         if self._closed:
             raise RuntimeError("trainer is closed")
 
+        criterion = self._ghost_loss(loss_fn) if self._ghost else loss_fn  # checked before anything is recorded
         ds = _as_dataset(data)
         n = len(ds)  # type: ignore[arg-type]
         if plan is None:
@@ -457,6 +480,8 @@ class PrivateTrainer:
                               epsilon_max=cfg.epsilon_max, expected_rounds=plan.prior_rounds)
             self._optimizer.noise_multiplier = plan.noise_multiplier  # type: ignore[attr-defined]
             self._optimizer.max_grad_norm = plan.max_grad_norm  # type: ignore[attr-defined]
+            if self._ghost:
+                self._gsm.max_grad_norm = plan.max_grad_norm  # type: ignore[union-attr]
             self._optimizer.expected_batch_size = plan.sample_rate * n  # type: ignore[attr-defined]
 
         # Draw the round key only now: a refused round consumes no randomness at all.
@@ -493,7 +518,7 @@ class PrivateTrainer:
                     with torch.no_grad():
                         x = self.prefix(x)
                 out = self._gsm(x) if self._gsm is not None else self._module(x)
-                loss = loss_fn(out, y)
+                loss = criterion(out, y)  # ghost: its backward() runs both passes
                 with warnings.catch_warnings():
                     # With a frozen prefix no input requires grad, so torch warns that the
                     # full backward hook fires on outputs only; that is exactly what
@@ -539,16 +564,30 @@ class PrivateTrainer:
             wall_seconds=wall,
         )
 
+    def _ghost_loss(self, loss_fn: LossFn) -> Callable:
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        if loss_fn is nn.functional.cross_entropy:  # the functional default: same loss as a module
+            loss_fn = nn.CrossEntropyLoss()
+        if not isinstance(loss_fn, nn.Module) or getattr(loss_fn, "reduction", None) != "mean":
+            raise ValueError("ghost clipping needs loss_fn to be a loss module with reduction='mean' "
+                             "(e.g. nn.CrossEntropyLoss()), so per-sample losses can be re-weighted")
+        return DPLossFastGradientClipping(self._gsm, self._optimizer, loss_fn, loss_reduction="mean")
+
     def _noise_only_step(self) -> None:
         # An empty Poisson batch is still a step of the mechanism: the update is pure
         # noise. Skipping it would make the released update depend on the batch being
         # empty, and the accountant already counted it.
         for _, p in self._named_trainable:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            if self._ghost:  # the fast-clipping optimizer noises p.grad, the clipped sum
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         self._optimizer.step()
 
     def _check_grad_samples(self) -> None:
-        missing = [n for n, p in self._named_trainable if getattr(p, "grad_sample", None) is None]
+        attr = "grad" if self._ghost else "grad_sample"
+        missing = [n for n, p in self._named_trainable if getattr(p, attr, None) is None]
         if missing:
             raise RuntimeError(
                 f"trainable parameters {missing} received no per-sample gradient: forward never used them. "

