@@ -441,7 +441,9 @@ class EdgeClient:
                           max_grad_norm=task.max_grad_norm, delta=task.delta if task.delta > 0 else None,
                           accountant=task.accountant, epsilon_max=budget if math.isfinite(budget) else math.inf,
                           target_epsilon=target, planned_rounds=task.planned_rounds if target else None)
-            settings = TrainSettings(task.local_steps, task.batch_size, task.lr)
+            if task.clipping not in ("per_sample", "ghost"):
+                raise ValueError(f"unknown clipping mode {task.clipping[:32]!r}")
+            settings = TrainSettings(task.local_steps, task.batch_size, task.lr, task.clipping)
         except ValueError as exc:
             raise ModelMismatch(f"refused the server's training settings: {exc}") from None
         if self.x.shape[1:] != shape:

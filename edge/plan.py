@@ -32,7 +32,6 @@ order (:func:`subset_vector`); the server applies the aggregate with
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections import OrderedDict

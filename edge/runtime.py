@@ -30,6 +30,7 @@ class TrainSettings:
     local_steps: int
     batch_size: int
     lr: float
+    clipping: str = "per_sample"  # "per_sample" or "ghost": the mode the plan was costed with
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -59,7 +60,7 @@ class LocalTrainer:
         self.plan = plan
         self.settings = settings
         prefix, suffix = split_model(self.model, plan)
-        self._trainer = PrivateTrainer(suffix, dp, prefix=prefix, store=store)
+        self._trainer = PrivateTrainer(suffix, dp, prefix=prefix, store=store, clipping=settings.clipping)
 
     @property
     def store(self) -> AccountantStore:

@@ -65,6 +65,7 @@ class TaskInfo(Message):
     target_epsilon: float = field(F64, default=0.0)
     planned_rounds: int = field(U64, default=0)
     min_noise_multiplier: float = field(F64, default=0.0)
+    clipping: str = field(text(16), default="per_sample")  # DP clipping mode: "per_sample" or "ghost"
 
 
 @message(42)

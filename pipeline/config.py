@@ -358,7 +358,7 @@ class RunConfig(Section):
 class DataConfig(Section):
     SECTION: ClassVar[str] = "data"
 
-    name: Literal["digits", "breast_cancer", "synthetic", "csv", "npz"] = "digits"
+    name: Literal["digits", "mnist", "breast_cancer", "synthetic", "csv", "npz"] = "digits"
     path: str = ""
     target: str = ""
     partition: Literal["iid", "dirichlet"] = "dirichlet"
@@ -370,8 +370,10 @@ class DataConfig(Section):
     synthetic_beta: float = 1.0
     synthetic_samples: int = 50
     synthetic_sigma: float = 1.0
+    calibration_fraction: float = 0.0
 
     def _check(self) -> None:
+        self._require("calibration_fraction", 0.0 <= self.calibration_fraction < 0.5, "must be in [0, 0.5)")
         self._require("alpha", 0.0 < self.alpha < math.inf, "must be > 0 and finite")
         self._require("test_fraction", 0.0 < self.test_fraction < 1.0, "must be in (0, 1)")
         self._require("min_samples_per_device", self.min_samples_per_device >= 1, "must be >= 1")
@@ -408,6 +410,7 @@ class TrainConfig(Section):
     batch_size: int = 16
     lr: float = 1.0
     memory_budget_fraction: float = 0.25
+    clipping: Literal["per_sample", "ghost", "auto"] = "per_sample"
 
     def _check(self) -> None:
         self._require("local_steps", self.local_steps >= 1, "must be >= 1")
@@ -415,11 +418,13 @@ class TrainConfig(Section):
         self._require("lr", 0.0 < self.lr < math.inf, "must be > 0 and finite")
         self._require("memory_budget_fraction", 0.0 < self.memory_budget_fraction <= 1.0, "must be in (0, 1]")
 
-    def settings(self) -> Any:
-        """The device trainer's settings (:class:`~ftte.edge.runtime.TrainSettings`) from this section."""
+    def settings(self, clipping: str | None = None) -> Any:
+        """The device trainer's settings (:class:`~ftte.edge.runtime.TrainSettings`) from this section;
+        ``clipping`` is the mode the plan search chose when this section says ``"auto"``."""
         from ftte.edge.runtime import TrainSettings
 
-        return TrainSettings(self.local_steps, self.batch_size, self.lr)
+        mode = clipping or (self.clipping if self.clipping != "auto" else "per_sample")
+        return TrainSettings(self.local_steps, self.batch_size, self.lr, mode)
 
 
 @dataclass(frozen=True)

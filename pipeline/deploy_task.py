@@ -69,6 +69,7 @@ class DeployTask:
             target_epsilon=p.target_epsilon if p.enabled else 0.0,
             planned_rounds=p.planned_rounds if p.enabled and p.target_epsilon else 0,
             min_noise_multiplier=p.min_noise_multiplier,
+            clipping=cfg.train.settings().clipping,
         )
 
 

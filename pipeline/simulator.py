@@ -96,12 +96,15 @@ class Simulation:
         self.data = load_dataset(cfg.data, seed, cfg.fleet.devices)
         self.fleet = build_fleet(cfg.fleet, cfg.fleet.devices, seed)
         self.model = build_global_model(cfg.model.name, seed, self.data.input_shape, self.data.n_classes)
-        self.plan = plan if plan is not None else self.strategy.choose_plan(self.model, self.data, self.fleet)
+        if plan is not None:
+            self.plan, clipping = plan, cfg.train.settings().clipping
+        else:
+            self.plan, clipping = self.strategy.choose_plan(self.model, self.data, self.fleet)
         self.evaluator = Evaluator(self.model, self.plan, self.data.x_test, self.data.y_test)
         self.policy = cohort_policy(cfg)
         self.dp = cfg.privacy.dp_config()
         self._check_delta()
-        self.settings = cfg.train.settings()
+        self.settings = cfg.train.settings(clipping)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             store_path: str | Path = self.out_dir / "accountants.db"
@@ -113,7 +116,7 @@ class Simulation:
         self.trainer = LocalTrainer(self.model, self.plan, self.dp, self.settings, self.store)
         self.identities = {d.device_id: Signer() for d in self.fleet}
         layers = layer_macs(self.model, self.data.input_shape)
-        self.macs = macs_per_sample(layers, self.plan.trainable_layers[0], self.dp.enabled)
+        self.macs = macs_per_sample(layers, self.plan.trainable_layers[0], self.dp.enabled, self.settings.clipping)
         self.server = ServerModel(self.plan.plan_id, subset_vector(self.model, self.plan).astype(np.float64),
                                   ServerOptimizer(cfg.server.lr, cfg.server.momentum))
         self.history: list[dict[str, Any]] = []
@@ -444,7 +447,8 @@ class Simulation:
         from ftte.edge.memory import TrainingSetup, measure_training_memory
 
         setup = TrainingSetup(batch_size=self.settings.batch_size, input_shape=self.data.input_shape,
-                              dp=self.dp.enabled, optimizer="sgd", num_classes=self.data.n_classes)
+                              dp=self.dp.enabled, optimizer="sgd", num_classes=self.data.n_classes,
+                              clipping=self.settings.clipping)
         return int(measure_training_memory(self.model, self.plan, setup).peak_bytes)
 
     def epsilon_max(self) -> float:
@@ -494,6 +498,7 @@ class Simulation:
             "bytes_down_per_update": float(np.mean(self.download_bytes)) if self.download_bytes else None,
             "float32_full_update_bytes": 4 * int(full_floats),
             "peak_client_memory_bytes": self.peak_client_memory(),
+            "clipping": self.settings.clipping if self.dp.enabled else None,
             "secure_aggregation": cfg.secagg.enabled,
             "differential_privacy": self.dp.enabled,
             "epsilon_max": self.epsilon_max(),

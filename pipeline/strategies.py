@@ -43,16 +43,24 @@ class Strategy:
 
         return int(weakest_memory_bytes(fleet) * self.cfg.train.memory_budget_fraction)
 
-    def choose_plan(self, model: nn.Sequential, data: "FederatedData", fleet: "Sequence[SimDevice]") -> SubsetPlan:
+    def choose_plan(self, model: nn.Sequential, data: "FederatedData",
+                    fleet: "Sequence[SimDevice]") -> tuple[SubsetPlan, str]:
+        """(plan, clipping mode): the full model for the baselines, else the best subset under the
+        weakest class's budget, costed (``[train] clipping = "auto"``) in both DP clipping modes."""
+        mode = self.cfg.train.clipping
         if not self.subset:
-            return SubsetPlan.full(model)
+            return SubsetPlan.full(model), (mode if mode != "auto" else "per_sample")
         from ftte.edge.memory import TrainingSetup
         from ftte.edge.plan_search import search_plan
 
         setup = TrainingSetup(batch_size=self.cfg.train.batch_size, input_shape=data.input_shape,
                               dp=self.cfg.privacy.enabled, optimizer="sgd", num_classes=data.n_classes)
-        calib = data.x_train[:64], data.y_train[:64]
-        return search_plan(model, self.memory_budget(fleet), setup, calibration=calib).plan
+        if len(data.x_calib):  # server-held data, apart from devices and the test set
+            calib = data.x_calib, data.y_calib
+        else:  # simulation only: a few training records stand in for server-owned data
+            calib = data.x_train[:64], data.y_train[:64]
+        choice = search_plan(model, self.memory_budget(fleet), setup, calibration=calib, clipping=mode)
+        return choice.plan, choice.clipping
 
 
 def strategy_for(cfg: Config) -> Strategy:
