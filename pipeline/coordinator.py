@@ -329,6 +329,8 @@ class Coordinator:
         c = self._cohort_for(member, req.cohort_id)
         if c.start is not None:
             raise Refused("started", "the cohort has started; a member that leaves now is dropped")
+        if c.superseded.get(member):  # its earlier, replaced joins must still reach the ledger with this cohort
+            raise Refused("started", "this member's earlier rounds are recorded with this cohort; it cannot leave")
         del c.joins[member]
         del c.join_bytes[member]
         c.durable.pop((-1, member), None)
@@ -644,11 +646,11 @@ def join_rounds(member: int, j: JoinRequest, identity: bytes | None, *, merged: 
                   opacus_version=j.opacus_version, ftte_version=j.ftte_version)
     unmerged = RoundOutcome.UNMERGED.value
     rows = [MemberRound(step=PrivacyStep(r.noise_multiplier, r.sample_rate, r.steps),
-                        max_grad_norm=r.max_grad_norm, delta=r.delta, cohort_id=unmerged, **common)
-            for _, r in spent_rounds(j)]
+                        max_grad_norm=r.max_grad_norm, delta=r.delta, cohort_id=unmerged, seq=seq, **common)
+            for seq, r in spent_rounds(j)]
     signed = dict(device_public_key=identity.hex(), device_signature=j.spend_signature.hex()) \
         if j.spend_signature and identity is not None else {}
     rows.append(MemberRound(step=PrivacyStep(j.noise_multiplier, j.sample_rate, j.steps),
-                            max_grad_norm=j.max_grad_norm, delta=j.delta, merged=merged,
+                            max_grad_norm=j.max_grad_norm, delta=j.delta, merged=merged, seq=j.round_seq,
                             cohort_id=unmerged if superseded else None, **signed, **common))
     return rows

@@ -28,6 +28,7 @@ journal still says, so a crash between the two steps cannot apply a buffer twice
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import concurrent.futures
 import json
 import os
@@ -101,6 +102,7 @@ class MemberRound:
     device_public_key: str | None = None  # hex; with the signature, the device's evidence for this row
     device_signature: str | None = None
     merged: bool = False  # its update is in the applied sum
+    seq: int = 0  # the round's place in the device's accountant history (0: unknown, never deduplicated)
 
 
 @dataclass(frozen=True)
@@ -281,17 +283,35 @@ class Database:
         Returns the number of ledger rows written.
         """
         assert self.state is not None and self.ledger is not None
-        rows = self._ledger_rows(commit)
+        fresh, seqs = self._first_reports(commit.rounds)
+        rows = self._ledger_rows(dataclasses.replace(commit, rounds=fresh))
         self.state.commit_version(
             version=commit.version, virtual_time_s=commit.elapsed_s, weights=commit.weights,
             velocity=commit.velocity, reference_variance=commit.reference_variance, cohort=commit.record,
-            history_row=commit.history_row, ledger=self.ledger, ledger_rows=rows,
+            history_row=commit.history_row, ledger=self.ledger, ledger_rows=rows, device_rounds=seqs,
         )
         # Its journal entries are dead now; the next journal transaction deletes them (one fsync
         # fewer per cohort). If the server dies first, recover() deletes them: the cohort is in
         # server_cohorts, which is what marks it finished.
         self._finished.append(commit.record["cohort_id"])
         return len(rows)
+
+    def _first_reports(self, rounds: tuple[MemberRound, ...]) -> tuple[tuple[MemberRound, ...], list[tuple[str, int]]]:
+        """Drop rounds the ledger already holds (same device, same place in its accountant): a device
+        that died after its join was stored but before it noted so reports the round again with
+        its next join. Every round thus reaches the ledger exactly once."""
+        assert self.state is not None
+        known: dict[str, set[int]] = {}
+        fresh, seqs = [], []
+        for r in rounds:
+            if r.seq > 0:
+                seen = known.setdefault(r.device_id, self.state.recorded_rounds(r.device_id))
+                if r.seq in seen:
+                    continue
+                seen.add(r.seq)
+                seqs.append((r.device_id, r.seq))
+            fresh.append(r)
+        return tuple(fresh), seqs
 
     def _ledger_rows(self, commit: CohortCommit) -> list[LedgerRow]:
         """The cohort's rows through the one row builder (``ftte.privacy.spend.ledger_rows``):

@@ -32,6 +32,11 @@ CREATE TABLE IF NOT EXISTS server_cohorts (
     record TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS server_history (version INTEGER PRIMARY KEY, row TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS server_device_rounds (
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (device, seq)
+);
 """
 
 
@@ -79,7 +84,8 @@ class ServerState:
     def commit_version(self, *, version: int, virtual_time_s: float, weights: np.ndarray,
                        velocity: np.ndarray | None, reference_variance: float | None,
                        cohort: dict[str, Any] | None, history_row: dict[str, Any] | None,
-                       ledger: Any = None, ledger_rows: Iterable[Any] = ()) -> None:
+                       ledger: Any = None, ledger_rows: Iterable[Any] = (),
+                       device_rounds: Iterable[tuple[str, int]] = ()) -> None:
         """Everything one applied (or aborted) buffer changes, atomically."""
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
@@ -99,6 +105,7 @@ class ServerState:
             rows = list(ledger_rows)
             if ledger is not None and rows:
                 ledger.append_many(rows, conn=c)
+            c.executemany("INSERT INTO server_device_rounds (device, seq) VALUES (?, ?)", list(device_rounds))
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -117,6 +124,10 @@ class ServerState:
         numbers = [int(cid.rsplit("-", 1)[1]) for (cid,) in self.conn.execute("SELECT cohort_id FROM server_cohorts")
                    if cid.rsplit("-", 1)[-1].isdigit()]
         return Checkpoint(row[0], row[1], _vec(row[2]), _vec(row[3]), row[4], history, max(numbers, default=0))
+
+    def recorded_rounds(self, device: str) -> set[int]:
+        """The sequence numbers (in the device's own accountant) of this device's rounds already in the ledger."""
+        return {r[0] for r in self.conn.execute("SELECT seq FROM server_device_rounds WHERE device = ?", (device,))}
 
     def versions(self) -> list[int]:
         return [r[0] for r in self.conn.execute("SELECT version FROM server_versions ORDER BY version")]

@@ -20,7 +20,7 @@ from ftte import wire
 from ftte.secagg_messages import Roster
 from ftte.crypto.secagg_session import ReplayError, SessionAborted
 from ftte.crypto.stages import Stage
-from ftte.deploy_messages import CohortStart, TaskInfo
+from ftte.deploy_messages import CohortStart
 from ftte.pipeline.merge import ServerOptimizer
 from ftte.pipeline.server_model import CohortResult, CohortSum, ServerModel
 from ftte.protocol.cohort import (
@@ -37,22 +37,8 @@ from ftte.protocol.cohort import (
     weight_rule,
 )
 from ftte.protocol.encoding import weigh_update
-from ftte.protocol.weighting import WeightRule
 
-D = 64
-CLIP = 2.0
-RULE = WeightRule(0.5, 1.0, 0.25)
-
-
-def make_task(**over) -> TaskInfo:
-    base = dict(member=0, plan_json="{}", model_name="logistic", model_kwargs_json="{}", input_shape=(D,),
-                num_classes=2, initial_weights=np.zeros(1, np.float32), local_steps=1, batch_size=1, lr=1.0,
-                dp_enabled=1, noise_multiplier=1.0, max_grad_norm=1.0, delta=0.0, accountant="rdp", epsilon_max=0.0,
-                buffer_size=10, stage_timeout_ms=1000, poll_wait_ms=1000, clip=CLIP, value_bits=12,
-                staleness_exponent=RULE.staleness_exponent, variance_penalty=RULE.variance_penalty, r_min=RULE.r_min,
-                max_corrupt=1)
-    base.update(over)
-    return TaskInfo(**base)
+from coordinator_helpers import CLIP, D, RULE, make_task  # noqa: E402
 
 
 def cohort(n: int, signers: dict[int, Signer], *, max_corrupt: int = 1, version: int = 5,

@@ -1,0 +1,188 @@
+"""Issue 11 §3 in deployment: the server enforces its privacy policy and records it; every trained round
+reaches the ledger exactly once; a device refuses a task below its own privacy floor.
+
+The coordinator is driven in process with real crypto, real SQLite and the real ledger (as in
+test_http_units); no HTTP is needed for these rules, which live in the coordinator and the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+
+import pytest
+
+pytest.importorskip("starlette")
+
+from ftte import wire  # noqa: E402
+from ftte.crypto.primitives import Signer  # noqa: E402
+from ftte.deploy_messages import SpentRound  # noqa: E402
+from ftte.http_auth import member_id  # noqa: E402
+from ftte.pipeline.refusal import Refused  # noqa: E402
+from ftte.privacy.audit import verify_ledger  # noqa: E402
+from ftte.privacy.ledger import Ledger  # noqa: E402
+from ftte.protocol.cohort import CohortRefused, DevicePolicy, check_task  # noqa: E402
+from coordinator_helpers import Clock, drive_cohort, join_request, make_coordinator, make_task  # noqa: E402
+
+
+def ledger_rows(path) -> list:
+    with Ledger(path) as ledger:
+        return [e.row for e in ledger.entries()]
+
+
+def state_fingerprint(path) -> tuple:
+    """Everything a refused join must leave untouched: journal, ledger, cohorts."""
+    c = sqlite3.connect(path)
+    try:
+        return tuple(c.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                     for t in ("deploy_journal", "privacy_ledger_rows", "server_cohorts"))
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("change,why", [
+    (dict(delta=1e-3), "delta"),
+    (dict(noise_multiplier=0.2), "noise multiplier"),
+    (dict(accountant="prv"), "accountant"),
+    (dict(epsilon_max=500.0), "epsilon_max"),
+])
+def test_a_join_that_breaks_the_policy_is_refused_before_anything_is_stored(tmp_path, change, why):
+    signers = [Signer() for _ in range(4)]
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, Clock())
+        await coord.recover()
+        await coord.drain()
+        before = state_fingerprint(tmp_path / "state.db")
+        bad = dataclasses.replace(join_request(coord, 0), **change)
+        with pytest.raises(Refused) as refused:
+            await coord.join(member_id(signers[0].public_key), bad, wire.encode(bad))
+        await coord.drain()
+        db.close()
+        return refused.value, before
+
+    refused, before = asyncio.run(scenario())
+    assert refused.code in ("policy", "dp_mismatch") and why.split()[0] in refused.detail
+    assert state_fingerprint(tmp_path / "state.db") == before
+
+
+def test_a_round_that_would_pass_the_cap_is_refused(tmp_path):
+    signers = [Signer() for _ in range(4)]
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, Clock())
+        await coord.recover()
+        late = SpentRound(2000, 1.0, 1.0, 1.0, 1e-5)  # a long round already spent takes the device past 100
+        bad = dataclasses.replace(join_request(coord, 0), round_seq=2, unreported=((1, wire.encode(late)),))
+        with pytest.raises(Refused, match="cap"):
+            await coord.join(member_id(signers[0].public_key), bad, wire.encode(bad))
+        await coord.drain()
+        db.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_policy_is_written_into_the_ledger_and_audited(tmp_path):
+    signers = [Signer() for _ in range(4)]
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, Clock())
+        await coord.recover()
+        joins = {member_id(s.public_key): join_request(coord, 0) for s in signers}
+        end = await drive_cohort(coord, signers, joins)
+        await coord.drain()
+        db.close()
+        return end, coord.privacy_policy
+
+    end, policy = asyncio.run(scenario())
+    assert end.status == "applied"
+    with Ledger(tmp_path / "state.db") as ledger:
+        assert ledger.policy() == policy
+    result = verify_ledger(tmp_path / "state.db")
+    assert result.ok, result.summary()
+
+
+def test_a_replaced_join_and_a_repeated_late_report_each_reach_the_ledger_once(tmp_path):
+    """A device that gave up on its join and joined again (its first round was spent), and that died
+    after a join was stored but before noting it, so that it reports that round again as late."""
+    signers = [Signer() for _ in range(4)]
+    members = [member_id(s.public_key) for s in signers]
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, Clock())
+        await coord.recover()
+        m0 = members[0]
+        first = dataclasses.replace(join_request(coord, 0), round_seq=1)
+        await coord.join(m0, first, wire.encode(first))
+        # the same device trained again and joins again: round 2 replaces round 1 in the forming cohort
+        second = dataclasses.replace(join_request(coord, 0), round_seq=2, sample_rate=0.06)
+        joins = {m: join_request(coord, 0) for m in members}
+        joins[m0] = second
+        end = await drive_cohort(coord, signers, joins)
+        assert end.status == "applied"
+        # next round: the device (unsure its round 2 was stored) reports it again as late
+        late = SpentRound(2, 0.06, 1.0, 1.0, 1e-5)
+        third = dataclasses.replace(join_request(coord, 1), round_seq=3, unreported=((2, wire.encode(late)),))
+        joins = {m: join_request(coord, 1) for m in members}
+        joins[m0] = third
+        end = await drive_cohort(coord, signers, joins)
+        assert end.status == "applied"
+        await coord.drain()
+        db.close()
+
+    asyncio.run(scenario())
+    rows = [r for r in ledger_rows(tmp_path / "state.db") if r.device_id == str(members[0])]
+    assert [r.sample_rate for r in rows] == [0.05, 0.06, 0.05]  # rounds 1, 2, 3: each once, in order
+    assert [r.outcome for r in rows] == ["unmerged", "merged", "merged"]
+    assert verify_ledger(tmp_path / "state.db").ok
+
+
+def test_a_device_refuses_a_task_below_its_own_privacy_floor():
+    """A server that sends delta 0.5 (the review: the device's own check then admitted 35 rounds
+    instead of 2) or a tiny noise multiplier is refused by the device, whatever its policy says."""
+    check_task(make_task(), DevicePolicy())
+    with pytest.raises(CohortRefused, match="delta"):
+        check_task(make_task(delta=0.5), DevicePolicy())
+    with pytest.raises(CohortRefused, match="noise"):
+        check_task(make_task(noise_multiplier=0.05), DevicePolicy())
+    with pytest.raises(CohortRefused, match="noise"):  # target mode: the floor it announces counts
+        check_task(make_task(target_epsilon=8.0, planned_rounds=10, min_noise_multiplier=0.1), DevicePolicy())
+    check_task(make_task(delta=1e-6, noise_multiplier=2.0), DevicePolicy(max_delta=1e-5, min_noise_multiplier=1.0))
+
+
+def test_every_ledger_row_of_a_signed_device_verifies(tmp_path):
+    """Device evidence: a join carrying the device's signature over its spend claim is stored with it;
+    the audit verifies it, and a forged signature is caught."""
+    from ftte.privacy.spend import SpendClaim, sign_spend, spend_claim_bytes  # noqa: F401
+    from ftte.privacy.spend import SpendRecord
+    from ftte.privacy.accountant import PrivacyStep, compute_epsilon
+
+    signers = [Signer() for _ in range(4)]
+    members = [member_id(s.public_key) for s in signers]
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, Clock())
+        await coord.recover()
+        joins = {}
+        for s, m in zip(signers, members):
+            j = dataclasses.replace(join_request(coord, 0), round_seq=1)
+            eps = compute_epsilon([PrivacyStep(j.noise_multiplier, j.sample_rate, j.steps)], j.delta, "rdp")
+            spend = SpendRecord(device_id=str(m), plan_id=j.plan_id, version=0,
+                                step=PrivacyStep(j.noise_multiplier, j.sample_rate, j.steps), max_grad_norm=1.0,
+                                delta=j.delta, accountant="rdp", epsilon_max=j.epsilon_max, rng_source=j.rng_source)
+            signed, _ = sign_spend(spend, eps, s)
+            sig = bytes.fromhex(signed.device_signature)
+            if m == members[1]:
+                sig = bytes(64)  # forged
+            joins[m] = dataclasses.replace(j, spend_signature=sig)
+        end = await drive_cohort(coord, signers, joins)
+        await coord.drain()
+        db.close()
+        return end
+
+    assert asyncio.run(scenario()).status == "applied"
+    result = verify_ledger(tmp_path / "state.db")
+    assert not result.ok
+    assert result.signed_rows == 4
+    assert "device_signature" in result.summary()
