@@ -196,7 +196,8 @@ class Database:
             c.executemany("DELETE FROM deploy_journal WHERE cohort_id = ?", [(cid,) for cid in finished])
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # an interrupt can land after COMMIT
+                c.execute("ROLLBACK")
             self._finished = finished + self._finished
             raise
 
@@ -208,7 +209,8 @@ class Database:
             c.execute("DELETE FROM deploy_journal WHERE cohort_id = ?", (cohort_id,))
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # an interrupt can land after COMMIT
+                c.execute("ROLLBACK")
             raise
 
     def journal_bytes(self) -> int:
@@ -234,7 +236,8 @@ class Database:
             c.execute("DELETE FROM deploy_journal WHERE cohort_id IN (SELECT cohort_id FROM server_cohorts)")
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # an interrupt can land after COMMIT
+                c.execute("ROLLBACK")
             raise
         journal = [
             JournalEntry(cid, kind, at, member, stage, bytes(data) if data is not None else None)

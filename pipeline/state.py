@@ -108,7 +108,8 @@ class ServerState:
             c.executemany("INSERT INTO server_device_rounds (device, seq) VALUES (?, ?)", list(device_rounds))
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # an interrupt can land after COMMIT
+                c.execute("ROLLBACK")
             raise
 
     # -- reading back -----------------------------------------------------------------

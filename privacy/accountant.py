@@ -310,7 +310,8 @@ class AccountantStore:
                 )
             self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # an interrupt can land after COMMIT
+                self._conn.execute("ROLLBACK")
             raise
         st = self.state(device_id)
         assert st is not None
@@ -357,7 +358,8 @@ class AccountantStore:
             )
             self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # an interrupt can land after COMMIT
+                self._conn.execute("ROLLBACK")
             raise
         st2 = self.state(device_id)
         assert st2 is not None
@@ -418,7 +420,8 @@ class AccountantStore:
                  _now()))
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # an interrupt can land after COMMIT
+                c.execute("ROLLBACK")
             raise
         state = self.state(device_id)
         assert state is not None

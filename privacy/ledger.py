@@ -449,7 +449,8 @@ class Ledger:
                 )
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # an interrupt can land after COMMIT
+                c.execute("ROLLBACK")
             raise
 
     def _read_meta_or_fail(self) -> dict[str, str]:
@@ -486,7 +487,8 @@ class Ledger:
                 out = [self._append_in(c, r) for r in rows]
                 c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                if c.in_transaction:  # an interrupt can land after COMMIT
+                    c.execute("ROLLBACK")
                 raise
             return out
         self._check_same_database(conn)
@@ -560,7 +562,8 @@ class Ledger:
                 raise LedgerError(f"ledger {self.path} already records policy {current}; refusing {policy.to_json()}")
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # an interrupt can land after COMMIT
+                c.execute("ROLLBACK")
             raise
 
     def policy(self) -> "PrivacyPolicy | None":
