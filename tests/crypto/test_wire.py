@@ -152,7 +152,7 @@ def test_trailing_bytes_and_scalars_in_place_of_lists_are_refused():
     with pytest.raises(wire.WireError, match="container"):
         wire.decode(msgpack.packb([1, 6, b"s" * 32, [[1]]], use_bin_type=True))
     with pytest.raises(wire.WireError, match="pairs"):
-        wire.decode(msgpack.packb([1, 3, b"s" * 32, 1, b"h" * 32, [[2]], b"g" * 64], use_bin_type=True))
+        wire.decode(msgpack.packb([1, 3, b"s" * 32, 1, b"h" * 32, [[2]], b"g" * 64, b"n" * 32], use_bin_type=True))
 
 
 @settings(max_examples=100, deadline=None)
