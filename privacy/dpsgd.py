@@ -81,11 +81,13 @@ class DPConfig:
     fixed at the device's first round; a given ``delta >= 1/n_records`` is refused.
     """
 
+    # Defaults equal ``[privacy]`` in ftte's config schema (a test keeps them equal); a run
+    # always builds this from the schema (``PrivacyConfig.dp_config``).
     enabled: bool = True
-    noise_multiplier: float = 1.0
+    noise_multiplier: float = 1.5
     max_grad_norm: float = 1.0
     delta: float | None = None
-    accountant: str = "prv"
+    accountant: str = "rdp"
     epsilon_max: float = 10.0
     target_epsilon: float | None = None
     planned_rounds: int | None = None

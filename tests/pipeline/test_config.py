@@ -189,3 +189,20 @@ def test_value_bits_that_could_wrap_the_ring_are_refused():
     with pytest.raises(ConfigError, match="value_bits"):
         load_config(None).with_overrides(**{"secagg.value_bits": 30, "server.buffer_size": 10})
     assert load_config(None).with_overrides(**{"secagg.value_bits": 27, "server.buffer_size": 10}).secagg.value_bits == 27
+
+
+def test_domain_objects_restate_no_default_of_their_own():
+    """One schema: the library's DP settings default to [privacy]'s values, the trainer's and the
+    weighting's settings have no defaults but the schema's."""
+    import dataclasses as dc
+
+    from ftte.edge.runtime import TrainSettings
+    from ftte.privacy.dpsgd import DPConfig
+    from ftte.protocol.weighting import WeightRule
+
+    p, dp = Config().privacy, DPConfig()
+    for name in ("enabled", "noise_multiplier", "max_grad_norm", "accountant", "epsilon_max"):
+        assert getattr(dp, name) == getattr(p, name), name
+    assert [f.name for f in dc.fields(WeightRule) if f.default is not dc.MISSING] == []
+    assert [f.name for f in dc.fields(TrainSettings) if f.default is not dc.MISSING] == ["clipping"]
+    assert TrainSettings.__dataclass_fields__["clipping"].default == Config().train.settings().clipping

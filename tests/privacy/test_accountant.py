@@ -96,7 +96,7 @@ def test_recorded_epsilon_equals_opacus_privacy_engine(easy_task, mechanism):
 def test_restarted_device_continues_history(tmp_path, easy_task):
     x, y = easy_task
     path = tmp_path / "acc.db"
-    cfg = DPConfig(noise_multiplier=2.0, epsilon_max=50.0)  # delta from n at first round
+    cfg = DPConfig(noise_multiplier=2.0, epsilon_max=50.0, accountant="prv")  # delta from n at first round
 
     store = AccountantStore(path)
     t1 = PrivateTrainer(nn.Linear(4, 2), cfg, device_id="dev-7", store=store)

@@ -46,7 +46,7 @@ def test_refusal_happens_before_training_and_leaves_everything_unchanged(tmp_pat
     gen = SecureRandom.from_seed(5)
     model = nn.Linear(4, 2)
     # noise 1.0, q = 1/16, 5 steps costs about 1.0 at delta=1/640 for the first round
-    trainer = PrivateTrainer(model, DPConfig(noise_multiplier=1.0, epsilon_max=1.5, delta=1 / 640), device_id="pos-9",
+    trainer = PrivateTrainer(model, DPConfig(noise_multiplier=1.0, epsilon_max=1.5, delta=1 / 640, accountant="prv"), device_id="pos-9",
                              store=store, rng=gen)
 
     first = trainer.train_round((x, y), loss_fn=nn.functional.cross_entropy, lr=0.1, batch_size=4, steps=5)

@@ -65,7 +65,7 @@ def test_wraps_once_and_hooks_do_not_stack(easy_task):
     assert list(model.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]  # no "_module." prefix
 
     with pytest.raises(ValueError, match="already carries Opacus hooks"):
-        PrivateTrainer(model, DPConfig(noise_multiplier=1.0))
+        PrivateTrainer(model, DPConfig(noise_multiplier=1.0, accountant="prv"))
 
     # hooks are off between rounds: evaluation with grad enabled stores no activations
     model.train()
@@ -151,12 +151,12 @@ def test_non_private_mode_same_interface(easy_task):
     row = stats.to_ledger_row(plan_id="ablation", version=0)
     assert row.accountant == "none" and row.epsilon_total == math.inf
     with pytest.raises(ValueError, match="switch DP"):
-        trainer.config = DPConfig(enabled=True)
+        trainer.config = DPConfig(enabled=True, accountant="prv")
 
 
 def test_rejects_modules_that_break_per_sample_dp(easy_task):
     with pytest.raises(UnsupportedModuleError):
-        PrivateTrainer(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), DPConfig())
+        PrivateTrainer(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), DPConfig(accountant="prv"))
     x, y = easy_task
 
     class Unused(nn.Module):
@@ -174,10 +174,10 @@ def test_rejects_modules_that_break_per_sample_dp(easy_task):
 
 def test_config_validation():
     with pytest.raises(ValueError):
-        DPConfig(noise_multiplier=0.0)
+        DPConfig(noise_multiplier=0.0, accountant="prv")
     with pytest.raises(ValueError):
         DPConfig(accountant="gdp")
     with pytest.raises(ValueError):
-        DPConfig(target_epsilon=5.0)  # without planned_rounds
+        DPConfig(target_epsilon=5.0, accountant="prv")  # without planned_rounds
     with pytest.raises(ValueError):
-        DPConfig(target_epsilon=50.0, planned_rounds=2, epsilon_max=10.0)
+        DPConfig(target_epsilon=50.0, planned_rounds=2, epsilon_max=10.0, accountant="prv")
