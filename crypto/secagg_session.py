@@ -262,9 +262,15 @@ def ring_neighbours(seed: bytes, members: tuple[int, ...], neighbors: int) -> di
     return {m: frozenset(ring[(pos + d) % n] for d in range(-half, half + 1) if d != 0) for pos, m in enumerate(ring)}
 
 
+def ring_applies(graph: str, neighbors: int, members: int) -> bool:
+    """The one rule for when a ring is used: asked for, and smaller than the full graph. The
+    cohort planner applies it to the closing members, the session to the advertised roster."""
+    return graph == "ring" and neighbors < members - 1
+
+
 def uses_ring(params: SessionParams, roster_size: int) -> bool:
     """Whether this roster is masked on a ring (else everyone masks with everyone)."""
-    return params.graph == "ring" and params.neighbors < roster_size - 1
+    return ring_applies(params.graph, params.neighbors, roster_size)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from ftte.crypto.primitives import sha256
 from ftte.crypto.quantize import choose_ring_bits, levels
-from ftte.crypto.secagg_session import SessionParams
+from ftte.crypto.secagg_session import SessionParams, ring_applies
 from ftte.protocol.encoding import EXTRA_COORDINATES, UpdateCodec
 from ftte.protocol.weighting import WeightRule
 
@@ -51,7 +51,7 @@ class CohortPolicy:
     max_corrupt: int = 0
 
     def uses_ring(self, n: int) -> bool:
-        return self.graph == "ring" and self.neighbors < n - 1
+        return ring_applies(self.graph, self.neighbors, n)
 
     def threshold_for(self, n: int) -> int:
         """The survivor threshold T of an ``n``-member cohort: at least a strict majority of
