@@ -19,6 +19,7 @@ import numpy as np
 from ftte.pipeline.merge import ServerOptimizer, weighted_mean
 from ftte.deploy_messages import CohortStart
 from ftte.protocol.cohort import impossible_sum, model_hash
+from ftte.protocol.encoding import EXTRA_COORDINATES
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,22 @@ class Applied:
 Evaluator = Callable[[np.ndarray], tuple[float, float]]
 
 
+def bounded_merge(mean: np.ndarray, reference: float, start: CohortStart) -> tuple[np.ndarray, float]:
+    """The merged step and the next reference variance, held to what clipped updates allow.
+
+    A convex combination of updates clipped to ``clip`` has norm at most ``clip``, and the
+    coordinate variance of a clipped update is at most ``clip²/d``: beyond those, only
+    quantisation slack or a lying member can take them. Holding both here means a member
+    inside :func:`impossible_sum`'s slack still moves the model at most one clip norm, and
+    can never announce a reference that honest devices refuse (which would stop training).
+    """
+    norm = float(np.linalg.norm(mean))
+    if norm > start.clip:
+        mean = mean * (start.clip / norm)
+    coordinates = start.dim - EXTRA_COORDINATES
+    return mean, float(min(max(reference, 0.0), start.clip**2 / coordinates))
+
+
 @dataclass
 class ServerModel:
     """Version, weights (float64, the plan's coordinates), optimizer state, reference variance, hashes."""
@@ -185,10 +202,14 @@ class ServerModel:
         opt = ServerOptimizer(self.optimizer.lr, self.optimizer.momentum)
         velocity = self.optimizer.state()
         opt.load_state(None if velocity is None else velocity.copy())
-        weights = opt.step(self.weights, weighted_mean(total.weighted_sum, total.weight_sum))
+        mean = weighted_mean(total.weighted_sum, total.weight_sum)
+        reference = total.variance_sum / len(total.included)
+        if result.start is not None:
+            mean, reference = bounded_merge(mean, reference, result.start)
+        weights = opt.step(self.weights, mean)
         version = self.version + 1
         n = len(total.included)
-        state = ModelState(version, weights, opt.state(), total.variance_sum / n, self._hash(weights))
+        state = ModelState(version, weights, opt.state(), reference, self._hash(weights))
         acc = loss = None
         if evaluate is not None:
             acc, loss = evaluate(weights)

@@ -141,7 +141,12 @@ class DevicePolicy:
     (a cohort must tolerate at least that many: ``2T > n + max_corrupt``). The weighting
     bounds keep a server from making honest members' weights vanish, which would leave one
     member's update alone in the sum: the staleness exponent is capped, ``r_min`` floored,
-    and a cohort in which this device's own weight would fall below ``min_weight`` is refused.
+    the staleness the server claims is capped (``max_staleness``: the server labels the
+    versions), and a cohort in which this device's own weight would fall below ``min_weight``
+    is refused. What remains: within the band, a server that picks members' staleness can
+    skew a cohort's weight towards one member, whose share of the honest weight is then at
+    most ``1/(1 + min_weight·(h−1))`` with ``h`` honest members, so a device that needs its
+    update hidden among many should also raise ``min_members``.
     ``max_delta`` and ``min_noise_multiplier`` are the device's own privacy floor: a task asking
     for a larger delta or less noise is refused, whatever the server's policy says.
     """
@@ -149,9 +154,10 @@ class DevicePolicy:
     trusted_keys: frozenset[bytes] | None = None
     min_members: int = 3
     max_corrupt: int = 1
-    max_staleness_exponent: float = 2.0
+    max_staleness_exponent: float = 1.0
     min_r_min: float = 0.1
-    min_weight: float = 1e-3
+    min_weight: float = 0.05
+    max_staleness: int = 50
     max_delta: float = 1e-5
     min_noise_multiplier: float = 0.5
 
@@ -213,6 +219,9 @@ def check_cohort(start: CohortStart, task: TaskInfo, policy: DevicePolicy, *, me
         raise CohortRefused("the cohort does not carry this device's identity key")
     if start.close_version < base_version:
         raise CohortRefused(f"close version {start.close_version} precedes the trained version {base_version}")
+    if start.close_version - base_version > policy.max_staleness:
+        raise CohortRefused(f"staleness {start.close_version - base_version} above this device's "
+                            f"{policy.max_staleness}: a server could use it to weigh this update out of the sum")
     if start.dim != coordinates + EXTRA_COORDINATES:
         raise CohortRefused(f"cohort vector has {start.dim} coordinates, the plan needs {coordinates + EXTRA_COORDINATES}")
     terms = ("clip", "value_bits", "staleness_exponent", "variance_penalty", "r_min")
@@ -259,6 +268,9 @@ def impossible_sum(start: CohortStart, staleness: dict[int, int], included: tupl
     hi = [(1.0 + staleness[m]) ** -rule.staleness_exponent for m in included]
     lo = [h * (rule.r_min if rule.variance_penalty > 0 else 1.0) for h in hi]
     slack = n / lv
+    if sum(lo) <= 2 * slack:
+        return (f"the members' smallest honest weights sum to {sum(lo):.3g}, too close to the quantisation "
+                f"slack {slack:.3g} to bound the cohort's step; refused")
     if not (sum(lo) - slack <= weight_sum <= sum(hi) + slack):
         return (f"the weights sum to {weight_sum:.6g}, outside [{sum(lo) - slack:.6g}, {sum(hi) + slack:.6g}] "
                 f"that {n} honest members can produce")

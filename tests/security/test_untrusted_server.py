@@ -37,6 +37,7 @@ from ftte.protocol.cohort import (
     weight_rule,
 )
 from ftte.protocol.encoding import weigh_update
+from ftte.protocol.weighting import WeightRule
 
 from coordinator_helpers import CLIP, D, RULE, make_task  # noqa: E402
 
@@ -225,3 +226,50 @@ def test_a_malicious_member_inside_the_limits_moves_the_model_at_most_one_clip()
     applied = model.propose(crafted, now=1.0)
     assert applied.applied
     assert np.linalg.norm(applied.state.weights) <= CLIP * 1.01
+
+
+def test_a_server_that_claims_huge_staleness_cannot_weigh_the_others_out():
+    """Review F1: the server labels versions, so it picks each member's staleness. A member told it is
+    990,000 versions stale (or stale enough that its weight falls below its floor) refuses, so the
+    cohort of three with one colluder never forms around the victim's update."""
+    signers = {m: Signer() for m in range(3)}
+    start = cohort(3, signers, version=990_000)
+    args = dict(identity_key=None, plan_id="p", coordinates=D)
+    with pytest.raises(CohortRefused, match="staleness"):
+        check_cohort(start, make_task(), DevicePolicy(), **{**args, "member": 1,
+                     "identity_key": signers[1].public_key}, base_version=0)
+    # inside the staleness cap, the weight floor holds: a = 1 at 50 versions is below 0.05
+    w = weigh_update(np.full(D, 0.01), 0, 50, None, WeightRule(1.0, 1.0, 0.25), CLIP)
+    with pytest.raises(CohortRefused, match="weight"):
+        check_own_weight(w.weight, DevicePolicy())
+
+
+def test_a_reference_variance_at_the_edge_of_the_slack_never_stops_training():
+    """Review F2: a member sets its variance coordinate so the sum sits just inside the slack; the
+    adopted reference is held to [0, clip²/d], so honest devices accept the next cohort."""
+    signers = {m: Signer() for m in range(6)}
+    start = cohort(6, signers)
+    rng = np.random.default_rng(5)
+    model = ServerModel("p", np.zeros(D), ServerOptimizer(1.0, 0.0), version=start.close_version)
+    crafted = malicious_cohort(start, signers, rng, variance_levels=1.0)  # every member at the honest maximum
+    total = dataclasses.replace(crafted.total, variance_sum=crafted.total.variance_sum * 1.0004)
+    applied = model.propose(dataclasses.replace(crafted, total=total), now=1.0)
+    assert applied.applied
+    assert 0.0 <= applied.state.reference_variance <= CLIP**2 / D
+    model.adopt(applied)
+    nxt = cohort(6, signers, version=model.version, reference=model.reference_variance)
+    check_cohort(nxt, make_task(), DevicePolicy(), member=0, identity_key=signers[0].public_key, plan_id="p",
+                 base_version=model.version, coordinates=D)
+
+
+def test_tiny_honest_weights_cannot_turn_the_slack_into_a_long_step():
+    """Review F3: with a = 2, r_min = 0.1 and staleness 25 the honest weights are near the quantisation
+    slack; a member that makes the weight sum one or two quanta is refused, or its step held to one clip."""
+    signers = {m: Signer() for m in range(6)}
+    start = dataclasses.replace(cohort(6, signers, version=25), staleness_exponent=2.0, r_min=0.1)
+    rng = np.random.default_rng(6)
+    model = ServerModel("p", np.zeros(D), ServerOptimizer(1.0, 0.0), version=start.close_version)
+    crafted = malicious_cohort(start, signers, rng, weight_sum_quanta=2, push_levels=1.0)
+    crafted = dataclasses.replace(crafted, staleness={m: 25 for m in signers})
+    applied = model.propose(crafted, now=1.0)
+    assert not applied.applied or np.linalg.norm(applied.state.weights) <= CLIP * (1 + 1e-9)
