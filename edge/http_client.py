@@ -440,7 +440,8 @@ class EdgeClient:
             dp = DPConfig(enabled=bool(task.dp_enabled), noise_multiplier=task.noise_multiplier,
                           max_grad_norm=task.max_grad_norm, delta=task.delta if task.delta > 0 else None,
                           accountant=task.accountant, epsilon_max=budget if math.isfinite(budget) else math.inf,
-                          target_epsilon=target, planned_rounds=task.planned_rounds if target else None)
+                          target_epsilon=target, planned_rounds=task.planned_rounds if target else None,
+                          min_noise_multiplier=max(self.policy.min_noise_multiplier, task.min_noise_multiplier))
             if task.clipping not in ("per_sample", "ghost"):
                 raise ValueError(f"unknown clipping mode {task.clipping[:32]!r}")
             settings = TrainSettings(task.local_steps, task.batch_size, task.lr, task.clipping)

@@ -468,7 +468,8 @@ class PrivacyConfig(Section):
         return DPConfig(enabled=self.enabled, noise_multiplier=self.noise_multiplier,
                         max_grad_norm=self.max_grad_norm, delta=self.delta or None, accountant=self.accountant,
                         epsilon_max=self.epsilon_max, target_epsilon=target,
-                        planned_rounds=self.planned_rounds if target else None)
+                        planned_rounds=self.planned_rounds if target else None,
+                        min_noise_multiplier=self.min_noise_multiplier)
 
     def policy(self) -> Any:
         """The operator's policy (:class:`~ftte.privacy.policy.PrivacyPolicy`) the server enforces and records."""

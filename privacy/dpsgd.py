@@ -91,6 +91,7 @@ class DPConfig:
     epsilon_max: float = 10.0
     target_epsilon: float | None = None
     planned_rounds: int | None = None
+    min_noise_multiplier: float = 0.0  # a floor under a derived noise multiplier (target-epsilon mode)
 
     def __post_init__(self) -> None:
         check_accountant_name(self.accountant)
@@ -427,8 +428,9 @@ class PrivateTrainer:
         key = (q, steps, delta)
         if key not in self._derived_noise:
             assert cfg.planned_rounds is not None
-            self._derived_noise[key] = noise_multiplier_for_target(
+            derived = noise_multiplier_for_target(
                 cfg.target_epsilon, delta, q, steps, cfg.planned_rounds, accountant=cfg.accountant)
+            self._derived_noise[key] = max(derived, cfg.min_noise_multiplier)
         return self._derived_noise[key]
 
     # -- training --------------------------------------------------------------------

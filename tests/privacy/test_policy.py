@@ -125,3 +125,21 @@ def test_policy_check_before_a_round():
     assert ok == []
     bad = POLICY.violations(delta=0.5, noise_multiplier=0.1, accountant="rdp", epsilon_total=5.1)
     assert len(bad) == 3 and "delta 0.5" in bad[0] and "below the floor" in bad[1] and "exceeds the cap" in bad[2]
+
+
+def test_a_derived_noise_multiplier_never_falls_below_the_floor():
+    """Review F6: a task asking for epsilon 10 over one round would derive sigma ~0.4 on a device with
+    many records; the device's floor holds the noise at 0.5 (and the cost is accounted at 0.5)."""
+    import torch
+    from torch import nn
+
+    from ftte.privacy.dpsgd import DPConfig, PrivateTrainer
+
+    x = torch.randn(800, 4)
+    y = (x[:, 0] > 0).long()
+    free = PrivateTrainer(nn.Linear(4, 2), DPConfig(target_epsilon=10.0, planned_rounds=1, accountant="rdp"))
+    floored = PrivateTrainer(nn.Linear(4, 2), DPConfig(target_epsilon=10.0, planned_rounds=1, accountant="rdp",
+                                                       min_noise_multiplier=0.5))
+    sigma_free = free.plan_round(800, batch_size=8, steps=10).noise_multiplier
+    sigma_floor = floored.plan_round(800, batch_size=8, steps=10).noise_multiplier
+    assert sigma_free < 0.5 <= sigma_floor
