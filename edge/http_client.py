@@ -621,7 +621,29 @@ class EdgeClient:
         signed, claim = sign_spend(spend, float(s.epsilon_total), self.identity)
         assert signed.device_public_key is not None and signed.device_signature is not None
         append_claim(self.claims_file, claim, signed.device_public_key, signed.device_signature)
+        assert self.store is not None
+        seq = len(self.store.history(str(self.member)))
+        self._remember_signature(seq, version, spend.rng_source, signed.device_signature)
         return bytes.fromhex(signed.device_signature)
+
+    @property
+    def _signatures_file(self) -> Path:
+        return self.state_dir / "round_signatures.json"
+
+    def _signatures(self) -> dict[int, dict[str, Any]]:
+        try:
+            doc = json.loads(self._signatures_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {int(k): v for k, v in doc.items()} if isinstance(doc, dict) else {}
+
+    def _remember_signature(self, seq: int, version: int, rng_source: str, signature_hex: str) -> None:
+        """Keep each round's signed evidence by its place in the accountant, for a late report."""
+        doc = self._signatures()
+        doc[seq] = {"version": version, "rng_source": rng_source, "signature": signature_hex}
+        tmp = self._signatures_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({str(k): v for k, v in sorted(doc.items())}))
+        os.replace(tmp, self._signatures_file)
 
     @property
     def _reported_file(self) -> Path:
@@ -657,9 +679,16 @@ class EdgeClient:
         if not self.dp.enabled or state is None:
             return len(history), []
         done = self._reported()
-        late = [(i, SpentRound(step.steps, float(step.sample_rate), float(step.noise_multiplier),
-                               float(self.dp.max_grad_norm), float(state.delta)))
-                for i, step in enumerate(history[:-1], start=1) if i not in done]
+        evidence = self._signatures()
+
+        def spent(i: int, step) -> SpentRound:
+            e = evidence.get(i)
+            extra = dict(version=int(e["version"]), rng_source=str(e["rng_source"])[:128],
+                         signature=bytes.fromhex(e["signature"])) if e else {}
+            return SpentRound(step.steps, float(step.sample_rate), float(step.noise_multiplier),
+                              float(self.dp.max_grad_norm), float(state.delta), **extra)
+
+        late = [(i, spent(i, step)) for i, step in enumerate(history[:-1], start=1) if i not in done]
         return len(history), late[:MAX_LATE_ROUNDS]
 
     def _poll(self, cohort_id: str, stage: int, want: type, *, patience_s: float | None = None):

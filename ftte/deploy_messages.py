@@ -98,7 +98,7 @@ class JoinRequest(Message):
     opacus_version: str = field(text(64))
     ftte_version: str = field(text(64))
     round_seq: int = field(U64, default=0)  # this round's place in the device's accountant history (1-based)
-    unreported: tuple = field(pairs(var_bytes(256)), default=())  # (seq, encoded SpentRound) never reported
+    unreported: tuple = field(pairs(var_bytes(512)), default=())  # (seq, encoded SpentRound) never reported
     # The device's Ed25519 signature over its spend claim for this round (ftte.privacy.spend):
     # the ledger stores it, and the audit verifies it against the row the server wrote.
     spend_signature: bytes = field(var_bytes(64), default=b"")
@@ -115,6 +115,11 @@ class SpentRound(Message):
     noise_multiplier: float = field(F64)
     max_grad_norm: float = field(F64)
     delta: float = field(F64)
+    # What the device signed for this round when it trained it (its claim covers these too),
+    # so a late report carries the same evidence as a round reported on time.
+    version: int = field(U64, default=0)
+    rng_source: str = field(text(128), default="")
+    signature: bytes = field(var_bytes(64), default=b"")
 
 
 @message(44)

@@ -55,7 +55,7 @@ def spent_rounds(req: JoinRequest) -> list[tuple[int, SpentRound]]:
     out: list[tuple[int, SpentRound]] = []
     for seq, blob in req.unreported:
         try:
-            r = wire.decode(blob, expect=SpentRound, max_bytes=256)
+            r = wire.decode(blob, expect=SpentRound, max_bytes=512)
         except wire.WireError as exc:
             raise Refused("malformed", f"late round {seq}: {exc}") from None
         if not (1 <= seq < req.round_seq and r.steps >= 1 and 0.0 < r.sample_rate <= 1.0

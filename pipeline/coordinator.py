@@ -83,6 +83,7 @@ from ftte.deploy_messages import (
     Pending,
     PollRequest,
     PullRequest,
+    SpentRound,
     Submit,
     TaskInfo,
 )
@@ -646,7 +647,8 @@ def join_rounds(member: int, j: JoinRequest, identity: bytes | None, *, merged: 
                   opacus_version=j.opacus_version, ftte_version=j.ftte_version)
     unmerged = RoundOutcome.UNMERGED.value
     rows = [MemberRound(step=PrivacyStep(r.noise_multiplier, r.sample_rate, r.steps),
-                        max_grad_norm=r.max_grad_norm, delta=r.delta, cohort_id=unmerged, seq=seq, **common)
+                        max_grad_norm=r.max_grad_norm, delta=r.delta, cohort_id=unmerged, seq=seq,
+                        **{**common, **_late_evidence(r, identity)})
             for seq, r in spent_rounds(j)]
     signed = dict(device_public_key=identity.hex(), device_signature=j.spend_signature.hex()) \
         if j.spend_signature and identity is not None else {}
@@ -654,3 +656,11 @@ def join_rounds(member: int, j: JoinRequest, identity: bytes | None, *, merged: 
                             max_grad_norm=j.max_grad_norm, delta=j.delta, merged=merged, seq=j.round_seq,
                             cohort_id=unmerged if superseded else None, **signed, **common))
     return rows
+
+
+def _late_evidence(r: SpentRound, identity: bytes | None) -> dict[str, Any]:
+    """A late round's own version, generator and signature, as the device signed them when it trained."""
+    if not r.signature or identity is None:
+        return {}
+    return dict(version=r.version, rng_source=r.rng_source, device_public_key=identity.hex(),
+                device_signature=r.signature.hex())

@@ -20,7 +20,8 @@ The auditor trusts the ledger file for nothing. It checks, in order:
    hash, whoever re-signed the ledger afterwards; honest growth past SEQ does not.
 7. **Device evidence**: a row carrying a device signature must verify against the claim
    rebuilt from the row (:mod:`.spend`); one device id must keep one device key. Rows
-   without a signature are counted as unsigned, not failed.
+   without a signature are counted as unsigned, not failed, unless their device signs its
+   other rows: a device that signs signs every round, late reports included.
 8. **Device records** (``--device-record FILE``): every claim a device kept must appear,
    unchanged, in the ledger (:mod:`.device_record`).
 9. **Policy**: when the ledger's metadata holds a :class:`~.policy.PrivacyPolicy`, every
@@ -349,12 +350,19 @@ def _verify(
     # 7. device evidence ----------------------------------------------------------------
     signed = unsigned = 0
     device_keys: dict[str, str] = {}
+    signing = {e.row.device_id for _, e in entries if e is not None and e.row.device_signature is not None}
     for position, (rec, entry) in enumerate(entries, start=1):
         if entry is None:
             continue
         verdict = row_device_signature_ok(entry.row)
         if verdict is None:
             unsigned += 1
+            if entry.row.device_id in signing and math.isfinite(entry.row.epsilon_total):
+                # a device that signs its rounds signs every one (late reports included): an
+                # unsigned row of such a device had its evidence stripped, or was made up
+                issues.append(AuditIssue("device_signature", "unsigned row of a device that signs its rounds "
+                                         "(evidence stripped, or a row the device never claimed)", entry.seq,
+                                         entry.row.device_id))
             continue
         signed += 1
         if not verdict:

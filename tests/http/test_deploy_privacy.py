@@ -186,3 +186,71 @@ def test_every_ledger_row_of_a_signed_device_verifies(tmp_path):
     assert not result.ok
     assert result.signed_rows == 4
     assert "device_signature" in result.summary()
+
+
+def _claim(signer, member, j, history, version, rng_source):
+    """What a device signs for the last round of ``history`` (its own accountant's view)."""
+    from ftte.privacy.accountant import compute_epsilon
+    from ftte.privacy.spend import SpendRecord, sign_spend
+
+    step = history[-1]
+    spend = SpendRecord(device_id=str(member), plan_id=j.plan_id, version=version, step=step, max_grad_norm=1.0,
+                        delta=j.delta, accountant="rdp", epsilon_max=j.epsilon_max, rng_source=rng_source)
+    return sign_spend(spend, compute_epsilon(list(history), j.delta, "rdp"), signer)
+
+
+def test_a_late_round_carries_its_own_signature_and_the_device_record_matches(tmp_path):
+    """Review F7: a round whose join was lost is reported late with the signature the device made when it
+    trained it, so every row of a signing device is signed and the device's own record matches the ledger."""
+    from ftte.privacy.accountant import PrivacyStep
+    from ftte.privacy.device_record import append_claim
+
+    signers = [Signer() for _ in range(4)]
+    members = [member_id(s.public_key) for s in signers]
+    record = tmp_path / "claims.jsonl"
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, Clock())
+        await coord.recover()
+        base = join_request(coord, 0)
+        r1 = PrivacyStep(base.noise_multiplier, 0.04, base.steps)  # trained, signed, join lost
+        r2 = PrivacyStep(base.noise_multiplier, base.sample_rate, base.steps)
+        s1, c1 = _claim(signers[0], members[0], base, [r1], 0, "chacha20:os")
+        s2, c2 = _claim(signers[0], members[0], base, [r1, r2], 0, "chacha20:os")
+        for s, c in ((s1, c1), (s2, c2)):
+            append_claim(record, c, s.device_public_key, s.device_signature)
+        late = SpentRound(r1.steps, r1.sample_rate, r1.noise_multiplier, 1.0, base.delta, version=0,
+                          rng_source="chacha20:os", signature=bytes.fromhex(s1.device_signature))
+        joins = {m: join_request(coord, 0) for m in members}
+        joins[members[0]] = dataclasses.replace(base, rng_source="chacha20:os", round_seq=2,
+                                                unreported=((1, wire.encode(late)),),
+                                                spend_signature=bytes.fromhex(s2.device_signature))
+        end = await drive_cohort(coord, signers, joins)
+        await coord.drain()
+        db.close()
+        return end
+
+    assert asyncio.run(scenario()).status == "applied"
+    result = verify_ledger(tmp_path / "state.db", device_records=[record])
+    assert result.ok and result.signed_rows == 2, result.summary()
+
+
+def test_an_unsigned_row_of_a_signing_device_fails_the_audit(tmp_path):
+    """Review F5: an operator who strips a device's signature from one row (to lower its epsilon
+    unnoticed) leaves an unsigned row among that device's signed rows: the audit fails."""
+    from ftte.privacy.accountant import PrivacyStep
+    from ftte.privacy.ledger import load_or_create_signing_key
+    from ftte.privacy.spend import RoundOutcome, SpendRecord, ledger_rows, sign_spend
+    from ftte.privacy.accountant import compute_epsilon
+
+    device = Signer()
+    steps = [PrivacyStep(1.0, 0.05, 2), PrivacyStep(1.0, 0.05, 2)]
+    with Ledger(tmp_path / "l.db", load_or_create_signing_key(tmp_path / "k")) as ledger:
+        for i, step in enumerate(steps):
+            spend = SpendRecord(device_id="7", plan_id="p", version=i, step=step, max_grad_norm=1.0, delta=1e-5,
+                                accountant="rdp", epsilon_max=10.0, rng_source="chacha20:os")
+            if i == 0:
+                spend, _ = sign_spend(spend, compute_epsilon(steps[:1], 1e-5, "rdp"), device)
+            ledger.append_many(ledger_rows(ledger, [(spend, RoundOutcome.MERGED, "c")]))
+    result = verify_ledger(tmp_path / "l.db")
+    assert not result.ok and "unsigned row of a device that signs" in result.summary()
