@@ -530,6 +530,7 @@ class EdgeClient:
             rng_source=s.rng_source[:256], torch_version=versions["torch"][:64],
             opacus_version=versions["opacus"][:64], ftte_version=versions["ftte"][:64],
             round_seq=seq, unreported=tuple((i, wire.encode(r)) for i, r in late), spend_signature=signature,
+            accountant_id=self._accountant_id(),
         )
         try:
             reply = self.transport.call("join", join, (JoinReply,), patience_s=self.stage_patience)
@@ -625,6 +626,17 @@ class EdgeClient:
         seq = len(self.store.history(str(self.member)))
         self._remember_signature(seq, version, spend.rng_source, signed.device_signature)
         return bytes.fromhex(signed.device_signature)
+
+    def _accountant_id(self) -> bytes:
+        """A random id of this device's accountant state, made once with it (see ``JoinRequest``)."""
+        path = self.state_dir / "accountant_id"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return bytes.fromhex(path.read_text().strip())[:16]
+        with os.fdopen(fd, "w") as fh:
+            fh.write(os.urandom(16).hex())
+        return bytes.fromhex(path.read_text().strip())[:16]
 
     @property
     def _signatures_file(self) -> Path:

@@ -102,6 +102,10 @@ class JoinRequest(Message):
     # The device's Ed25519 signature over its spend claim for this round (ftte.privacy.spend):
     # the ledger stores it, and the audit verifies it against the row the server wrote.
     spend_signature: bytes = field(var_bytes(64), default=b"")
+    # A random id of the device's accountant state: with ``round_seq`` it names a round uniquely,
+    # so a round reported twice is recorded once, and a device that lost its state is not confused
+    # with one that repeats itself.
+    accountant_id: bytes = field(var_bytes(16), default=b"")
 
 
 @message(53)

@@ -644,7 +644,7 @@ def join_rounds(member: int, j: JoinRequest, identity: bytes | None, *, merged: 
     eps_max = j.epsilon_max if j.epsilon_max > 0 else math.inf
     common = dict(device_id=str(member), plan_id=j.plan_id, version=j.base_version, accountant=j.accountant,
                   epsilon_max=eps_max, rng_source=j.rng_source, torch_version=j.torch_version,
-                  opacus_version=j.opacus_version, ftte_version=j.ftte_version)
+                  opacus_version=j.opacus_version, ftte_version=j.ftte_version, accountant_id=j.accountant_id.hex())
     unmerged = RoundOutcome.UNMERGED.value
     rows = [MemberRound(step=PrivacyStep(r.noise_multiplier, r.sample_rate, r.steps),
                         max_grad_norm=r.max_grad_norm, delta=r.delta, cohort_id=unmerged, seq=seq,

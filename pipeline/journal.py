@@ -103,6 +103,7 @@ class MemberRound:
     device_signature: str | None = None
     merged: bool = False  # its update is in the applied sum
     seq: int = 0  # the round's place in the device's accountant history (0: unknown, never deduplicated)
+    accountant_id: str = ""  # the device's accountant instance (a fresh state starts counting again)
 
 
 @dataclass(frozen=True)
@@ -299,22 +300,25 @@ class Database:
         self._finished.append(commit.record["cohort_id"])
         return len(rows)
 
-    def _first_reports(self, rounds: tuple[MemberRound, ...]) -> tuple[tuple[MemberRound, ...], list[tuple[str, int]]]:
-        """Drop rounds the ledger already holds (same device, same place in its accountant): a device
-        that died after its join was stored but before it noted so reports the round again with
-        its next join. Every round thus reaches the ledger exactly once."""
+    def _first_reports(self, rounds: tuple[MemberRound, ...]) -> tuple[tuple[MemberRound, ...], list[tuple[str, str]]]:
+        """Drop rounds the ledger already holds (same device, same accountant instance, same place in
+        it): a device that died after its join was stored but before it noted so reports the round
+        again with its next join. Every round thus reaches the ledger exactly once. The accountant
+        instance (a random id the device keeps with its state) matters: a device that lost its state
+        counts from 1 again, and those are new rounds."""
         assert self.state is not None
-        known: dict[str, set[int]] = {}
-        fresh, seqs = [], []
+        known: dict[str, set[str]] = {}
+        fresh, ids = [], []
         for r in rounds:
-            if r.seq > 0:
+            if r.seq > 0 and r.accountant_id:
+                rid = f"{r.accountant_id}:{r.seq}"
                 seen = known.setdefault(r.device_id, self.state.recorded_rounds(r.device_id))
-                if r.seq in seen:
+                if rid in seen:
                     continue
-                seen.add(r.seq)
-                seqs.append((r.device_id, r.seq))
+                seen.add(rid)
+                ids.append((r.device_id, rid))
             fresh.append(r)
-        return tuple(fresh), seqs
+        return tuple(fresh), ids
 
     def _ledger_rows(self, commit: CohortCommit) -> list[LedgerRow]:
         """The cohort's rows through the one row builder (``ftte.privacy.spend.ledger_rows``):

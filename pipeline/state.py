@@ -34,8 +34,8 @@ CREATE TABLE IF NOT EXISTS server_cohorts (
 CREATE TABLE IF NOT EXISTS server_history (version INTEGER PRIMARY KEY, row TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS server_device_rounds (
     device TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (device, seq)
+    round TEXT NOT NULL,
+    PRIMARY KEY (device, round)
 );
 """
 
@@ -85,7 +85,7 @@ class ServerState:
                        velocity: np.ndarray | None, reference_variance: float | None,
                        cohort: dict[str, Any] | None, history_row: dict[str, Any] | None,
                        ledger: Any = None, ledger_rows: Iterable[Any] = (),
-                       device_rounds: Iterable[tuple[str, int]] = ()) -> None:
+                       device_rounds: Iterable[tuple[str, str]] = ()) -> None:
         """Everything one applied (or aborted) buffer changes, atomically."""
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
@@ -105,7 +105,7 @@ class ServerState:
             rows = list(ledger_rows)
             if ledger is not None and rows:
                 ledger.append_many(rows, conn=c)
-            c.executemany("INSERT INTO server_device_rounds (device, seq) VALUES (?, ?)", list(device_rounds))
+            c.executemany("INSERT INTO server_device_rounds (device, round) VALUES (?, ?)", list(device_rounds))
             c.execute("COMMIT")
         except BaseException:
             if c.in_transaction:  # an interrupt can land after COMMIT
@@ -126,9 +126,9 @@ class ServerState:
                    if cid.rsplit("-", 1)[-1].isdigit()]
         return Checkpoint(row[0], row[1], _vec(row[2]), _vec(row[3]), row[4], history, max(numbers, default=0))
 
-    def recorded_rounds(self, device: str) -> set[int]:
-        """The sequence numbers (in the device's own accountant) of this device's rounds already in the ledger."""
-        return {r[0] for r in self.conn.execute("SELECT seq FROM server_device_rounds WHERE device = ?", (device,))}
+    def recorded_rounds(self, device: str) -> set[str]:
+        """Ids (accountant instance and place in it) of this device's rounds already in the ledger."""
+        return {r[0] for r in self.conn.execute("SELECT round FROM server_device_rounds WHERE device = ?", (device,))}
 
     def versions(self) -> list[int]:
         return [r[0] for r in self.conn.execute("SELECT version FROM server_versions ORDER BY version")]

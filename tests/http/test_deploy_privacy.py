@@ -113,17 +113,18 @@ def test_a_replaced_join_and_a_repeated_late_report_each_reach_the_ledger_once(t
         coord, db = make_coordinator(tmp_path, signers, Clock())
         await coord.recover()
         m0 = members[0]
-        first = dataclasses.replace(join_request(coord, 0), round_seq=1)
+        first = dataclasses.replace(join_request(coord, 0), round_seq=1, accountant_id=STATE_A)
         await coord.join(m0, first, wire.encode(first))
         # the same device trained again and joins again: round 2 replaces round 1 in the forming cohort
-        second = dataclasses.replace(join_request(coord, 0), round_seq=2, sample_rate=0.06)
+        second = dataclasses.replace(join_request(coord, 0), round_seq=2, sample_rate=0.06, accountant_id=STATE_A)
         joins = {m: join_request(coord, 0) for m in members}
         joins[m0] = second
         end = await drive_cohort(coord, signers, joins)
         assert end.status == "applied"
         # next round: the device (unsure its round 2 was stored) reports it again as late
         late = SpentRound(2, 0.06, 1.0, 1.0, 1e-5)
-        third = dataclasses.replace(join_request(coord, 1), round_seq=3, unreported=((2, wire.encode(late)),))
+        third = dataclasses.replace(join_request(coord, 1), round_seq=3, unreported=((2, wire.encode(late)),),
+                                    accountant_id=STATE_A)
         joins = {m: join_request(coord, 1) for m in members}
         joins[m0] = third
         end = await drive_cohort(coord, signers, joins)
@@ -136,6 +137,30 @@ def test_a_replaced_join_and_a_repeated_late_report_each_reach_the_ledger_once(t
     assert [r.sample_rate for r in rows] == [0.05, 0.06, 0.05]  # rounds 1, 2, 3: each once, in order
     assert [r.outcome for r in rows] == ["unmerged", "merged", "merged"]
     assert verify_ledger(tmp_path / "state.db").ok
+
+
+STATE_A, STATE_B = b"A" * 16, b"B" * 16
+
+
+def test_a_device_that_lost_its_state_is_not_taken_for_one_repeating_itself(tmp_path):
+    """Review F4: a device that keeps its key but starts a fresh accountant counts its rounds from 1
+    again; those are new rounds and must all reach the ledger."""
+    signers = [Signer() for _ in range(4)]
+    members = [member_id(s.public_key) for s in signers]
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, Clock())
+        await coord.recover()
+        for version, state in ((0, STATE_A), (1, STATE_B)):  # round 1 of two accountant states
+            joins = {m: join_request(coord, version) for m in members}
+            joins[members[0]] = dataclasses.replace(joins[members[0]], round_seq=1, accountant_id=state)
+            assert (await drive_cohort(coord, signers, joins)).status == "applied"
+        await coord.drain()
+        db.close()
+
+    asyncio.run(scenario())
+    rows = [r for r in ledger_rows(tmp_path / "state.db") if r.device_id == str(members[0])]
+    assert len(rows) == 2
 
 
 def test_a_device_refuses_a_task_below_its_own_privacy_floor():
