@@ -31,6 +31,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("edge",): ("ftte.edge.edge_cli", "run one edge device against an `ftte server`"),
     ("keygen",): ("ftte.edge.keygen_cli", "create a device identity key and print its public key"),
     ("bench", "http"): ("ftte.bench.http_load", "loopback load test of `ftte server`: requests/s, latency, memory"),
+    ("bench", "device"): ("ftte.bench.device_bench", "a real edge device confined to a CPU quota and memory limit: round cost by phase"),
     ("bench", "hostile"): ("ftte.bench.hostile_body", "memory and time to refuse hostile msgpack request bodies"),
     ("config", "show"): ("ftte.pipeline.config_cli", "print the configuration in force as TOML"),
 }
