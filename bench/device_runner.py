@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client.connect()
         connect = CLOCK.take()
+        connect_bytes = {k: {"up": v[0], "down": v[1], "requests": v[2]} for k, v in BYTES.items()}
+        BYTES.clear()
         for r in range(args.rounds):
             with CLOCK.phase("other"):
                 result = client.run_round()
@@ -350,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                 side[f"secagg_member_{plan_name}"] = time_secagg_member(start, pl.num_coordinates, args.side_reps)
         shape = tuple(task.input_shape)
         memory = {
-            "subset": training_memory(model, plan, task.batch_size, shape, True, task.num_classes, settings.clipping),
-            "full": training_memory(model, full, task.batch_size, shape, True, task.num_classes, settings.clipping),
+            "subset": training_memory(model, plan, task.batch_size, shape, True, task.num_classes, getattr(settings, "clipping", "per_sample")),
+            "full": training_memory(model, full, task.batch_size, shape, True, task.num_classes, getattr(settings, "clipping", "per_sample")),
         }
         rss_end = rss_bytes()
         doc = {
@@ -360,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             "startup": startup,
             "cpu_probe": probe,
             "connect": connect,
+            "connect_bytes": connect_bytes,
             "rounds": rounds,
             "side": side,
             "plan": {"plan_id": plan.plan_id, "layers": list(plan.trainable_layers),
