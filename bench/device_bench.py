@@ -200,7 +200,7 @@ def measure(args: argparse.Namespace) -> dict:
     from ftte.crypto.primitives import Signer
 
     t0 = time.monotonic()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     work = out / "work"
     if work.exists():
         shutil.rmtree(work)
@@ -522,7 +522,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     doc = measure(args)
     summary = summarize(doc)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     (out / "device_bench_raw.json").write_text(json.dumps(doc, indent=1))
     (out / "device_bench.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out / "device_breakdown.png")
