@@ -258,6 +258,10 @@ def measure(args: argparse.Namespace) -> dict:
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"the confined device did not finish within {args.timeout:.0f} s; "
                                f"see {work / 'device0.log'}") from None
+        if code == -signal.SIGKILL and args.memory:
+            peak = confiner.peak_memory_bytes()
+            raise RuntimeError(f"the confined device was killed (SIGKILL), most likely by its {args.memory} byte memory "
+                               f"limit (peak charged: {peak} bytes); see {work / 'device0.log'}")
         if code != 0 or not result_file.exists():
             raise RuntimeError(f"the confined device exited with {code}:\n{(work / 'device0.log').read_text()[-3000:]}")
         doc = json.loads(result_file.read_text())
