@@ -56,7 +56,8 @@ def test_device_bench_tiny_run(tmp_path):
     dev = summary["device"]
     assert dev["mechanism"] in ("cgroup2", "cgroup1", "rlimit")
     assert dev["cpu_fraction"] == QUOTA
-    assert 0.5 * QUOTA <= dev["measured_cpu_share"] <= 1.4 * QUOTA, dev
+    low = 0.1 if dev["mechanism"] == "rlimit" else 0.5  # a duty cycle caps the share, it does not grant it
+    assert low * QUOTA <= dev["measured_cpu_share"] <= 1.4 * QUOTA, dev
     if dev["mechanism"] != "rlimit":
         assert sum(v for k, v in dev["throttling"].items() if k.startswith("nr_throttled")) > 0, dev
     # start-up is CPU-bound: under a quarter core its wall time is well over its CPU time

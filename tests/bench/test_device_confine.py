@@ -51,8 +51,10 @@ def test_busy_child_gets_about_its_quota(mechanism):
     assert done.returncode == 0, done.stderr
     r = json.loads(done.stdout)
     share = r["cpu"] / r["wall"]
-    # an unconfined busy loop gets close to 1.0 of a core; the quota is 0.25
-    assert 0.1 <= share <= 0.4, (confiner.mechanism, share)
+    # an unconfined busy loop gets close to 1.0 of a core; the quota is 0.25. A cgroup grants the quota
+    # whenever a core is free; the duty cycle only caps it (the pinned core may be busy with others)
+    low = 0.03 if confiner.mechanism == "rlimit" else 0.1
+    assert low <= share <= 0.4, (confiner.mechanism, share)
 
 
 @pytest.mark.parametrize("mechanism", ["auto", "rlimit"])
