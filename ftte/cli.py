@@ -32,6 +32,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("keygen",): ("ftte.edge.keygen_cli", "create a device identity key and print its public key"),
     ("bench", "http"): ("ftte.bench.http_load", "loopback load test of `ftte server`: requests/s, latency, memory"),
     ("bench", "clipping"): ("ftte.bench.clipping_memory", "DP step memory: per-sample against ghost clipping"),
+    ("bench", "device"): ("ftte.bench.device_bench", "a real edge device confined to a CPU quota and memory limit: round cost by phase"),
     ("bench", "hostile"): ("ftte.bench.hostile_body", "memory and time to refuse hostile msgpack request bodies"),
     ("config", "show"): ("ftte.pipeline.config_cli", "print the configuration in force as TOML"),
 }

@@ -1,0 +1,540 @@
+"""``ftte bench device``: what a round costs a real, confined edge device process.
+
+A real ``ftte server`` (TLS on 127.0.0.1, the bundled ``mlp`` on sklearn digits, DP on with
+a fixed noise multiplier, a buffer as large as the fleet so every cohort holds every
+device) and real devices: one device runs :mod:`ftte.bench.device_runner` inside a CPU
+quota and a memory limit (:mod:`ftte.bench.device_confine`; the mechanism is printed),
+the others are plain ``ftte edge`` processes. The deployed plan is the one the simulator's
+plan search picks for its weakest default device class (``[train]
+memory_budget_fraction`` of the straggler class's memory), so "the default plan" here
+is the plan ftte would give a small device.
+
+Per round of the confined device it reports CPU and wall seconds by phase (pull,
+training, encoding, secure aggregation, signing, transport, waiting), bytes, the
+process's start-up and peak RSS next to the training-memory figure the plan search
+uses, and side-by-side ratios measured in the same confined process: subset against
+full model, DP on against off, secure aggregation on against off (a deployment always
+aggregates securely, so "off" is derived from the in-process ``run_session`` member
+work and the round's own figures; the output says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["configure", "run", "summarize"]
+
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+MiB = 1024 * 1024
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpu", type=float, default=0.25, help="CPU quota of the confined device, in cores (default 0.25)")
+    parser.add_argument("--memory", type=int, default=768 * MiB,
+                        help="memory limit of the confined device in bytes (default 768 MiB; 0 = none)")
+    parser.add_argument("--rounds", type=int, default=3, help="protocol rounds (default 3)")
+    parser.add_argument("--devices", type=int, default=3, help="devices in the fleet, one of them confined (default 3)")
+    parser.add_argument("--model", choices=("mlp", "logistic"), default="mlp")
+    parser.add_argument("--local-steps", type=int, default=5, help="DP-SGD steps per round (default 5)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--noise-multiplier", type=float, default=1.0)
+    parser.add_argument("--side-reps", type=int, default=5, help="repetitions of each side-by-side measurement")
+    parser.add_argument("--mechanism", choices=("auto", "cgroup2", "cgroup1", "rlimit"), default="auto",
+                        help="how to confine the device (default: the first of cgroup2, cgroup1, rlimit that works)")
+    parser.add_argument("--out", default="runs/bench-device", help="directory for the JSON, the plot and the logs")
+    parser.add_argument("--timeout", type=float, default=540.0, help="give up after this many seconds")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+# -- set-up -------------------------------------------------------------------------------------
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CHILD_ENV)
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _split_digits(directory: Path, n: int) -> tuple[list[Path], Path, Any, Any]:
+    """Sklearn digits (bundled with scikit-learn), standardised, IID over ``n`` CSV files; and a test split."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    n_test = len(y) // 5
+    test, train = order[:n_test], order[n_test:]
+    mean, std = x[train].mean(), x[train].std()
+    xs = ((x - mean) / std).astype(np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    test_file = directory / "test.npz"
+    np.savez(test_file, x=xs[test], y=y[test].astype(np.int64))
+    paths = []
+    for i, part in enumerate(np.array_split(train, n)):
+        path = directory / f"device{i}.csv"
+        with open(path, "w") as fh:
+            fh.write(",".join([f"p{j}" for j in range(64)] + ["label"]) + "\n")
+            fh.writelines(",".join(f"{v:.6g}" for v in xs[r]) + f",{int(y[r])}\n" for r in part)
+        paths.append(path)
+    return paths, test_file, xs[train], y[train]
+
+
+def default_plan(model_name: str, batch_size: int, x: Any, y: Any) -> tuple[Any, Any, int]:
+    """(model, plan, budget): the simulator's choice for its weakest default device class."""
+    from ftte.edge.memory import TrainingSetup
+    from ftte.edge.models import build_model
+    from ftte.edge.plan_search import search_plan
+    from ftte.pipeline.config import STRAGGLER_CLASS, TrainConfig
+
+    model = build_model(model_name, in_features=64, num_classes=10)
+    budget = int(STRAGGLER_CLASS.memory_bytes * TrainConfig().memory_budget_fraction)
+    setup = TrainingSetup(batch_size=batch_size, input_shape=(64,), dp=True, optimizer="sgd", num_classes=10)
+    choice = search_plan(model, budget, setup, calibration=(x[:64], y[:64]))
+    return model, choice.plan, budget
+
+
+def _server_config(path: Path, *, pki: Any, allow: Path, state: Path, port: int, test: Path, devices: int,
+                   model: str, layers: tuple[str, ...], local_steps: int, batch_size: int, noise: float) -> None:
+    layer_list = ", ".join(f'"{name}"' for name in layers)
+    path.write_text(f"""
+[run]
+strategy = "ftte"
+seed = 0
+
+[model]
+name = "{model}"
+
+[train]
+local_steps = {local_steps}
+batch_size = {batch_size}
+lr = 0.5
+
+[privacy]
+enabled = true
+noise_multiplier = {noise}
+max_grad_norm = 1.0
+epsilon_max = 100000.0
+target_epsilon = 0.0
+accountant = "rdp"
+
+[secagg]
+clip = 2.0
+value_bits = 12
+
+[server]
+buffer_size = {devices}
+deadline_s = 600.0
+
+[http]
+host = "127.0.0.1"
+port = {port}
+tls_cert = "{pki.server_cert}"
+tls_key = "{pki.server_key}"
+poll_wait_s = 5.0
+rate_per_s = 50.0
+rate_burst = 100
+
+[deploy]
+state = "{state}"
+ledger_key = "{state.parent / 'ledger.key'}"
+allow_list = "{allow}"
+input_shape = [64]
+num_classes = 10
+trainable_layers = [{layer_list}]
+test_data = "{test}"
+stage_timeout_s = 120.0
+""")
+
+
+def _wait_health(url: str, ca: Path, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    import ssl
+    import urllib.request
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ftte server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/v1/health", timeout=2.0, context=ctx):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"ftte server did not come up:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the deployment and return the raw measurements (the confined runner's JSON plus the parent's)."""
+    from ftte.bench.device_confine import Limits, make_confiner
+    from ftte.bench.http_pki import make_pki
+    from ftte.crypto.primitives import Signer
+
+    t0 = time.monotonic()
+    out = Path(args.out).resolve()
+    work = out / "work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    data_files, test_file, x, y = _split_digits(work / "data", args.devices)
+    _, plan, budget = default_plan(args.model, args.batch_size, x, y)
+    pki = make_pki(work / "pki")
+    keys, lines = [], []
+    for i in range(args.devices):
+        signer = Signer()
+        key = work / f"device{i}.key"
+        key.write_bytes(signer.private_bytes())
+        os.chmod(key, 0o600)
+        keys.append(key)
+        lines.append(f"{signer.public_key.hex()} device{i}")
+    allow = work / "devices.txt"
+    allow.write_text("\n".join(lines) + "\n")
+    port = _free_port()
+    config = work / "server.toml"
+    _server_config(config, pki=pki, allow=allow, state=work / "state" / "server.db", port=port, test=test_file,
+                   devices=args.devices, model=args.model, layers=tuple(plan.trainable_layers),
+                   local_steps=args.local_steps, batch_size=args.batch_size, noise=args.noise_multiplier)
+    (work / "state").mkdir()
+    url = f"https://127.0.0.1:{port}"
+    allow_mech = ("cgroup2", "cgroup1", "rlimit") if args.mechanism == "auto" else (args.mechanism,)
+    confiner = make_confiner(Limits(args.cpu, args.memory), "ftte-bench-device", allow=allow_mech)
+    server = runner = None
+    edges: list[subprocess.Popen] = []
+    try:
+        log = work / "server.log"
+        with open(log, "ab") as fh:
+            server = subprocess.Popen([sys.executable, "-m", "ftte.cli", "server", "--config", str(config),
+                                       "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT, env=_env())
+        _wait_health(url, pki.ca_cert, server, log)
+        result_file = work / "device0.json"
+        env = _env()
+        env["FTTE_BENCH_SPAWN_TIME"] = repr(time.time())
+        with open(work / "device0.log", "ab") as fh:
+            runner = subprocess.Popen(
+                [sys.executable, "-m", "ftte.bench.device_runner", "--server", url, "--ca", str(pki.ca_cert),
+                 "--key", str(keys[0]), "--data", str(data_files[0]), "--state", str(work / "device0.state"),
+                 "--out", str(result_file), "--rounds", str(args.rounds), "--side-reps", str(args.side_reps)],
+                stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=confiner.preexec)
+        confiner.started(runner.pid)
+        for i in range(1, args.devices):
+            with open(work / f"device{i}.log", "ab") as fh:
+                edges.append(subprocess.Popen(
+                    [sys.executable, "-m", "ftte.cli", "edge", "--server", url, "--ca", str(pki.ca_cert),
+                     "--key", str(keys[i]), "--data", str(data_files[i]), "--target", "label",
+                     "--state", str(work / f"device{i}.state"), "--epsilon", "100000", "--rounds", str(args.rounds),
+                     "--join-patience", "300", "--events"], stdout=fh, stderr=subprocess.STDOUT, env=_env()))
+        remaining = args.timeout - (time.monotonic() - t0)
+        try:
+            code = runner.wait(timeout=max(1.0, remaining))
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the confined device did not finish within {args.timeout:.0f} s; "
+                               f"see {work / 'device0.log'}") from None
+        if code == -signal.SIGKILL and args.memory:
+            peak = confiner.peak_memory_bytes()
+            raise RuntimeError(f"the confined device was killed (SIGKILL), most likely by its {args.memory} byte memory "
+                               f"limit (peak charged: {peak} bytes); see {work / 'device0.log'}")
+        if code != 0 or not result_file.exists():
+            raise RuntimeError(f"the confined device exited with {code}:\n{(work / 'device0.log').read_text()[-3000:]}")
+        doc = json.loads(result_file.read_text())
+        doc["confinement"] = confiner.describe()
+        doc["confinement"]["cgroup_cpu_s"] = confiner.cpu_seconds()
+        doc["confinement"]["cgroup_peak_memory_bytes"] = confiner.peak_memory_bytes()
+        doc["confinement"]["throttling"] = confiner.throttle_stats()
+        doc["deployment"] = {"devices": args.devices, "confined": 1, "model": args.model,
+                             "plan_budget_bytes": budget, "rounds": args.rounds,
+                             "elapsed_s": time.monotonic() - t0}
+        return doc
+    finally:
+        for e in edges:
+            try:
+                e.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                _stop(e)
+        _stop(runner)
+        _stop(server)
+        confiner.close()
+
+
+# -- the figures --------------------------------------------------------------------------------
+
+PHASES = ("plain training", "DP extra", "encoding", "secure aggregation", "signing", "transport (TLS, msgpack)",
+          "other client work")
+
+
+def _med(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else 0.0
+
+
+def summarize(doc: dict) -> dict:
+    """Per-phase medians over the confined device's rounds, the overhead ratio and the side-by-side ratios."""
+    side = doc["side"]
+    applied = [r for r in doc["rounds"] if r["status"] == "applied"] or doc["rounds"]
+    # the first round pays one-off costs (Opacus's first step, first TLS handshake): steady state without it
+    rounds = applied[1:] if len(applied) >= 2 else applied
+    first = applied[0]
+    plain = side["train_subset_plain"]
+
+    def ph(r: dict, name: str, key: str) -> float:
+        return float(r["phases"].get(name, {}).get(key, 0.0))
+
+    def net(r: dict, key: str) -> float:
+        return sum(v[key] for k, v in r["phases"].items() if k.startswith("net:"))
+
+    per_round = []
+    for r in rounds:
+        row = {}
+        for key in ("cpu_s", "wall_s"):
+            row[key] = {
+                "pull": ph(r, "pull", key) + ph(r, "net:pull", key),
+                "train": ph(r, "train", key),
+                "encoding": ph(r, "encode", key),
+                "secure aggregation": ph(r, "secagg", key),
+                "signing": ph(r, "sign", key),
+                "transport": net(r, key),
+                "other client work": ph(r, "other", key),
+            }
+        row["waiting_s"] = net(r, "wall_s") - net(r, "cpu_s")
+        row["bytes_up"] = sum(v["up"] for v in r["bytes"].values())
+        row["bytes_down"] = sum(v["down"] for v in r["bytes"].values())
+        row["requests"] = sum(v["requests"] for v in r["bytes"].values())
+        per_round.append(row)
+
+    def m(key: str, phase: str) -> float:
+        return _med([row[key][phase] for row in per_round])
+
+    phases = {phase: {"cpu_s": m("cpu_s", phase), "wall_s": m("wall_s", phase)}
+              for phase in per_round[0]["cpu_s"]} if per_round else {}
+    train_cpu, train_wall = phases["train"]["cpu_s"], phases["train"]["wall_s"]
+    dp_extra_cpu = max(0.0, train_cpu - plain["cpu_s"])
+    dp_extra_wall = max(0.0, train_wall - plain["wall_s"])
+    # the pull's own CPU beyond its request (hash check) is in phases["pull"]; its request is in "transport"
+    overhead_parts_cpu = {
+        "DP extra": dp_extra_cpu,
+        "encoding": phases["encoding"]["cpu_s"],
+        "secure aggregation": phases["secure aggregation"]["cpu_s"],
+        "signing": phases["signing"]["cpu_s"],
+        "transport (TLS, msgpack)": phases["transport"]["cpu_s"],
+        "other client work": phases["other client work"]["cpu_s"] + phases["pull"]["cpu_s"] - _med(
+            [ph(r, "net:pull", "cpu_s") for r in rounds]),
+    }
+    overhead_cpu = sum(overhead_parts_cpu.values())
+    overhead_wall_no_net = (dp_extra_wall + phases["encoding"]["wall_s"] + phases["secure aggregation"]["wall_s"]
+                            + phases["signing"]["wall_s"] + phases["other client work"]["wall_s"])
+    n_requests = _med([row["requests"] for row in per_round])
+    per_request_cpu = phases["transport"]["cpu_s"] / n_requests if n_requests else 0.0
+    protocol_cpu = phases["signing"]["cpu_s"] + phases["transport"]["cpu_s"] + overhead_parts_cpu["other client work"]
+
+    def bar(train_plain: float, dp_extra: float, enc: float, sa: float, sign: float, transport: float,
+            other: float) -> dict[str, float]:
+        return dict(zip(PHASES, (train_plain, dp_extra, enc, sa, sign, transport, other)))
+
+    full_plain, full_dp = side["train_full_plain"]["cpu_s"], side["train_full_dp"]["cpu_s"]
+    sub_dp = side["train_subset_dp"]["cpu_s"]
+    side_dp_extra = max(0.0, sub_dp - plain["cpu_s"])
+    enc_full = side.get("encode_full", {}).get("cpu_s", 0.0)
+    sa_full = side.get("secagg_member_full", {}).get("cpu_s", 0.0)
+    sa_sub_inproc = side.get("secagg_member_subset", {}).get("cpu_s", 0.0)
+    o = overhead_parts_cpu
+    configs = {
+        "ftte: subset + DP + secagg (deployed rounds)": bar(plain["cpu_s"], side_dp_extra, o["encoding"],
+                                                            o["secure aggregation"], o["signing"],
+                                                            o["transport (TLS, msgpack)"], o["other client work"]),
+        "subset, DP off": bar(plain["cpu_s"], 0.0, o["encoding"], o["secure aggregation"], o["signing"],
+                              o["transport (TLS, msgpack)"], o["other client work"]),
+        "subset + DP, secagg off (derived)": bar(plain["cpu_s"], side_dp_extra, phases["encoding"]["cpu_s"], 0.0,
+                                                 o["signing"] * 2 / max(n_requests, 1), per_request_cpu * 2, 0.0),
+        "full model + DP + secagg": bar(full_plain, max(0.0, full_dp - full_plain), enc_full, sa_full, o["signing"],
+                                        o["transport (TLS, msgpack)"], o["other client work"]),
+        "full model, DP off": bar(full_plain, 0.0, enc_full, sa_full, o["signing"], o["transport (TLS, msgpack)"],
+                                  o["other client work"]),
+    }
+    totals = {k: sum(v.values()) for k, v in configs.items()}
+    deployed = totals["ftte: subset + DP + secagg (deployed rounds)"]
+    ratios = {
+        "dp_on_over_off_training": sub_dp / plain["cpu_s"] if plain["cpu_s"] else None,
+        "dp_on_over_off_round": deployed / totals["subset, DP off"],
+        "full_over_subset_training_dp": full_dp / sub_dp if sub_dp else None,
+        "full_over_subset_round": totals["full model + DP + secagg"] / deployed,
+        "secagg_on_over_off_round": deployed / totals["subset + DP, secagg off (derived)"],
+        "secagg_on_over_off_inprocess": (sub_dp + phases["encoding"]["cpu_s"] + sa_sub_inproc)
+        / (sub_dp + phases["encoding"]["cpu_s"]),
+    }
+    largest = max(overhead_parts_cpu, key=overhead_parts_cpu.get)
+    conf = doc["confinement"]
+    probe = doc["cpu_probe"]
+    mem = doc["memory"]
+    return {
+        "device": {"mechanism": conf["mechanism"], "cpu_fraction": conf["cpu_fraction"],
+                   "memory_bytes": conf["memory_bytes"], "measured_cpu_share": probe["share"],
+                   "cgroup_cpu_s": conf.get("cgroup_cpu_s"), "throttling": conf.get("throttling"),
+                   "note": conf.get("note", "")},
+        "plan": doc["plan"],
+        "task": doc["task"],
+        "rounds": {"done": len(doc["rounds"]), "statuses": [r["status"] for r in doc["rounds"]],
+                   "in_medians": len(rounds), "first_round_train_cpu_s": ph(first, "train", "cpu_s"),
+                   "first_round_train_wall_s": ph(first, "train", "wall_s")},
+        "startup": doc["startup"],
+        "connect": doc["connect"],
+        "phases_per_round": phases,
+        "waiting_on_server_s": _med([row["waiting_s"] for row in per_round]),
+        "bytes_per_round": {"up": _med([row["bytes_up"] for row in per_round]),
+                            "down": _med([row["bytes_down"] for row in per_round]),
+                            "requests": n_requests},
+        "plain_training": plain,
+        "overhead_cpu_s": overhead_parts_cpu,
+        "overhead_ratio_cpu": overhead_cpu / plain["cpu_s"] if plain["cpu_s"] else None,
+        "overhead_ratio_wall_excluding_network": overhead_wall_no_net / plain["wall_s"] if plain["wall_s"] else None,
+        "protocol_cpu_s": protocol_cpu,
+        "largest_overhead": largest,
+        "configurations_cpu_s": configs,
+        "configuration_totals_cpu_s": totals,
+        "ratios": ratios,
+        "side": side,
+        "memory": {
+            "peak_rss_rounds_bytes": mem["peak_rss_rounds_bytes"],
+            "peak_rss_end_bytes": mem["peak_rss_end_bytes"],
+            "rss_after_import_bytes": mem["rss_after_import_bytes"],
+            "cgroup_peak_bytes": conf.get("cgroup_peak_memory_bytes"),
+            "training_memory": mem["training_memory"],
+            "plan_budget_bytes": doc["deployment"]["plan_budget_bytes"],
+        },
+        "elapsed_s": doc["deployment"]["elapsed_s"],
+    }
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = summary["configurations_cpu_s"]
+    names = list(configs)
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    bottom = [0.0] * len(names)
+    for phase in PHASES:
+        vals = [configs[n][phase] * 1000 for n in names]
+        ax.bar(range(len(names)), vals, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.replace(": ", ":\n").replace(" (", "\n(") for n in names], fontsize=7)
+    ax.set_ylabel("device CPU ms per round")
+    d = summary["device"]
+    ax.set_title(f"One round on a device confined to {d['cpu_fraction']} core ({d['mechanism']}), "
+                 f"plan {summary['plan']['coordinates']}/{summary['plan']['full_coordinates']} coordinates", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt_bytes(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / MiB:.1f} MiB"
+
+
+def report(s: dict) -> str:
+    d, st, mem = s["device"], s["startup"], s["memory"]
+    lines = [
+        f"device: {d['cpu_fraction']} core, memory limit {_fmt_bytes(d['memory_bytes'])}, mechanism {d['mechanism']}"
+        + (f" ({d['note']})" if d["note"] else ""),
+        f"  measured CPU share (1 s busy probe): {d['measured_cpu_share']:.3f}; throttling {d['throttling']}",
+        f"plan: layers {s['plan']['layers']}, {s['plan']['coordinates']} of {s['plan']['full_coordinates']} "
+        f"coordinates; {s['task']['local_steps']} DP-SGD steps of batch {s['task']['batch_size']} on "
+        f"{s['task']['records']} records; cohort of {s['task']['cohort_members']}",
+        f"rounds: {s['rounds']['statuses']}",
+        f"start-up (once): {st['total_wall_s']:.2f} s wall (interpreter {st['interpreter_wall_s']:.2f} s, "
+        f"imports {st['import_wall_s']:.2f} s), {st['cpu_s']:.2f} s CPU, RSS {_fmt_bytes(st['rss_bytes'])}",
+        f"connect (task, model, Opacus wrap; once): {sum(v['wall_s'] for v in s['connect'].values()):.2f} s wall, "
+        f"{sum(v['cpu_s'] for v in s['connect'].values()):.2f} s CPU",
+        f"per round (median of {s['rounds']['in_medians']} applied rounds"
+        + (", the first left out" if s["rounds"]["in_medians"] < s["rounds"]["done"] else "")
+        + "):    CPU ms    wall ms",
+    ]
+    for phase, v in s["phases_per_round"].items():
+        lines.append(f"  {phase:<40} {v['cpu_s'] * 1000:9.1f} {v['wall_s'] * 1000:10.1f}")
+    lines += [
+        f"  waiting on server/network/throttle (wall - CPU in requests): {s['waiting_on_server_s'] * 1000:.1f} ms",
+        f"  bytes per round: up {s['bytes_per_round']['up']:.0f}, down {s['bytes_per_round']['down']:.0f}, "
+        f"{s['bytes_per_round']['requests']:.0f} requests",
+        f"plain (non-private) training of the same subset: {s['plain_training']['cpu_s'] * 1000:.1f} ms CPU, "
+        f"{s['plain_training']['wall_s'] * 1000:.1f} ms wall",
+        "ftte's additions beyond plain local training (CPU ms per round):",
+    ]
+    for k, v in s["overhead_cpu_s"].items():
+        lines.append(f"  {k:<28} {v * 1000:9.1f}")
+    lines += [
+        f"overhead ratio (CPU, all additions incl. TLS/msgpack) = {s['overhead_ratio_cpu']:.2f}x plain training "
+        f"(target <= 0.5x: {'met' if s['overhead_ratio_cpu'] <= 0.5 else 'MISSED'}; largest: {s['largest_overhead']})",
+        f"overhead ratio (wall, excluding every network call) = {s['overhead_ratio_wall_excluding_network']:.2f}x",
+        f"first round's training (one-off warm-up included): {s['rounds']['first_round_train_cpu_s'] * 1000:.1f} ms CPU",
+        "configurations (device CPU ms per round; training from the side-by-side runs, protocol from the rounds):",
+    ]
+    for k, v in s["configuration_totals_cpu_s"].items():
+        lines.append(f"  {k:<48} {v * 1000:9.1f}")
+    r = s["ratios"]
+    lines += [
+        f"ratios: DP on/off training {r['dp_on_over_off_training']:.2f}x, round {r['dp_on_over_off_round']:.2f}x; "
+        f"full/subset training {r['full_over_subset_training_dp']:.2f}x, round {r['full_over_subset_round']:.2f}x; "
+        f"secagg on/off round {r['secagg_on_over_off_round']:.2f}x (derived: a deployment cannot switch secagg off), "
+        f"in-process run_session {r['secagg_on_over_off_inprocess']:.2f}x",
+        f"memory: peak RSS during rounds {_fmt_bytes(mem['peak_rss_rounds_bytes'])} (after import "
+        f"{_fmt_bytes(mem['rss_after_import_bytes'])}; end {_fmt_bytes(mem['peak_rss_end_bytes'])}; cgroup peak "
+        f"{_fmt_bytes(mem['cgroup_peak_bytes'])}) vs training memory of the plan: estimated "
+        f"{mem['training_memory']['subset']['estimated_bytes']} B, measured "
+        f"{mem['training_memory']['subset']['measured_bytes']} B (full model "
+        f"{mem['training_memory']['full']['measured_bytes']} B; plan budget {mem['plan_budget_bytes']} B)",
+        f"elapsed: {s['elapsed_s']:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.devices < 3:
+        print("ftte bench device: --devices must be >= 3 (a cohort needs three members)", file=sys.stderr)
+        return 2
+    if args.rounds < 1:
+        print("ftte bench device: --rounds must be >= 1", file=sys.stderr)
+        return 2
+    doc = measure(args)
+    summary = summarize(doc)
+    out = Path(args.out).resolve()
+    (out / "device_bench_raw.json").write_text(json.dumps(doc, indent=1))
+    (out / "device_bench.json").write_text(json.dumps(summary, indent=1))
+    plot(summary, out / "device_breakdown.png")
+    summary["files"] = {"json": str(out / "device_bench.json"), "raw": str(out / "device_bench_raw.json"),
+                        "plot": str(out / "device_breakdown.png")}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(report(summary))
+        print(f"wrote {summary['files']['json']}, {summary['files']['plot']}")
+    return 0
