@@ -264,6 +264,16 @@ class DeviceClass(Section):
     Bandwidths are bytes per second (as in :class:`ftte.edge.profile.DeviceProfile`);
     ``compute_speed`` is relative work per virtual second (1.0 = reference device);
     ``availability`` is the fraction of time a device is online and idle.
+
+    ``memory_bytes`` is the *training* memory of one DP-SGD step that the plan search may
+    budget (a fraction ``[train] memory_budget_fraction`` of it), not the device's RAM: the
+    whole ``ftte edge`` process needs far more (``ftte bench device`` measured about 394 MiB
+    peak RSS, 275-280 MiB charged to its cgroup; it completed under a 300 MiB limit and was
+    killed under 200 MiB). To calibrate a class, run ``ftte bench device --cpu F --memory M
+    --json`` on the emulated device and set ``compute_speed`` to the reference device's
+    training time over the measured ``phases_per_round.train.wall_s``; the per-round
+    protocol CPU it reports (``protocol_cpu_s``) is device time a class charged only for
+    training would miss.
     """
 
     SECTION: ClassVar[str] = "fleet.classes"
