@@ -110,6 +110,8 @@ class Simulation:
             store_path: str | Path = self.out_dir / "accountants.db"
             self.state: ServerState | None = ServerState(self.out_dir / "ledger.db")
             self.ledger: Ledger | None = Ledger(self.out_dir / "ledger.db", load_or_create_signing_key(self.out_dir / "server.key"))
+            if cfg.privacy.enabled:  # the operator's policy, recorded for the audit (as a deployment does)
+                self.ledger.set_policy(cfg.privacy.policy())
         else:
             store_path, self.state, self.ledger = ":memory:", None, None
         self.store = AccountantStore(store_path)
