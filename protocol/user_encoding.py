@@ -1,0 +1,141 @@
+"""The device's user-level contribution and the server's decoding of the noisy sum.
+
+Device (:meth:`UserCodec.encode`): clip the whole update (the trained subset) to ``C``,
+multiply by the device's public weight ``w <= 1``, pad to ``d'`` (a power of two), rotate
+with the cohort's randomized Walsh-Hadamard transform ``H D / sqrt(d')``, scale by ``s``,
+round (``floor(y + u)``, ``u`` uniform: unbiased, and every coordinate moves by less than
+1, so the norm stays below ``C s + sqrt(d')``, the sensitivity the accountant uses), add
+``d'`` discrete Gaussians and embed in the ring ``Z_(2^b)``.
+
+Server (:meth:`UserCodec.decode_sum`): read the unmasked ring sum as signed integers,
+divide by ``s``, undo the rotation (it is orthonormal and its own inverse up to the signs)
+and drop the padding. What comes out is ``sum w * clip(Delta)`` plus noise of variance
+``k Var(N_Z(0, sigma^2)) / s^2`` per coordinate for ``k`` survivors.
+
+Why rotate: after ``H D`` every coordinate of a vector of norm ``C`` is about ``C/sqrt(d')``
+whatever the update looked like, so the rounding error and the noise are spread evenly,
+and no coordinate carries a spike that a smaller ring would have to clip. The signs ``D``
+are public (derived from the cohort id and a caller-given binding with HKDF in
+:class:`SecureRandom`): privacy never relies on them, only the flattening does.
+
+The weight must not depend on private data: in user mode it is the staleness weight
+``(1 + tau)^-a`` alone (no variance term), which the server can compute for itself, so
+``sum w`` is not sent. Only the ``d'`` update coordinates are masked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ftte.crypto.primitives import sha256
+from ftte.privacy.distributed_dp import UserDPParams, discrete_gaussian
+from ftte.privacy.secure_random import SOURCE_KEY, SecureRandom
+from ftte.protocol.encoding import clip_l2
+
+_ROTATION_DOMAIN = b"ftte/user-dp/rotation/v1"
+
+
+def fwht(x: np.ndarray) -> np.ndarray:
+    """Unnormalised Walsh-Hadamard transform of a float64 vector whose length is a power of two
+    (a new array; H H = d' I)."""
+    n = x.shape[0]
+    if n & (n - 1):
+        raise ValueError("length must be a power of two")
+    y = np.array(x, dtype=np.float64, copy=True)
+    tmp = np.empty(n // 2, dtype=np.float64)
+    h = 1
+    while h < n:
+        v = y.reshape(-1, 2, h)
+        a, b = v[:, 0, :], v[:, 1, :]
+        t = tmp.reshape(-1, h)
+        np.subtract(a, b, out=t)
+        a += b
+        b[...] = t
+        h *= 2
+    return y
+
+
+def rotation_signs(seed: bytes, padded: int) -> np.ndarray:
+    """The diagonal of ``D``: ``padded`` public random signs (+1.0 / -1.0) from ``seed``."""
+    rng = SecureRandom.from_key(seed, source=SOURCE_KEY)
+    bits = np.unpackbits(np.frombuffer(rng.random_bytes((padded + 7) // 8), dtype=np.uint8))[:padded]
+    return 1.0 - 2.0 * bits.astype(np.float64)
+
+
+def rotation_seed(cohort_id: str, binding: bytes = b"") -> bytes:
+    """The 32-byte rotation key of a cohort: both sides derive it from what they already share."""
+    return sha256(_ROTATION_DOMAIN, cohort_id.encode("utf-8"), binding)
+
+
+@dataclass(frozen=True)
+class EncodedUpdate:
+    ring: np.ndarray  # what is handed to secure aggregation (uint16/uint32, length d')
+    rounded: np.ndarray  # the signed rounded contribution before noise (int64), for tests and checks
+    noise: np.ndarray  # the signed noise added (int64)
+
+
+class UserCodec:
+    """One cohort's user-level encoding; built once per cohort on each side (signs cached)."""
+
+    def __init__(self, params: UserDPParams, seed: bytes) -> None:
+        if len(seed) != 32:
+            raise ValueError("rotation seed must be 32 bytes")
+        self.params = params
+        self.signs = rotation_signs(seed, params.padded_dim)
+        self._mask = (1 << params.ring_bits) - 1
+        self._dtype = np.dtype("<u4") if params.ring_bits == 32 else np.dtype("<u2")
+        self._signed = np.int32 if params.ring_bits == 32 else np.int16
+
+    @property
+    def length(self) -> int:
+        return self.params.padded_dim
+
+    def rotate(self, x: np.ndarray) -> np.ndarray:
+        p = self.params
+        padded = np.zeros(p.padded_dim, dtype=np.float64)
+        padded[: p.dim] = x
+        padded *= self.signs
+        return fwht(padded) * (1.0 / math.sqrt(p.padded_dim))
+
+    def unrotate(self, y: np.ndarray) -> np.ndarray:
+        out = fwht(np.asarray(y, dtype=np.float64)) * (1.0 / math.sqrt(self.params.padded_dim))
+        out *= self.signs
+        return out[: self.params.dim]
+
+    def round(self, y: np.ndarray, rng: SecureRandom) -> np.ndarray:
+        """floor(y + u): unbiased, each coordinate within 1 of y (the documented norm bound)."""
+        return np.floor(y + rng.uniform(y.shape[0])).astype(np.int64)
+
+    def encode(self, update: np.ndarray, weight: float, rng: SecureRandom, *, noise: bool = True) -> EncodedUpdate:
+        """The device side. ``rng`` is the device's own generator (OS-keyed in deployment): its
+        rounding and noise must stay secret from everyone, the server included."""
+        p = self.params
+        x = np.asarray(update, dtype=np.float64)
+        if x.shape != (p.dim,):
+            raise ValueError(f"update must have {p.dim} coordinates, got {x.shape}")
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"weight must lie in (0, 1], got {weight}")
+        x = clip_l2(x, p.clip) * weight
+        q = self.round(self.rotate(x) * p.scale, rng.child("user-dp/round"))
+        z = discrete_gaussian(rng.child("user-dp/noise"), p.padded_dim, p.sigma) if noise else np.zeros_like(q)
+        return EncodedUpdate(self.to_ring(q + z), q, z)
+
+    def to_ring(self, values: np.ndarray) -> np.ndarray:
+        return (values & self._mask).astype(self._dtype)
+
+    def to_signed(self, ring: np.ndarray) -> np.ndarray:
+        return np.asarray(ring, dtype=self._dtype).view(self._signed).astype(np.int64)
+
+    def decode_sum(self, ring_sum: np.ndarray) -> np.ndarray:
+        """The server side: ``sum w clip(Delta)`` plus the survivors' noise, in update units."""
+        if ring_sum.shape != (self.params.padded_dim,):
+            raise ValueError(f"sum must have {self.params.padded_dim} coordinates")
+        return self.unrotate(self.to_signed(ring_sum) / self.params.scale)
+
+    def rounding_bound(self, survivors: int) -> float:
+        """L2 bound of decoded-minus-plain with noise off: each survivor's rounding error has norm
+        below sqrt(d'), and undoing the scale and the (orthonormal) rotation divides it by s."""
+        return survivors * math.sqrt(self.params.padded_dim) / self.params.scale
