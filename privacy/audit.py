@@ -43,6 +43,7 @@ from typing import Any, Sequence
 
 from .accountant import NON_PRIVATE_ACCOUNTANT, PrivacyStep, compute_epsilon
 from .device_record import DeviceRecordError, compare_with_ledger, read_claims
+from .distributed_dp import parse_user_mechanism, user_row_problems
 from .ledger import (
     LEDGER_FORMAT,
     POLICY_META_KEY,
@@ -409,6 +410,12 @@ def _verify(
             issues.append(AuditIssue("epsilon", f"cannot recompute epsilon: {exc}", entry.seq, dev))
             total = eps_round = math.nan
         ok = _close(row.epsilon_total, total, rtol, atol) and _close(row.epsilon_round, eps_round, rtol, atol)
+        problems = []  # user-level: the row must be one participation of the mechanism it records
+        if _is_user_row(row.rng_source):
+            problems = user_row_problems(row.noise_multiplier, row.sample_rate, row.steps, row.accountant,
+                                         row.max_grad_norm, row.rng_source)
+            for problem in problems:
+                issues.append(AuditIssue("epsilon", f"user-level row: {problem}", entry.seq, dev))
         if not ok and not math.isnan(total):
             epsilon_ok = False
             issues.append(AuditIssue(
@@ -416,6 +423,8 @@ def _verify(
                 f"recorded epsilon_total={row.epsilon_total!r} (round {row.epsilon_round!r}) but "
                 f"{row.accountant} recomputes {total!r} (round {eps_round!r}) at delta={row.delta!r}",
                 entry.seq, dev))
+        if problems:
+            epsilon_ok = ok = False
         rounds.setdefault(dev, []).append(RoundAudit(
             seq=entry.seq, device_id=dev, plan_id=row.plan_id, version=row.version, cohort_id=row.cohort_id,
             timestamp=row.timestamp, sample_rate=row.sample_rate, steps=row.steps,
@@ -493,12 +502,23 @@ def _anchor_problem(records: list[dict[str, Any]], genesis: str, seq: int, ancho
     return None
 
 
+def _is_user_row(rng_source: str) -> bool:
+    try:
+        return parse_user_mechanism(rng_source) is not None
+    except ValueError:
+        return True  # a malformed user-level tag: user_row_problems names it
+
+
 def _policy_issues(policy: PrivacyPolicy, rounds: dict[str, list[RoundAudit]],
                    entries: list[tuple[dict[str, Any], LedgerEntry | None]]) -> list[AuditIssue]:
     out: list[AuditIssue] = []
     for _, entry in entries:
         if entry is None:
             continue
+        if _is_user_row(entry.row.rng_source) != (policy.unit == "user"):
+            out.append(AuditIssue("policy", f"a {'user' if _is_user_row(entry.row.rng_source) else 'record'}-level "
+                                  f"row in a ledger whose policy protects the {policy.unit!r} unit",
+                                  entry.seq, entry.row.device_id))
         for problem in policy.row_violations(entry.row):
             out.append(AuditIssue("policy", problem, entry.seq, entry.row.device_id))
     for dev, rs in rounds.items():

@@ -397,7 +397,10 @@ def parse_user_mechanism(rng_source: str) -> UserMechanism | None:
 def user_row_problems(row_noise_multiplier: float, sample_rate: float, steps: int, accountant: str,
                       max_grad_norm: float, rng_source: str) -> list[str]:
     """Why a user-level row's columns do not describe one participation of its mechanism."""
-    mech = parse_user_mechanism(rng_source)
+    try:
+        mech = parse_user_mechanism(rng_source)
+    except ValueError as exc:
+        return [str(exc)]
     if mech is None:
         return ["not a user-level row"]
     out = []
