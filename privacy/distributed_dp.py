@@ -223,7 +223,8 @@ def padded_dim(dim: int) -> int:
 
 def rounded_norm_bound(clip: float, scale: float, padded: int) -> float:
     """Deterministic L2 bound of a rounded contribution: ``||y|| <= C s`` before rounding and each
-    coordinate moves by less than 1 (floor(y + u), u in [0, 1)), so ``||q|| < C s + sqrt(d')``."""
+    coordinate moves by less than 1 (floor(y + u), u in [0, 1)), so ``||q|| < C s + sqrt(d')``;
+    the encoder also checks ``||q|| <= floor(C s + sqrt(d'))`` exactly on the integers."""
     return clip * scale + math.sqrt(padded)
 
 

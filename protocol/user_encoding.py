@@ -36,17 +36,23 @@ from ftte.privacy.secure_random import SOURCE_KEY, SecureRandom
 from ftte.protocol.encoding import clip_l2
 
 _ROTATION_DOMAIN = b"ftte/user-dp/rotation/v1"
+_CLIP_MARGIN = 1.0 - 1e-9  # room for float error in the rotation under the exact norm check
 
 
-def fwht(x: np.ndarray) -> np.ndarray:
-    """Unnormalised Walsh-Hadamard transform of a float64 vector whose length is a power of two
-    (a new array; H H = d' I)."""
-    n = x.shape[0]
-    if n & (n - 1):
-        raise ValueError("length must be a power of two")
-    y = np.array(x, dtype=np.float64, copy=True)
-    tmp = np.empty(n // 2, dtype=np.float64)
-    h = 1
+_BASE_LEVELS = 5  # the first 5 butterfly levels as one small matrix product (H_32), in BLAS
+_BLOCK = 1 << 16  # then the levels inside 64k-element blocks while a block stays in cache
+
+
+def _hadamard(levels: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    for _ in range(levels):
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def _butterflies(y: np.ndarray, h: int, tmp: np.ndarray) -> None:
+    """Levels h, 2h, ... of the transform of ``y`` in place (``tmp``: scratch of len(y)/2)."""
+    n = y.shape[0]
     while h < n:
         v = y.reshape(-1, 2, h)
         a, b = v[:, 0, :], v[:, 1, :]
@@ -55,6 +61,21 @@ def fwht(x: np.ndarray) -> np.ndarray:
         a += b
         b[...] = t
         h *= 2
+
+
+def fwht(x: np.ndarray) -> np.ndarray:
+    """Unnormalised Walsh-Hadamard transform of a float64 vector whose length is a power of two
+    (a new array; H H = d' I). Same butterflies as the textbook loop, ordered for the cache."""
+    n = x.shape[0]
+    if n < 1 or n & (n - 1):
+        raise ValueError("length must be a power of two")
+    base = min(_BASE_LEVELS, n.bit_length() - 1)
+    y = (np.asarray(x, dtype=np.float64).reshape(-1, 1 << base) @ _hadamard(base)).reshape(n)
+    block = min(_BLOCK, n)
+    tmp = np.empty(max(1, n // 2), dtype=np.float64)
+    for start in range(0, n, block):
+        _butterflies(y[start:start + block], 1 << base, tmp[: block // 2])
+    _butterflies(y, max(block, 1 << base), tmp)
     return y
 
 
@@ -106,8 +127,18 @@ class UserCodec:
         return out[: self.params.dim]
 
     def round(self, y: np.ndarray, rng: SecureRandom) -> np.ndarray:
-        """floor(y + u): unbiased, each coordinate within 1 of y (the documented norm bound)."""
-        return np.floor(y + rng.uniform(y.shape[0])).astype(np.int64)
+        """floor(y + u): unbiased, each coordinate within 1 of y, so ``||q|| < ||y|| + sqrt(d')``.
+
+        The bound the accountant uses is checked on the integers themselves (exact int64
+        arithmetic) and a draw over it is redrawn (conditional rounding, as KLS): float error
+        in the rotation can never push a contribution past the sensitivity."""
+        limit_sq = math.floor(self.params.sensitivity) ** 2  # sqrt(N) <= floor(D) <= D, in integers
+        for _ in range(64):
+            q = np.floor(y + rng.uniform(y.shape[0])).astype(np.int64)
+            approx = float(np.dot(q.astype(np.float64), q.astype(np.float64)))
+            if approx <= 2.0 * limit_sq and int(np.dot(q, q)) <= limit_sq:  # no int64 overflow past the guard
+                return q
+        raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
 
     def encode(self, update: np.ndarray, weight: float, rng: SecureRandom, *, noise: bool = True) -> EncodedUpdate:
         """The device side. ``rng`` is the device's own generator (OS-keyed in deployment): its
@@ -118,7 +149,7 @@ class UserCodec:
             raise ValueError(f"update must have {p.dim} coordinates, got {x.shape}")
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"weight must lie in (0, 1], got {weight}")
-        x = clip_l2(x, p.clip) * weight
+        x = clip_l2(x, p.clip * _CLIP_MARGIN) * weight
         q = self.round(self.rotate(x) * p.scale, rng.child("user-dp/round"))
         z = discrete_gaussian(rng.child("user-dp/noise"), p.padded_dim, p.sigma) if noise else np.zeros_like(q)
         return EncodedUpdate(self.to_ring(q + z), q, z)
