@@ -102,6 +102,22 @@ def test_client_mechanism(benchmark, codec: UserCodec, update: np.ndarray) -> No
             print(f"\nmechanism/mask ({name}): {best:.4f} s / {mask:.4f} s = {best / mask:.1f}x")
 
 
+def test_client_mechanism_online(benchmark, codec: UserCodec, update: np.ndarray) -> None:
+    """The same encode with its noise drawn beforehand (:meth:`UserCodec.draw_noise`, e.g. while
+    training): what remains between the cohort start and the upload."""
+    benchmark.group = "user-dp-client-dim1e6"
+    benchmark.extra_info.update(side="mechanism-online", dim=DIM)
+    noise = codec.draw_noise(SecureRandom.from_seed(7, "pre"))
+    enc = benchmark.pedantic(lambda: codec.encode(update, 1.0, SecureRandom.from_seed(8, "b"), noise=noise),
+                             rounds=ROUNDS, iterations=1)
+    assert np.array_equal(enc.noise, noise)
+    best = _stat_min(benchmark)
+    if best is not None:
+        for name, mask in _MASK_MIN.items():
+            benchmark.extra_info[f"ratio_to_mask_{name}"] = best / mask
+            print(f"\nonline mechanism/mask ({name}): {best:.4f} s / {mask:.4f} s = {best / mask:.1f}x")
+
+
 def test_client_rotate(benchmark, codec: UserCodec, update: np.ndarray) -> None:
     benchmark.group = "user-dp-client-parts"
     y = benchmark.pedantic(lambda: codec.rotate(update), rounds=ROUNDS, iterations=1)

@@ -140,9 +140,16 @@ class UserCodec:
                 return q
         raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
 
-    def encode(self, update: np.ndarray, weight: float, rng: SecureRandom, *, noise: bool = True) -> EncodedUpdate:
+    def draw_noise(self, rng: SecureRandom) -> np.ndarray:
+        """This cohort's noise, drawn ahead of time if the device likes (it depends on nothing
+        but sigma and d', so it can be drawn while training); use it once, then forget it."""
+        return discrete_gaussian(rng.child("user-dp/noise"), self.params.padded_dim, self.params.sigma)
+
+    def encode(self, update: np.ndarray, weight: float, rng: SecureRandom, *,
+               noise: bool | np.ndarray = True) -> EncodedUpdate:
         """The device side. ``rng`` is the device's own generator (OS-keyed in deployment): its
-        rounding and noise must stay secret from everyone, the server included."""
+        rounding and noise must stay secret from everyone, the server included. ``noise``:
+        True draws it now, False adds none (tests), an array is noise from :meth:`draw_noise`."""
         p = self.params
         x = np.asarray(update, dtype=np.float64)
         if x.shape != (p.dim,):
@@ -151,7 +158,12 @@ class UserCodec:
             raise ValueError(f"weight must lie in (0, 1], got {weight}")
         x = clip_l2(x, p.clip * _CLIP_MARGIN) * weight
         q = self.round(self.rotate(x) * p.scale, rng.child("user-dp/round"))
-        z = discrete_gaussian(rng.child("user-dp/noise"), p.padded_dim, p.sigma) if noise else np.zeros_like(q)
+        if isinstance(noise, np.ndarray):
+            if noise.shape != (p.padded_dim,) or noise.dtype != np.int64:
+                raise ValueError(f"precomputed noise must be {p.padded_dim} int64 values")
+            z = noise
+        else:
+            z = self.draw_noise(rng) if noise else np.zeros_like(q)
         return EncodedUpdate(self.to_ring(q + z), q, z)
 
     def to_ring(self, values: np.ndarray) -> np.ndarray:
