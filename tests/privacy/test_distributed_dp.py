@@ -255,3 +255,24 @@ def test_rounding_never_exceeds_the_sensitivity(dim, clip, scale, seed):
     x = np.random.default_rng(seed).normal(size=dim) * 10 * clip
     enc = codec.encode(x, 1.0, SecureRandom.from_seed(seed, "round"), noise=False)
     assert float(np.linalg.norm(enc.rounded)) <= params.sensitivity
+
+
+def test_central_baseline_noise_has_the_stated_std():
+    from ftte.privacy.distributed_dp import central_noise
+
+    z, clip, n = 1.7, 0.4, 200_000
+    noise = central_noise(SecureRandom.from_seed(3, "central"), n, clip, z)
+    assert noise.var() == pytest.approx((z * clip) ** 2, rel=5 * math.sqrt(2 / n))
+    mech = UserMechanism(MECH_CENTRAL)
+    assert parse_user_mechanism(user_rng_source(SOURCE_SEED, mech)) == mech
+    assert mech.multiplier(clip, z) == z
+
+
+def test_distributed_costs_sqrt_n_over_m_more_noise_than_central_for_the_same_epsilon():
+    """The price of calibrating to T - max_corrupt survivors: with all n surviving, the sum carries
+    n/m times the variance a trusted server would add for the same guarantee."""
+    z = multiplier_for_budget(4.0, 1e-6, 8)
+    p = plan_user_dp(dim=490, clip=1.0, noise_multiplier=z, members=100, threshold=51)
+    distributed_var = 100 * discrete_gaussian_variance(p.sigma) / p.scale**2
+    central_var = (z * 1.0) ** 2
+    assert distributed_var / central_var == pytest.approx(100 / 51 * (p.sensitivity / p.scale) ** 2, rel=1e-6)
