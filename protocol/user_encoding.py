@@ -26,6 +26,7 @@ The weight must not depend on private data: in user mode it is the staleness wei
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ import numpy as np
 from ftte.crypto.primitives import sha256
 from ftte.privacy.distributed_dp import UserDPParams, discrete_gaussian
 from ftte.privacy.secure_random import SOURCE_KEY, SecureRandom
+from ftte.protocol.cohort import CohortRefused
 from ftte.protocol.encoding import clip_l2
 
 _ROTATION_DOMAIN = b"ftte/user-dp/rotation/v1"
@@ -182,3 +184,34 @@ class UserCodec:
         """L2 bound of decoded-minus-plain with noise off: each survivor's rounding error has norm
         below sqrt(d'), and undoing the scale and the (orthonormal) rotation divides it by s."""
         return survivors * math.sqrt(self.params.padded_dim) / self.params.scale
+
+
+def params_digest(params: UserDPParams) -> bytes:
+    """Digest of every user-level parameter that shapes a contribution, for the cohort's
+    contribution binding (members shown different noise or scale never agree on a session)."""
+    return sha256(b"ftte/user-dp/params/v1", struct.pack(">qdddqqq", params.dim, params.clip, params.scale,
+                                                         params.sigma, params.calibrated_for, params.members,
+                                                         params.ring_bits))
+
+
+MAX_WRAP_PROBABILITY = 2.0 ** -30
+
+
+def check_user_cohort(params: UserDPParams, *, members: int, threshold: int, max_corrupt: int,
+                      min_noise_multiplier: float, ring_bits: int, dim: int) -> None:
+    """What a device verifies before adding its noise to a cohort (raises :class:`CohortRefused`).
+
+    The noise must be calibrated to survivors the device itself trusts to be honest
+    (``threshold - max_corrupt`` with *its* colluder assumption), give it at least its own
+    noise floor, and the ring must hold the noisy sum of every member."""
+    if params.members != members or params.dim != dim or params.ring_bits != ring_bits:
+        raise CohortRefused(f"user-level parameters are for {params.members} members, {params.dim} coordinates, "
+                            f"a {params.ring_bits}-bit ring; the cohort has {members}, {dim}, {ring_bits}")
+    if params.calibrated_for > threshold - max_corrupt:
+        raise CohortRefused(f"noise calibrated for {params.calibrated_for} honest survivors, but with threshold "
+                            f"{threshold} and {max_corrupt} colluders only {threshold - max_corrupt} are certain")
+    if params.sigma == 0.0 or params.noise_multiplier < min_noise_multiplier:
+        raise CohortRefused(f"effective noise multiplier {params.noise_multiplier:.4g} below this device's floor "
+                            f"{min_noise_multiplier:.4g}")
+    if params.wrap_probability() > MAX_WRAP_PROBABILITY:
+        raise CohortRefused(f"the noisy sum wraps the ring with probability up to {params.wrap_probability():.3g}")

@@ -142,3 +142,22 @@ def test_encode_clips_and_checks_its_input():
     # the rotation is a function of the cohort id alone
     assert np.array_equal(UserCodec(params, rotation_seed("c")).signs, codec.signs)
     assert not np.array_equal(UserCodec(params, rotation_seed("d")).signs, codec.signs)
+
+
+def test_device_refuses_miscalibrated_cohorts():
+    from ftte.protocol.cohort import CohortRefused
+    from ftte.protocol.user_encoding import check_user_cohort, params_digest
+
+    good = plan_user_dp(dim=500, clip=1.0, noise_multiplier=1.5, members=20, threshold=12, max_corrupt=2)
+    terms = dict(members=20, threshold=12, max_corrupt=2, min_noise_multiplier=1.0, ring_bits=32, dim=500)
+    check_user_cohort(good, **terms)
+    with pytest.raises(CohortRefused, match="honest survivors"):
+        check_user_cohort(good, **{**terms, "max_corrupt": 3})  # this device assumes one more colluder
+    with pytest.raises(CohortRefused, match="floor"):
+        check_user_cohort(good, **{**terms, "min_noise_multiplier": 2.0})
+    with pytest.raises(CohortRefused, match="members"):
+        check_user_cohort(good, **{**terms, "members": 21})
+    loud = UserDPParams(500, 1.0, good.scale * 3, good.sigma * 3, good.calibrated_for, 20)
+    with pytest.raises(CohortRefused, match="wraps"):
+        check_user_cohort(loud, **terms)
+    assert params_digest(good) != params_digest(loud) and len(params_digest(good)) == 32
