@@ -151,6 +151,7 @@ class AuditResult:
     signed_rows: int = 0  # rows carrying a device signature (all verified, or an issue says otherwise)
     unsigned_rows: int = 0  # rows without device evidence
     policy: PrivacyPolicy | None = None
+    user_rows: int = 0  # rows protecting the device (user-level, :mod:`.distributed_dp`); the rest: records
 
     @property
     def ok(self) -> bool:
@@ -170,6 +171,7 @@ class AuditResult:
             f"  integrity {'ok' if self.integrity_ok else 'FAILED'}, "
             f"epsilon {'ok' if self.epsilon_ok else 'MISMATCH'}, budgets {'ok' if self.budget_ok else 'EXCEEDED'}",
             f"  device evidence: {self.signed_rows} signed rows, {self.unsigned_rows} unsigned",
+            f"  unit protected: {self.user_rows} user-level rows, {self.n_rows - self.user_rows} record-level",
             f"  policy: {self.policy.to_json() if self.policy is not None else 'none recorded'}",
             f"  anchor (publish): {self.anchor_arg or '-'}",
         ]
@@ -199,6 +201,7 @@ class AuditResult:
             "anchor": None if self.anchor is None else {"seq": self.anchor[0], "hash": self.anchor[1],
                                                          "arg": self.anchor_arg},
             "device_evidence": {"signed_rows": self.signed_rows, "unsigned_rows": self.unsigned_rows},
+            "units": {"user": self.user_rows, "record": self.n_rows - self.user_rows},
             "policy": None if self.policy is None else json.loads(self.policy.to_json()),
             "issues": [vars(i) for i in self.issues],
             "devices": {
@@ -389,6 +392,7 @@ def _verify(
     prev_total: dict[str, float] = {}
     rounds: dict[str, list[RoundAudit]] = {}
     epsilon_ok = True
+    user_rows = 0
     for position, (rec, entry) in enumerate(entries, start=1):
         if entry is None:
             continue
@@ -412,6 +416,7 @@ def _verify(
         ok = _close(row.epsilon_total, total, rtol, atol) and _close(row.epsilon_round, eps_round, rtol, atol)
         problems = []  # user-level: the row must be one participation of the mechanism it records
         if _is_user_row(row.rng_source):
+            user_rows += 1
             problems = user_row_problems(row.noise_multiplier, row.sample_rate, row.steps, row.accountant,
                                          row.max_grad_norm, row.rng_source)
             for problem in problems:
@@ -475,7 +480,7 @@ def _verify(
         head_hash=last_hash if isinstance(last_hash, str) else None,
         integrity_ok=integrity_ok, epsilon_ok=epsilon_ok, budget_ok=budget_ok,
         issues=tuple(issues), devices=devices, anchor=anchor, signed_rows=signed, unsigned_rows=unsigned,
-        policy=policy,
+        policy=policy, user_rows=user_rows,
     )
 
 

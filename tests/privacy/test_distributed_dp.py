@@ -187,7 +187,7 @@ def user_params():
     return plan_user_dp(dim=5000, clip=1.0, noise_multiplier=3.0, members=20, threshold=11)
 
 
-def test_user_rows_round_trip_through_ledger_and_audit(tmp_path, user_params):
+def test_user_rows_round_trip_through_ledger_and_audit(tmp_path, user_params, capsys):
     path = tmp_path / "ledger.db"
     with Ledger(path, Ed25519PrivateKey.generate()) as ledger:
         ledger.set_policy(PrivacyPolicy(delta=1e-6, epsilon_cap=8.0, min_noise_multiplier=1.0, unit="user"))
@@ -201,6 +201,12 @@ def test_user_rows_round_trip_through_ledger_and_audit(tmp_path, user_params):
     result = verify_ledger(path)
     assert result.ok, result.summary()
     assert result.devices["a"].epsilon_total_recomputed == rows[-1].epsilon_total
+    assert result.user_rows == 8 and "8 user-level rows, 0 record-level" in result.summary()
+    assert result.to_json()["units"] == {"user": 8, "record": 0}
+    from ftte import cli
+
+    assert cli.main(["audit", str(path)]) == 0
+    assert "8 user-level rows" in capsys.readouterr().out
 
 
 def test_audit_flags_an_overstated_multiplier_and_a_unit_mismatch(tmp_path, user_params):
