@@ -8,9 +8,10 @@ survivor's noise.
 
 Why the distributed discrete Gaussian and not Skellam. Skellam is attractive because sums
 of Skellams stay Skellam, but the scale that keeps rounding negligible puts the Poisson
-parameter near 1e10 per coordinate, and a vectorised Poisson sampler then evaluates
-log-probabilities as differences of 1e12-sized terms (``k log mu - lgamma(k+1)``): float64
-leaves errors of ~1e-4 in the acceptance test, a real distortion. The Canonne-Kamath-Steinke
+parameter near 1e12 per device and coordinate (sigma ~ 2.6e6 at d = 1e6, n = 100), and a
+vectorised Poisson sampler then evaluates log-probabilities as differences of ~3e13-sized
+terms (``k log mu - lgamma(k+1)``): float64 leaves absolute errors of ~1e-2 in the
+acceptance test, a real distortion. The Canonne-Kamath-Steinke
 sampler of the discrete Gaussian only ever evaluates ``exp`` of O(1)..O(100) arguments
 (``U/t``, ``(|Y| - sigma^2/t)^2 / (2 sigma^2)``), so float64 acceptance is accurate to
 ~1e-15 relative, and it vectorises (one numpy pass per rejection round). Its price, that a
@@ -19,11 +20,11 @@ bound's ``tau`` term, which is below 1e-300 (0.0 in float64) for the ``sigma`` (
 our scales produce.
 
 Sampler exactness, stated: uniform integers and signs come from exact rejection on
-keystream bits; the Bernoulli(exp(-x)) tests compare a 53-bit uniform with float64
-``exp(-x)`` (absolute error <= 2^-52 per test), and the geometric draw uses
+keystream bits; the one Bernoulli(exp(-x)) test per proposal compares a 53-bit uniform
+with float64 ``exp(-x)``, x <= ~40 (error ~1e-16), and the geometric draw uses
 ``floor(-log1p(-U))`` whose tail is cut at 2^-53. So each coordinate's law is within a
-total-variation distance of about 1e-15 per rejection round of the ideal one; we do not add
-this to delta (it is ~1e-9 over a 1e6-coordinate release), and say so here.
+total-variation distance of about 1e-15 of the ideal one; we do not add this to delta
+(~1e-9 over a 1e6-coordinate release), and say so here.
 
 Privacy notion: zero-out adjacency. Participation is visible to the server (who connects,
 when), so user-level DP here protects what a device's data contributes: neighbouring

@@ -180,6 +180,18 @@ class UserCodec:
             raise ValueError(f"sum must have {self.params.padded_dim} coordinates")
         return self.unrotate(self.to_signed(ring_sum) / self.params.scale)
 
+    def decoded_norm_bound(self, survivors: int, weight_sum: float, beta: float = 2.0**-40) -> float:
+        """The largest L2 norm an honest cohort's decoded sum reaches except with probability
+        ``beta``: ``weight_sum * C`` (clipped, weighted updates) plus the rounding bound plus the
+        noise, whose squared norm over d' coordinates, each ``survivors sigma^2``-sub-Gaussian, exceeds
+        ``v (d' + 2 sqrt(d' t) + 2 t)`` with probability at most ``e^-t`` (Hsu, Kakade, Zhang 2012).
+        What the server core's impossible-sum check should use in user mode."""
+        p = self.params
+        t = math.log(1.0 / beta)
+        var = survivors * p.sigma**2 / p.scale**2
+        noise = math.sqrt(var * (p.padded_dim + 2.0 * math.sqrt(p.padded_dim * t) + 2.0 * t))
+        return weight_sum * p.clip + self.rounding_bound(survivors) + noise
+
     def rounding_bound(self, survivors: int) -> float:
         """L2 bound of decoded-minus-plain with noise off: each survivor's rounding error has norm
         below sqrt(d'), and undoing the scale and the (orthonormal) rotation divides it by s."""

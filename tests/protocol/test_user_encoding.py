@@ -54,6 +54,7 @@ def test_noise_off_reproduces_the_plain_sum_within_the_rounding_bound():
     bound = codec.rounding_bound(len(survivors))
     assert 0.0 < error <= bound
     assert bound < 1e-3 * float(np.linalg.norm(plain))  # the bound is small, not vacuous
+    assert float(np.linalg.norm(decoded)) <= codec.decoded_norm_bound(len(survivors), sum(weights[m] for m in survivors))
     # another cohort's rotation does not decode this sum
     other = UserCodec(params, rotation_seed("another-cohort"))
     assert float(np.linalg.norm(other.decode_sum(result.total) - plain)) > 0.5 * float(np.linalg.norm(plain))
@@ -78,6 +79,11 @@ def test_noise_on_decoded_variance_matches_the_calibration():
     rel_se = math.sqrt(2 / dim)  # ~0.8 %
     assert float(np.mean(noise**2)) == pytest.approx(expected_var, rel=5 * rel_se)
     assert abs(float(noise.mean())) < 5 * math.sqrt(expected_var / dim)
+    # an honest sum stays inside the bound the server's impossible-sum check would use (and near it:
+    # the noise norm concentrates at sqrt(d' var), the bound adds only the tail)
+    bound = codec.decoded_norm_bound(k, 0.0)
+    assert float(np.linalg.norm(noise)) <= bound <= 1.1 * math.sqrt(params.padded_dim * expected_var) + \
+        codec.rounding_bound(k)
     # the rounded parts were zero: the decoded vector is exactly the survivors' noise, unrotated
     direct = codec.unrotate(sum(encoded[m].noise for m in result.survivors) / params.scale)
     assert np.allclose(noise, direct, rtol=0, atol=1e-9)
