@@ -275,6 +275,9 @@ class UserDPParams:
             raise ValueError("ring_bits must be 16 or 32")
         if self.sigma != 0.0 and self.sigma < MIN_SIGMA:
             raise ValueError(f"sigma must be 0 (noise off) or >= {MIN_SIGMA}")
+        if not self.members * self.sensitivity < 2 ** (self.ring_bits - 1):
+            raise ValueError(f"{self.members} contributions of norm up to {self.sensitivity:.4g} do not fit a "
+                             f"{self.ring_bits}-bit ring")
 
     @property
     def padded_dim(self) -> int:

@@ -135,10 +135,11 @@ class UserCodec:
         arithmetic) and a draw over it is redrawn (conditional rounding, as KLS): float error
         in the rotation can never push a contribution past the sensitivity."""
         limit_sq = math.floor(self.params.sensitivity) ** 2  # sqrt(N) <= floor(D) <= D, in integers
+        if not float(np.dot(y, y)) <= limit_sq:  # then ||q||^2 < (D + sqrt(d'))^2 < 2^63: no int64 overflow
+            raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
         for _ in range(64):
             q = np.floor(y + rng.uniform(y.shape[0])).astype(np.int64)
-            approx = float(np.dot(q.astype(np.float64), q.astype(np.float64)))
-            if approx <= 2.0 * limit_sq and int(np.dot(q, q)) <= limit_sq:  # no int64 overflow past the guard
+            if int(np.dot(q, q)) <= limit_sq:
                 return q
         raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
 

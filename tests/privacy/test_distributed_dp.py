@@ -282,3 +282,10 @@ def test_distributed_costs_sqrt_n_over_m_more_noise_than_central_for_the_same_ep
     distributed_var = 100 * discrete_gaussian_variance(p.sigma) / p.scale**2
     central_var = (z * 1.0) ** 2
     assert distributed_var / central_var == pytest.approx(100 / 51 * (p.sensitivity / p.scale) ** 2, rel=1e-6)
+
+
+def test_params_refuse_a_signal_that_cannot_fit_the_ring():
+    from ftte.privacy.distributed_dp import UserDPParams
+
+    with pytest.raises(ValueError, match="do not fit"):
+        UserDPParams(dim=1000, clip=1.0, scale=1e8, sigma=0.0, calibrated_for=1, members=30)

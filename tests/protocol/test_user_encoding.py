@@ -163,7 +163,7 @@ def test_device_refuses_miscalibrated_cohorts():
         check_user_cohort(good, **{**terms, "min_noise_multiplier": 2.0})
     with pytest.raises(CohortRefused, match="members"):
         check_user_cohort(good, **{**terms, "members": 21})
-    loud = UserDPParams(500, 1.0, good.scale * 3, good.sigma * 3, good.calibrated_for, 20)
+    loud = UserDPParams(500, 1.0, good.scale, good.sigma * 3, good.calibrated_for, 20)  # noise tail past the ring
     with pytest.raises(CohortRefused, match="wraps"):
         check_user_cohort(loud, **terms)
     assert params_digest(good) != params_digest(loud) and len(params_digest(good)) == 32
