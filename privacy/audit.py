@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 from .accountant import NON_PRIVATE_ACCOUNTANT, PrivacyStep, compute_epsilon
 from .device_record import DeviceRecordError, compare_with_ledger, read_claims
+from .distributed_dp import parse_user_mechanism, user_row_problems
 from .ledger import (
     LEDGER_FORMAT,
     POLICY_META_KEY,
@@ -151,6 +152,7 @@ class AuditResult:
     signed_rows: int = 0  # rows carrying a device signature (all verified, or an issue says otherwise)
     unsigned_rows: int = 0  # rows without device evidence
     policy: PrivacyPolicy | None = None
+    user_rows: int = 0  # rows protecting the device (user-level, :mod:`.distributed_dp`); the rest: records
 
     @property
     def ok(self) -> bool:
@@ -170,6 +172,7 @@ class AuditResult:
             f"  integrity {'ok' if self.integrity_ok else 'FAILED'}, "
             f"epsilon {'ok' if self.epsilon_ok else 'MISMATCH'}, budgets {'ok' if self.budget_ok else 'EXCEEDED'}",
             f"  device evidence: {self.signed_rows} signed rows, {self.unsigned_rows} unsigned",
+            f"  unit protected: {self.user_rows} user-level rows, {self.n_rows - self.user_rows} record-level",
             f"  policy: {self.policy.to_json() if self.policy is not None else 'none recorded'}",
             f"  anchor (publish): {self.anchor_arg or '-'}",
         ]
@@ -199,6 +202,7 @@ class AuditResult:
             "anchor": None if self.anchor is None else {"seq": self.anchor[0], "hash": self.anchor[1],
                                                          "arg": self.anchor_arg},
             "device_evidence": {"signed_rows": self.signed_rows, "unsigned_rows": self.unsigned_rows},
+            "units": {"user": self.user_rows, "record": self.n_rows - self.user_rows},
             "policy": None if self.policy is None else json.loads(self.policy.to_json()),
             "issues": [vars(i) for i in self.issues],
             "devices": {
@@ -396,6 +400,7 @@ def _verify(
     prev_total: dict[str, float] = {}
     rounds: dict[str, list[RoundAudit]] = {}
     epsilon_ok = True
+    user_rows = 0
     for position, (rec, entry) in enumerate(entries, start=1):
         if entry is None:
             continue
@@ -417,6 +422,13 @@ def _verify(
             issues.append(AuditIssue("epsilon", f"cannot recompute epsilon: {exc}", entry.seq, dev))
             total = eps_round = math.nan
         ok = _close(row.epsilon_total, total, rtol, atol) and _close(row.epsilon_round, eps_round, rtol, atol)
+        problems = []  # user-level: the row must be one participation of the mechanism it records
+        if _is_user_row(row.rng_source):
+            user_rows += 1
+            problems = user_row_problems(row.noise_multiplier, row.sample_rate, row.steps, row.accountant,
+                                         row.max_grad_norm, row.rng_source)
+            for problem in problems:
+                issues.append(AuditIssue("epsilon", f"user-level row: {problem}", entry.seq, dev))
         if not ok and not math.isnan(total):
             epsilon_ok = False
             issues.append(AuditIssue(
@@ -424,6 +436,8 @@ def _verify(
                 f"recorded epsilon_total={row.epsilon_total!r} (round {row.epsilon_round!r}) but "
                 f"{row.accountant} recomputes {total!r} (round {eps_round!r}) at delta={row.delta!r}",
                 entry.seq, dev))
+        if problems:
+            epsilon_ok = ok = False
         rounds.setdefault(dev, []).append(RoundAudit(
             seq=entry.seq, device_id=dev, plan_id=row.plan_id, version=row.version, cohort_id=row.cohort_id,
             timestamp=row.timestamp, sample_rate=row.sample_rate, steps=row.steps,
@@ -474,7 +488,7 @@ def _verify(
         head_hash=last_hash if isinstance(last_hash, str) else None,
         integrity_ok=integrity_ok, epsilon_ok=epsilon_ok, budget_ok=budget_ok,
         issues=tuple(issues), devices=devices, anchor=anchor, signed_rows=signed, unsigned_rows=unsigned,
-        policy=policy,
+        policy=policy, user_rows=user_rows,
     )
 
 
@@ -501,12 +515,23 @@ def _anchor_problem(records: list[dict[str, Any]], genesis: str, seq: int, ancho
     return None
 
 
+def _is_user_row(rng_source: str) -> bool:
+    try:
+        return parse_user_mechanism(rng_source) is not None
+    except ValueError:
+        return True  # a malformed user-level tag: user_row_problems names it
+
+
 def _policy_issues(policy: PrivacyPolicy, rounds: dict[str, list[RoundAudit]],
                    entries: list[tuple[dict[str, Any], LedgerEntry | None]]) -> list[AuditIssue]:
     out: list[AuditIssue] = []
     for _, entry in entries:
         if entry is None:
             continue
+        if _is_user_row(entry.row.rng_source) != (policy.unit == "user"):
+            out.append(AuditIssue("policy", f"a {'user' if _is_user_row(entry.row.rng_source) else 'record'}-level "
+                                  f"row in a ledger whose policy protects the {policy.unit!r} unit",
+                                  entry.seq, entry.row.device_id))
         for problem in policy.row_violations(entry.row):
             out.append(AuditIssue("policy", problem, entry.seq, entry.row.device_id))
     for dev, rs in rounds.items():

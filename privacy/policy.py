@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 DELTA_KEY = "privacy.delta"
 DELTA_CEILING = 1e-5
-UNITS = ("record",)  # example-level DP on one device's records
+UNITS = ("record", "user")  # example-level DP on one device's records; user-level (the device), distributed_dp.py
 
 
 def default_delta(n_records: int) -> float:

@@ -114,7 +114,8 @@ def test_policy_validates_its_fields():
     with pytest.raises(ValueError):
         PrivacyPolicy(delta=1e-5, epsilon_cap=float("inf"), min_noise_multiplier=1.0)
     with pytest.raises(ValueError):
-        PrivacyPolicy(delta=1e-5, epsilon_cap=1.0, min_noise_multiplier=1.0, unit="user")
+        PrivacyPolicy(delta=1e-5, epsilon_cap=1.0, min_noise_multiplier=1.0, unit="household")
+    assert PrivacyPolicy(delta=1e-5, epsilon_cap=1.0, min_noise_multiplier=1.0, unit="user").unit == "user"
     assert PrivacyPolicy.from_json(POLICY.to_json()) == POLICY
     with pytest.raises(ValueError, match="unknown policy keys"):
         PrivacyPolicy.from_json('{"delta": 1e-5, "epsilon_cap": 1, "min_noise_multiplier": 1, "x": 2}')

@@ -1,0 +1,230 @@
+"""The device's user-level contribution and the server's decoding of the noisy sum.
+
+Device (:meth:`UserCodec.encode`): clip the whole update (the trained subset) to ``C``,
+multiply by the device's public weight ``w <= 1``, pad to ``d'`` (a power of two), rotate
+with the cohort's randomized Walsh-Hadamard transform ``H D / sqrt(d')``, scale by ``s``,
+round (``floor(y + u)``, ``u`` uniform: unbiased, and every coordinate moves by less than
+1, so the norm stays below ``C s + sqrt(d')``, the sensitivity the accountant uses), add
+``d'`` discrete Gaussians and embed in the ring ``Z_(2^b)``.
+
+Server (:meth:`UserCodec.decode_sum`): read the unmasked ring sum as signed integers,
+divide by ``s``, undo the rotation (it is orthonormal and its own inverse up to the signs)
+and drop the padding. What comes out is ``sum w * clip(Delta)`` plus noise of variance
+``k Var(N_Z(0, sigma^2)) / s^2`` per coordinate for ``k`` survivors.
+
+Why rotate: after ``H D`` every coordinate of a vector of norm ``C`` is about ``C/sqrt(d')``
+whatever the update looked like, so the rounding error and the noise are spread evenly,
+and no coordinate carries a spike that a smaller ring would have to clip. The signs ``D``
+are public (derived from the cohort id and a caller-given binding with HKDF in
+:class:`SecureRandom`): privacy never relies on them, only the flattening does.
+
+The weight must not depend on private data: in user mode it is the staleness weight
+``(1 + tau)^-a`` alone (no variance term), which the server can compute for itself, so
+``sum w`` is not sent. Only the ``d'`` update coordinates are masked.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from ftte.crypto.primitives import sha256
+from ftte.privacy.distributed_dp import UserDPParams, discrete_gaussian
+from ftte.privacy.secure_random import SOURCE_KEY, SecureRandom
+from ftte.protocol.cohort import CohortRefused
+from ftte.protocol.encoding import clip_l2
+
+_ROTATION_DOMAIN = b"ftte/user-dp/rotation/v1"
+_CLIP_MARGIN = 1.0 - 1e-9  # room for float error in the rotation under the exact norm check
+
+
+_BASE_LEVELS = 5  # the first 5 butterfly levels as one small matrix product (H_32), in BLAS
+_BLOCK = 1 << 16  # then the levels inside 64k-element blocks while a block stays in cache
+
+
+def _hadamard(levels: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    for _ in range(levels):
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def _butterflies(y: np.ndarray, h: int, tmp: np.ndarray) -> None:
+    """Levels h, 2h, ... of the transform of ``y`` in place (``tmp``: scratch of len(y)/2)."""
+    n = y.shape[0]
+    while h < n:
+        v = y.reshape(-1, 2, h)
+        a, b = v[:, 0, :], v[:, 1, :]
+        t = tmp.reshape(-1, h)
+        np.subtract(a, b, out=t)
+        a += b
+        b[...] = t
+        h *= 2
+
+
+def fwht(x: np.ndarray) -> np.ndarray:
+    """Unnormalised Walsh-Hadamard transform of a float64 vector whose length is a power of two
+    (a new array; H H = d' I). Same butterflies as the textbook loop, ordered for the cache."""
+    n = x.shape[0]
+    if n < 1 or n & (n - 1):
+        raise ValueError("length must be a power of two")
+    base = min(_BASE_LEVELS, n.bit_length() - 1)
+    y = (np.asarray(x, dtype=np.float64).reshape(-1, 1 << base) @ _hadamard(base)).reshape(n)
+    block = min(_BLOCK, n)
+    tmp = np.empty(max(1, n // 2), dtype=np.float64)
+    for start in range(0, n, block):
+        _butterflies(y[start:start + block], 1 << base, tmp[: block // 2])
+    _butterflies(y, max(block, 1 << base), tmp)
+    return y
+
+
+def rotation_signs(seed: bytes, padded: int) -> np.ndarray:
+    """The diagonal of ``D``: ``padded`` public random signs (+1.0 / -1.0) from ``seed``."""
+    rng = SecureRandom.from_key(seed, source=SOURCE_KEY)
+    bits = np.unpackbits(np.frombuffer(rng.random_bytes((padded + 7) // 8), dtype=np.uint8))[:padded]
+    return 1.0 - 2.0 * bits.astype(np.float64)
+
+
+def rotation_seed(cohort_id: str, binding: bytes = b"") -> bytes:
+    """The 32-byte rotation key of a cohort: both sides derive it from what they already share."""
+    return sha256(_ROTATION_DOMAIN, cohort_id.encode("utf-8"), binding)
+
+
+@dataclass(frozen=True)
+class EncodedUpdate:
+    ring: np.ndarray  # what is handed to secure aggregation (uint16/uint32, length d')
+    rounded: np.ndarray  # the signed rounded contribution before noise (int64), for tests and checks
+    noise: np.ndarray  # the signed noise added (int64)
+
+
+class UserCodec:
+    """One cohort's user-level encoding; built once per cohort on each side (signs cached)."""
+
+    def __init__(self, params: UserDPParams, seed: bytes) -> None:
+        if len(seed) != 32:
+            raise ValueError("rotation seed must be 32 bytes")
+        self.params = params
+        self.signs = rotation_signs(seed, params.padded_dim)
+        self._mask = (1 << params.ring_bits) - 1
+        self._dtype = np.dtype("<u4") if params.ring_bits == 32 else np.dtype("<u2")
+        self._signed = np.int32 if params.ring_bits == 32 else np.int16
+
+    @property
+    def length(self) -> int:
+        return self.params.padded_dim
+
+    def rotate(self, x: np.ndarray) -> np.ndarray:
+        p = self.params
+        padded = np.zeros(p.padded_dim, dtype=np.float64)
+        padded[: p.dim] = x
+        padded *= self.signs
+        return fwht(padded) * (1.0 / math.sqrt(p.padded_dim))
+
+    def unrotate(self, y: np.ndarray) -> np.ndarray:
+        out = fwht(np.asarray(y, dtype=np.float64)) * (1.0 / math.sqrt(self.params.padded_dim))
+        out *= self.signs
+        return out[: self.params.dim]
+
+    def round(self, y: np.ndarray, rng: SecureRandom) -> np.ndarray:
+        """floor(y + u): unbiased, each coordinate within 1 of y, so ``||q|| < ||y|| + sqrt(d')``.
+
+        The bound the accountant uses is checked on the integers themselves (exact int64
+        arithmetic) and a draw over it is redrawn (conditional rounding, as KLS): float error
+        in the rotation can never push a contribution past the sensitivity."""
+        limit_sq = math.floor(self.params.sensitivity) ** 2  # sqrt(N) <= floor(D) <= D, in integers
+        if not float(np.dot(y, y)) <= limit_sq:  # then ||q||^2 < (D + sqrt(d'))^2 < 2^63: no int64 overflow
+            raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
+        for _ in range(64):
+            q = np.floor(y + rng.uniform(y.shape[0])).astype(np.int64)
+            if int(np.dot(q, q)) <= limit_sq:
+                return q
+        raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
+
+    def draw_noise(self, rng: SecureRandom) -> np.ndarray:
+        """This cohort's noise, drawn ahead of time if the device likes (it depends on nothing
+        but sigma and d', so it can be drawn while training); use it once, then forget it."""
+        return discrete_gaussian(rng.child("user-dp/noise"), self.params.padded_dim, self.params.sigma)
+
+    def encode(self, update: np.ndarray, weight: float, rng: SecureRandom, *,
+               noise: bool | np.ndarray = True) -> EncodedUpdate:
+        """The device side. ``rng`` is the device's own generator (OS-keyed in deployment): its
+        rounding and noise must stay secret from everyone, the server included. ``noise``:
+        True draws it now, False adds none (tests), an array is noise from :meth:`draw_noise`."""
+        p = self.params
+        x = np.asarray(update, dtype=np.float64)
+        if x.shape != (p.dim,):
+            raise ValueError(f"update must have {p.dim} coordinates, got {x.shape}")
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"weight must lie in (0, 1], got {weight}")
+        x = clip_l2(x, p.clip * _CLIP_MARGIN) * weight
+        q = self.round(self.rotate(x) * p.scale, rng.child("user-dp/round"))
+        if isinstance(noise, np.ndarray):
+            if noise.shape != (p.padded_dim,) or noise.dtype != np.int64:
+                raise ValueError(f"precomputed noise must be {p.padded_dim} int64 values")
+            z = noise
+        else:
+            z = self.draw_noise(rng) if noise else np.zeros_like(q)
+        return EncodedUpdate(self.to_ring(q + z), q, z)
+
+    def to_ring(self, values: np.ndarray) -> np.ndarray:
+        return (values & self._mask).astype(self._dtype)
+
+    def to_signed(self, ring: np.ndarray) -> np.ndarray:
+        return np.asarray(ring, dtype=self._dtype).view(self._signed).astype(np.int64)
+
+    def decode_sum(self, ring_sum: np.ndarray) -> np.ndarray:
+        """The server side: ``sum w clip(Delta)`` plus the survivors' noise, in update units."""
+        if ring_sum.shape != (self.params.padded_dim,):
+            raise ValueError(f"sum must have {self.params.padded_dim} coordinates")
+        return self.unrotate(self.to_signed(ring_sum) / self.params.scale)
+
+    def decoded_norm_bound(self, survivors: int, weight_sum: float, beta: float = 2.0**-40) -> float:
+        """The largest L2 norm an honest cohort's decoded sum reaches except with probability
+        ``beta``: ``weight_sum * C`` (clipped, weighted updates) plus the rounding bound plus the
+        noise, whose squared norm over d' coordinates, each ``survivors sigma^2``-sub-Gaussian, exceeds
+        ``v (d' + 2 sqrt(d' t) + 2 t)`` with probability at most ``e^-t`` (Hsu, Kakade, Zhang 2012).
+        What the server core's impossible-sum check should use in user mode."""
+        p = self.params
+        t = math.log(1.0 / beta)
+        var = survivors * p.sigma**2 / p.scale**2
+        noise = math.sqrt(var * (p.padded_dim + 2.0 * math.sqrt(p.padded_dim * t) + 2.0 * t))
+        return weight_sum * p.clip + self.rounding_bound(survivors) + noise
+
+    def rounding_bound(self, survivors: int) -> float:
+        """L2 bound of decoded-minus-plain with noise off: each survivor's rounding error has norm
+        below sqrt(d'), and undoing the scale and the (orthonormal) rotation divides it by s."""
+        return survivors * math.sqrt(self.params.padded_dim) / self.params.scale
+
+
+def params_digest(params: UserDPParams) -> bytes:
+    """Digest of every user-level parameter that shapes a contribution, for the cohort's
+    contribution binding (members shown different noise or scale never agree on a session)."""
+    return sha256(b"ftte/user-dp/params/v1", struct.pack(">qdddqqq", params.dim, params.clip, params.scale,
+                                                         params.sigma, params.calibrated_for, params.members,
+                                                         params.ring_bits))
+
+
+MAX_WRAP_PROBABILITY = 2.0 ** -30
+
+
+def check_user_cohort(params: UserDPParams, *, members: int, threshold: int, max_corrupt: int,
+                      min_noise_multiplier: float, ring_bits: int, dim: int) -> None:
+    """What a device verifies before adding its noise to a cohort (raises :class:`CohortRefused`).
+
+    The noise must be calibrated to survivors the device itself trusts to be honest
+    (``threshold - max_corrupt`` with *its* colluder assumption), give it at least its own
+    noise floor, and the ring must hold the noisy sum of every member."""
+    if params.members != members or params.dim != dim or params.ring_bits != ring_bits:
+        raise CohortRefused(f"user-level parameters are for {params.members} members, {params.dim} coordinates, "
+                            f"a {params.ring_bits}-bit ring; the cohort has {members}, {dim}, {ring_bits}")
+    if params.calibrated_for > threshold - max_corrupt:
+        raise CohortRefused(f"noise calibrated for {params.calibrated_for} honest survivors, but with threshold "
+                            f"{threshold} and {max_corrupt} colluders only {threshold - max_corrupt} are certain")
+    if params.sigma == 0.0 or params.noise_multiplier < min_noise_multiplier:
+        raise CohortRefused(f"effective noise multiplier {params.noise_multiplier:.4g} below this device's floor "
+                            f"{min_noise_multiplier:.4g}")
+    if params.wrap_probability() > MAX_WRAP_PROBABILITY:
+        raise CohortRefused(f"the noisy sum wraps the ring with probability up to {params.wrap_probability():.3g}")

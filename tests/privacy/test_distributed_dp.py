@@ -1,0 +1,291 @@
+"""User-level DP: the discrete Gaussian sampler, the distributed-DG accountant against an
+independent Gaussian computation, ring planning, and user-level ledger rows through the audit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ftte.privacy.accountant import AccountantStore, PrivacyStep, compute_epsilon
+from ftte.privacy.audit import verify_ledger
+from ftte.privacy.budget import BudgetExceededError
+from ftte.privacy.distributed_dp import (
+    MECH_CENTRAL,
+    USER_ACCOUNTANT,
+    UserMechanism,
+    ddg_rdp,
+    discrete_gaussian,
+    discrete_gaussian_variance,
+    effective_noise_multiplier,
+    kls_tau,
+    multiplier_for_budget,
+    parse_user_mechanism,
+    plan_user_dp,
+    rounded_norm_bound,
+    user_epsilon,
+    user_rng_source,
+    user_step,
+    wrap_probability,
+)
+from ftte.privacy.ledger import Ledger
+from ftte.privacy.policy import PrivacyPolicy
+from ftte.privacy.secure_random import SOURCE_SEED, SecureRandom
+from ftte.privacy.spend import RoundOutcome, SpendRecord, ledger_rows
+
+
+# -- sampler -------------------------------------------------------------------------------------
+
+def _exact_pmf(sigma: float, support: np.ndarray) -> np.ndarray:
+    k = np.arange(-int(40 * sigma) - 2, int(40 * sigma) + 3)
+    z = np.exp(-(k.astype(float) ** 2) / (2 * sigma**2)).sum()
+    return np.exp(-(support.astype(float) ** 2) / (2 * sigma**2)) / z
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.5, 4.0])
+def test_discrete_gaussian_matches_its_pmf(sigma):
+    """Chi-square goodness of fit of 200k ChaCha20 draws against the exact mass function."""
+    n = 200_000
+    draws = discrete_gaussian(SecureRandom.from_seed(11, "dg", str(sigma)), n, sigma)
+    assert draws.dtype == np.int64
+    lim = int(3 * sigma) + 1
+    support = np.arange(-lim, lim + 1)
+    expected = _exact_pmf(sigma, support) * n
+    observed = np.array([(draws == k).sum() for k in support])
+    tail_expected = n - expected.sum()
+    tail_observed = n - observed.sum()
+    chi2 = float(((observed - expected) ** 2 / expected).sum() + (tail_observed - tail_expected) ** 2 / tail_expected)
+    dof = len(support)
+    # mean + 5 std of a chi-square with `dof` degrees of freedom: fails only on a wrong law
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), chi2
+
+
+@pytest.mark.parametrize("sigma", [0.6, 3.0, 1e5])
+def test_discrete_gaussian_variance(sigma):
+    n = 400_000
+    draws = discrete_gaussian(SecureRandom.from_seed(5, "var", str(sigma)), n, sigma).astype(np.float64)
+    exact = discrete_gaussian_variance(sigma)
+    assert exact == pytest.approx(sigma**2, rel=0.03)
+    # sample variance of n draws: relative standard error sqrt(2/n) ~ 0.22 %; allow 5 of them
+    assert draws.var() == pytest.approx(exact, rel=5 * math.sqrt(2 / n))
+    assert abs(draws.mean()) < 5 * math.sqrt(exact / n)
+
+
+def test_sampler_uses_only_the_given_generator():
+    a = discrete_gaussian(SecureRandom.from_key(bytes(32)), 1000, 50.0)
+    b = discrete_gaussian(SecureRandom.from_key(bytes(32)), 1000, 50.0)
+    c = discrete_gaussian(SecureRandom.from_key(bytes([1]) * 32), 1000, 50.0)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+# -- accountant vs an independent computation ----------------------------------------------------
+
+def _phi(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact ε at δ of a Gaussian mechanism with sensitivity/std = mu (Balle-Wang; Dong-Roth-Su:
+    R compositions of ratio r give mu = sqrt(R) r). Bisection on the exact δ(ε) curve."""
+    def d(eps: float) -> float:
+        return _phi(-eps / mu + mu / 2) - math.exp(eps) * _phi(-eps / mu - mu / 2)
+
+    lo, hi = 0.0, 1.0
+    while d(hi) > delta:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if d(mid) > delta else (lo, mid)
+    return hi
+
+
+CASES = [
+    # (clip, scale, padded dim, sigma per device, honest summands): planned-size and tiny-sigma cases
+    (1.0, 1.9e7, 2**20, 2.66e6, 51),
+    (0.5, 4.0e5, 2**14, 3.0e4, 10),
+    (1.0, 3.0, 16, 0.8, 3),  # tau is far from 0 here
+    (1.0, 6.0, 64, 0.55, 8),
+]
+
+
+@pytest.mark.parametrize("clip,scale,dp,sigma,m", CASES)
+def test_bound_is_no_smaller_than_continuous_gaussian_of_same_variance(clip, scale, dp, sigma, m):
+    sens = rounded_norm_bound(clip, scale, dp)
+    z_eff = effective_noise_multiplier(sens, sigma, m, dp)
+    # independent: the true variance of the noise (exact sum), the unrounded sensitivity C s
+    total_var = m * discrete_gaussian_variance(sigma)
+    z_cont = math.sqrt(total_var) / (clip * scale)
+    for alpha in (1.01, 1.5, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0):
+        continuous = alpha / (2 * z_cont**2)
+        full = ddg_rdp(alpha, sens, sigma, m, dp)
+        charged = alpha / (2 * z_eff**2)
+        assert continuous <= full <= charged * (1 + 1e-12)
+    for participations, delta in ((1, 1e-6), (20, 1e-6), (100, 1e-5)):
+        ours = user_epsilon([z_eff] * participations, delta)
+        if ours > 200:  # tiny-sigma cases: nothing meaningful to compare (the RDP check above covers them)
+            continue
+        exact = _exact_gaussian_epsilon(math.sqrt(participations) / z_cont, delta)
+        assert ours >= exact
+        if sigma > 100:  # tau = 0: the slack is the RDP-to-(ε, δ) conversion and the rounding term only
+            assert ours <= 1.35 * exact, (ours, exact)
+
+
+def test_tau_is_the_kls_sum():
+    sigma, m = 0.8, 4
+    by_hand = 10 * (math.exp(-2 * math.pi**2 * 0.64 * 1 / 2) + math.exp(-2 * math.pi**2 * 0.64 * 2 / 3)
+                    + math.exp(-2 * math.pi**2 * 0.64 * 3 / 4))
+    assert kls_tau(sigma, m) == pytest.approx(by_hand, rel=1e-12)
+    assert kls_tau(sigma, 1) == 0.0 and kls_tau(200.0, 1000) == 0.0
+    z = effective_noise_multiplier(5.0, sigma, m, 16)
+    assert 1 / z == pytest.approx(5.0 / (2 * sigma) + by_hand * 4, rel=1e-12)
+
+
+def test_multiplier_for_budget_is_tight():
+    for eps in (2.0, 4.0, 8.0):
+        z = multiplier_for_budget(eps, 1e-6, 10)
+        assert user_epsilon([z] * 10, 1e-6) <= eps
+        assert user_epsilon([z * (1 - 1e-3)] * 10, 1e-6) > eps
+
+
+# -- planning and the ring -------------------------------------------------------------------------
+
+def test_plan_calibrates_honest_survivors_and_bounds_wrap():
+    z = 1.3
+    p = plan_user_dp(dim=1_000_000, clip=0.7, noise_multiplier=z, members=100, threshold=60, max_corrupt=5)
+    assert p.calibrated_for == 55 and p.padded_dim == 2**20
+    assert p.noise_multiplier >= z and p.noise_multiplier == pytest.approx(z, rel=1e-6)
+    # 55 honest devices at sigma each carry the target: 55 sigma^2 = (z * sensitivity)^2
+    assert 55 * p.sigma**2 == pytest.approx((z * p.sensitivity) ** 2, rel=1e-6)
+    assert p.wrap_probability() <= 2.0**-40 * (1 + 1e-6)
+    assert wrap_probability(p, 60) < p.wrap_probability()
+    assert p.sensitivity / (p.clip * p.scale) - 1 < 1e-3  # rounding inflates the sensitivity by < 0.1 %
+
+
+def test_plan_refuses_a_ring_too_small():
+    with pytest.raises(ValueError, match="below"):
+        plan_user_dp(dim=1_000_000, clip=1.0, noise_multiplier=1.0, members=30, threshold=16, ring_bits=16)
+    with pytest.raises(ValueError):
+        plan_user_dp(dim=10, clip=1.0, noise_multiplier=1.0, members=5, threshold=2, max_corrupt=2)
+
+
+# -- ledger rows and the audit -------------------------------------------------------------------
+
+def _user_spend(dev: str, version: int, params, *, epsilon_max: float = 8.0, stated: float | None = None,
+                source: str | None = None) -> SpendRecord:
+    step = user_step(params) if stated is None else PrivacyStep(stated, 1.0, 1)
+    return SpendRecord(device_id=dev, plan_id="plan-U", version=version, step=step, max_grad_norm=params.clip,
+                       delta=1e-6, accountant=USER_ACCOUNTANT, epsilon_max=epsilon_max,
+                       rng_source=source or user_rng_source(SOURCE_SEED, UserMechanism.of(params)))
+
+
+@pytest.fixture
+def user_params():
+    return plan_user_dp(dim=5000, clip=1.0, noise_multiplier=3.0, members=20, threshold=11)
+
+
+def test_user_rows_round_trip_through_ledger_and_audit(tmp_path, user_params, capsys):
+    path = tmp_path / "ledger.db"
+    with Ledger(path, Ed25519PrivateKey.generate()) as ledger:
+        ledger.set_policy(PrivacyPolicy(delta=1e-6, epsilon_cap=8.0, min_noise_multiplier=1.0, unit="user"))
+        for version in range(4):
+            spends = [(_user_spend(dev, version, user_params), RoundOutcome.MERGED, f"c{version}")
+                      for dev in ("a", "b")]
+            ledger.append_many(ledger_rows(ledger, spends))
+        rows = [e.row for e in ledger.rows_for("a")]
+    assert parse_user_mechanism(rows[0].rng_source) == UserMechanism.of(user_params)
+    assert rows[-1].epsilon_total == pytest.approx(user_epsilon([user_params.noise_multiplier] * 4, 1e-6), rel=1e-12)
+    result = verify_ledger(path)
+    assert result.ok, result.summary()
+    assert result.devices["a"].epsilon_total_recomputed == rows[-1].epsilon_total
+    assert result.user_rows == 8 and "8 user-level rows, 0 record-level" in result.summary()
+    assert result.to_json()["units"] == {"user": 8, "record": 0}
+    from ftte import cli
+
+    assert cli.main(["audit", str(path)]) == 0
+    assert "8 user-level rows" in capsys.readouterr().out
+
+
+def test_audit_flags_an_overstated_multiplier_and_a_unit_mismatch(tmp_path, user_params):
+    path = tmp_path / "ledger.db"
+    with Ledger(path, Ed25519PrivateKey.generate()) as ledger:
+        ledger.set_policy(PrivacyPolicy(delta=1e-6, epsilon_cap=8.0, min_noise_multiplier=1.0, unit="record"))
+        honest = _user_spend("a", 0, user_params)
+        inflated = _user_spend("b", 0, user_params, stated=user_params.noise_multiplier * 1.5)
+        central = _user_spend("c", 0, user_params, stated=2.0,
+                              source=user_rng_source(SOURCE_SEED, UserMechanism(MECH_CENTRAL)))
+        ledger.append_many(ledger_rows(ledger, [(s, RoundOutcome.MERGED, "c0") for s in (honest, inflated, central)]))
+    result = verify_ledger(path)
+    assert result.integrity_ok  # the ledger key signed every row: only the content is wrong
+    eps = [i for i in result.issues if i.kind == "epsilon"]
+    assert [i.device_id for i in eps] == ["b"] and "above" in eps[0].message
+    policy = [i for i in result.issues if i.kind == "policy"]
+    assert {i.device_id for i in policy} == {"a", "b", "c"}  # user rows under a record-level policy
+
+
+def test_malformed_user_tag_is_flagged(tmp_path, user_params):
+    path = tmp_path / "ledger.db"
+    with Ledger(path, Ed25519PrivateKey.generate()) as ledger:
+        bad = _user_spend("a", 0, user_params, source=SOURCE_SEED + "; user-dp/1 mech=ddg dprime=8")
+        ledger.append_many(ledger_rows(ledger, [(bad, RoundOutcome.MERGED, "c0")]))
+    result = verify_ledger(path)
+    assert not result.epsilon_ok
+    assert any(i.kind == "epsilon" and "malformed" in i.message for i in result.issues)
+
+
+def test_store_refuses_the_participation_past_the_budget(tmp_path, user_params):
+    z = user_params.noise_multiplier
+    allowed = max(k for k in range(1, 200) if user_epsilon([z] * k, 1e-6) <= 2.0)
+    with AccountantStore(tmp_path / "acc.db") as store:
+        for _ in range(allowed):
+            store.charge("dev", user_step(user_params), accountant=USER_ACCOUNTANT, delta=1e-6, epsilon_max=2.0)
+        with pytest.raises(BudgetExceededError):
+            store.charge("dev", user_step(user_params), accountant=USER_ACCOUNTANT, delta=1e-6, epsilon_max=2.0)
+        assert len(store.history("dev")) == allowed
+        assert store.epsilon("dev") == pytest.approx(
+            compute_epsilon([PrivacyStep(z, 1.0, 1)] * allowed, 1e-6, "rdp"), rel=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=1, max_value=300), st.floats(min_value=0.01, max_value=100.0),
+       st.floats(min_value=1.0, max_value=1e6), st.integers(min_value=0, max_value=2**32 - 1))
+def test_rounding_never_exceeds_the_sensitivity(dim, clip, scale, seed):
+    from ftte.protocol.user_encoding import UserCodec, rotation_seed
+    from ftte.privacy.distributed_dp import UserDPParams
+
+    params = UserDPParams(dim=dim, clip=clip, scale=scale, sigma=0.0, calibrated_for=1, members=1)
+    codec = UserCodec(params, rotation_seed(f"h{seed}"))
+    x = np.random.default_rng(seed).normal(size=dim) * 10 * clip
+    enc = codec.encode(x, 1.0, SecureRandom.from_seed(seed, "round"), noise=False)
+    assert float(np.linalg.norm(enc.rounded)) <= params.sensitivity
+
+
+def test_central_baseline_noise_has_the_stated_std():
+    from ftte.privacy.distributed_dp import central_noise
+
+    z, clip, n = 1.7, 0.4, 200_000
+    noise = central_noise(SecureRandom.from_seed(3, "central"), n, clip, z)
+    assert noise.var() == pytest.approx((z * clip) ** 2, rel=5 * math.sqrt(2 / n))
+    mech = UserMechanism(MECH_CENTRAL)
+    assert parse_user_mechanism(user_rng_source(SOURCE_SEED, mech)) == mech
+    assert mech.multiplier(clip, z) == z
+
+
+def test_distributed_costs_sqrt_n_over_m_more_noise_than_central_for_the_same_epsilon():
+    """The price of calibrating to T - max_corrupt survivors: with all n surviving, the sum carries
+    n/m times the variance a trusted server would add for the same guarantee."""
+    z = multiplier_for_budget(4.0, 1e-6, 8)
+    p = plan_user_dp(dim=490, clip=1.0, noise_multiplier=z, members=100, threshold=51)
+    distributed_var = 100 * discrete_gaussian_variance(p.sigma) / p.scale**2
+    central_var = (z * 1.0) ** 2
+    assert distributed_var / central_var == pytest.approx(100 / 51 * (p.sensitivity / p.scale) ** 2, rel=1e-6)
+
+
+def test_params_refuse_a_signal_that_cannot_fit_the_ring():
+    from ftte.privacy.distributed_dp import UserDPParams
+
+    with pytest.raises(ValueError, match="do not fit"):
+        UserDPParams(dim=1000, clip=1.0, scale=1e8, sigma=0.0, calibrated_for=1, members=30)

@@ -1,0 +1,169 @@
+"""The user-level encoding through real secure aggregation: exact up to the rounding bound with
+noise off, calibrated noise with noise on, no wrap at the planned scale, an orthonormal rotation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secagg_helpers import make_params, signer
+from ftte.crypto.secagg_local import run_session
+from ftte.privacy.distributed_dp import UserDPParams, discrete_gaussian_variance, plan_user_dp
+from ftte.privacy.secure_random import SecureRandom
+from ftte.protocol.encoding import clip_l2
+from ftte.protocol.user_encoding import UserCodec, fwht, rotation_seed
+
+
+def _session(params: UserDPParams, cohort: str, n: int, threshold: int):
+    sp = make_params(n, dim=params.padded_dim, bits=params.ring_bits, cohort=cohort, threshold=threshold)
+    return sp, {m: signer(m) for m in sp.members}
+
+
+def _updates(n: int, dim: int, seed: int) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # a mix of updates inside and far outside the clip, with a few spiky coordinates
+    out = {}
+    for m in range(n):
+        x = rng.normal(size=dim) * (0.3 if m % 2 else 3.0) / math.sqrt(dim)
+        x[rng.integers(0, dim, 3)] += 0.5
+        out[m] = x
+    return out
+
+
+def test_noise_off_reproduces_the_plain_sum_within_the_rounding_bound():
+    n, dim, clip = 7, 3000, 1.0
+    params = plan_user_dp(dim=dim, clip=clip, noise_multiplier=0.0, members=n, threshold=4)
+    assert params.sigma == 0.0
+    sp, ids = _session(params, "user-exact", n, 4)
+    codec = UserCodec(params, rotation_seed(sp.cohort_id))
+    updates = _updates(n, dim, 1)
+    weights = {m: 1.0 / (1 + m % 3) for m in range(n)}  # public staleness weights
+    inputs = {m: codec.encode(updates[m], weights[m], SecureRandom.from_seed(m, "dev"), noise=False).ring
+              for m in range(n)}
+    result, stats = run_session(sp, ids, inputs, drop={5: "upload", 6: "consistency"})
+    assert result is not None, stats.aborted
+    survivors = result.survivors
+    assert 5 not in survivors and len(survivors) >= 4
+    decoded = codec.decode_sum(result.total)
+    plain = sum(weights[m] * clip_l2(updates[m], clip) for m in survivors)
+    error = float(np.linalg.norm(decoded - plain))
+    bound = codec.rounding_bound(len(survivors))
+    assert 0.0 < error <= bound
+    assert bound < 1e-3 * float(np.linalg.norm(plain))  # the bound is small, not vacuous
+    assert float(np.linalg.norm(decoded)) <= codec.decoded_norm_bound(len(survivors), sum(weights[m] for m in survivors))
+    # another cohort's rotation does not decode this sum
+    other = UserCodec(params, rotation_seed("another-cohort"))
+    assert float(np.linalg.norm(other.decode_sum(result.total) - plain)) > 0.5 * float(np.linalg.norm(plain))
+
+
+def test_noise_on_decoded_variance_matches_the_calibration():
+    n, dim = 4, 2**15
+    params = plan_user_dp(dim=dim, clip=1.0, noise_multiplier=0.8, members=n, threshold=3)
+    assert params.calibrated_for == 3 and params.sigma > 100
+    sp, ids = _session(params, "user-noise", n, 3)
+    codec = UserCodec(params, rotation_seed(sp.cohort_id))
+    zero = np.zeros(dim)
+    encoded = {m: codec.encode(zero, 1.0, SecureRandom.from_seed(m, "noise-dev")) for m in range(n)}
+    result, stats = run_session(sp, ids, {m: e.ring for m, e in encoded.items()}, drop={3: "upload"})
+    assert result is not None, stats.aborted
+    k = len(result.survivors)
+    assert k == 3
+    noise = codec.decode_sum(result.total)
+    expected_var = k * discrete_gaussian_variance(params.sigma) / params.scale**2
+    # the calibration: 3 honest survivors carry (z * sensitivity)^2, i.e. (z C)^2 up to rounding slack
+    assert expected_var == pytest.approx((0.8 * params.sensitivity / params.scale) ** 2, rel=1e-6)
+    rel_se = math.sqrt(2 / dim)  # ~0.8 %
+    assert float(np.mean(noise**2)) == pytest.approx(expected_var, rel=5 * rel_se)
+    assert abs(float(noise.mean())) < 5 * math.sqrt(expected_var / dim)
+    # an honest sum stays inside the bound the server's impossible-sum check would use (and near it:
+    # the noise norm concentrates at sqrt(d' var), the bound adds only the tail)
+    bound = codec.decoded_norm_bound(k, 0.0)
+    assert float(np.linalg.norm(noise)) <= bound <= 1.1 * math.sqrt(params.padded_dim * expected_var) + \
+        codec.rounding_bound(k)
+    # the rounded parts were zero: the decoded vector is exactly the survivors' noise, unrotated
+    direct = codec.unrotate(sum(encoded[m].noise for m in result.survivors) / params.scale)
+    assert np.allclose(noise, direct, rtol=0, atol=1e-9)
+
+
+def test_worst_case_alignment_does_not_wrap_at_the_planned_scale():
+    """Every member puts its whole clipped norm on one rotated coordinate, same sign: the
+    signal bound the planner uses is met with equality, and the noisy sum still decodes."""
+    n, dim = 20, 1024  # a power of two: no padding, so the spike survives unrotation
+    params = plan_user_dp(dim=dim, clip=2.0, noise_multiplier=1.0, members=n, threshold=11)
+    codec = UserCodec(params, rotation_seed("worst"))
+    spike = np.zeros(params.padded_dim)
+    spike[7] = params.clip
+    x = codec.unrotate(spike)
+    assert np.allclose(codec.rotate(x), spike, atol=1e-12)
+    encoded = [codec.encode(x, 1.0, SecureRandom.from_seed(m, "worst")) for m in range(n)]
+    ring = np.zeros(params.padded_dim, dtype=np.uint64)
+    for e in encoded:
+        ring += e.ring
+    ring_sum = (ring % 2**32).astype(np.uint32)
+    signed = codec.to_signed(ring_sum)
+    exact = sum(e.rounded + e.noise for e in encoded)
+    assert np.array_equal(signed, exact)  # no coordinate wrapped
+    assert int(np.abs(exact).max()) > 0.9 * n * params.clip * params.scale  # the spike really is near the limit
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(min_value=1, max_value=2000), st.integers(min_value=0, max_value=2**31))
+def test_rotation_is_orthonormal_and_inverts(dim, seed):
+    params = UserDPParams(dim=dim, clip=1.0, scale=1.0, sigma=0.0, calibrated_for=1, members=1)
+    codec = UserCodec(params, rotation_seed(f"r{seed}"))
+    x = np.random.default_rng(seed).normal(size=dim)
+    y = codec.rotate(x)
+    assert y.shape == (params.padded_dim,)
+    assert np.linalg.norm(y) == pytest.approx(np.linalg.norm(x), rel=1e-12)
+    assert np.allclose(codec.unrotate(y), x, rtol=0, atol=1e-12 * max(1.0, float(np.abs(x).max())))
+
+
+def test_fwht_is_the_hadamard_matrix():
+    h = np.array([[1.0]])
+    for _ in range(4):
+        h = np.block([[h, h], [h, -h]])
+    x = np.random.default_rng(3).normal(size=16)
+    assert np.allclose(fwht(x), h @ x)
+    with pytest.raises(ValueError):
+        fwht(np.zeros(12))
+
+
+def test_encode_clips_and_checks_its_input():
+    params = plan_user_dp(dim=100, clip=0.5, noise_multiplier=0.0, members=3, threshold=2)
+    codec = UserCodec(params, rotation_seed("c"))
+    big = np.full(100, 10.0)
+    enc = codec.encode(big, 0.5, SecureRandom.from_seed(0, "c"), noise=False)
+    back = codec.unrotate(enc.rounded / params.scale)
+    assert np.linalg.norm(back) == pytest.approx(0.25, rel=1e-3)  # clipped to 0.5, weighted by 0.5
+    with pytest.raises(ValueError):
+        codec.encode(np.zeros(99), 1.0, SecureRandom.from_seed(0, "c"))
+    with pytest.raises(ValueError):
+        codec.encode(np.zeros(100), 1.5, SecureRandom.from_seed(0, "c"))
+    with pytest.raises(ValueError):
+        codec.encode(np.full(100, np.nan), 1.0, SecureRandom.from_seed(0, "c"))
+    # the rotation is a function of the cohort id alone
+    assert np.array_equal(UserCodec(params, rotation_seed("c")).signs, codec.signs)
+    assert not np.array_equal(UserCodec(params, rotation_seed("d")).signs, codec.signs)
+
+
+def test_device_refuses_miscalibrated_cohorts():
+    from ftte.protocol.cohort import CohortRefused
+    from ftte.protocol.user_encoding import check_user_cohort, params_digest
+
+    good = plan_user_dp(dim=500, clip=1.0, noise_multiplier=1.5, members=20, threshold=12, max_corrupt=2)
+    terms = dict(members=20, threshold=12, max_corrupt=2, min_noise_multiplier=1.0, ring_bits=32, dim=500)
+    check_user_cohort(good, **terms)
+    with pytest.raises(CohortRefused, match="honest survivors"):
+        check_user_cohort(good, **{**terms, "max_corrupt": 3})  # this device assumes one more colluder
+    with pytest.raises(CohortRefused, match="floor"):
+        check_user_cohort(good, **{**terms, "min_noise_multiplier": 2.0})
+    with pytest.raises(CohortRefused, match="members"):
+        check_user_cohort(good, **{**terms, "members": 21})
+    loud = UserDPParams(500, 1.0, good.scale, good.sigma * 3, good.calibrated_for, 20)  # noise tail past the ring
+    with pytest.raises(CohortRefused, match="wraps"):
+        check_user_cohort(loud, **terms)
+    assert params_digest(good) != params_digest(loud) and len(params_digest(good)) == 32
