@@ -133,10 +133,13 @@ class Recovered:
 class Database:
     """All SQLite access of one server, on one thread."""
 
-    def __init__(self, path: Path, ledger_key_path: Path, synchronous: str = "full") -> None:
+    def __init__(self, path: Path, ledger_key_path: Path, synchronous: str = "full", keep_versions: int = 0) -> None:
         if synchronous not in ("full", "normal"):
             raise ValueError("synchronous must be 'full' or 'normal'")
+        if keep_versions < 0:
+            raise ValueError("keep_versions must be >= 0 (0 keeps every version)")
         self.synchronous = synchronous
+        self.keep_versions = keep_versions  # model versions kept in the state file (0: all); see commit_cohort
         self.path = Path(path)
         self._key_path = Path(ledger_key_path)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftte-db")
@@ -292,6 +295,7 @@ class Database:
             version=commit.version, virtual_time_s=commit.elapsed_s, weights=commit.weights,
             velocity=commit.velocity, reference_variance=commit.reference_variance, cohort=commit.record,
             history_row=commit.history_row, ledger=self.ledger, ledger_rows=rows, device_rounds=seqs,
+            keep_versions=self.keep_versions,
         )
         # Its journal entries are dead now; the next journal transaction deletes them (one fsync
         # fewer per cohort). If the server dies first, recover() deletes them: the cohort is in

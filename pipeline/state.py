@@ -85,8 +85,13 @@ class ServerState:
                        velocity: np.ndarray | None, reference_variance: float | None,
                        cohort: dict[str, Any] | None, history_row: dict[str, Any] | None,
                        ledger: Any = None, ledger_rows: Iterable[Any] = (),
-                       device_rounds: Iterable[tuple[str, int]] = ()) -> None:
-        """Everything one applied (or aborted) buffer changes, atomically."""
+                       device_rounds: Iterable[tuple[str, int]] = (), keep_versions: int = 0) -> None:
+        """Everything one applied (or aborted) buffer changes, atomically.
+
+        ``keep_versions`` > 0 also deletes, in the same transaction, the stored weights of
+        versions ``keep_versions`` or more behind ``version`` (the caller makes it cover every
+        version a device may still cite); history rows, cohort records and the ledger stay.
+        """
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -106,6 +111,8 @@ class ServerState:
             if ledger is not None and rows:
                 ledger.append_many(rows, conn=c)
             c.executemany("INSERT INTO server_device_rounds (device, seq) VALUES (?, ?)", list(device_rounds))
+            if keep_versions > 0 and history_row is not None:
+                c.execute("DELETE FROM server_versions WHERE version <= ?", (version - keep_versions,))
             c.execute("COMMIT")
         except BaseException:
             if c.in_transaction:  # an interrupt can land after COMMIT
