@@ -10,7 +10,9 @@ budget is spent.
 
 It prints one line per stage on stderr (``--quiet`` turns that off) and a JSON summary on
 stdout at the end; ``--events`` adds one JSON line per protocol event on stdout.
-``--patience`` bounds every request's retries, the first contact included.
+``--patience`` bounds every request's retries, the first contact and the pull included
+(inside a cohort's stages a request retries for at least twice the server's stage timeout,
+so a short outage does not drop the device from a cohort it is already in).
 
 Exit status:
 

@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         task = build_task(settings)
     except (ConfigError, ValueError) as exc:
         print(f"ftte server: {exc}", file=sys.stderr)
+        print("ftte server: `ftte deploy init DIR --devices N` writes a documented server.toml that runs as it is",
+              file=sys.stderr)
         return 2
     http = settings.http
     db = Database(settings.path(settings.deploy.state), settings.path(settings.deploy.ledger_key),
