@@ -139,7 +139,7 @@ class Database:
         if keep_versions < 0:
             raise ValueError("keep_versions must be >= 0 (0 keeps every version)")
         self.synchronous = synchronous
-        self.keep_versions = keep_versions  # model versions kept in the state file (0: all); see commit_cohort
+        self.keep_versions = keep_versions  # model versions kept in the state file (0: all); see ServerState
         self.path = Path(path)
         self._key_path = Path(ledger_key_path)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftte-db")
@@ -159,7 +159,7 @@ class Database:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.state = ServerState(self.path)
+        self.state = ServerState(self.path, self.keep_versions)
         self.state.conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
         for stmt in JOURNAL_SCHEMA.strip().split(";"):
             if stmt.strip():
@@ -295,7 +295,6 @@ class Database:
             version=commit.version, virtual_time_s=commit.elapsed_s, weights=commit.weights,
             velocity=commit.velocity, reference_variance=commit.reference_variance, cohort=commit.record,
             history_row=commit.history_row, ledger=self.ledger, ledger_rows=rows, device_rounds=seqs,
-            keep_versions=self.keep_versions,
         )
         # Its journal entries are dead now; the next journal transaction deletes them (one fsync
         # fewer per cohort). If the server dies first, recover() deletes them: the cohort is in

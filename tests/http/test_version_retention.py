@@ -57,14 +57,15 @@ def test_commits_prune_old_versions_and_keep_history(tmp_path, keep, expected_fi
 
 
 def test_an_aborted_cohort_prunes_nothing(tmp_path):
-    state = ServerState(tmp_path / "s.db")
+    state = ServerState(tmp_path / "s.db", keep_versions=2)
     try:
         for v in range(4):
             state.commit_version(version=v, virtual_time_s=0.0, weights=np.zeros(2), velocity=None,
-                                 reference_variance=None, cohort=None, history_row={"version": v}, keep_versions=2)
+                                 reference_variance=None, cohort=None, history_row={"version": v})
+        state.keep_versions = 1
         state.commit_version(version=3, virtual_time_s=0.0, weights=np.zeros(2), velocity=None,
                              reference_variance=None, cohort={"cohort_id": "c-9", "close_version": 3},
-                             history_row=None, keep_versions=1)
+                             history_row=None)
         assert state.versions() == [2, 3]
     finally:
         state.close()
