@@ -27,10 +27,10 @@ cut; ``"normal"`` (SQLite WAL) survives any crash of the server process, ``SIGKI
 included, but may lose the last commits on a power cut or kernel crash, for a multiple of
 the upload throughput on slow disks.
 
-``keep_versions`` (default 100; 0 keeps every version): model versions the state file keeps.
-Each commit deletes, in the same transaction, the weights of versions more than
-``max(keep_versions, max_staleness + 1)`` behind the new one, so resuming (the latest
-version) and joins that may still cite an older base (``max_staleness``) always find theirs;
+``keep_versions`` (default 100; 0 keeps every version): the state file keeps the weights of
+the newest ``max(keep_versions, max_staleness + 1)`` versions; each commit deletes older ones
+in its own transaction, so resuming (the latest version) and joins that may still cite an
+older base (up to ``max_staleness`` behind) always find theirs;
 cohort records, history rows and the ledger are never pruned, so ``ftte audit`` is unaffected.
 
 ``standardize`` says who standardises features: ``"none"`` (default: devices train on their
