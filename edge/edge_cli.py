@@ -221,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
     except EdgeError as exc:
         print(f"ftte edge: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except ValueError as exc:  # the records do not fit the task (labels outside its classes, say)
+        print(f"ftte edge: {args.data}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
