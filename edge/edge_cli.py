@@ -1,11 +1,29 @@
 """``ftte edge --server URL --key FILE --data FILE.csv --target COLUMN``: run one device as a process.
 
 The CSV has a header row; ``--target`` names the label column (integer class indices),
-every other column is a numeric feature. Features are used as given: preprocessing
-(standardisation and the like) is the app's business and must match what the model
-expects. The device keeps its accountant state in ``--state`` (default: next to the key)
-and runs until ``--rounds`` rounds are done or its budget is spent. ``--events`` prints one
-JSON line per protocol event on stdout (used by the tests to see acknowledged uploads).
+every other column is a numeric feature, in the column order the model expects. Give raw
+values: when the server's task carries feature statistics (``[deploy] standardize``), the
+device standardises its records with them itself; when it does not, records are used as
+given and preprocessing is the app's business. The device keeps its accountant state in
+``--state`` (default: next to the key) and runs until ``--rounds`` rounds are done or its
+budget is spent.
+
+It prints one line per stage on stderr (``--quiet`` turns that off) and a JSON summary on
+stdout at the end; ``--events`` adds one JSON line per protocol event on stdout.
+``--patience`` bounds every request's retries, the first contact and the pull included
+(inside a cohort's stages a request retries for at least twice the server's stage timeout,
+so a short outage does not drop the device from a cohort it is already in).
+
+Exit status:
+
+- 0: the rounds asked for are done;
+- 1: any other failure (a malformed reply, a task or model this device refuses);
+- 2: bad arguments, key or data file;
+- 3: the privacy budget is spent (nothing more can be trained; the summary says how much);
+- 4: the server refused this device (a 4xx such as an unknown key or a privacy-policy refusal);
+- 5: the server was unreachable, or kept failing, for longer than ``--patience``;
+- 6: the server's TLS certificate failed verification (wrong ``--ca`` or host name); never retried;
+- 130: interrupted.
 
 The server must be ``https://`` (certificate checked against ``--ca`` or the system CAs);
 ``http://`` is accepted only with ``--insecure-plaintext``, which is for local tests and is
@@ -20,6 +38,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUDGET, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_CERTIFICATE = 0, 1, 2, 3, 4, 5, 6
+EXIT_INTERRUPTED = 130
 
 STAGE_EVENTS = ("joined", "started", "advertised", "shared", "uploaded", "signed", "unmasked", "trained", "pulled")
 
@@ -46,10 +67,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="this device's own callable(TaskInfo) -> nn.Sequential (default: the bundled model the "
                              "task names; a server can never name code to run)")
     parser.add_argument("--seed", type=int, default=None, help="seed for training and rounding (default: fresh entropy)")
-    parser.add_argument("--patience", type=float, default=60.0, help="seconds one request keeps retrying")
+    parser.add_argument("--patience", type=float, default=60.0,
+                        help="seconds one request keeps retrying before the device gives up (first contact "
+                             "included); exit status 5 when the server stays unreachable that long")
     parser.add_argument("--join-patience", type=float, default=600.0,
                         help="seconds to wait for a cohort to fill before leaving it (default: 600)")
-    parser.add_argument("--events", action="store_true", help="print one JSON line per protocol event")
+    parser.add_argument("--events", action="store_true", help="print one JSON line per protocol event on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.epilog = ("exit status: 0 done, 1 other failure, 2 bad arguments or files, 3 privacy budget spent, "
+                     "4 refused by the server, 5 server unreachable within --patience, 6 TLS certificate "
+                     "verification failed, 130 interrupted")
     # Test hook: SIGKILL this process right after the named event (a device dying mid-protocol).
     parser.add_argument("--exit-at", choices=STAGE_EVENTS, help=argparse.SUPPRESS)
     parser.add_argument("--exit-round", type=int, default=1, help=argparse.SUPPRESS)
@@ -123,7 +150,14 @@ def run(args: argparse.Namespace) -> int:
     # Two busy cores: intra-op threads only oversubscribe them (~100x slower steps here).
     torch.set_num_threads(1)
 
-    from ftte.edge.http_client import EdgeClient, EdgeError, RetryPolicy
+    from ftte.edge.http_client import (
+        CertificateError,
+        EdgeClient,
+        EdgeError,
+        RetryPolicy,
+        ServerRefused,
+        ServerUnavailable,
+    )
     from ftte.edge.identity import load_identity
     from ftte.edge.models import load_factory
 
@@ -141,8 +175,14 @@ def run(args: argparse.Namespace) -> int:
     rounds_seen = {"n": 0}
 
     def on_event(name: str, info: dict) -> None:
+        if name == "pulled":
+            rounds_seen["pulling"] = rounds_seen["n"] + 1
         if name == "trained":
             rounds_seen["n"] += 1
+        if not args.quiet:
+            line = describe_event(name, info, rounds_seen.get("pulling", rounds_seen["n"]), args.join_patience)
+            if line:
+                print(f"ftte edge: {line}", file=sys.stderr, flush=True)
         if args.events:
             print(json.dumps({"event": name, "time": round(time.time(), 3), **info}), flush=True)
         if args.exit_at == name and rounds_seen["n"] >= args.exit_round:
@@ -169,13 +209,26 @@ def run(args: argparse.Namespace) -> int:
                         max_corrupt=args.max_corrupt)
     try:
         results = client.run(rounds=args.rounds)
+    except CertificateError as exc:
+        print(f"ftte edge: {exc} (check --ca and the host name in --server)", file=sys.stderr)
+        return EXIT_CERTIFICATE
+    except ServerRefused as exc:
+        print(f"ftte edge: the server refused this device: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ServerUnavailable as exc:
+        print(f"ftte edge: server unreachable within --patience {args.patience:g} s: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except EdgeError as exc:
         print(f"ftte edge: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
+    except ValueError as exc:  # the records do not fit the task (labels outside its classes, say)
+        print(f"ftte edge: {args.data}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         client.close()
+    spent = results and results[-1].status == "budget_exhausted"
     summary = {
         "event": "summary",
         "member": client.member,
@@ -187,4 +240,40 @@ def run(args: argparse.Namespace) -> int:
         "bytes_down": client.transport.bytes_down,
     }
     print(json.dumps(summary), flush=True)
-    return 0
+    if spent:
+        print(f"ftte edge: privacy budget spent (epsilon {summary['epsilon']:.3f} of {args.epsilon:g}); "
+              "nothing more can be trained", file=sys.stderr, flush=True)
+        return EXIT_BUDGET
+    return EXIT_OK
+
+
+def describe_event(name: str, info: dict, round_no: int, join_patience: float) -> str:
+    """One human line per stage of a round (empty for events not worth a line)."""
+    r = f"round {round_no}: "
+    cohort = info.get("cohort", "")
+    if name == "task":
+        scaled = "standardised with the task's statistics" if info.get("standardised") else "used as given"
+        return (f"task received: model {info.get('model')}, plan {info.get('plan_id')} "
+                f"({info.get('coordinates')} trainable values); {info.get('records')} records, {scaled}")
+    if name == "pulled":
+        return r + f"pulled model version {info.get('version')}"
+    if name == "trained":
+        return r + f"trained locally (epsilon spent so far {info.get('epsilon', 0.0):.3f})"
+    if name == "joined":
+        return r + f"joined cohort {cohort}; waiting up to {join_patience:g} s for it to fill"
+    if name == "started":
+        return r + f"cohort {cohort} started with {info.get('members')} members"
+    if name in ("advertised", "shared", "uploaded", "signed", "unmasked"):
+        what = {"advertised": "sent keys", "shared": "sent key shares", "uploaded": "uploaded masked update",
+                "signed": "signed the survivor list", "unmasked": "sent unmasking shares"}[name]
+        return r + f"{what} ({cohort})"
+    if name == "ended":
+        status = info.get("status")
+        if status == "applied":
+            return r + f"cohort {cohort} applied: model version {info.get('applied_version')}"
+        reason = str(info.get("reason") or "")[:200]
+        return r + f"cohort {cohort or '-'} {status}" + (f": {reason}" if reason else "")
+    if name == "budget_exhausted":
+        return (r + f"privacy budget spent (epsilon {info.get('epsilon', 0.0):.3f} of "
+                f"{info.get('epsilon_max', 0.0):g}); not training")
+    return ""

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from ftte.protocol.cohort import (
     weight_rule,
 )
 from ftte.protocol.encoding import weigh_update
+from ftte.protocol.features import check_stats, standardise
 from ftte.edge.models import UntrustedModelError, build_registered_model, make_dp_compatible, parse_model_kwargs
 from ftte.edge.plan import SubsetPlan
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
@@ -97,7 +99,7 @@ RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 MAX_LATE_ROUNDS = 500  # late rounds sent with one join (the server's limit); the rest go with the next
 STAGE_EVENTS = {Stage.ADVERTISE: "advertised", Stage.SHARE: "shared", Stage.UPLOAD: "uploaded",
                 Stage.CONSISTENCY: "signed", Stage.UNMASK: "unmasked"}
-EVENTS = ("task", "pulled", "trained", "joined", "started", *STAGE_EVENTS.values(), "ended")
+EVENTS = ("task", "pulled", "trained", "joined", "started", *STAGE_EVENTS.values(), "ended", "budget_exhausted")
 
 
 class EdgeError(Exception):
@@ -114,6 +116,10 @@ class ServerRefused(EdgeError):
     def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status, self.code, self.detail = status, code, detail
+
+
+class CertificateError(EdgeError):
+    """The server's TLS certificate failed verification: permanent, never retried."""
 
 
 class _NoProgress(ServerUnavailable):
@@ -204,6 +210,7 @@ class Transport:
                                               timeout=httpx.Timeout(timeout_s, connect=10.0))
         self.bytes_up = 0
         self.bytes_down = 0
+        self.last_refusal: ServerRefused | None = None  # the latest 4xx, for callers that only see a status
 
     def close(self) -> None:
         self._client.close()
@@ -246,6 +253,10 @@ class Transport:
             try:
                 r, content = self._post(path, body, timeout)
             except httpx.TransportError as exc:
+                bad_cert = _certificate_failure(exc)
+                if bad_cert is not None:  # retrying cannot make a certificate valid
+                    raise CertificateError(f"{endpoint}: the server's TLS certificate failed verification: "
+                                           f"{bad_cert.verify_message or bad_cert}") from None
                 last = f"{type(exc).__name__}: {exc}"
             else:
                 self._sync_clock(r)
@@ -268,12 +279,25 @@ class Transport:
                     if resigned <= 3:
                         continue
                 elif r.status_code not in RETRYABLE_STATUS:
-                    raise ServerRefused(r.status_code, code, detail)
+                    self.last_refusal = ServerRefused(r.status_code, code, detail)
+                    raise self.last_refusal
             if time.monotonic() >= deadline:
                 raise ServerUnavailable(f"{endpoint}: gave up after {attempt + 1} attempts ({last})")
             pause = self.retry.delay(attempt)
             attempt += 1
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+
+
+def _certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error behind a transport error, if that is what it is."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _error_of(content: bytes) -> tuple[str, str]:
@@ -319,7 +343,8 @@ class EdgeClient:
                  on_event: Callable[[str, dict[str, Any]], None] | None = None, seed: int | None = None,
                  torch_threads: int | None = None, transport: Transport | None = None,
                  join_patience_s: float = 600.0, trusted_keys: Iterable[bytes] | None = None,
-                 min_members: int = 3, max_corrupt: int = 1, policy: DevicePolicy | None = None) -> None:
+                 min_members: int = 3, max_corrupt: int = 1, policy: DevicePolicy | None = None,
+                 standardize: bool = True) -> None:
         if len(x) != len(y) or len(x) == 0:
             raise ValueError("x and y must be non-empty and of equal length")
         if torch_threads is not None:
@@ -335,6 +360,9 @@ class EdgeClient:
         self.retry = retry
         self.join_patience_s = join_patience_s
         self.on_event = on_event
+        # Apply the task's feature statistics to the raw records (False: the caller passes records
+        # already standardised exactly as the task says).
+        self.standardize = standardize
         # This device's own rules for any cohort (peers pinned by the operator, or None: trust the
         # server's list; cohort floor; colluders assumed); ``policy`` overrides the three shortcuts.
         pinned = frozenset(trusted_keys) | {identity.public_key} if trusted_keys is not None else None
@@ -394,7 +422,7 @@ class EdgeClient:
         if self.task is not None:
             return self.task
         task = self.transport.call("task", TaskRequest(f"ftte-edge/{__version__}"), (TaskInfo,),
-                                   patience_s=max(self.retry.patience_s, 300.0))
+                                   patience_s=self.retry.patience_s)
         if task.member != self.member:
             raise ModelMismatch("the server knows this device under another member id")
         shape = tuple(task.input_shape)
@@ -452,20 +480,31 @@ class EdgeClient:
                 raise ModelMismatch(f"records have shape {self.x.shape[1:]}, the model takes {shape}")
         if self.y.min() < 0 or self.y.max() >= task.num_classes:
             raise ValueError(f"labels must be class indices in [0, {task.num_classes})")
+        mean = np.asarray(task.feature_mean, dtype=np.float32)
+        std = np.asarray(task.feature_std, dtype=np.float32)
+        if len(mean) or len(std):
+            try:
+                check_stats(mean, std, math.prod(shape))
+            except ValueError as exc:
+                raise ModelMismatch(f"refused the server's feature statistics: {exc}") from None
         self.store = AccountantStore(self.state_dir / "accountant.db")
         self.trainer = LocalTrainer(model, plan, dp, settings, self.store)
         self.task, self.plan, self.dp = task, plan, dp
         self._shape = shape
+        standardised = bool(len(mean)) and self.standardize
+        if standardised:  # the model expects these statistics; the device's records are raw
+            self.x = standardise(self.x, mean, std)
         if self.x.shape[1:] != shape:
             self.x = self.x.reshape((len(self.x),) + shape)
-        self._event("task", plan_id=plan.plan_id, coordinates=plan.num_coordinates)
+        self._event("task", plan_id=plan.plan_id, coordinates=plan.num_coordinates, model=task.model_name,
+                    standardised=standardised, records=len(self.x))
         return task
 
     # -- one round ------------------------------------------------------------------------------
     def pull(self) -> ModelPull:
         assert self.plan is not None
         pull = self.transport.call("pull", PullRequest(self.plan.plan_id), (ModelPull,),
-                                   patience_s=max(self.retry.patience_s, 300.0))
+                                   patience_s=self.retry.patience_s)
         if pull.plan_id != self.plan.plan_id:
             raise ModelMismatch(f"server sent plan {pull.plan_id}, this device joined {self.plan.plan_id}")
         if pull.weights.shape != (self.plan.num_coordinates,):
@@ -491,8 +530,11 @@ class EdgeClient:
         pull = self.pull()
         try:
             update = self.train(pull)
-        except BudgetExceededError as exc:
-            return RoundResult("budget_exhausted", pull.version, reason=str(exc))
+        except BudgetExceededError as exc:  # report what was spent, never 0.0
+            assert self.trainer is not None
+            spent = float(self.trainer.epsilon(self.member))
+            self._event("budget_exhausted", epsilon=spent, epsilon_max=self.epsilon_max, reason=str(exc))
+            return RoundResult("budget_exhausted", pull.version, reason=str(exc), epsilon=spent)
         result = self.aggregate(pull, update)
         self.rounds_done += 1
         self._event("ended", status=result.status, cohort=result.cohort_id, applied_version=result.applied_version,
@@ -505,10 +547,14 @@ class EdgeClient:
         while rounds is None or len(out) < rounds:
             if stop is not None and stop():
                 break
+            self.transport.last_refusal = None
             result = self.run_round()
             out.append(result)
             if result.status == "budget_exhausted":
                 break
+            refusal = self.transport.last_refusal
+            if result.status == "refused" and refusal is not None and refusal.status not in (409, 429):
+                raise refusal  # the server refuses what this device sends (policy, DP terms): a new round cannot help
             if result.status in ("dropped", "aborted", "refused"):
                 time.sleep(self.retry.delay(1))
         return out
@@ -721,6 +767,7 @@ class EdgeClient:
 
 
 __all__ = [
+    "CertificateError",
     "EdgeClient",
     "EdgeError",
     "ModelMismatch",

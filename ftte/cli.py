@@ -35,6 +35,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "device"): ("ftte.bench.device_bench", "a real edge device confined to a CPU quota and memory limit: round cost by phase"),
     ("bench", "hostile"): ("ftte.bench.hostile_body", "memory and time to refuse hostile msgpack request bodies"),
     ("config", "show"): ("ftte.pipeline.config_cli", "print the configuration in force as TOML"),
+    ("deploy", "init"): ("ftte.pipeline.deploy_init",
+                         "write a ready-to-run deployment: server.toml, CA and certificate, device keys, sample data"),
+    ("export",): ("ftte.pipeline.export_cli", "write the deployment's current global model as a PyTorch file"),
 }
 
 # ``code`` and `code` (reStructuredText and Markdown inline literals) in help texts

@@ -66,6 +66,11 @@ class TaskInfo(Message):
     planned_rounds: int = field(U64, default=0)
     min_noise_multiplier: float = field(F64, default=0.0)
     clipping: str = field(text(16), default="per_sample")  # DP clipping mode: "per_sample" or "ghost"
+    # Feature standardisation the model expects (empty: none; records are used as given): a device
+    # trains on ``(x - feature_mean) / feature_std`` over the flattened record, one value per
+    # feature or one value for all. Bounded and checked on the device like every task field.
+    feature_mean: np.ndarray = field(F32_VECTOR, default_factory=lambda: np.zeros(0, dtype=np.float32))
+    feature_std: np.ndarray = field(F32_VECTOR, default_factory=lambda: np.zeros(0, dtype=np.float32))
 
 
 @message(42)

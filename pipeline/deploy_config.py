@@ -27,6 +27,20 @@ cut; ``"normal"`` (SQLite WAL) survives any crash of the server process, ``SIGKI
 included, but may lose the last commits on a power cut or kernel crash, for a multiple of
 the upload throughput on slow disks.
 
+``keep_versions`` (default 100; 0 keeps every version): the state file keeps the weights of
+the newest ``max(keep_versions, max_staleness + 1)`` versions; each commit deletes older ones
+in its own transaction, so resuming (the latest version) and joins that may still cite an
+older base (up to ``max_staleness`` behind) always find theirs;
+cohort records, history rows and the ledger are never pruned, so ``ftte audit`` is unaffected.
+
+``standardize`` says who standardises features: ``"none"`` (default: devices train on their
+records as given, so the app must preprocess them exactly as the model expects),
+``"file"`` (``feature_stats`` names an ``.npz`` with ``mean`` and ``std``, one value per
+feature of the flattened record or one value for all) or ``"test_data"`` (the statistics
+of ``test_data``'s raw ``x``). With ``"file"`` or ``"test_data"`` the task carries the
+statistics, every device computes ``(x - mean) / std`` on its raw records before training,
+and the server evaluates ``test_data`` standardised the same way. A zero ``std`` counts as 1.
+
 ``[data]`` and ``[fleet]`` describe a simulated fleet and are refused here. Relative
 paths are resolved against the configuration file's directory. Every section, these two
 included, goes through the one strict engine of :mod:`ftte.pipeline.config`: unknown keys
@@ -88,6 +102,9 @@ class DeploySettings(Section):
     stage_timeout_s: float = 30.0
     max_staleness: int = 50
     synchronous: Literal["full", "normal"] = "full"
+    keep_versions: int = 100
+    standardize: Literal["none", "file", "test_data"] = "none"
+    feature_stats: str = ""
 
     def _check(self) -> None:
         self._require("input_shape", len(self.input_shape) >= 1 and all(s >= 1 for s in self.input_shape),
@@ -97,6 +114,16 @@ class DeploySettings(Section):
         self._require("max_staleness", self.max_staleness >= 0, "must be >= 0")
         for key in ("state", "ledger_key", "allow_list"):
             self._require(key, bool(getattr(self, key)), "must not be empty")
+        self._require("keep_versions", self.keep_versions >= 0, "must be >= 0 (0 keeps every version)")
+        self._require("feature_stats", self.standardize != "file" or bool(self.feature_stats),
+                      "must name an .npz file with mean and std when standardize = \"file\"")
+        self._require("test_data", self.standardize != "test_data" or bool(self.test_data),
+                      "must be set when standardize = \"test_data\"")
+
+    @property
+    def versions_kept(self) -> int:
+        """How many versions the state file keeps (0: all): never fewer than a join may cite."""
+        return 0 if self.keep_versions == 0 else max(self.keep_versions, self.max_staleness + 1)
 
 
 @dataclass(frozen=True)

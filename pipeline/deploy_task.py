@@ -7,6 +7,7 @@ devices of any restart receive the same architecture and frozen weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from ftte.edge.plan import SubsetPlan, subset_vector
 from ftte.pipeline.deploy_config import ServerSettings
+from ftte.pipeline.feature_stats import load_feature_stats
 from ftte.pipeline.model_builder import build_global_model, full_vector, model_kwargs
 from ftte.pipeline.strategies import strategy_for
 from ftte.protocol.weighting import WeightRule
@@ -32,6 +34,9 @@ class DeployTask:
     kwargs: dict[str, Any]
     rule: WeightRule
     settings: ServerSettings
+    # the standardisation the model expects ([deploy] standardize); empty: none
+    feature_mean: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    feature_std: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
     @property
     def dim(self) -> int:
@@ -70,6 +75,8 @@ class DeployTask:
             planned_rounds=p.planned_rounds if p.enabled and p.target_epsilon else 0,
             min_noise_multiplier=p.min_noise_multiplier,
             clipping=cfg.train.settings().clipping,
+            feature_mean=self.feature_mean,
+            feature_std=self.feature_std,
         )
 
 
@@ -77,6 +84,7 @@ def build_task(settings: ServerSettings) -> DeployTask:
     cfg = settings.run
     d = settings.deploy
     shape = tuple(d.input_shape)
+    mean, std = load_feature_stats(settings)
     model = build_global_model(cfg.model.name, cfg.run.seed, shape, d.num_classes)
     plan = SubsetPlan.from_layers(model, d.trainable_layers) if d.trainable_layers else SubsetPlan.full(model)
     return DeployTask(
@@ -87,4 +95,6 @@ def build_task(settings: ServerSettings) -> DeployTask:
         kwargs=model_kwargs(cfg.model.name, shape, d.num_classes),
         rule=strategy_for(cfg).weight_rule,
         settings=settings,
+        feature_mean=mean,
+        feature_std=std,
     )

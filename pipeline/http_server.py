@@ -60,7 +60,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -311,6 +311,7 @@ class DeviceApi:
         self.metrics = Metrics()
         self.upload_limit = submit_limit(coordinator.task.dim, coordinator.cfg.server.buffer_size)
         self.latency: dict[str, list[float]] = {}
+        self.last_seen: dict[int, float] = {}  # member -> time of its last admitted request (progress log)
 
     def _time_header(self) -> dict[str, str]:
         return {HEADER_SERVER_TIME: str(int(self.gate.clock() * 1000))}
@@ -340,6 +341,7 @@ class DeviceApi:
                 member, body = await self.gate.admit(request, limit_bytes)
                 t_body = time.perf_counter()
                 self.metrics.devices_seen.add(member)
+                self.last_seen[member] = time.time()
                 try:
                     if len(body) >= OFF_LOOP_BYTES:  # never stall every other device on one large body
                         msg = await asyncio.get_running_loop().run_in_executor(
@@ -484,21 +486,80 @@ def submit_limit(dim: int, cohort_size: int) -> int:
     return max(masked, shares) + 4096
 
 
+class ProgressLog:
+    """One line per finished cohort: what an operator watching the server wants to see.
+
+    It reads the coordinator's record of ended cohorts (insertion-ordered) a few times a
+    second, so it never sits on the protocol's path; a line carries the cohort's outcome,
+    the version, the test accuracy of that version when the server evaluates, the counts of
+    applied and aborted cohorts and the devices that made a request in the last
+    :data:`ACTIVE_WINDOW_S` seconds.
+    """
+
+    ACTIVE_WINDOW_S = 120.0
+
+    def __init__(self, coordinator: Coordinator, api: "DeviceApi", out: TextIO) -> None:
+        self.coordinator = coordinator
+        self.api = api
+        self.out = out
+        self.seen: set[str] = set()
+
+    def start(self) -> None:
+        self.seen = set(self.coordinator.ended)  # cohorts finished before this start (recovered)
+
+    def lines(self) -> list[str]:
+        c = self.coordinator
+        new = [(cid, end) for cid, end in list(c.ended.items()) if cid not in self.seen]
+        self.seen = set(c.ended)
+        if not new:
+            return []
+        now = time.time()
+        active = sum(1 for t in self.api.last_seen.values() if now - t <= self.ACTIVE_WINDOW_S)
+        counts = (f"cohorts applied {c.counters.cohorts_applied}, aborted {c.counters.cohorts_aborted}; "
+                  f"devices active {active}")
+        out = []
+        for cid, end in new:
+            if end.status == "applied":
+                tail = c.history_tail or {}
+                acc = ""
+                if tail.get("version") == end.applied_version and tail.get("accuracy") is not None:
+                    acc = f", test accuracy {float(tail['accuracy']):.4f}"
+                out.append(f"ftte server: cohort {cid} applied ({len(end.included)} members): "
+                           f"version {end.applied_version}{acc}; {counts}")
+            else:
+                out.append(f"ftte server: cohort {cid} aborted ({end.reason[:160]}): version {c.version}; {counts}")
+        return out
+
+    async def run(self, interval_s: float = 0.25) -> None:
+        self.start()
+        while True:
+            await asyncio.sleep(interval_s)
+            for line in self.lines():
+                print(line, file=self.out, flush=True)
+
+
 def build_app(coordinator: Coordinator, gate: Gate, http: HttpSettings, *,
-              metrics: bool | None = None) -> tuple[Starlette, DeviceApi]:
-    """The ASGI app; ``metrics`` overrides ``[http] metrics`` (default: off)."""
+              metrics: bool | None = None, progress: TextIO | None = None) -> tuple[Starlette, DeviceApi]:
+    """The ASGI app; ``metrics`` overrides ``[http] metrics`` (default: off); ``progress``
+    receives one line per finished cohort (see :class:`ProgressLog`; default: none)."""
     api = DeviceApi(coordinator, gate, http, metrics=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         await coordinator.recover()
-        timers = asyncio.get_running_loop().create_task(coordinator.run_timers())
+        loop = asyncio.get_running_loop()
+        timers = loop.create_task(coordinator.run_timers())
+        log = loop.create_task(ProgressLog(coordinator, api, progress).run()) if progress is not None else None
         try:
             yield
         finally:
             timers.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await timers
+            if log is not None:
+                log.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await log
             await coordinator.drain()
             api.decoder.shutdown(wait=False, cancel_futures=True)
 
@@ -506,4 +567,4 @@ def build_app(coordinator: Coordinator, gate: Gate, http: HttpSettings, *,
     return app, api
 
 
-__all__ = ["DeviceApi", "Gate", "TokenBucket", "build_app", "prometheus_text", "submit_limit"]
+__all__ = ["DeviceApi", "Gate", "ProgressLog", "TokenBucket", "build_app", "prometheus_text", "submit_limit"]

@@ -134,10 +134,13 @@ class Recovered:
 class Database:
     """All SQLite access of one server, on one thread."""
 
-    def __init__(self, path: Path, ledger_key_path: Path, synchronous: str = "full") -> None:
+    def __init__(self, path: Path, ledger_key_path: Path, synchronous: str = "full", keep_versions: int = 0) -> None:
         if synchronous not in ("full", "normal"):
             raise ValueError("synchronous must be 'full' or 'normal'")
+        if keep_versions < 0:
+            raise ValueError("keep_versions must be >= 0 (0 keeps every version)")
         self.synchronous = synchronous
+        self.keep_versions = keep_versions  # model versions kept in the state file (0: all); see ServerState
         self.path = Path(path)
         self._key_path = Path(ledger_key_path)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftte-db")
@@ -157,7 +160,7 @@ class Database:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.state = ServerState(self.path)
+        self.state = ServerState(self.path, self.keep_versions)
         self.state.conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
         for stmt in JOURNAL_SCHEMA.strip().split(";"):
             if stmt.strip():

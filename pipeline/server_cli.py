@@ -1,7 +1,9 @@
 """``ftte server --config FILE.toml``: serve the coordinator over HTTPS until stopped.
 
 Start-up reads the configuration, the allow-list and the state file, replays the journal
-of in-flight cohorts, then listens. ``SIGTERM``/``SIGINT`` stop it gracefully; ``SIGKILL``
+of in-flight cohorts, then listens. While it runs it prints one line per finished cohort on
+stderr (version, test accuracy when ``[deploy] test_data`` is set, cohorts applied and
+aborted, devices active); ``--quiet`` turns that off. ``SIGTERM``/``SIGINT`` stop it gracefully; ``SIGKILL``
 loses nothing acknowledged (see :mod:`ftte.pipeline.journal`). ``--port-file`` receives the
 bound port (useful with ``port = 0``). Imports of the web stack happen in :func:`run`, so
 ``ftte --help`` stays fast and works without the ``http`` extra.
@@ -17,7 +19,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE.toml", help="deployment configuration")
     parser.add_argument("--port", type=int, default=None, help="override [http] port")
     parser.add_argument("--port-file", metavar="FILE", help="write the bound port to FILE once listening")
-    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                        help="uvicorn's log level")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress line per finished cohort on stderr (errors are still printed)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ftte.pipeline.deploy_task import build_task
     from ftte.pipeline.http_server import Gate, build_app
     from ftte.pipeline.journal import Database
+    from ftte.protocol.features import standardise
 
     from ftte.http_auth import member_id
 
@@ -41,13 +47,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load_server_config(args.config)
         allow = load_allow_list(settings.path(settings.deploy.allow_list))
+        task = build_task(settings)
     except (ConfigError, ValueError) as exc:
         print(f"ftte server: {exc}", file=sys.stderr)
+        print("ftte server: `ftte deploy init DIR --devices N` writes a documented server.toml that runs as it is",
+              file=sys.stderr)
         return 2
     http = settings.http
-    task = build_task(settings)
     db = Database(settings.path(settings.deploy.state), settings.path(settings.deploy.ledger_key),
-                  settings.deploy.synchronous)
+                  settings.deploy.synchronous, keep_versions=settings.deploy.versions_kept)
     db.open()
     identities = {member_id(k): k for k in allow}
     coordinator = Coordinator(task, db, identities)
@@ -59,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if settings.deploy.test_data:
         with np.load(settings.path(settings.deploy.test_data)) as data:
-            coordinator.load_test_data(data["x"], data["y"])
+            # the test data is raw like the devices' records: standardise it as the task says
+            coordinator.load_test_data(standardise(data["x"], task.feature_mean, task.feature_std), data["y"])
     gate = Gate(http, allow)
-    app, _ = build_app(coordinator, gate, http)
+    app, _ = build_app(coordinator, gate, http, progress=None if args.quiet else sys.stderr)
 
     port = http.port if args.port is None else args.port
     sock = socket.socket(socket.AF_INET6 if ":" in http.host else socket.AF_INET, socket.SOCK_STREAM)

@@ -60,8 +60,15 @@ class Checkpoint:
 
 
 class ServerState:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, keep_versions: int = 0) -> None:
+        if keep_versions < 0:
+            raise ValueError("keep_versions must be >= 0 (0 keeps every version)")
         self.path = Path(path)
+        # Model versions kept (0: all). Each commit of a new version deletes, in the same
+        # transaction, the weights of versions ``keep_versions`` or more behind it; the caller
+        # makes it cover every version a device may still cite. History rows, cohort records
+        # and the ledger are never pruned.
+        self.keep_versions = keep_versions
         self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
@@ -102,6 +109,8 @@ class ServerState:
                     "INSERT INTO server_cohorts (cohort_id, close_version, applied_version, record) VALUES (?, ?, ?, ?)",
                     (cohort["cohort_id"], cohort["close_version"], cohort.get("applied_version"), json.dumps(cohort)),
                 )
+            if self.keep_versions > 0 and history_row is not None:
+                c.execute("DELETE FROM server_versions WHERE version <= ?", (version - self.keep_versions,))
             rows = list(ledger_rows)
             if ledger is not None and rows:
                 ledger.append_many(rows, conn=c)
