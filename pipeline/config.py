@@ -355,10 +355,12 @@ class RunConfig(Section):
     backend: Literal["local", "ray"] = "local"
     ray_address: str = ""
     ray_workers: int = 0
+    keep_versions: int = 10
 
     def _check(self) -> None:
         self._require("seed", self.seed >= 0, "must be >= 0")
         self._require("ray_workers", self.ray_workers >= 0, "must be >= 0 (0 = one per CPU)")
+        self._require("keep_versions", self.keep_versions >= 0, "must be >= 0 (0 = keep every version)")
         self._require("target_accuracy", 0.0 < self.target_accuracy <= 1.0, "must be in (0, 1]")
         self._require("max_versions", self.max_versions >= 1, "must be >= 1")
         self._require("max_virtual_time_s", self.max_virtual_time_s > 0.0, "must be > 0")

@@ -39,7 +39,8 @@ if TYPE_CHECKING:  # the simulator pulls in torch; import it only when a run sta
 EXTENDING_KEYS: frozenset[str] = frozenset({"run.max_versions", "run.max_virtual_time_s"})
 #: Keys that do not change what a run computes: the target only labels "time to target"
 #: in the summary, and a seeded run gives the same history on either backend.
-NEUTRAL_KEYS: frozenset[str] = frozenset({"run.target_accuracy", "run.backend", "run.ray_address", "run.ray_workers"})
+NEUTRAL_KEYS: frozenset[str] = frozenset({"run.target_accuracy", "run.backend", "run.ray_address", "run.ray_workers",
+                                          "run.keep_versions"})
 
 #: Files a run writes into its folder (``--fresh`` removes exactly these; ``server.key``,
 #: the server's signing identity, is kept).

@@ -108,7 +108,7 @@ class Simulation:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             store_path: str | Path = self.out_dir / "accountants.db"
-            self.state: ServerState | None = ServerState(self.out_dir / "ledger.db")
+            self.state: ServerState | None = ServerState(self.out_dir / "ledger.db", cfg.run.keep_versions)
             self.ledger: Ledger | None = Ledger(self.out_dir / "ledger.db", load_or_create_signing_key(self.out_dir / "server.key"))
             if cfg.privacy.enabled:  # the operator's policy, recorded for the audit (as a deployment does)
                 self.ledger.set_policy(cfg.privacy.policy())
