@@ -14,6 +14,7 @@ because the server cannot tell a dropout from a slow device before its timeout.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -27,7 +28,7 @@ from ftte.edge.runtime import LocalUpdate
 from ftte.pipeline.fleet import SimDevice
 from ftte.pipeline.server_model import CohortResult, CohortSum
 from ftte.protocol.cohort import codec_for, reference_of, session_params, weight_rule
-from ftte.protocol.encoding import weigh_update
+from ftte.protocol.encoding import EXTRA_COORDINATES, weigh_update
 from ftte.deploy_messages import CohortStart
 from ftte.round_messages import PlainUpdate
 
@@ -41,6 +42,7 @@ class CohortRun:
     result: CohortResult
     bytes_up: dict[int, int] = field(default_factory=dict)
     weights: dict[int, float] = field(default_factory=dict)
+    user_params: object | None = None  # the user-level mechanism's parameters (UserDPParams), if any
 
     @property
     def duration_s(self) -> float:
@@ -74,8 +76,19 @@ def prepare_member(update: LocalUpdate, start: CohortStart) -> tuple[np.ndarray,
     return w.weighted, w.weight, w.variance, w.staleness
 
 
+@dataclass(frozen=True)
+class UserLevel:
+    """User-level DP for a cohort: noise added by the members inside the masked sum
+    ("distributed") or by a trusted server to the plain sum ("server"), at multiplier ``z``."""
+
+    noise: str
+    z: float
+    seed: int  # the run seed: members' rounding and noise keys derive from it (simulation only)
+
+
 def run_cohort(start: CohortStart, members: Sequence[tuple[SimDevice, LocalUpdate]], identities: dict[int, Signer],
-               rng: np.random.Generator, *, secure: bool, latency_s: float) -> CohortRun:
+               rng: np.random.Generator, *, secure: bool, latency_s: float,
+               user: UserLevel | None = None) -> CohortRun:
     devices = {d.device_id: d for d, _ in members}
     ids = tuple(sorted(devices))
     if ids != tuple(start.members):
@@ -83,15 +96,24 @@ def run_cohort(start: CohortStart, members: Sequence[tuple[SimDevice, LocalUpdat
     prepared = {d.device_id: prepare_member(u, start) for d, u in members}
     weights = {m: p[1] for m, p in prepared.items()}
     staleness = {m: p[3] for m, p in prepared.items()}
+    if user is not None and user.noise == "distributed":
+        raw = {d.device_id: u.delta for d, u in members}
+        return _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, staleness, user)
     if secure:
-        return _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness)
-    return _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness)
+        run = _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness)
+    else:
+        run = _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness)
+    if user is not None and run.result.total is not None:  # the trusted server adds the noise to the sum
+        run = _with_central_noise(run, start, user)
+    return run
 
 
 def _result(start: CohortStart, drops: dict[int, str], staleness: dict[int, int], duration: float,
-            total: CohortSum | None, aborted: str = "") -> CohortResult:
+            total: CohortSum | None, aborted: str = "", *, user: bool = False) -> CohortResult:
+    """``user``: the sum carries user-level noise, so the example-level limits of the start (which
+    bound a noiseless sum) do not apply; the user-level path checked its own bound."""
     return CohortResult(start.cohort_id, start.close_version, tuple(start.members), drops, staleness, duration, total,
-                        aborted, start)
+                        aborted, None if user else start)
 
 
 def _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness) -> CohortRun:
@@ -136,3 +158,56 @@ def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, 
     wsum_vec, wsum, vsum = codec.decode_sum(result.total, len(result.survivors))
     return CohortRun(_result(start, drops, staleness, duration, CohortSum(result.survivors, wsum_vec, wsum, vsum)),
                      bytes_up, weights)
+
+
+def _with_central_noise(run: CohortRun, start: CohortStart, user: UserLevel) -> CohortRun:
+    """The baseline: a trusted server adds Gaussian noise of std ``z C`` to the unmasked sum."""
+    from ftte.privacy.distributed_dp import central_noise
+    from ftte.privacy.secure_random import SecureRandom
+
+    total = run.result.total
+    assert total is not None
+    noise = central_noise(SecureRandom.from_seed(user.seed, "central-noise", start.cohort_id),
+                          total.weighted_sum.shape[0], start.clip, user.z)
+    noisy = CohortSum(total.included, total.weighted_sum + noise, total.weight_sum, 0.0)
+    return CohortRun(dataclasses.replace(run.result, total=noisy, start=None), run.bytes_up, run.weights)
+
+
+def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, staleness, user) -> CohortRun:
+    """User-level DP inside the masked sum: each member clips its whole update to ``C``, rotates,
+    rounds and adds its share of discrete Gaussian noise (so any ``T - max_corrupt`` honest
+    survivors carry the target), and masks the integers; the server unmasks the noisy sum and
+    undoes scale and rotation. The weights (staleness only) are public, so ``Σw`` is computed
+    from the survivors, not sent; a sum beyond what honest members' noisy inputs reach is refused."""
+    from ftte.privacy.distributed_dp import plan_user_dp
+    from ftte.privacy.secure_random import SecureRandom
+    from ftte.protocol.cohort import contribution_binding
+    from ftte.protocol.user_encoding import UserCodec, rotation_seed
+
+    coordinates = start.dim - EXTRA_COORDINATES
+    params = plan_user_dp(dim=coordinates, clip=start.clip, noise_multiplier=user.z, members=len(ids),
+                          threshold=start.threshold, max_corrupt=start.max_corrupt)
+    session_start = dataclasses.replace(start, dim=params.padded_dim, ring_bits=params.ring_bits)
+    codec = UserCodec(params, rotation_seed(start.cohort_id, contribution_binding(start)))
+    inputs = {m: codec.encode(raw[m], weights[m], SecureRandom.from_seed(user.seed, "user-dp", str(m),
+                                                                          start.cohort_id)).ring for m in ids}
+    drops = draw_dropouts([devices[m] for m in ids], STAGE_LABELS, rng)
+    result, stats = run_session(session_params(session_start), {m: identities[m] for m in ids}, inputs, drops)
+    duration = 0.0
+    for stage in STAGE_LABELS:
+        dropped_here = any(s == stage for s in drops.values())
+        duration += _stage_seconds(devices, stats.stage_up.get(stage, {}), stats.stage_down.get(stage, {}),
+                                   latency_s, dropped_here)
+    bytes_up = dict(stats.bytes_up)
+    if result is None:
+        return CohortRun(_result(start, drops, staleness, duration, None, stats.aborted, user=True), bytes_up, weights,
+                         params)
+    total = codec.decode_sum(result.total)
+    wsum = float(sum(weights[m] for m in result.survivors))
+    bound = codec.decoded_norm_bound(len(result.survivors), wsum)
+    if not float(np.linalg.norm(total)) <= bound:
+        return CohortRun(_result(start, drops, staleness, duration, None,
+                                 f"the decoded sum's norm exceeds the {bound:.4g} honest members reach", user=True),
+                         bytes_up, weights, params)
+    return CohortRun(_result(start, drops, staleness, duration, CohortSum(result.survivors, total, wsum, 0.0),
+                             user=True), bytes_up, weights, params)

@@ -452,6 +452,11 @@ class PrivacyConfig(Section):
     target_epsilon: float = 10.0
     planned_rounds: int = 10
     min_noise_multiplier: float = 0.5
+    unit: Literal["example", "user"] = "example"
+    user_noise: Literal["distributed", "server"] = "distributed"
+    user_epsilon: float = 8.0
+    user_delta: float = 1e-6
+    user_participations: int = 8
 
     def _check(self) -> None:
         self._require("noise_multiplier", 0.0 <= self.noise_multiplier < math.inf, "must be >= 0 and finite")
@@ -468,16 +473,31 @@ class PrivacyConfig(Section):
         if self.target_epsilon and not self.planned_rounds:
             _fail(self._where(), "planned_rounds", "is required (>= 1) when target_epsilon is set")
         self._require("min_noise_multiplier", 0.0 < self.min_noise_multiplier < math.inf, "must be > 0 and finite")
+        self._require("user_epsilon", 0.0 < self.user_epsilon < math.inf, "must be > 0 and finite")
+        self._require("user_delta", 0.0 < self.user_delta <= 1e-5, "must be in (0, 1e-5]")
+        self._require("user_participations", self.user_participations >= 1, "must be >= 1")
         if self.enabled and not self.target_epsilon:
             self._require("noise_multiplier", self.noise_multiplier >= self.min_noise_multiplier,
                           f"must be >= min_noise_multiplier ({self.min_noise_multiplier})")
 
+    @property
+    def user_level(self) -> bool:
+        return self.enabled and self.unit == "user"
+
+    def user_noise_multiplier(self) -> float:
+        """The multiplier each participation is charged at so that ``user_participations`` of them
+        spend at most ``user_epsilon`` at ``user_delta`` (unit = "user")."""
+        from ftte.privacy.distributed_dp import multiplier_for_budget
+
+        return multiplier_for_budget(self.user_epsilon, self.user_delta, self.user_participations)
+
     def dp_config(self) -> Any:
-        """The device trainer's DP settings (:class:`~ftte.privacy.dpsgd.DPConfig`) from this section."""
+        """The device trainer's DP settings (:class:`~ftte.privacy.dpsgd.DPConfig`) from this section.
+        With ``unit = "user"`` the noise is added to the cohort's sum, not per example: DP-SGD is off."""
         from ftte.privacy.dpsgd import DPConfig
 
         target = self.target_epsilon or None
-        return DPConfig(enabled=self.enabled, noise_multiplier=self.noise_multiplier,
+        return DPConfig(enabled=self.enabled and not self.user_level, noise_multiplier=self.noise_multiplier,
                         max_grad_norm=self.max_grad_norm, delta=self.delta or None, accountant=self.accountant,
                         epsilon_max=self.epsilon_max, target_epsilon=target,
                         planned_rounds=self.planned_rounds if target else None,
@@ -487,6 +507,9 @@ class PrivacyConfig(Section):
         """The operator's policy (:class:`~ftte.privacy.policy.PrivacyPolicy`) the server enforces and records."""
         from ftte.privacy.policy import PrivacyPolicy
 
+        if self.user_level:
+            return PrivacyPolicy(delta=self.user_delta, epsilon_cap=self.user_epsilon,
+                                 min_noise_multiplier=self.user_noise_multiplier(), accountant="rdp", unit="user")
         cap = self.epsilon_max if math.isfinite(self.epsilon_max) else 1e6
         return PrivacyPolicy(delta=self.delta or 1e-5, epsilon_cap=cap, min_noise_multiplier=self.min_noise_multiplier,
                              accountant=self.accountant)
@@ -641,6 +664,14 @@ class Config:
 
     def _cross_checks(self) -> None:
         """Rules between sections that hold in every mode (simulation and deployment)."""
+        p = self.privacy
+        if p.user_level:
+            if p.user_noise == "distributed" and not self.secagg.enabled:
+                raise ConfigError("[privacy] user_noise: 'distributed' noise lives inside the masked sum; "
+                                  "enable [secagg] or use 'server' (a trusted server adds it)")
+            if self.run.strategy == "ftte" and self.server.variance_penalty != 0.0:
+                raise ConfigError("[server] variance_penalty: must be 0 with [privacy] unit = 'user' (the weight "
+                                  "is public there, so it may depend on staleness only)")
         if not self.secagg.enabled:
             return
         k = self.cohort_size

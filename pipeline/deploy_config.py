@@ -156,6 +156,9 @@ def parse_server_config(text: str, *, base_dir: str | Path = ".", source: str = 
         run = Config.from_dict(raw, mode="deployment")
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    if run.privacy.user_level:
+        raise ConfigError(f"{source}: [privacy] unit: user-level DP runs in the simulator only for now; "
+                          "use 'example' in a deployment")
     if run.run.strategy == "fedavg":
         raise ConfigError(f"{source}: [run] strategy: a deployment is buffered; use 'ftte' or 'fedbuff'")
     if not run.secagg.enabled:

@@ -40,7 +40,7 @@ from ftte.round_messages import ModelPull
 from ftte.pipeline.backends import (DeviceBackend, TrainTask, WorkerData, WorkerSpec, lost_round_spend, make_backend,
                                     reserve_round)
 from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time
-from ftte.pipeline.cohort import CohortRun, run_cohort
+from ftte.pipeline.cohort import CohortRun, UserLevel, run_cohort
 from ftte.pipeline.config import Config, ConfigError
 from ftte.pipeline.datasets import load_dataset
 from ftte.pipeline.fleet import SimDevice, build_fleet
@@ -57,7 +57,9 @@ from ftte.pipeline.work import layer_macs, macs_per_sample, round_seconds
 from ftte.privacy.accountant import AccountantStore
 from ftte.privacy.budget import BudgetExceededError
 from ftte.privacy.dpsgd import RNG_SOURCE_SIMULATION
-from ftte.privacy.spend import RoundOutcome, ledger_rows, unrecorded_spends
+from ftte.privacy.accountant import PrivacyStep
+from ftte.privacy.distributed_dp import MECH_CENTRAL, UserMechanism, user_rng_source
+from ftte.privacy.spend import RoundOutcome, SpendRecord, ledger_rows, unrecorded_spends
 from ftte.privacy.ledger import Ledger, load_or_create_signing_key
 
 OFFLINE_MEAN_S = 60.0  # mean time an unavailable device stays offline before trying again
@@ -103,6 +105,8 @@ class Simulation:
         self.evaluator = Evaluator(self.model, self.plan, self.data.x_test, self.data.y_test)
         self.policy = cohort_policy(cfg)
         self.dp = cfg.privacy.dp_config()
+        self.user = (UserLevel(cfg.privacy.user_noise, cfg.privacy.user_noise_multiplier(), cfg.run.seed)
+                     if cfg.privacy.user_level else None)
         self._check_delta()
         self.settings = cfg.train.settings(clipping)
         if self.out_dir is not None:
@@ -184,11 +188,14 @@ class Simulation:
         :attr:`RoundOutcome.UNMERGED` and, as their trained-from version is no longer known,
         with the latest applied version.
         """
-        if self.ledger is None or not self.dp.enabled:
+        if self.ledger is None or not self.accounting:
             return 0
+        if self.user is not None:
+            clip, cap, source = self.cfg.secagg.clip, self.cfg.privacy.user_epsilon, self._user_source(None)
+        else:
+            clip, cap, source = self.dp.max_grad_norm, self.dp.epsilon_max, RNG_SOURCE_SIMULATION
         spends = unrecorded_spends(self.ledger, self.store, plan_id=self.plan.plan_id, version=self.version,
-                                   max_grad_norm=self.dp.max_grad_norm, epsilon_max=self.dp.epsilon_max,
-                                   rng_source=RNG_SOURCE_SIMULATION)
+                                   max_grad_norm=clip, epsilon_max=cap, rng_source=source)
         rows = ledger_rows(self.ledger, [(s, RoundOutcome.UNMERGED, None) for s in spends])
         if rows:
             self.ledger.append_many(rows)
@@ -232,6 +239,10 @@ class Simulation:
         n_records = len(self.data.device_indices[device.device_id])
         try:  # budget check and accountant record in the driver's store, before any training
             account, round_plan = reserve_round(self.trainer, device.device_id, n_records)
+            if self.user is not None:  # user level: the update this round yields is one participation
+                p = self.cfg.privacy
+                self.store.charge(str(device.device_id), PrivacyStep(self.user.z, 1.0, 1), accountant="rdp",
+                                  delta=p.user_delta, epsilon_max=p.user_epsilon)
         except BudgetExceededError:
             self.retired.add(device.device_id)
             return None, 0.0
@@ -246,7 +257,7 @@ class Simulation:
     def _worker_lost(self, pending: Any) -> None:
         """A worker died mid-round: the device dropped out, but its round was recorded (spent)
         before it started, so the ledger gets the round's row now, in the device's order."""
-        if self.ledger is not None and self.dp.enabled:
+        if self.ledger is not None and self.dp.enabled and self.user is None:
             spend = lost_round_spend(pending.task, self.dp, plan_id=self.plan.plan_id)
             self.ledger.append_many(ledger_rows(self.ledger, [(spend, RoundOutcome.LOST, None)]))
 
@@ -261,17 +272,34 @@ class Simulation:
     def _run_cohort(self, cohort_id: str, members: list[tuple[SimDevice, LocalUpdate]]) -> CohortRun:
         return run_cohort(self._start(cohort_id, members), members, self.identities,
                           derive_rng(self.cfg.run.seed, "cohort", cohort_id), secure=self.cfg.secagg.enabled,
-                          latency_s=self.cfg.fleet.latency_s)
+                          latency_s=self.cfg.fleet.latency_s, user=self.user)
 
     def _ledger_rows(self, members: list[tuple[SimDevice, LocalUpdate]], cohort_id: str,
-                     merged: tuple[int, ...] = ()) -> list[Any]:
+                     merged: tuple[int, ...] = (), user_params: Any = None) -> list[Any]:
         """One row per member: MERGED if its update is in the applied sum, else ABORTED (spent all the same)."""
-        if not self.dp.enabled or self.ledger is None:
+        if not self.accounting or self.ledger is None:
             return []
-        spends = [(u.stats.spend_record(plan_id=self.plan.plan_id, version=u.base_version),
-                   RoundOutcome.MERGED if d.device_id in merged else RoundOutcome.ABORTED, cohort_id)
-                  for d, u in members]
+        spends = [(self._spend(d, u, user_params), RoundOutcome.MERGED if d.device_id in merged else RoundOutcome.ABORTED,
+                   cohort_id) for d, u in members]
         return ledger_rows(self.ledger, spends)
+
+    @property
+    def accounting(self) -> bool:
+        """Whether rounds are charged: example-level DP-SGD, or a user-level participation."""
+        return self.dp.enabled or self.user is not None
+
+    def _user_source(self, params: Any) -> str:
+        mech = UserMechanism.of(params) if params is not None else UserMechanism(MECH_CENTRAL)
+        return user_rng_source(RNG_SOURCE_SIMULATION, mech)
+
+    def _spend(self, device: SimDevice, update: LocalUpdate, user_params: Any) -> Any:
+        if self.user is None:
+            return update.stats.spend_record(plan_id=self.plan.plan_id, version=update.base_version)
+        p = self.cfg.privacy
+        return SpendRecord(device_id=str(device.device_id), plan_id=self.plan.plan_id, version=update.base_version,
+                           step=PrivacyStep(self.user.z, 1.0, 1), max_grad_norm=self.cfg.secagg.clip,
+                           delta=p.user_delta, accountant="rdp", epsilon_max=p.user_epsilon,
+                           rng_source=self._user_source(user_params))
 
     def _apply(self, run: CohortRun, members: list[tuple[SimDevice, LocalUpdate]], now: float) -> None:
         applied = self.server.apply(run.result, now=now, evaluate=self.evaluator)
@@ -285,7 +313,7 @@ class Simulation:
                 self.upload_bytes.append(run.bytes_up[m])
             self.aborted_cohorts += 1
         self._commit(applied.record, applied.history.to_dict() if applied.history else None, now,
-                     self._ledger_rows(members, run.result.cohort_id, applied.record.included))
+                     self._ledger_rows(members, run.result.cohort_id, applied.record.included, run.user_params))
         if applied.applied and self.on_version is not None:
             self.on_version(self.history[-1])
 
@@ -454,13 +482,15 @@ class Simulation:
         return int(measure_training_memory(self.model, self.plan, setup).peak_bytes)
 
     def epsilon_max(self) -> float:
-        if not self.dp.enabled:
+        if not self.accounting:
             return math.inf
         eps = [self.store.epsilon(dev) for dev in self.store.devices()]
         return max(eps) if eps else 0.0
 
     def _noise_summary(self) -> dict[str, float] | float | None:
         """The noise multiplier in force: the configured one, or (target-epsilon mode) the range derived per device."""
+        if self.user is not None:
+            return round(self.user.z, 4)
         if not self.dp.enabled:
             return None
         if self.dp.target_epsilon is None:
@@ -474,7 +504,7 @@ class Simulation:
     def summary(self, wall: float, start_version: int) -> dict[str, Any]:
         cfg = self.cfg
         target = cfg.run.target_accuracy
-        delta = self.dp.delta
+        delta = self.cfg.privacy.user_delta if self.user is not None else self.dp.delta
         if delta is None and self.dp.enabled:
             deltas = [self.store.state(dev).delta for dev in self.store.devices()]
             delta = max(deltas) if deltas else None
@@ -502,10 +532,12 @@ class Simulation:
             "peak_client_memory_bytes": self.peak_client_memory(),
             "clipping": self.settings.clipping if self.dp.enabled else None,
             "secure_aggregation": cfg.secagg.enabled,
-            "differential_privacy": self.dp.enabled,
+            "differential_privacy": self.accounting,
             "epsilon_max": self.epsilon_max(),
             "delta": delta,
-            "privacy_unit": "a record on a device (example-level DP-SGD)" if self.dp.enabled else None,
+            "privacy_unit": ("a device's whole contribution (user-level, " + self.user.noise + " noise)"
+                             if self.user is not None else
+                             "a record on a device (example-level DP-SGD)" if self.dp.enabled else None),
             "noise_multiplier": self._noise_summary(),
             "devices_with_weak_privacy": self.weak_privacy_devices(),
             "devices_out_of_budget": len(self.retired),

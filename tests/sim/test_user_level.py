@@ -1,0 +1,48 @@
+"""User-level DP in the simulator (issue 13): noise in the masked sum, accounted per participation."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from ftte.pipeline.config import ConfigError
+from ftte.privacy.audit import verify_ledger
+from ftte.privacy.ledger import Ledger
+from sim_helpers import tiny
+from ftte.pipeline.run_outputs import run_one
+
+
+@pytest.mark.parametrize("noise", ["distributed", "server"])
+def test_user_level_runs_audit_and_never_pass_the_participation_budget(tmp_path, noise):
+    cfg = tiny(**{"privacy.unit": "user", "privacy.user_noise": noise, "server.variance_penalty": 0.0,
+                  "privacy.user_participations": 2, "run.max_versions": 6})
+    out = tmp_path / noise
+    summary = run_one(cfg, out, quiet=True).summary
+    assert summary["privacy_unit"].startswith("a device's whole contribution")
+    assert summary["epsilon_max"] <= cfg.privacy.user_epsilon + 1e-9
+    result = verify_ledger(out / "ledger.db")
+    assert result.ok, result.summary()
+    with Ledger(out / "ledger.db") as ledger:
+        assert ledger.policy().unit == "user"
+        rows = [e.row for e in ledger.entries()]
+    assert rows and all(r.accountant == "rdp" and r.sample_rate == 1.0 and r.delta == cfg.privacy.user_delta
+                        for r in rows)
+    # 2 participations fill the budget: no device is charged a third
+    assert max(Counter(r.device_id for r in rows).values()) <= 2
+    assert all(("mech=ddg" in r.rng_source) == (noise == "distributed") or r.outcome == "unmerged" for r in rows)
+
+
+def test_user_level_rules_are_checked():
+    with pytest.raises(ConfigError, match="variance_penalty"):
+        tiny(**{"privacy.unit": "user"})
+    with pytest.raises(ConfigError, match="user_noise"):
+        tiny(**{"privacy.unit": "user", "server.variance_penalty": 0.0, "secagg.enabled": False})
+
+
+def test_a_deployment_refuses_user_level_for_now(tmp_path):
+    from ftte.pipeline.deploy_config import parse_server_config
+
+    with pytest.raises(ConfigError, match="unit"):
+        parse_server_config('[http]\nplaintext = true\n[privacy]\nunit = "user"\n[server]\nvariance_penalty = 0.0\n',
+                            base_dir=tmp_path)
