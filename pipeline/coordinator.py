@@ -290,6 +290,12 @@ class Coordinator:
                 if fut is not None:
                     await asyncio.shield(fut)
                 return JoinReply(c.cohort_id, req.base_version)
+        for c in self.live.values():
+            if member in c.joins and c.start is not None:
+                # One running cohort per device: its rounds then reach the ledger in the device's own
+                # order, which is what the cumulative epsilon it signs for each round assumes.
+                raise Refused("busy", f"this device's round in {c.cohort_id} is still being aggregated; "
+                                      "join again once it has ended")
         now = self.clock()
         futs = []
         if self.forming is None:

@@ -14,6 +14,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "member_mismatch": 403,
     "not_a_member": 403,
     "unknown_cohort": 404,
+    "busy": 409,
     "cohort_over": 409,
     "duplicate": 409,
     "model_mismatch": 409,

@@ -279,3 +279,31 @@ def test_an_unsigned_row_of_a_signing_device_fails_the_audit(tmp_path):
             ledger.append_many(ledger_rows(ledger, [(spend, RoundOutcome.MERGED, "c")]))
     result = verify_ledger(tmp_path / "l.db")
     assert not result.ok and "unsigned row of a device that signs" in result.summary()
+
+
+def test_a_device_with_a_running_cohort_cannot_join_another(tmp_path):
+    """One running cohort per device keeps its rounds in the ledger in its own order (the cumulative
+    epsilon it signs assumes it): a second join while its cohort aggregates is refused (409, busy)."""
+    from ftte.deploy_messages import PollRequest
+    from ftte.pipeline.http_errors import http_status
+
+    signers = [Signer() for _ in range(4)]
+    members = [member_id(s.public_key) for s in signers]
+
+    async def scenario():
+        coord, db = make_coordinator(tmp_path, signers, Clock())
+        await coord.recover()
+        for m in members:
+            j = join_request(coord, 0)
+            cid = (await coord.join(m, j, wire.encode(j))).cohort_id
+        start = await coord.poll(members[0], PollRequest(cid, 0), wait_s=5)
+        assert start.members == tuple(sorted(members))  # the cohort is running
+        again = dataclasses.replace(join_request(coord, 0), sample_rate=0.07)
+        with pytest.raises(Refused) as refused:
+            await coord.join(members[0], again, wire.encode(again))
+        await coord.drain()
+        db.close()
+        return refused.value
+
+    refused = asyncio.run(scenario())
+    assert refused.code == "busy" and http_status(refused) == 409
