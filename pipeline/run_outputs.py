@@ -85,8 +85,8 @@ class RunInterrupted(KeyboardInterrupt):
 # -- configuration ------------------------------------------------------------------------------
 
 
-def config_from_args(path: str | None, overrides: list[str] | None) -> Config:
-    cfg = load_config(path)
+def config_from_args(path: str | None, overrides: list[str] | None, preset: str | None = None) -> Config:
+    cfg = load_config(path, preset=preset)
     if overrides:
         cfg = cfg.with_overrides(**parse_overrides(overrides))
     return cfg
@@ -95,6 +95,9 @@ def config_from_args(path: str | None, overrides: list[str] | None) -> Config:
 def add_common_arguments(parser, *, fresh: bool = False) -> None:
     """--config, --out, --set, --quiet; and --fresh for commands that pass it to :func:`run_one`."""
     parser.add_argument("--config", metavar="FILE.toml", help="run configuration (default: the packaged default)")
+    parser.add_argument("--preset", metavar="NAME",
+                        help="start from a packaged preset instead of the default: 'digits' (the quick 8x8-digits "
+                             "scenario for smoke runs), 'mnist500' (500 devices); --config and --set apply on top")
     parser.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/<command>)")
     parser.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
                         help="override one config key, e.g. --set server.buffer_size=20 (repeatable)")
@@ -330,7 +333,7 @@ def run_one(cfg: Config, out_dir: Path | None, *, quiet: bool = False, label: st
         try:
             if out_dir is not None:
                 (out_dir / "config.toml").write_text(cfg.to_toml())
-            with Progress(total=cfg.run.max_versions, desc=desc, enabled=not quiet) as bar:
+            with Progress(total=cfg.run.max_versions or None, desc=desc, enabled=not quiet) as bar:
                 def tick(row: dict[str, Any]) -> None:
                     bar.update(1, status=f"acc {row['accuracy']:.3f}  t={row['virtual_time_s']:.0f}s")
 
