@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        base = config_from_args(args.config, args.set).with_overrides(**{"run.strategy": "ftte"})
+        base = config_from_args(args.config, args.set, preset=args.preset).with_overrides(**{"run.strategy": "ftte"})
         configs = {name: base.with_overrides(**ov) if ov else base for name, ov in VARIANTS.items()}
     except (ConfigError, OSError, ValueError) as exc:
         return fail("ftte bench ablation", exc)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -285,24 +286,45 @@ def tune_learning_rates(base_cfg: Any, name: str, settings: CompareSettings, *, 
             "grid": scores}
 
 
+def learning_rates_from(path: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The learning rates an earlier comparison chose (its ``compare.json``), for reuse without
+    tuning again; the source is recorded with them."""
+    try:
+        earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+        chosen = {n: earlier["strategies"][n]["learning_rates"] for n in names}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--lrs-from {path}: no learning rates for {list(names)} there ({exc!r})") from None
+    out = {}
+    for n, lr in chosen.items():
+        if not isinstance(lr, dict) or not all(isinstance(lr.get(k), (int, float)) and lr[k] > 0
+                                               for k in ("server", "device")):
+            raise ValueError(f"--lrs-from {path}: strategy {n} has no positive server/device learning rates")
+        out[n] = {**lr, "reused_from": str(path)}
+    return out
+
+
 def compare(base_cfg: Any, out: Path | None, names: list[str], *, quiet: bool = True, fresh: bool = False,
-            on_summary: Any = None, settings: CompareSettings | None = None) -> dict[str, Any]:
+            on_summary: Any = None, settings: CompareSettings | None = None,
+            learning_rates: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Run each strategy of ``names`` on ``base_cfg`` into ``out/<strategy>`` and return the
     comparison (also written to ``out/compare.json`` with ``compare.png``). Every strategy's
-    folder is checked before any runs, so a refused resume writes nothing."""
+    folder is checked before any runs, so a refused resume writes nothing. ``learning_rates``
+    (per strategy, ``{"server": .., "device": ..}``) skips the tuning."""
     with shared_noise_derivations():
         return _compare(base_cfg, out, names, quiet=quiet, fresh=fresh, on_summary=on_summary,
-                        settings=settings or CompareSettings())
+                        settings=settings or CompareSettings(), given_lrs=learning_rates)
 
 
 def _compare(base_cfg: Any, out: Path | None, names: list[str], *, quiet: bool, fresh: bool, on_summary: Any,
-             settings: CompareSettings) -> dict[str, Any]:
+             settings: CompareSettings, given_lrs: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
     from ftte.pipeline.report import plot_accuracy, write_summary_json
 
     horizon = base_cfg.run.max_virtual_time_s
     lrs: dict[str, dict[str, Any]] = {}
     for name in names:
-        if settings.tune:
+        if given_lrs is not None:
+            lrs[name] = dict(given_lrs[name])
+        elif settings.tune:
             lrs[name] = tune_learning_rates(base_cfg, name, settings, quiet=quiet)
         else:
             lrs[name] = {"server": base_cfg.server.lr, "device": base_cfg.train.lr, "grid": None}
@@ -332,6 +354,7 @@ def _compare(base_cfg: Any, out: Path | None, names: list[str], *, quiet: bool, 
         "targets": [target_key(t) for t in targets],
         "primary_target": target_key(targets[-1]) if targets else None,
         "settings": asdict(settings),
+        "config": base_cfg.to_dict(),
         "device_classes": {c.name: {"fraction": c.fraction, "memory_bytes": c.memory_bytes} for c in classes},
         "strategies": strategies,
     }
@@ -374,6 +397,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="tuning runs stop at this fraction of the horizon (default 0.5)")
     parser.add_argument("--no-tune", action="store_true",
                         help="skip tuning: every strategy uses [server] lr and [train] lr of the config")
+    parser.add_argument("--lrs-from", metavar="COMPARE.json",
+                        help="skip tuning: reuse the learning rates an earlier comparison chose (its compare.json)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -384,8 +409,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         base_cfg = config_from_args(args.config, args.set, preset=args.preset)
         settings = CompareSettings(target_fractions=tuple(args.targets), server_lrs=tuple(args.server_lrs),
-                                   device_lrs=tuple(args.device_lrs), tune=not args.no_tune,
+                                   device_lrs=tuple(args.device_lrs), tune=not (args.no_tune or args.lrs_from),
                                    tune_horizon_fraction=args.tune_horizon_fraction)
+        given = learning_rates_from(Path(args.lrs_from), names) if args.lrs_from else None
     except (ConfigError, OSError, ValueError) as exc:
         return fail("ftte compare", exc)
 
@@ -396,7 +422,8 @@ def run(args: argparse.Namespace) -> int:
         print_summary(summary, folder, warn=False)
 
     try:
-        report = compare(base_cfg, out, names, quiet=args.quiet, fresh=args.fresh, on_summary=show, settings=settings)
+        report = compare(base_cfg, out, names, quiet=args.quiet, fresh=args.fresh, on_summary=show, settings=settings,
+                         learning_rates=given)
     except (ConfigError, ValueError) as exc:
         return fail("ftte compare", exc)
     except BaseException as exc:
