@@ -224,7 +224,8 @@ def format_table(strategies: Mapping[str, Mapping[str, Any]], targets: Sequence[
             _fmt(None if s.get("bytes_up_per_update") is None else s["bytes_up_per_update"] / 1e3, ".1f"),
             str(s.get("devices_out_of_budget", "—")),
             f"{lrs.get('server', '—')}/{lrs.get('device', '—')}",
-            ",".join(s.get("memory_exceeds_classes") or []) or "—",
+            ",".join(s.get("memory_exceeds_classes") or [])
+            or ("(skips " + ",".join(s["excluded_classes"]) + ")" if s.get("excluded_classes") else "—"),
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
@@ -347,6 +348,9 @@ def _compare(base_cfg: Any, out: Path | None, names: list[str], *, quiet: bool, 
     for name in names:
         strategies[name] = strategy_figures(summaries[name], histories[name], targets, settings, horizon, classes)
         strategies[name]["learning_rates"] = lrs[name]
+        if STRATEGY_OVERRIDES[name].get("server.fedavg_fit_only"):  # it never selects where the model does not fit
+            strategies[name]["excluded_classes"] = strategies[name]["memory_exceeds_classes"]
+            strategies[name]["memory_exceeds_classes"] = []
     report: dict[str, Any] = {
         "horizon_s": horizon,
         "best_common_accuracy": best,
