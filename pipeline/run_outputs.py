@@ -214,12 +214,26 @@ class Sitting:
     downloads: int
     retired: list[int]
     worker_dropouts: int
+    stopped_at_s: float = 0.0  # virtual time when the sitting stopped
+    completed: bool = False  # the run returned (not interrupted)
 
     @classmethod
-    def of(cls, sim: "Simulation", from_version: int, wall: float) -> "Sitting":
+    def of(cls, sim: "Simulation", from_version: int, wall: float, *, completed: bool = False) -> "Sitting":
         return cls(from_version, sim.version, wall, sim.train_rounds, int(sum(sim.upload_bytes)),
                    len(sim.upload_bytes), int(sum(sim.download_bytes)), len(sim.download_bytes),
-                   sorted(int(d) for d in sim.retired), len(getattr(sim.backend, "lost", ())))
+                   sorted(int(d) for d in sim.retired), len(getattr(sim.backend, "lost", ())),
+                   float(sim.clock.now), completed)
+
+
+def reached_horizon(sim: "Simulation", cfg: Config) -> bool:
+    """True when the run's last sitting completed at or past ``cfg``'s horizon with nothing merged
+    since: resuming it would only train rounds (and spend budget) that could never count."""
+    if sim.state is None:
+        return False
+    text = sim.state.get_meta(SITTINGS_KEY)
+    last = json.loads(text)[-1] if text else None
+    return bool(last and last.get("completed") and last.get("to_version") == sim.version
+                and last.get("stopped_at_s", 0.0) >= cfg.run.max_virtual_time_s)
 
 
 def _save_sitting(sim: "Simulation", sitting: Sitting) -> list[dict[str, Any]]:
@@ -341,14 +355,17 @@ def run_one(cfg: Config, out_dir: Path | None, *, quiet: bool = False, label: st
                 if sim.version:
                     bar.update(sim.version, status=f"resumed at version {sim.version}")
                 try:
-                    result = sim.run()
+                    if reached_horizon(sim, cfg):  # a finished run to the horizon: read it, do not rerun
+                        result = RunResult(sim.summary(0.0, start_version), list(sim.history), sim.server.weights.copy())
+                    else:
+                        result = sim.run()
                 except BaseException as exc:
                     if not caused_by_interrupt(exc):
                         raise
                     bar.set_status("interrupted")
                     _save_sitting(sim, Sitting.of(sim, start_version, time.perf_counter() - t0))
                     raise RunInterrupted(out_dir, sim.version) from None
-            sittings = _save_sitting(sim, Sitting.of(sim, start_version, result.summary["wall_time_s"]))
+            sittings = _save_sitting(sim, Sitting.of(sim, start_version, result.summary["wall_time_s"], completed=True))
             summary = whole_run_summary(sim, result.summary, sittings)
             rate = _majority_rate(sim.data.y_test)
         finally:
