@@ -40,10 +40,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or "runs/ablation")
     runs: dict[str, dict[str, Any]] = {}
     histories = {}
-    for name, cfg in configs.items():
-        result = run_one(cfg, out / name, quiet=args.quiet or args.json, label=name)
-        runs[name] = {k: result.summary.get(k) for k in KEYS}
-        histories[name] = result.history
+    from ftte.pipeline.compare_cli import shared_noise_derivations
+
+    with shared_noise_derivations():  # the variants share the partition, so each device's noise is derived once
+        for name, cfg in configs.items():
+            result = run_one(cfg, out / name, quiet=args.quiet or args.json, label=name)
+            runs[name] = {k: result.summary.get(k) for k in KEYS}
+            histories[name] = result.history
     a, v, off = runs["age_only"], runs["age_and_variance"], runs["secagg_off"]
 
     def diff(x: Any, y: Any) -> float | None:
