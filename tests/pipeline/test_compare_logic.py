@@ -149,3 +149,21 @@ def test_settings_refuse_tuning_on_the_reported_seed():
         CompareSettings(tune_seed_offset=0)
     with pytest.raises(ValueError, match="fractions"):
         CompareSettings(target_fractions=(0.5, 1.5))
+
+
+def test_learning_rates_are_reused_from_an_earlier_comparison(tmp_path):
+    import json
+
+    from ftte.pipeline.compare_cli import learning_rates_from
+
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps({"strategies": {
+        "ftte": {"learning_rates": {"server": 2.0, "device": 0.5, "tuning_seed": 1}},
+        "fedavg": {"learning_rates": {"server": 1.0, "device": 1.0, "tuning_seed": 1}},
+        "fedbuff": {"learning_rates": {"server": -1.0, "device": 1.0}}}}))
+    got = learning_rates_from(path, ["ftte", "fedavg"])
+    assert got["ftte"] == {"server": 2.0, "device": 0.5, "tuning_seed": 1, "reused_from": str(path)}
+    with pytest.raises(ValueError, match="no learning rates"):
+        learning_rates_from(path, ["fedavg_fit"])
+    with pytest.raises(ValueError, match="positive"):
+        learning_rates_from(path, ["fedbuff"])
