@@ -21,8 +21,12 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The default task (MNIST, cnn28, 100 devices, 90% stragglers, DP and secure aggregation),
+# every strategy to the common horizon, with the configured learning rates (--no-tune keeps
+# it within about 10 minutes on 2 cores; `ftte compare` without it tunes each strategy's
+# rates on another seed first, see BENCHMARKS.md).
 demo: $(STAMP)
-	$(BIN)/ftte compare --out runs/compare
+	$(BIN)/ftte compare --out runs/compare --no-tune
 
 test: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"

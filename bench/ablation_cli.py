@@ -31,19 +31,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        base = config_from_args(args.config, args.set).with_overrides(**{"run.strategy": "ftte"})
+        base = config_from_args(args.config, args.set, preset=args.preset).with_overrides(**{"run.strategy": "ftte"})
         configs = {name: base.with_overrides(**ov) if ov else base for name, ov in VARIANTS.items()}
     except (ConfigError, OSError, ValueError) as exc:
         return fail("ftte bench ablation", exc)
-    from ftte.pipeline.report import plot_accuracy, write_summary_json
+    from ftte.pipeline.report import final_accuracy_mean, plot_accuracy, smoothed_time_to_target, write_summary_json
 
     out = Path(args.out or "runs/ablation")
     runs: dict[str, dict[str, Any]] = {}
     histories = {}
-    for name, cfg in configs.items():
-        result = run_one(cfg, out / name, quiet=args.quiet or args.json, label=name)
-        runs[name] = {k: result.summary.get(k) for k in KEYS}
-        histories[name] = result.history
+    from ftte.pipeline.compare_cli import shared_noise_derivations
+
+    with shared_noise_derivations():  # the variants share the partition, so each device's noise is derived once
+        for name, cfg in configs.items():
+            result = run_one(cfg, out / name, quiet=args.quiet or args.json, label=name)
+            runs[name] = {k: result.summary.get(k) for k in KEYS}
+            # read as `ftte compare` reads a run: mean of the last 10 evaluations, smoothed time to target
+            runs[name]["final_accuracy_mean10"] = final_accuracy_mean(result.history, 10)
+            runs[name]["smoothed_time_to_target_s"] = smoothed_time_to_target(result.history, base.run.target_accuracy, 3)
+            histories[name] = result.history
     a, v, off = runs["age_only"], runs["age_and_variance"], runs["secagg_off"]
 
     def diff(x: Any, y: Any) -> float | None:
@@ -52,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "runs": runs,
         "variance_term_accuracy_gain": diff(v["final_accuracy"], a["final_accuracy"]),
+        "variance_term_accuracy_gain_mean10": diff(v["final_accuracy_mean10"], a["final_accuracy_mean10"]),
         "secagg_accuracy_change": diff(v["final_accuracy"], off["final_accuracy"]),
+        "secagg_accuracy_change_mean10": diff(v["final_accuracy_mean10"], off["final_accuracy_mean10"]),
         "secagg_virtual_time_ratio": (v["virtual_time_s"] / off["virtual_time_s"]) if off["virtual_time_s"] else None,
         "secagg_wall_time_ratio": (v["wall_time_s"] / off["wall_time_s"]) if off["wall_time_s"] else None,
         "secagg_upload_ratio": (v["bytes_up_per_update"] / off["bytes_up_per_update"])

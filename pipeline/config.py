@@ -56,6 +56,7 @@ __all__ = [
     "STRAGGLER_CLASS",
     "shorthand_classes",
     "load_config",
+    "preset_names",
     "parse_config",
     "parse_overrides",
     "MiB",
@@ -326,8 +327,10 @@ STRAGGLER_CLASS = DeviceClass(
 )
 
 
-def shorthand_classes(stragglers: float) -> tuple[DeviceClass, ...]:
-    """Expand ``stragglers = s`` into ``fast`` (fraction 1-s) and ``straggler`` (s).
+def shorthand_classes(stragglers: float, straggler_memory_bytes: int = STRAGGLER_CLASS.memory_bytes
+                      ) -> tuple[DeviceClass, ...]:
+    """Expand ``stragglers = s`` into ``fast`` (fraction 1-s) and ``straggler`` (s), the
+    straggler class holding ``straggler_memory_bytes``.
 
     ``s = 0`` gives the fast class alone.
     """
@@ -336,7 +339,7 @@ def shorthand_classes(stragglers: float) -> tuple[DeviceClass, ...]:
     fast = dataclasses.replace(FAST_CLASS, fraction=1.0 - stragglers)
     if stragglers == 0.0:
         return (fast,)
-    return (fast, dataclasses.replace(STRAGGLER_CLASS, fraction=stragglers))
+    return (fast, dataclasses.replace(STRAGGLER_CLASS, fraction=stragglers, memory_bytes=straggler_memory_bytes))
 
 
 # --------------------------------------------------------------------------------------
@@ -350,8 +353,8 @@ class RunConfig(Section):
     strategy: Literal["ftte", "fedbuff", "fedavg"] = "ftte"
     seed: int = 0
     target_accuracy: float = 0.5
-    max_versions: int = 80
-    max_virtual_time_s: float = 14_400.0
+    max_versions: int = 0
+    max_virtual_time_s: float = 36_000.0
     backend: Literal["local", "ray"] = "local"
     ray_address: str = ""
     ray_workers: int = 0
@@ -362,7 +365,7 @@ class RunConfig(Section):
         self._require("ray_workers", self.ray_workers >= 0, "must be >= 0 (0 = one per CPU)")
         self._require("keep_versions", self.keep_versions >= 0, "must be >= 0 (0 = keep every version)")
         self._require("target_accuracy", 0.0 < self.target_accuracy <= 1.0, "must be in (0, 1]")
-        self._require("max_versions", self.max_versions >= 1, "must be >= 1")
+        self._require("max_versions", self.max_versions >= 0, "must be >= 0 (0 = no limit)")
         self._require("max_virtual_time_s", self.max_virtual_time_s > 0.0, "must be > 0")
 
 
@@ -370,7 +373,7 @@ class RunConfig(Section):
 class DataConfig(Section):
     SECTION: ClassVar[str] = "data"
 
-    name: Literal["digits", "mnist", "breast_cancer", "synthetic", "csv", "npz"] = "digits"
+    name: Literal["digits", "mnist", "breast_cancer", "synthetic", "csv", "npz"] = "mnist"
     path: str = ""
     target: str = ""
     partition: Literal["iid", "dirichlet"] = "dirichlet"
@@ -382,7 +385,7 @@ class DataConfig(Section):
     synthetic_beta: float = 1.0
     synthetic_samples: int = 50
     synthetic_sigma: float = 1.0
-    calibration_fraction: float = 0.0
+    calibration_fraction: float = 0.05
 
     def _check(self) -> None:
         self._require("calibration_fraction", 0.0 <= self.calibration_fraction < 0.5, "must be in [0, 0.5)")
@@ -403,7 +406,7 @@ class DataConfig(Section):
 class ModelConfig(Section):
     SECTION: ClassVar[str] = "model"
 
-    name: str = "cnn8"
+    name: str = "cnn28"
 
     def _check(self) -> None:
         if self.name not in BUILTIN_MODELS and not _FACTORY_RE.match(self.name):
@@ -421,8 +424,8 @@ class TrainConfig(Section):
     local_steps: int = 2
     batch_size: int = 16
     lr: float = 1.0
-    memory_budget_fraction: float = 0.25
-    clipping: Literal["per_sample", "ghost", "auto"] = "per_sample"
+    memory_budget_fraction: float = 0.5
+    clipping: Literal["per_sample", "ghost", "auto"] = "auto"
 
     def _check(self) -> None:
         self._require("local_steps", self.local_steps >= 1, "must be >= 1")
@@ -561,6 +564,7 @@ class ServerConfig(Section):
     fedavg_clients_per_round: int = 10
     fedavg_over_selection: float = 0.3
     fedavg_deadline_s: float = 0.0
+    fedavg_fit_only: bool = False
 
     def _check(self) -> None:
         self._require("buffer_size", self.buffer_size >= 1, "must be >= 1")
@@ -585,12 +589,14 @@ class FleetConfig(Section):
 
     devices: int = 100
     stragglers: float = 0.9
+    straggler_memory_bytes: int = 8 * MiB
     latency_s: float = 0.05
     classes: tuple[DeviceClass, ...] = ()
 
     def _check(self) -> None:
         self._require("devices", self.devices >= 1, "must be >= 1")
         self._require("stragglers", 0.0 <= self.stragglers < 1.0, "must be in [0, 1)")
+        self._require("straggler_memory_bytes", self.straggler_memory_bytes >= 1, "must be >= 1")
         self._require("latency_s", 0.0 <= self.latency_s < math.inf, "must be >= 0 and finite")
         if self.classes:
             names = [c.name for c in self.classes]
@@ -608,7 +614,7 @@ class FleetConfig(Section):
 
     def device_classes(self) -> tuple[DeviceClass, ...]:
         """The explicit ``[[fleet.classes]]`` if any, else the ``stragglers`` shorthand."""
-        return self.classes if self.classes else shorthand_classes(self.stragglers)
+        return self.classes if self.classes else shorthand_classes(self.stragglers, self.straggler_memory_bytes)
 
 
 # --------------------------------------------------------------------------------------
@@ -850,12 +856,60 @@ def parse_config(text: str, *, base_dir: str | Path | None = None, source: str =
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def load_config(path: str | Path | None = None) -> Config:
+def preset_names() -> list[str]:
+    """Names of the packaged presets (``pipeline/presets/<name>.toml``)."""
+    folder = importlib.resources.files("ftte.pipeline").joinpath("presets")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _preset_text(name: str) -> str:
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(preset_names())}")
+    return importlib.resources.files("ftte.pipeline").joinpath("presets", f"{name}.toml").read_text(encoding="utf-8")
+
+
+def _layer(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top``'s keys replacing its keys section by section (a list replaces a list)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, table in top.items():
+        if isinstance(table, Mapping) and isinstance(out.get(section), dict):
+            out[section].update(table)
+        else:
+            out[section] = table
+    return out
+
+
+def load_config(path: str | Path | None = None, *, preset: str | None = None) -> Config:
     """Load a configuration file, or the packaged ``default.toml`` when ``path`` is None.
 
-    Keys missing from a user's file take the defaults (which equal ``default.toml``).
-    A relative ``[data] path`` is resolved against the directory of the file.
+    Keys missing from a user's file take the defaults (which equal ``default.toml``), or
+    those of the packaged ``preset`` when one is named: a preset is a partial file whose
+    keys replace the defaults' (``load_config(None, preset="digits")`` is the quick digits
+    scenario). A relative ``[data] path`` is resolved against the directory of the file.
     """
+    if preset is not None:
+        try:
+            raw = tomllib.loads(_preset_text(preset))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"preset {preset}: invalid TOML: {exc}") from None
+        base = _layer(load_config(None).to_dict(), raw)
+        try:
+            cfg = Config.from_dict(base)
+        except ConfigError as exc:
+            raise ConfigError(f"preset {preset}: {exc}") from None
+        if path is None:
+            return cfg
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        user = parse_config(p.read_text(encoding="utf-8"), base_dir=p.parent, source=str(p))
+        try:
+            top = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:  # pragma: no cover - parse_config refused it already
+            raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+        if isinstance(top.get("data"), dict) and top["data"].get("path"):
+            top["data"]["path"] = user.data.path  # resolved against the file's folder
+        return Config.from_dict(_layer(cfg.to_dict(), top))
     if path is None:
         text = importlib.resources.files("ftte.pipeline").joinpath("default.toml").read_text(encoding="utf-8")
         return parse_config(text, source="default.toml")

@@ -14,13 +14,14 @@ from ftte.pipeline.run_outputs import ConfigError, config_from_args, fail
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.toml", help="run configuration (default: the packaged default)")
+    parser.add_argument("--preset", metavar="NAME", help="start from a packaged preset (digits, mnist500)")
     parser.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
                         help="override one config key, e.g. --set fleet.devices=20 (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = config_from_args(args.config, list(args.set))
+        cfg = config_from_args(args.config, list(args.set), preset=args.preset)
     except (ConfigError, OSError, ValueError) as exc:
         return fail("ftte config show", exc)
     print(cfg.to_toml(), end="")

@@ -30,6 +30,10 @@ __all__ = [
     "plot_accuracy",
     "write_markdown_report",
     "time_to_target",
+    "evaluated_points",
+    "smoothed_curve",
+    "smoothed_time_to_target",
+    "final_accuracy_mean",
     "jsonable",
 ]
 
@@ -163,6 +167,40 @@ def time_to_target(history: Iterable[Row], target: float) -> float | None:
     return None
 
 
+def evaluated_points(history: Iterable[Row], horizon_s: float | None = None) -> list[tuple[float, float]]:
+    """(virtual time, accuracy) of every evaluated version up to ``horizon_s``, in time order."""
+    rows = sorted(history, key=lambda r: (float(r["virtual_time_s"]), r.get("version", 0)))
+    pts = [(float(r["virtual_time_s"]), _finite(r.get("accuracy"))) for r in rows]
+    return [(t, a) for t, a in pts if a is not None and (horizon_s is None or t <= horizon_s)]
+
+
+def smoothed_curve(history: Iterable[Row], window: int = 3, horizon_s: float | None = None) -> list[tuple[float, float]]:
+    """Trailing moving average of ``window`` evaluations: the point at evaluation i (i >= window-1)
+    is the mean accuracy of evaluations i-window+1..i, at evaluation i's time. One lucky
+    evaluation then cannot make a curve cross a target; fewer than ``window`` evaluations
+    give no point at all."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    pts = evaluated_points(history, horizon_s)
+    accs = [a for _, a in pts]
+    return [(pts[i][0], math.fsum(accs[i - window + 1:i + 1]) / window) for i in range(window - 1, len(pts))]
+
+
+def smoothed_time_to_target(history: Iterable[Row], target: float, window: int = 3,
+                            horizon_s: float | None = None) -> float | None:
+    """First virtual time at which the smoothed curve (see :func:`smoothed_curve`) reaches ``target``."""
+    for t, a in smoothed_curve(history, window, horizon_s):
+        if a >= target:
+            return t
+    return None
+
+
+def final_accuracy_mean(history: Iterable[Row], last: int = 10, horizon_s: float | None = None) -> float | None:
+    """Mean accuracy of the last ``last`` evaluations up to ``horizon_s`` (all of them if fewer)."""
+    accs = [a for _, a in evaluated_points(history, horizon_s)][-last:]
+    return math.fsum(accs) / len(accs) if accs else None
+
+
 def _curve(rows: Sequence[Row]) -> tuple[list[float], list[float]]:
     pts = [(float(r["virtual_time_s"]), _finite(r.get("accuracy"))) for r in rows]
     pts = sorted((t, a) for t, a in pts if a is not None)
@@ -175,9 +213,13 @@ def plot_accuracy(
     target: float | None = None,
     *,
     title: str = "Test accuracy against virtual time",
+    targets: Sequence[tuple[str, float]] = (),
+    smoothing: int = 0,
 ) -> Path:
     """One accuracy-vs-virtual-time curve per strategy; an optional dashed target line
-    with a dotted marker where each curve first reaches it."""
+    with a dotted marker where each curve first reaches it. ``targets`` adds one labelled
+    horizontal line per (label, accuracy), named in the legend; ``smoothing`` > 1 draws
+    each strategy's moving average of that many evaluations over its raw curve."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -188,20 +230,28 @@ def plot_accuracy(
     ax = fig.add_subplot(1, 1, 1)
     for name, rows in histories.items():
         ts, accs = _curve(rows)
-        (line,) = ax.plot(ts, accs, label=name, linewidth=1.6, drawstyle="steps-post")
+        (line,) = ax.plot(ts, accs, label=name, linewidth=1.6 if smoothing <= 1 else 0.8, drawstyle="steps-post",
+                          alpha=1.0 if smoothing <= 1 else 0.35)
+        if smoothing > 1:
+            sm = smoothed_curve(rows, smoothing)
+            ax.plot([t for t, _ in sm], [a for _, a in sm], color=line.get_color(), linewidth=1.6,
+                    label=f"{name} (mean of {smoothing})")
         if target is not None:
             hit = time_to_target(rows, target)
             if hit is not None:
                 ax.axvline(hit, color=line.get_color(), linestyle=":", linewidth=1.0)
     if target is not None:
         ax.axhline(target, color="0.4", linestyle="--", linewidth=1.0, label=f"target {target:g}")
+    styles = ("--", "-.", ":", (0, (5, 1, 1, 1)))
+    for i, (label, value) in enumerate(targets):
+        ax.axhline(value, color="0.3", linestyle=styles[i % len(styles)], linewidth=0.9, label=label)
     ax.set_xlabel("virtual time (s)")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.set_ylim(0.0, 1.0)
     ax.grid(True, alpha=0.3)
-    if histories or target is not None:
-        ax.legend(loc="lower right")
+    if histories or target is not None or targets:
+        ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path_png, metadata={"Title": title})
     return path_png

@@ -86,8 +86,8 @@ class RunInterrupted(KeyboardInterrupt):
 # -- configuration ------------------------------------------------------------------------------
 
 
-def config_from_args(path: str | None, overrides: list[str] | None) -> Config:
-    cfg = load_config(path)
+def config_from_args(path: str | None, overrides: list[str] | None, preset: str | None = None) -> Config:
+    cfg = load_config(path, preset=preset)
     if overrides:
         cfg = cfg.with_overrides(**parse_overrides(overrides))
     return cfg
@@ -96,6 +96,9 @@ def config_from_args(path: str | None, overrides: list[str] | None) -> Config:
 def add_common_arguments(parser, *, fresh: bool = False) -> None:
     """--config, --out, --set, --quiet; and --fresh for commands that pass it to :func:`run_one`."""
     parser.add_argument("--config", metavar="FILE.toml", help="run configuration (default: the packaged default)")
+    parser.add_argument("--preset", metavar="NAME",
+                        help="start from a packaged preset instead of the default: 'digits' (the quick 8x8-digits "
+                             "scenario for smoke runs), 'mnist500' (500 devices); --config and --set apply on top")
     parser.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/<command>)")
     parser.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
                         help="override one config key, e.g. --set server.buffer_size=20 (repeatable)")
@@ -212,12 +215,26 @@ class Sitting:
     downloads: int
     retired: list[int]
     worker_dropouts: int
+    stopped_at_s: float = 0.0  # virtual time when the sitting stopped
+    completed: bool = False  # the run returned (not interrupted)
 
     @classmethod
-    def of(cls, sim: "Simulation", from_version: int, wall: float) -> "Sitting":
+    def of(cls, sim: "Simulation", from_version: int, wall: float, *, completed: bool = False) -> "Sitting":
         return cls(from_version, sim.version, wall, sim.train_rounds, int(sum(sim.upload_bytes)),
                    len(sim.upload_bytes), int(sum(sim.download_bytes)), len(sim.download_bytes),
-                   sorted(int(d) for d in sim.retired), len(getattr(sim.backend, "lost", ())))
+                   sorted(int(d) for d in sim.retired), len(getattr(sim.backend, "lost", ())),
+                   float(sim.clock.now), completed)
+
+
+def reached_horizon(sim: "Simulation", cfg: Config) -> bool:
+    """True when the run's last sitting completed at or past ``cfg``'s horizon with nothing merged
+    since: resuming it would only train rounds (and spend budget) that could never count."""
+    if sim.state is None:
+        return False
+    text = sim.state.get_meta(SITTINGS_KEY)
+    last = json.loads(text)[-1] if text else None
+    return bool(last and last.get("completed") and last.get("to_version") == sim.version
+                and last.get("stopped_at_s", 0.0) >= cfg.run.max_virtual_time_s)
 
 
 def _save_sitting(sim: "Simulation", sitting: Sitting) -> list[dict[str, Any]]:
@@ -331,7 +348,7 @@ def run_one(cfg: Config, out_dir: Path | None, *, quiet: bool = False, label: st
         try:
             if out_dir is not None:
                 (out_dir / "config.toml").write_text(cfg.to_toml())
-            with Progress(total=cfg.run.max_versions, desc=desc, enabled=not quiet) as bar:
+            with Progress(total=cfg.run.max_versions or None, desc=desc, enabled=not quiet) as bar:
                 def tick(row: dict[str, Any]) -> None:
                     bar.update(1, status=f"acc {row['accuracy']:.3f}  t={row['virtual_time_s']:.0f}s")
 
@@ -339,14 +356,17 @@ def run_one(cfg: Config, out_dir: Path | None, *, quiet: bool = False, label: st
                 if sim.version:
                     bar.update(sim.version, status=f"resumed at version {sim.version}")
                 try:
-                    result = sim.run()
+                    if reached_horizon(sim, cfg):  # a finished run to the horizon: read it, do not rerun
+                        result = RunResult(sim.summary(0.0, start_version), list(sim.history), sim.server.weights.copy())
+                    else:
+                        result = sim.run()
                 except BaseException as exc:
                     if not caused_by_interrupt(exc):
                         raise
                     bar.set_status("interrupted")
                     _save_sitting(sim, Sitting.of(sim, start_version, time.perf_counter() - t0))
                     raise RunInterrupted(out_dir, sim.version) from None
-            sittings = _save_sitting(sim, Sitting.of(sim, start_version, result.summary["wall_time_s"]))
+            sittings = _save_sitting(sim, Sitting.of(sim, start_version, result.summary["wall_time_s"], completed=True))
             summary = whole_run_summary(sim, result.summary, sittings)
             rate = _majority_rate(sim.data.y_test)
         finally:

@@ -36,7 +36,7 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = config_from_args(args.config, list(args.set))
+        cfg = config_from_args(args.config, list(args.set), preset=args.preset)
         flags = cli_overrides(args)
         if flags:
             cfg = cfg.with_overrides(**flags)

@@ -109,6 +109,7 @@ class Simulation:
                      if cfg.privacy.user_level else None)
         self._check_delta()
         self.settings = cfg.train.settings(clipping)
+        self.admitted = self.strategy.admitted_devices(self.fleet, self.peak_client_memory)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             store_path: str | Path = self.out_dir / "accountants.db"
@@ -336,7 +337,8 @@ class Simulation:
                      self._ledger_rows(members, cohort_id))
 
     def _done(self) -> bool:
-        return self.version >= self.cfg.run.max_versions or self.clock.now >= self.cfg.run.max_virtual_time_s
+        limit = self.cfg.run.max_versions  # 0 = no version limit: the horizon (or spent budgets) ends the run
+        return (limit > 0 and self.version >= limit) or self.clock.now >= self.cfg.run.max_virtual_time_s
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -373,6 +375,8 @@ class Simulation:
 
         while self.clock and not self._done():
             now, (kind, payload) = self.clock.pop()
+            if now > cfg.run.max_virtual_time_s:  # the horizon: nothing that happens after it counts
+                break
             if kind == "ready":
                 dev = devices[payload]
                 if dev.device_id in self.retired:
@@ -425,7 +429,7 @@ class Simulation:
             now = self.clock.now
             rng = derive_rng(cfg.run.seed, "fedavg-round", round_no)
             min_size = cfg.secagg_threshold if cfg.secagg.enabled else 1
-            pool = [d for d in self.fleet if d.device_id not in self.retired]
+            pool = [d for d in self.fleet if d.device_id not in self.retired and d.device_id in self.admitted]
             if len(pool) < max(2, min(m, min_size)):
                 break
             # Like a real FedAvg server, select among the devices that check in (are online)
@@ -468,6 +472,9 @@ class Simulation:
             members = [(dev, upd) for _, dev, upd in taken]
             run = self._run_cohort(cohort_id, members)
             done_at = close_at + run.duration_s
+            if done_at > cfg.run.max_virtual_time_s:  # the horizon: a round merged after it does not count
+                self.clock.advance_to(cfg.run.max_virtual_time_s)
+                break
             self.clock.advance_to(done_at)
             self._apply(run, members + [(dev, upd) for _, dev, upd in late], done_at)
 

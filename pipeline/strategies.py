@@ -9,13 +9,15 @@ effect can be measured in isolation.
   class; weights ``(1+τ)^(-a) · r(σ²)``; buffered and asynchronous.
 * ``fedbuff``: the full model; age-only weights ``(1+τ)^(-1/2)``; buffered and asynchronous.
 * ``fedavg``: the full model; every update weighs 1 (all train from the same version);
-  synchronous rounds.
+  synchronous rounds. With ``[server] fedavg_fit_only`` it selects only the devices whose
+  memory holds one measured training step of the full model (what FedAvg can honestly do on
+  a fleet where the model does not fit everywhere).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from torch import nn
 
@@ -25,6 +27,7 @@ from ftte.protocol.cohort import CohortPolicy
 from ftte.protocol.weighting import WeightRule
 
 if TYPE_CHECKING:  # the deployment imports this module and must not load the simulator's fleet
+    from ftte.edge.memory import TrainingSetup
     from ftte.pipeline.datasets import FederatedData
     from ftte.pipeline.fleet import SimDevice
 
@@ -36,6 +39,7 @@ class Strategy:
     subset: bool
     weight_rule: WeightRule
     cfg: Config
+    fit_only: bool = False
 
     def memory_budget(self, fleet: "Sequence[SimDevice]") -> int:
         """Training memory allowed on the weakest admitted device class."""
@@ -48,19 +52,46 @@ class Strategy:
         """(plan, clipping mode): the full model for the baselines, else the best subset under the
         weakest class's budget, costed (``[train] clipping = "auto"``) in both DP clipping modes."""
         mode = self.cfg.train.clipping
-        if not self.subset:
-            return SubsetPlan.full(model), (mode if mode != "auto" else "per_sample")
         from ftte.edge.memory import TrainingSetup
-        from ftte.edge.plan_search import search_plan
 
         setup = TrainingSetup(batch_size=self.cfg.train.batch_size, input_shape=data.input_shape,
                               dp=self.cfg.privacy.enabled, optimizer="sgd", num_classes=data.n_classes)
+        if not self.subset:
+            full = SubsetPlan.full(model)
+            if mode != "auto":
+                return full, mode
+            # "auto" gives the baselines the same choice as ftte: the cheaper mode in memory
+            return full, cheaper_clipping(model, full, setup) if self.cfg.privacy.enabled else "per_sample"
+        from ftte.edge.plan_search import search_plan
+
         if len(data.x_calib):  # server-held data, apart from devices and the test set
             calib = data.x_calib, data.y_calib
         else:  # simulation only: a few training records stand in for server-owned data
             calib = data.x_train[:64], data.y_train[:64]
         choice = search_plan(model, self.memory_budget(fleet), setup, calibration=calib, clipping=mode)
         return choice.plan, choice.clipping
+
+    def admitted_devices(self, fleet: "Sequence[SimDevice]", peak_bytes: Callable[[], int]) -> frozenset[int]:
+        """Devices this strategy may select: all of them, or (``fit_only``) those whose memory holds
+        ``peak_bytes()``, the measured peak of one training step of the run's plan."""
+        if not self.fit_only:
+            return frozenset(d.device_id for d in fleet)
+        need = peak_bytes()
+        fits = frozenset(d.device_id for d in fleet if d.profile.memory_bytes >= need)
+        if not fits:
+            raise ValueError(f"[server] fedavg_fit_only: no device holds the {need} bytes one training step of the "
+                             "full model needs")
+        return fits
+
+
+def cheaper_clipping(model: nn.Module, plan: SubsetPlan, setup: "TrainingSetup") -> str:
+    """The DP clipping mode whose estimated training peak is lower for ``plan`` (ties: per-sample)."""
+    from ftte.edge.memory import MemoryEstimator
+
+    est = MemoryEstimator(model, setup.input_shape)
+    costs = {m: est.estimate(plan, setup.batch_size, dp=setup.dp, optimizer=setup.optimizer, clipping=m).peak_bytes
+             for m in ("per_sample", "ghost")}
+    return "ghost" if costs["ghost"] < costs["per_sample"] else "per_sample"
 
 
 def strategy_for(cfg: Config) -> Strategy:
@@ -71,7 +102,7 @@ def strategy_for(cfg: Config) -> Strategy:
     if name == "fedbuff":
         return Strategy(name, False, False, WeightRule(0.5, 0.0, server.r_min), cfg)
     if name == "fedavg":
-        return Strategy(name, True, False, WeightRule(0.0, 0.0, server.r_min), cfg)
+        return Strategy(name, True, False, WeightRule(0.0, 0.0, server.r_min), cfg, fit_only=server.fedavg_fit_only)
     raise ValueError(f"unknown strategy {name!r}")
 
 

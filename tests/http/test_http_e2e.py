@@ -50,7 +50,7 @@ def simulator_accuracy(versions: int, x_test: np.ndarray, y_test: np.ndarray) ->
     stages = {s: 0.0 for s in ("train", "advertise", "share", "upload", "consistency", "unmask")}
     fleet = [{"name": "edge", "fraction": 1.0, "compute_speed": 1.0, "memory_bytes": 64 << 20, "uplink_bps": 2e6,
               "downlink_bps": 1e7, "availability": 1.0, "dropout": stages}]
-    cfg = load_config(None).with_overrides(**{
+    cfg = load_config(None, preset="digits").with_overrides(**{
         "fleet.devices": N_DEVICES, "fleet.classes": fleet, "model.name": "logistic", "data.partition": "iid",
         "server.buffer_size": 4, "server.deadline_s": 5.0, "run.max_versions": versions, "run.strategy": "ftte",
         "train.local_steps": TRAIN["local_steps"], "train.batch_size": TRAIN["batch_size"], "train.lr": TRAIN["lr"],

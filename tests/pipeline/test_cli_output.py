@@ -13,7 +13,7 @@ import pytest
 from ftte.cli import COMMANDS, main as cli_main
 from ftte.pipeline.config import load_config, parse_config
 
-TINY = ["--set", "fleet.devices=10", "--set", "model.name=logistic", "--set", "server.buffer_size=4",
+TINY = ["--preset", "digits", "--set", "fleet.devices=10", "--set", "model.name=logistic", "--set", "server.buffer_size=4",
         "--set", "server.fedavg_clients_per_round=4", "--set", "train.batch_size=4", "--set", "run.max_versions=2"]
 
 

@@ -21,8 +21,10 @@ def test_default_loads_and_equals_dataclass_defaults():
     assert cfg == Config()  # default.toml and the dataclass defaults agree
     assert cfg.run.strategy == "ftte"
     assert cfg.fleet.devices == 100 and cfg.fleet.stragglers == 0.9
-    assert cfg.data.name == "digits" and cfg.data.partition == "dirichlet" and cfg.data.alpha == 0.5
-    assert cfg.model.name == "cnn8"
+    assert cfg.data.name == "mnist" and cfg.data.partition == "dirichlet" and cfg.data.alpha == 0.5
+    assert cfg.model.name == "cnn28"
+    assert cfg.privacy.target_epsilon == 10.0 and cfg.privacy.planned_rounds == 10 and cfg.privacy.delta == 0.0
+    assert cfg.run.max_versions == 0  # the horizon (or spent budgets) ends a run
     assert cfg.privacy.enabled and cfg.secagg.enabled
     assert cfg.secagg_threshold == cfg.server.buffer_size // 2 + 1
 

@@ -26,7 +26,9 @@ def test_shorthand_500_devices_90_percent_stragglers():
     assert slow.profile.downlink_bps < fast.profile.downlink_bps
     assert set(slow.dropout) == set(STAGES)
     assert slow.dropout["train"] == STRAGGLER_CLASS.dropout.train
-    assert weakest_memory_bytes(fleet) == STRAGGLER_CLASS.memory_bytes
+    assert weakest_memory_bytes(fleet) == FleetConfig().straggler_memory_bytes  # the key, 8 MiB by default
+    small = build_fleet(FleetConfig(devices=20, stragglers=0.9, straggler_memory_bytes=2 << 20), None, seed=0)
+    assert weakest_memory_bytes(small) == 2 << 20
     # stragglers are shuffled through the id range, not bunched at one end
     ids = [d.device_id for d in fleet if d.class_name == "fast"]
     assert min(ids) < 250 < max(ids)

@@ -20,7 +20,7 @@ from ftte.cli import main as cli_main
 from ftte.pipeline.config import load_config
 from ftte.pipeline.state import ServerState
 
-TINY = ["--set", "fleet.devices=10", "--set", "model.name=logistic", "--set", "server.buffer_size=4",
+TINY = ["--preset", "digits", "--set", "fleet.devices=10", "--set", "model.name=logistic", "--set", "server.buffer_size=4",
         "--set", "server.fedavg_clients_per_round=4", "--set", "train.batch_size=4", "--quiet"]
 
 FIGURES = ("versions", "final_accuracy", "updates_applied", "aborted_cohorts", "train_rounds", "bytes_up_per_update",
@@ -104,7 +104,7 @@ def test_fresh_keeps_the_old_run_when_the_new_one_is_refused(tmp_path, capsys):
 
 def test_compare_checks_every_strategy_folder_first_and_keeps_its_figures(tmp_path, capsys):
     out = tmp_path / "cmp"
-    args = ["compare", "--out", str(out), *TINY, "--set", "run.max_versions=2"]
+    args = ["compare", "--out", str(out), *TINY, "--set", "run.max_virtual_time_s=300", "--no-tune"]
     assert cli_main(args) == 0
     report = json.loads((out / "compare.json").read_text())
     before = snapshot(out)

@@ -113,13 +113,13 @@ def test_impossible_threshold_is_refused_before_running(tmp_path):
         tiny(**{"secagg.threshold": 9})
 
 
-def test_default_config_finishes_and_reaches_its_target(tmp_path):
-    """`ftte simulate` with no config: 100 devices, 90% stragglers, non-IID digits, a CNN,
-    ftte with DP-SGD and secure aggregation (about a minute on 2 cores)."""
+def test_digits_preset_finishes_and_reaches_its_target(tmp_path):
+    """`ftte simulate --preset digits`, the quick scenario: 100 devices, 90% stragglers, non-IID
+    digits, a CNN, ftte with DP-SGD and secure aggregation (about a minute on 2 cores)."""
     out = tmp_path / "default"
-    assert cli_main(["simulate", "--out", str(out), "--quiet"]) == 0
+    assert cli_main(["simulate", "--preset", "digits", "--out", str(out), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    cfg = load_config(None)
+    cfg = load_config(None, preset="digits")
     assert summary["devices"] == 100 and summary["strategy"] == "ftte"
     assert summary["secure_aggregation"] and summary["differential_privacy"]
     assert summary["versions"] == cfg.run.max_versions
