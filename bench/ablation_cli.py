@@ -40,16 +40,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or "runs/ablation")
     runs: dict[str, dict[str, Any]] = {}
     histories = {}
-    from ftte.pipeline.compare_cli import shared_noise_derivations
-
-    with shared_noise_derivations():  # the variants share the partition, so each device's noise is derived once
-        for name, cfg in configs.items():
-            result = run_one(cfg, out / name, quiet=args.quiet or args.json, label=name)
-            runs[name] = {k: result.summary.get(k) for k in KEYS}
-            # read as `ftte compare` reads a run: mean of the last 10 evaluations, smoothed time to target
-            runs[name]["final_accuracy_mean10"] = final_accuracy_mean(result.history, 10)
-            runs[name]["smoothed_time_to_target_s"] = smoothed_time_to_target(result.history, base.run.target_accuracy, 3)
-            histories[name] = result.history
+    for name, cfg in configs.items():
+        result = run_one(cfg, out / name, quiet=args.quiet or args.json, label=name)
+        runs[name] = {k: result.summary.get(k) for k in KEYS}
+        # read as `ftte compare` reads a run: mean of the last 10 evaluations, smoothed time to target
+        runs[name]["final_accuracy_mean10"] = final_accuracy_mean(result.history, 10)
+        runs[name]["smoothed_time_to_target_s"] = smoothed_time_to_target(result.history, base.run.target_accuracy, 3)
+        histories[name] = result.history
     a, v, off = runs["age_only"], runs["age_and_variance"], runs["secagg_off"]
 
     def diff(x: Any, y: Any) -> float | None:

@@ -54,7 +54,7 @@ def _config(args: argparse.Namespace) -> Any:
     from ftte.pipeline.config import load_config
 
     extra = {"train.local_steps": args.local_steps} if args.local_steps else {}
-    return load_config(None).with_overrides(**extra, **{
+    return load_config(None, preset="digits").with_overrides(**extra, **{
         "run.seed": args.seed,
         "run.strategy": args.strategy,
         "run.max_versions": args.versions,

@@ -37,7 +37,7 @@ def plan_sizes() -> dict[str, int]:
     from ftte.pipeline.strategies import strategy_for
 
     torch.set_num_threads(1)
-    cfg = load_config(None)
+    cfg = load_config(None, preset="digits")
     seed = cfg.run.seed
     data = load_dataset(cfg.data, seed, cfg.fleet.devices)
     fleet = build_fleet(cfg.fleet, cfg.fleet.devices, seed)

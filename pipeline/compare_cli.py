@@ -20,8 +20,6 @@ What makes the comparison fair (issue 12 §4):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -236,26 +234,6 @@ def format_table(strategies: Mapping[str, Mapping[str, Any]], targets: Sequence[
 # -- running ---------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def shared_noise_derivations():
-    """Within the block, derive each target-epsilon noise multiplier once per process.
-
-    ``noise_multiplier_for_target`` is a pure function of its arguments, and a comparison runs
-    the same partition many times (strategies, the tuning grid); each derivation costs about
-    2 s of RDP evaluations at fractional orders, which made up ~85% of a run's wall time. The
-    device trainer caches per trainer only, so the memo is installed here, for the comparison's
-    duration, and the original restored after it.
-    """
-    from ftte.privacy import dpsgd
-
-    original = dpsgd.noise_multiplier_for_target
-    dpsgd.noise_multiplier_for_target = functools.lru_cache(maxsize=None)(original)
-    try:
-        yield
-    finally:
-        dpsgd.noise_multiplier_for_target = original
-
-
 def strategy_config(base_cfg: Any, name: str, *, server_lr: float | None = None, device_lr: float | None = None) -> Any:
     """``base_cfg`` for strategy ``name``, run to the horizon (no version limit)."""
     overrides: dict[str, Any] = {**STRATEGY_OVERRIDES[name], "run.max_versions": 0}
@@ -311,9 +289,8 @@ def compare(base_cfg: Any, out: Path | None, names: list[str], *, quiet: bool = 
     comparison (also written to ``out/compare.json`` with ``compare.png``). Every strategy's
     folder is checked before any runs, so a refused resume writes nothing. ``learning_rates``
     (per strategy, ``{"server": .., "device": ..}``) skips the tuning."""
-    with shared_noise_derivations():
-        return _compare(base_cfg, out, names, quiet=quiet, fresh=fresh, on_summary=on_summary,
-                        settings=settings or CompareSettings(), given_lrs=learning_rates)
+    return _compare(base_cfg, out, names, quiet=quiet, fresh=fresh, on_summary=on_summary,
+                    settings=settings or CompareSettings(), given_lrs=learning_rates)
 
 
 def _compare(base_cfg: Any, out: Path | None, names: list[str], *, quiet: bool, fresh: bool, on_summary: Any,

@@ -14,6 +14,7 @@ ledger stores it in its metadata, and ``ftte audit`` checks every row against it
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -50,6 +51,7 @@ def check_delta(delta: float, n_records: int, *, key: str = DELTA_KEY) -> float:
     return delta
 
 
+@functools.lru_cache(maxsize=65536)  # pure: a simulation asks the same question for every device of a size
 def noise_multiplier_for_target(
     target_epsilon: float,
     delta: float,
