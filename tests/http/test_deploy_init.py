@@ -91,4 +91,4 @@ def test_a_config_that_cannot_build_its_model_is_a_clean_error(tmp_path, capsys)
     cfg.write_text('[server]\nbuffer_size = 3\n[http]\nplaintext = true\n[deploy]\ninput_shape = [64]\n')
     assert cli.main(["server", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "cnn8 needs (C, 8, 8)" in err and "ftte deploy init" in err
+    assert "needs (C, 28, 28)" in err and "ftte deploy init" in err

@@ -204,7 +204,10 @@ def test_hostile_requests_are_refused_while_honest_devices_train(tmp_path):
         submit(client.share_keys(poll(1, Roster)))
         delivery = poll(2, ShareDelivery)
         codec = UpdateCodec(plan.num_coordinates, start.clip, start.value_bits, start.ring_bits)
-        vector = codec.encode(np.zeros(plan.num_coordinates), 1.0, 0.0, np.random.default_rng(0))
+        # the weight an honest member would use (the server refuses a cohort whose weights no honest
+        # members could produce: with the version moved on since the join, 1.0 would be a lie)
+        weight = (1.0 + start.close_version - join.base_version) ** -start.staleness_exponent
+        vector = codec.encode(np.zeros(plan.num_coordinates), weight, 0.0, np.random.default_rng(0))
         honest_upload = client.masked_input(delivery, vector)
         short = sign_message(attacker.signer, dataclasses.replace(honest_upload, vector=honest_upload.vector[:-1]))
         wide = sign_message(attacker.signer, dataclasses.replace(
@@ -221,7 +224,7 @@ def test_hostile_requests_are_refused_while_honest_devices_train(tmp_path):
         submit(client.consistency(poll(3, SurvivorList)))
         submit(client.unmask(poll(4, ConsistencyBundle)))
         end = poll(5, CohortEnd)
-        assert end.status == "applied" and info.member in end.included
+        assert end.status == "applied" and info.member in end.included, end
 
         # -- rate limit --------------------------------------------------------------------------------
         # Several connections at once, so that the flood outruns the bucket's refill however slow

@@ -19,7 +19,7 @@ def _check_common(d, n_devices):
 
 
 def test_digits_images_standardised_and_split():
-    d = load_dataset(DataConfig(name="digits"), seed=0, n_devices=50)
+    d = load_dataset(DataConfig(name="digits", calibration_fraction=0.0), seed=0, n_devices=50)
     _check_common(d, 50)
     assert d.input_shape == (1, 8, 8) and d.n_classes == 10 and d.n_features == 64
     assert len(d.y_train) + len(d.y_test) == 1797
@@ -29,7 +29,7 @@ def test_digits_images_standardised_and_split():
     assert min(d.device_sizes()) >= 2
     x, y = d.device_arrays(3)
     assert len(x) == len(y) == len(d.device_indices[3])
-    again = load_dataset(DataConfig(name="digits"), seed=0, n_devices=50)
+    again = load_dataset(DataConfig(name="digits", calibration_fraction=0.0), seed=0, n_devices=50)
     assert np.array_equal(d.x_test, again.x_test)
     assert all(np.array_equal(a, b) for a, b in zip(d.device_indices, again.device_indices))
 
@@ -135,16 +135,8 @@ def test_npz_images_and_errors(tmp_path):
 
 
 def _mnist_cfg(**kw):
-    """DataConfig with name='mnist'. Until the config's Literal lists 'mnist' (the lead's
-    change), build a valid config and set the name on the frozen instance."""
-    from ftte.pipeline.config import ConfigError
-
-    try:
-        return DataConfig(name="mnist", **kw)
-    except ConfigError:
-        cfg = DataConfig(**kw)
-        object.__setattr__(cfg, "name", "mnist")
-        return cfg
+    """DataConfig for MNIST; no calibration split unless a test asks (the default config holds 5% apart)."""
+    return DataConfig(name="mnist", **{"calibration_fraction": 0.0, **kw})
 
 
 @pytest.fixture
@@ -209,7 +201,7 @@ def test_mnist_federated_split_is_label_skewed(mnist_cache):
     assert 0.0 <= float(raw.x_train.min()) and float(raw.x_train.max()) <= 1.0
 
 
-def test_calibration_split_is_held_apart_and_off_by_default(mnist_cache):
+def test_calibration_split_is_held_apart_and_off_when_zero(mnist_cache):
     plain = load_dataset(_mnist_cfg(), seed=0, n_devices=20)
     assert len(plain.y_calib) == 0 and plain.summary()["n_calibration"] == 0
     d = load_dataset(_mnist_cfg(), seed=0, n_devices=20, calibration_fraction=0.1)
