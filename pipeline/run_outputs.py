@@ -290,6 +290,12 @@ def target_warning(summary: Mapping[str, Any]) -> str | None:
     if summary.get("target_below_majority_rate"):
         return (f"warning: target accuracy {target:g} is at or below the majority-class rate of the test set "
                 f"({rate:.3f}); always predicting the commonest label reaches it, so time_to_target_s says little")
+    best = summary.get("best_accuracy")
+    if rate is not None and best is not None and best <= rate + 0.01:
+        return (f"warning: the best accuracy {best:.3f} does not beat always predicting the commonest label "
+                f"({rate:.3f}). The default learning rates ([train] lr = 1.0, [server] lr = 1.0) suit the image "
+                "presets; for a tabular CSV with a linear model or a small MLP start with --set train.lr=0.1, "
+                "and check that [data] standardize = true")
     return None
 
 

@@ -116,3 +116,13 @@ def test_audit_plot_shows_a_distribution_not_a_legend_per_device(tmp_path):
     assert all(a <= b for a, b in zip(q[:, 2], q[1:, 2]))  # cumulative: the median never falls
     files = write_report(result, tmp_path / "audit")
     assert files.plot.stat().st_size > 0 and "epsilon.png" in files.markdown.read_text()
+
+
+def test_a_run_that_never_beats_the_majority_class_says_what_to_change():
+    from ftte.pipeline.run_outputs import target_warning
+
+    stuck = {"majority_class_rate": 0.63, "target_accuracy": 0.8, "best_accuracy": 0.62,
+             "target_below_majority_rate": False}
+    warning = target_warning(stuck)
+    assert warning is not None and "train.lr=0.1" in warning and "standardize" in warning
+    assert target_warning({**stuck, "best_accuracy": 0.9}) is None
