@@ -225,12 +225,21 @@ class Simulation:
         s = self.server
         return ModelPull(s.version, self.plan.plan_id, s.current_hash, s.weights.astype(np.float32))
 
+    def _pull_and_size(self) -> tuple[ModelPull, int]:
+        """The current version's pull and its encoded size, built once per version (every device
+        pulling that version gets the same message)."""
+        key = (self.server.version, self.server.current_hash)
+        cached = getattr(self, "_pull_cache", None)
+        if cached is None or cached[0] != key:
+            pull = self._pull()
+            cached = self._pull_cache = (key, pull, len(wire.encode(pull)))
+        return cached[1], cached[2]
+
     def _train(self, device: SimDevice, attempt: int) -> tuple[Any, float]:
         """Pull, check the budget and hand the round to the backend; returns (pending update to
         ``self.backend.resolve``, or None if over budget; virtual seconds). The seconds depend only
         on the profile, the data size and the message bytes, never on the training result."""
-        pull = self._pull()
-        down = len(wire.encode(pull))
+        pull, down = self._pull_and_size()
         self.download_bytes.append(down)
         n_records = len(self.data.device_indices[device.device_id])
         try:  # budget check and accountant record in the driver's store, before any training

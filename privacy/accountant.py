@@ -127,10 +127,10 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> Any:
     sample rate: with a small cache those evicted the pairs in use and every budget check
     recomputed its curve (~5 ms a vector of ~150 orders, ~1 KiB each held)."""
     from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as rdp_analysis
 
-    return rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                    orders=RDPAccountant.DEFAULT_ALPHAS)
+    from .rdp_curve import rdp_one_step  # Opacus's compute_rdp, bit for bit, ~3x faster
+
+    return rdp_one_step(sample_rate, noise_multiplier, RDPAccountant.DEFAULT_ALPHAS)
 
 
 def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
