@@ -79,9 +79,16 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
                 log_a0 = hi if lo == -math.inf else math.log1p(math.exp(lo - hi)) + hi
                 lo, hi = (x1, log_a1) if x1 < log_a1 else (log_a1, x1)
                 log_a1 = hi if lo == -math.inf else math.log1p(math.exp(lo - hi)) + hi
-            else:
-                log_a0 = _log_sub(log_a0, x0)
-                log_a1 = _log_sub(log_a1, x1)
+            else:  # _log_sub inlined; its rare branches (a zero term, equal terms, overflow) call it
+                d0, d1 = log_a0 - x0, log_a1 - x1
+                if d0 > 0.0 and x0 != -math.inf and d0 < 700.0:
+                    log_a0 = math.log(math.expm1(d0)) + x0
+                else:
+                    log_a0 = _log_sub(log_a0, x0)
+                if d1 > 0.0 and x1 != -math.inf and d1 < 700.0:
+                    log_a1 = math.log(math.expm1(d1)) + x1
+                else:
+                    log_a1 = _log_sub(log_a1, x1)
             if max(x0, x1) < -30:
                 return _log_add(log_a0, log_a1)
         start += block
