@@ -309,11 +309,19 @@ class _RayPending:
 @dataclass
 class _Actor:
     handle: Any
-    inflight: list[_RayPending] = field(default_factory=list)  # unresolved, in submission = execution order
+    # unresolved, in submission = execution order; keyed by identity so removal is O(1)
+    inflight: dict[int, _RayPending] = field(default_factory=dict)
+    load: int = 0  # tasks handed to it and not yet known to be done (kept as a count: O(1) per submit)
 
-    @property
-    def load(self) -> int:
-        return sum(not p.finished for p in self.inflight)
+    def add(self, p: _RayPending) -> None:
+        self.inflight[id(p)] = p
+        if not p.finished:
+            self.load += 1
+
+    def mark_finished(self, p: _RayPending) -> None:
+        if not p.finished:
+            p.finished = True
+            self.load -= 1
 
 
 class RayBackend(DeviceBackend):
@@ -402,22 +410,14 @@ class RayBackend(DeviceBackend):
         return self._weights_ref
 
     def _dispatch(self, p: _RayPending) -> None:
+        # The least loaded actor: O(workers), whatever the number of tasks in flight. A task
+        # counts until the driver resolves it (asking Ray which tasks are done scanned every
+        # task in flight on every submit).
         i = min(range(len(self._actors)), key=lambda j: (self._actors[j].load, j))
         actor = self._actors[i]
         p.actor, p.state, p.finished = i, "running", False
         p.ref = actor.handle.train.remote(p.task, p.weights_ref)
-        actor.inflight.append(p)
-
-    def _refresh_load(self) -> None:
-        """Mark the tasks the actors are done with, so new work goes to the least busy actor."""
-        running = [p for a in self._actors for p in a.inflight if not p.finished]
-        if not running:
-            return
-        ready, _ = self._ray.wait([p.ref for p in running], num_returns=len(running), timeout=0, fetch_local=False)
-        done = set(ready)
-        for p in running:
-            if p.ref in done:
-                p.finished = True
+        actor.add(p)
 
     def submit(self, task: TrainTask, pull: ModelPull) -> _RayPending:
         key = (task.device_id, task.attempt)
@@ -425,7 +425,6 @@ class RayBackend(DeviceBackend):
             self._crash_on.discard(key)
             task = replace(task, crash=True)
         p = _RayPending(task, self._weights(pull))
-        self._refresh_load()
         self._dispatch(p)
         return p
 
@@ -440,7 +439,7 @@ class RayBackend(DeviceBackend):
         actor they run again, on whichever actor is least busy. (Two deaths of one actor between
         two looks count as one: the second victim runs again.)"""
         actor = self._actors[actor_index]
-        group, actor.inflight = actor.inflight, []
+        group, actor.inflight, actor.load = list(actor.inflight.values()), {}, 0
         again: list[_RayPending] = []
         victim = False
         for q in group:
@@ -456,7 +455,7 @@ class RayBackend(DeviceBackend):
                     q.state = "lost"
                     self.lost.append((q.task.device_id, q.task.attempt))
             q.finished = True
-            actor.inflight.append(q)  # dropped from the list when the driver resolves it
+            actor.add(q)  # dropped from the table when the driver resolves it
         self._wait_restarted(actor)
         for q in again:
             q.task = replace(q.task, crash=False)
@@ -483,8 +482,8 @@ class RayBackend(DeviceBackend):
             except self._failed():
                 self._recover(pending.actor)
         actor = self._actors[pending.actor]
-        if pending in actor.inflight:
-            actor.inflight.remove(pending)
+        if actor.inflight.pop(id(pending), None) is not None:
+            actor.mark_finished(pending)
         return pending.result if pending.state == "done" else None
 
     def close(self) -> None:

@@ -386,8 +386,10 @@ class DataConfig(Section):
     synthetic_samples: int = 50
     synthetic_sigma: float = 1.0
     calibration_fraction: float = 0.05
+    eval_samples: int = 20_000
 
     def _check(self) -> None:
+        self._require("eval_samples", self.eval_samples >= 0, "must be >= 0 (0 = the whole held-out set)")
         self._require("calibration_fraction", 0.0 <= self.calibration_fraction < 0.5, "must be in [0, 0.5)")
         self._require("alpha", 0.0 < self.alpha < math.inf, "must be > 0 and finite")
         self._require("test_fraction", 0.0 < self.test_fraction < 1.0, "must be in (0, 1)")

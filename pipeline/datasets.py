@@ -193,6 +193,9 @@ def load_dataset(
     parts = partition_labels(
         y_train, n_devices, cfg.partition, seed=seed, alpha=cfg.alpha, min_samples=cfg.min_samples_per_device
     )
+    keep_test = _eval_subset(len(y_test), cfg.eval_samples, seed)
+    if len(keep_test) < len(y_test):
+        x_test, y_test = x_test[keep_test], y_test[keep_test]
     return FederatedData(
         name=cfg.name,
         x_train=np.ascontiguousarray(x_train, dtype=np.float32),
@@ -470,12 +473,24 @@ def synthetic_shards(
     """Raw per-device ``(x float64 (n_k, 60), y int64 (n_k,))`` shards of
     Synthetic(alpha, beta); ``n_k ~ lognormal(log(median_samples), sigma)`` clipped to
     ``[min_samples, 100 * median_samples]``."""
+    return list(_synthetic_shard_iter(n_devices, alpha, beta, seed, median_samples=median_samples, sigma=sigma,
+                                      min_samples=min_samples))
+
+
+def _synthetic_sizes(rng: np.random.Generator, n_devices: int, median_samples: int, sigma: float,
+                     min_samples: int) -> np.ndarray:
+    sizes = np.floor(rng.lognormal(math.log(median_samples), sigma, size=n_devices)).astype(np.int64)
+    return np.clip(sizes, max(1, min_samples), 100 * median_samples)
+
+
+def _synthetic_shard_iter(n_devices: int, alpha: float, beta: float, seed: int, *, median_samples: int, sigma: float,
+                          min_samples: int):
+    """The shards of :func:`synthetic_shards` one at a time (same draws, same order), so a
+    caller holds one device's float64 shard at a time instead of the whole fleet's."""
     rng = derive_rng(seed, "data", "synthetic")
     d, c = SYNTHETIC_FEATURES, SYNTHETIC_CLASSES
     feature_std = np.arange(1, d + 1, dtype=np.float64) ** -0.6  # Sigma_jj = j^-1.2
-    sizes = np.floor(rng.lognormal(math.log(median_samples), sigma, size=n_devices)).astype(np.int64)
-    sizes = np.clip(sizes, max(1, min_samples), 100 * median_samples)
-    shards = []
+    sizes = _synthetic_sizes(rng, n_devices, median_samples, sigma, min_samples)
     for k in range(n_devices):
         u_k = rng.normal(0.0, math.sqrt(alpha))
         w_k = rng.normal(u_k, 1.0, size=(d, c))
@@ -484,51 +499,87 @@ def synthetic_shards(
         v_k = rng.normal(big_b_k, 1.0, size=d)
         x = v_k + feature_std * rng.standard_normal((int(sizes[k]), d))
         y = np.argmax(x @ w_k + b_k, axis=1).astype(np.int64)
-        shards.append((x, y))
-    return shards
+        yield x, y
 
 
-def _synthetic(cfg: DataConfig, seed: int, n_devices: int) -> FederatedData:
-    # each device's training shard must keep min_samples after its test share is removed
-    train_sizes_needed = cfg.min_samples_per_device
-    total_min = math.ceil(train_sizes_needed / (1.0 - cfg.test_fraction)) + 1
-    shards = synthetic_shards(
-        n_devices,
-        cfg.synthetic_alpha,
-        cfg.synthetic_beta,
-        seed,
-        median_samples=cfg.synthetic_samples,
-        sigma=cfg.synthetic_sigma,
-        min_samples=total_min,
-    )
+def _synthetic_splits(cfg: DataConfig, seed: int, n_devices: int, total_min: int):
+    """Per device: (x, y, test rows, train rows), streamed."""
     split_rng = derive_rng(seed, "data", "synthetic-split")
-    xs_tr, ys_tr, xs_te, ys_te, parts = [], [], [], [], []
-    offset = 0
+    shards = _synthetic_shard_iter(n_devices, cfg.synthetic_alpha, cfg.synthetic_beta, seed,
+                                   median_samples=cfg.synthetic_samples, sigma=cfg.synthetic_sigma,
+                                   min_samples=total_min)
     for x, y in shards:
         n = len(y)
         k = min(int(round(cfg.test_fraction * n)), n - cfg.min_samples_per_device)
         perm = split_rng.permutation(n)
-        te, tr = perm[:k], np.sort(perm[k:])
-        xs_tr.append(x[tr])
-        ys_tr.append(y[tr])
-        xs_te.append(x[te])
-        ys_te.append(y[te])
+        yield x, y, perm[:k], np.sort(perm[k:])
+
+
+def _synthetic(cfg: DataConfig, seed: int, n_devices: int) -> FederatedData:
+    """Two streamed passes over the fleet's shards (the generator is cheap next to holding
+    it): the first counts rows and combines per-device training means and variances, the second writes
+    each shard straight into the final ``float32`` arrays. The peak is the final arrays plus
+    one device's shard, where concatenating float64 copies used to cost ~14x the result."""
+    # each device's training shard must keep min_samples after its test share is removed
+    train_sizes_needed = cfg.min_samples_per_device
+    total_min = math.ceil(train_sizes_needed / (1.0 - cfg.test_fraction)) + 1
+    d = SYNTHETIC_FEATURES
+    n_train = n_test = 0
+    mean, m2 = np.zeros(d), np.zeros(d)  # running training mean and centred sum of squares (Chan et al.)
+    for x, _, te, tr in _synthetic_splits(cfg, seed, n_devices, total_min):
+        n_test += len(te)
+        if len(tr) == 0:
+            continue
+        rows = x[tr]
+        n_k, mean_k = len(tr), rows.mean(axis=0)
+        m2_k = ((rows - mean_k) ** 2).sum(axis=0)
+        n = n_train + n_k
+        delta = mean_k - mean
+        mean = mean + delta * (n_k / n)
+        m2 = m2 + m2_k + delta**2 * (n_train * n_k / n)
+        n_train = n
+    if n_test == 0:
+        raise DatasetError("synthetic: the held-out test set is empty; raise test_fraction or synthetic_samples")
+    std = np.sqrt(m2 / n_train)
+    std[std < 1e-12] = 1.0  # constant feature: centre only
+    keep_test = _eval_subset(n_test, cfg.eval_samples, seed)
+    x_train = np.empty((n_train, d), dtype=np.float32)
+    y_train = np.empty(n_train, dtype=np.int64)
+    x_test = np.empty((len(keep_test), d), dtype=np.float32)
+    y_test = np.empty(len(keep_test), dtype=np.int64)
+    parts = []
+    offset = test_offset = kept = 0
+    for x, y, te, tr in _synthetic_splits(cfg, seed, n_devices, total_min):
+        xs = (x - mean) / std if cfg.standardize else x
+        x_train[offset:offset + len(tr)] = xs[tr]
+        y_train[offset:offset + len(tr)] = y[tr]
         parts.append(np.arange(offset, offset + len(tr), dtype=np.int64))
         offset += len(tr)
-    x_train, y_train = np.concatenate(xs_tr), np.concatenate(ys_tr)
-    x_test, y_test = np.concatenate(xs_te), np.concatenate(ys_te)
-    if len(y_test) == 0:
-        raise DatasetError("synthetic: the held-out test set is empty; raise test_fraction or synthetic_samples")
-    if cfg.standardize:
-        x_train, x_test = _standardize(x_train, x_test, per_feature=True)
+        # the kept test rows of this device: global test positions [test_offset, test_offset + len(te))
+        hi = int(np.searchsorted(keep_test, test_offset + len(te)))
+        local = keep_test[kept:hi] - test_offset
+        x_test[kept:hi] = xs[te[local]]
+        y_test[kept:hi] = y[te[local]]
+        kept = hi
+        test_offset += len(te)
     return FederatedData(
         name="synthetic",
-        x_train=np.ascontiguousarray(x_train, dtype=np.float32),
+        x_train=x_train,
         y_train=y_train,
-        x_test=np.ascontiguousarray(x_test, dtype=np.float32),
+        x_test=x_test,
         y_test=y_test,
         n_classes=SYNTHETIC_CLASSES,
         input_shape=(SYNTHETIC_FEATURES,),
         device_indices=tuple(parts),
         label_values=tuple(range(SYNTHETIC_CLASSES)),
     )
+
+
+def _eval_subset(n_test: int, eval_samples: int, seed: int) -> np.ndarray:
+    """Sorted positions of the test rows the server evaluates on: all of them, or a seeded
+    uniform sample of ``eval_samples`` when the held-out set is larger (0: no bound). The
+    evaluation cost per version then stops growing with the fleet."""
+    if eval_samples <= 0 or n_test <= eval_samples:
+        return np.arange(n_test, dtype=np.int64)
+    rng = derive_rng(seed, "data", "eval-subset")
+    return np.sort(rng.choice(n_test, size=eval_samples, replace=False)).astype(np.int64)

@@ -85,6 +85,10 @@ class RunResult:
 class Simulation:
     """One run of one strategy; :meth:`run` returns its summary and per-version history."""
 
+    # The accountants live in memory and reach ``accountants.db`` in one transaction right
+    # before each applied buffer's commit (and at close): durable per buffer, not per round.
+    store_durability = "flush"
+
     def __init__(self, cfg: Config, out_dir: str | Path | None = None, *, on_version: Callable[[dict], None] | None = None,
                  plan: SubsetPlan | None = None, backend: DeviceBackend | None = None) -> None:
         # Device models are tiny: intra-op threads buy nothing and, next to other busy
@@ -119,7 +123,7 @@ class Simulation:
                 self.ledger.set_policy(cfg.privacy.policy())
         else:
             store_path, self.state, self.ledger = ":memory:", None, None
-        self.store = AccountantStore(store_path)
+        self.store = AccountantStore(store_path, durability=self.store_durability)
         self.trainer = LocalTrainer(self.model, self.plan, self.dp, self.settings, self.store)
         self.identities = {d.device_id: Signer() for d in self.fleet}
         layers = layer_macs(self.model, self.data.input_shape)
@@ -199,6 +203,7 @@ class Simulation:
                                    max_grad_norm=clip, epsilon_max=cap, rng_source=source)
         rows = ledger_rows(self.ledger, [(s, RoundOutcome.UNMERGED, None) for s in spends])
         if rows:
+            self.store.flush()  # a ledger row never precedes its round in the accountants on disk
             self.ledger.append_many(rows)
         return len(rows)
 
@@ -230,12 +235,21 @@ class Simulation:
         s = self.server
         return ModelPull(s.version, self.plan.plan_id, s.current_hash, s.weights.astype(np.float32))
 
+    def _pull_and_size(self) -> tuple[ModelPull, int]:
+        """The current version's pull and its encoded size, built once per version (every device
+        pulling that version gets the same message)."""
+        key = (self.server.version, self.server.current_hash)
+        cached = getattr(self, "_pull_cache", None)
+        if cached is None or cached[0] != key:
+            pull = self._pull()
+            cached = self._pull_cache = (key, pull, len(wire.encode(pull)))
+        return cached[1], cached[2]
+
     def _train(self, device: SimDevice, attempt: int) -> tuple[Any, float]:
         """Pull, check the budget and hand the round to the backend; returns (pending update to
         ``self.backend.resolve``, or None if over budget; virtual seconds). The seconds depend only
         on the profile, the data size and the message bytes, never on the training result."""
-        pull = self._pull()
-        down = len(wire.encode(pull))
+        pull, down = self._pull_and_size()
         self.download_bytes.append(down)
         n_records = len(self.data.device_indices[device.device_id])
         try:  # budget check and accountant record in the driver's store, before any training
@@ -260,6 +274,7 @@ class Simulation:
         before it started, so the ledger gets the round's row now, in the device's order."""
         if self.ledger is not None and self.dp.enabled and self.user is None:
             spend = lost_round_spend(pending.task, self.dp, plan_id=self.plan.plan_id)
+            self.store.flush()
             self.ledger.append_many(ledger_rows(self.ledger, [(spend, RoundOutcome.LOST, None)]))
 
     # -- merging -----------------------------------------------------------------------------------
@@ -322,6 +337,7 @@ class Simulation:
         if self.state is None:
             return
         s = self.server
+        self.store.flush()  # first: a crash in between leaves spent rounds without rows, which resume reconciles
         self.state.commit_version(version=s.version, virtual_time_s=now, weights=s.weights,
                                   velocity=s.optimizer.state(), reference_variance=s.reference_variance,
                                   cohort=record.to_dict(), history_row=history_row, ledger=self.ledger,
