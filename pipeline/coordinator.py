@@ -127,6 +127,7 @@ class Coordinator:
         self.counters = Counters()
         self.started_at = 0.0
         self.history_tail: dict[str, Any] | None = None
+        self.recent_history: dict[int, dict[str, Any]] = {}  # version -> history row, the last ENDED_CACHE
         self._merge_lock = asyncio.Lock()
         self.commit_seconds: deque[float] = deque(maxlen=1000)
         self._tasks: set[asyncio.Task] = set()
@@ -571,6 +572,8 @@ class Coordinator:
             self.counters.ledger_rows += written
             if applied.applied:
                 self.history_tail = history
+                self.recent_history[m.version] = history
+                self.recent_history.pop(m.version - ENDED_CACHE, None)
                 self.counters.cohorts_applied += 1
                 c.end = CohortEnd(c.cohort_id, "applied", m.version, applied.record.included, "")
             else:

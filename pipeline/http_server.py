@@ -520,10 +520,10 @@ class ProgressLog:
         out = []
         for cid, end in new:
             if end.status == "applied":
-                tail = c.history_tail or {}
+                row = c.recent_history.get(end.applied_version) or {}
                 acc = ""
-                if tail.get("version") == end.applied_version and tail.get("accuracy") is not None:
-                    acc = f", test accuracy {float(tail['accuracy']):.4f}"
+                if row.get("accuracy") is not None:  # several cohorts may end between two looks
+                    acc = f", test accuracy {float(row['accuracy']):.4f}"
                 out.append(f"ftte server: cohort {cid} applied ({len(end.included)} members): "
                            f"version {end.applied_version}{acc}; {counts}")
             else:
