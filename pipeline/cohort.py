@@ -141,10 +141,9 @@ def _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness) ->
                      weights)
 
 
-def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness) -> CohortRun:
-    codec = codec_for(start)
-    params = session_params(start)
-    inputs = {m: codec.encode(prepared[m][0], prepared[m][1], prepared[m][2], rng) for m in ids}
+def _masked_session(params, ids, devices, identities, inputs, rng, latency_s):
+    """Run the real secure-aggregation session with each member's drop stage drawn from its
+    profile; returns (result or None, stats, drops, virtual seconds the five stages took)."""
     drops = draw_dropouts([devices[m] for m in ids], STAGE_LABELS, rng)
     result, stats = run_session(params, {m: identities[m] for m in ids}, inputs, drops)
     duration = 0.0
@@ -152,6 +151,14 @@ def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, 
         dropped_here = any(s == stage for s in drops.values())
         duration += _stage_seconds(devices, stats.stage_up.get(stage, {}), stats.stage_down.get(stage, {}),
                                    latency_s, dropped_here)
+    return result, stats, drops, duration
+
+
+def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness) -> CohortRun:
+    codec = codec_for(start)
+    params = session_params(start)
+    inputs = {m: codec.encode(prepared[m][0], prepared[m][1], prepared[m][2], rng) for m in ids}
+    result, stats, drops, duration = _masked_session(params, ids, devices, identities, inputs, rng, latency_s)
     bytes_up = dict(stats.bytes_up)
     if result is None:
         return CohortRun(_result(start, drops, staleness, duration, None, stats.aborted), bytes_up, weights)
@@ -191,13 +198,8 @@ def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, 
     codec = UserCodec(params, rotation_seed(start.cohort_id, contribution_binding(start)))
     inputs = {m: codec.encode(raw[m], weights[m], SecureRandom.from_seed(user.seed, "user-dp", str(m),
                                                                           start.cohort_id)).ring for m in ids}
-    drops = draw_dropouts([devices[m] for m in ids], STAGE_LABELS, rng)
-    result, stats = run_session(session_params(session_start), {m: identities[m] for m in ids}, inputs, drops)
-    duration = 0.0
-    for stage in STAGE_LABELS:
-        dropped_here = any(s == stage for s in drops.values())
-        duration += _stage_seconds(devices, stats.stage_up.get(stage, {}), stats.stage_down.get(stage, {}),
-                                   latency_s, dropped_here)
+    result, stats, drops, duration = _masked_session(session_params(session_start), ids, devices, identities,
+                                                     inputs, rng, latency_s)
     bytes_up = dict(stats.bytes_up)
     if result is None:
         return CohortRun(_result(start, drops, staleness, duration, None, stats.aborted, user=True), bytes_up, weights,
