@@ -58,10 +58,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", metavar="FILE",
                         help="pinned peer identity keys, one hex Ed25519 public key per line; cohorts with any other "
                              "member are refused (default: trust the server's member list)")
-    parser.add_argument("--min-cohort", type=int, default=3, help="refuse cohorts with fewer members than this")
-    parser.add_argument("--max-corrupt", type=int, default=1,
+    parser.add_argument("--min-cohort", type=int, default=None,
+                        help="refuse cohorts with fewer members than this (default: the device policy's, 3)")
+    parser.add_argument("--max-corrupt", type=int, default=None,
                         help="members this device assumes may collude with the server; a cohort whose threshold "
-                             "does not tolerate them is refused")
+                             "does not tolerate them is refused (default: the device policy's, 1)")
     parser.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: until the budget is spent)")
     parser.add_argument("--model-factory", metavar="PKG.MOD:FN",
                         help="this device's own callable(TaskInfo) -> nn.Sequential (default: the bundled model the "

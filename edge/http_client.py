@@ -343,7 +343,8 @@ class EdgeClient:
                  on_event: Callable[[str, dict[str, Any]], None] | None = None, seed: int | None = None,
                  torch_threads: int | None = None, transport: Transport | None = None,
                  join_patience_s: float = 600.0, trusted_keys: Iterable[bytes] | None = None,
-                 min_members: int = 3, max_corrupt: int = 1, policy: DevicePolicy | None = None,
+                 min_members: int | None = None, max_corrupt: int | None = None,
+                 policy: DevicePolicy | None = None,
                  standardize: bool = True) -> None:
         if len(x) != len(y) or len(x) == 0:
             raise ValueError("x and y must be non-empty and of equal length")
@@ -366,7 +367,8 @@ class EdgeClient:
         # This device's own rules for any cohort (peers pinned by the operator, or None: trust the
         # server's list; cohort floor; colluders assumed); ``policy`` overrides the three shortcuts.
         pinned = frozenset(trusted_keys) | {identity.public_key} if trusted_keys is not None else None
-        self.policy = policy or DevicePolicy(trusted_keys=pinned, min_members=min_members, max_corrupt=max_corrupt)
+        floors = {k: v for k, v in (("min_members", min_members), ("max_corrupt", max_corrupt)) if v is not None}
+        self.policy = policy or DevicePolicy(trusted_keys=pinned, **floors)  # unset: the policy's own defaults
         self._rng = np.random.default_rng(seed)
         self._seed = random.Random(seed)
         self._test_seed = seed

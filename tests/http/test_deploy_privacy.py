@@ -307,3 +307,16 @@ def test_a_device_with_a_running_cohort_cannot_join_another(tmp_path):
 
     refused = asyncio.run(scenario())
     assert refused.code == "busy" and http_status(refused) == 409
+
+
+def test_an_edge_client_takes_its_floors_from_the_device_policy(tmp_path):
+    """The device's floors have one home (DevicePolicy): the client and ``ftte edge`` only override them."""
+    import numpy as np
+
+    from ftte.edge.http_client import EdgeClient
+
+    x, y = np.zeros((4, 64), np.float32), np.arange(4) % 2
+    with EdgeClient("https://127.0.0.1:1", Signer(), x, y, state_dir=tmp_path / "a") as client:
+        assert client.policy == DevicePolicy()
+    with EdgeClient("https://127.0.0.1:1", Signer(), x, y, state_dir=tmp_path / "b", min_members=5) as client:
+        assert client.policy.min_members == 5 and client.policy.max_corrupt == DevicePolicy().max_corrupt
