@@ -304,29 +304,55 @@ def measure_training_memory(
 
 
 def _replay_allocations(prof: "torch.profiler.profile") -> tuple[int, str, dict[str, int]]:
-    """Peak of the running sum of CPU allocation events, and the step phase it falls in."""
+    """Peak of the running sum of this step's CPU allocations, and the step phase it falls in.
+
+    Read from the profiler's event tree rather than its flat event list because the tree
+    gives each allocation's address: torch's CPU allocator remembers block sizes from any
+    earlier profiling session and never forgets a block freed while profiling was off, so
+    a block reused at such an address and freed during this step is reported with a stale,
+    unrelated size. Only frees of blocks allocated inside this session count.
+    """
     try:
-        events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        roots = prof.profiler.kineto_results.experimental_event_tree()  # type: ignore[union-attr]
     except AttributeError as exc:  # pragma: no cover - depends on the torch build
         raise RuntimeError("this torch build's profiler exposes no allocation events; cannot measure memory") from exc
+    events: list[tuple[int, int, int]] = []
     ranges: list[tuple[int, int, str]] = []
-    allocs: list[tuple[int, int]] = []
-    for e in events:
-        name = e.name()
-        if name == "[memory]":
-            if e.device_type() == torch.autograd.DeviceType.CPU:
-                allocs.append((e.start_ns(), int(e.nbytes())))
-        elif name in ("prefix", "forward", "backward", "step"):
-            ranges.append((e.start_ns(), e.end_ns(), name))
-    if not allocs:
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        fields = node.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation":
+            if fields.device.type == "cpu":
+                events.append((node.start_time_ns, int(fields.ptr), int(fields.alloc_size)))
+        elif node.name in ("prefix", "forward", "backward", "step"):
+            ranges.append((node.start_time_ns, node.end_time_ns, node.name))
+    if not events:
         raise RuntimeError("the profiler recorded no CPU allocations; was profile_memory=True honoured?")
-    allocs.sort(key=lambda a: a[0])
-    ranges.sort()
+    events.sort(key=lambda e: e[0])
+    return replay_allocation_events(events, sorted(ranges))
+
+
+def replay_allocation_events(
+    events: list[tuple[int, int, int]], ranges: list[tuple[int, int, str]]
+) -> tuple[int, str, dict[str, int]]:
+    """Peak live bytes over time-ordered ``(time_ns, address, signed_bytes)`` events.
+
+    A free (negative size) counts only if its address was allocated earlier in the same
+    list, with the size of that allocation: frees of blocks from before the measurement,
+    or reported with a stale size, would lower the peak by memory the step never held.
+    """
+    live: dict[int, int] = {}
     cur = peak = 0
     peak_phase = "other"
     phase_peaks: dict[str, int] = {}
-    for t, nbytes in allocs:
-        cur += nbytes
+    for t, ptr, nbytes in events:
+        if nbytes >= 0:
+            live[ptr] = live.get(ptr, 0) + nbytes
+            cur += nbytes
+        else:
+            cur -= live.pop(ptr, 0)
         phase = next((n for a, b, n in ranges if a <= t <= b), "other")
         if cur > phase_peaks.get(phase, -1):
             phase_peaks[phase] = cur
