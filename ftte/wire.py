@@ -26,7 +26,10 @@ from typing import Any, Callable, ClassVar, TypeVar
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 1: the first release. 2: CohortStart carries the contribution terms, the colluder bound and
+# the ring nonces; JoinRequest and the pull/submit messages changed with them. A peer on
+# another version is refused by its version, before any field is read.
+SCHEMA_VERSION = 2
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a 16M-coordinate uint32 vector plus overhead
 MAX_LIST_ITEMS = 100_000
 MAX_COORDINATES = 16 * 1024 * 1024

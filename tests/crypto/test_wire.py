@@ -14,6 +14,8 @@ from ftte.secagg_messages import (
     UnmaskShares,
 )
 
+V = wire.SCHEMA_VERSION
+
 
 def sample_messages():
     return [
@@ -54,18 +56,26 @@ def test_expect_mismatch_and_unknown_tag():
         wire.decode(msgpack.packb([99, 6, b"s" * 32, [1]]))
 
 
+def test_a_first_release_message_is_refused_by_its_version_not_by_a_field_count():
+    """Messages gained fields after the first release (CohortStart's contribution terms and
+    colluder bound among them); a version-1 peer is told which versions differ."""
+    old = msgpack.packb([1] + list(msgpack.unpackb(wire.encode(SurvivorList(b"s" * 32, (1,))))[1:]))
+    with pytest.raises(wire.WireError, match=r"unsupported schema version 1 \(this side speaks 2\)"):
+        wire.decode(old)
+
+
 @pytest.mark.parametrize(
     "payload,match",
     [
-        ([1, 6, b"s" * 32], "fields"),  # missing a field
-        ([1, 6, b"s" * 31, [1]], "32 bytes"),  # short session id
-        ([1, 6, b"s" * 32, [-1]], "unsigned"),  # negative id
-        ([1, 6, b"s" * 32, [1.5]], "unsigned"),
-        ([1, 6, b"s" * 32, "notalist"], "list"),
-        ([1, 5, b"s" * 32, 1, [8, b"\x00" * 4], b"g" * 64, []], "ring bits"),
-        ([1, 5, b"s" * 32, 1, [16, b"\x00" * 3], b"g" * 64, []], "bad length"),
-        ([1, 5, b"s" * 32, 1, [16, "text"], b"g" * 64, []], "bad length"),
-        ([1, 5, b"s" * 32, 1, [16], b"g" * 64, []], "ring_bits, data"),
+        ([V, 6, b"s" * 32], "fields"),  # missing a field
+        ([V, 6, b"s" * 31, [1]], "32 bytes"),  # short session id
+        ([V, 6, b"s" * 32, [-1]], "unsigned"),  # negative id
+        ([V, 6, b"s" * 32, [1.5]], "unsigned"),
+        ([V, 6, b"s" * 32, "notalist"], "list"),
+        ([V, 5, b"s" * 32, 1, [8, b"\x00" * 4], b"g" * 64, []], "ring bits"),
+        ([V, 5, b"s" * 32, 1, [16, b"\x00" * 3], b"g" * 64, []], "bad length"),
+        ([V, 5, b"s" * 32, 1, [16, "text"], b"g" * 64, []], "bad length"),
+        ([V, 5, b"s" * 32, 1, [16], b"g" * 64, []], "ring_bits, data"),
         ({"t": 6}, "msgpack"),
         ("hello", "array"),
     ],
@@ -137,7 +147,7 @@ def test_submit_wrapping_junk_decodes_the_envelope_then_refuses_the_payload():
 
 def test_list_lengths_are_checked_against_the_bytes_left():
     # an id list that claims 100 000 ids but carries 3: refused at the header, nothing read
-    head = b"".join(msgpack.packb(v, use_bin_type=True) for v in (1, 6, b"s" * 32))
+    head = b"".join(msgpack.packb(v, use_bin_type=True) for v in (V, 6, b"s" * 32))
     body = b"\x94" + head + b"\xdc" + (60_000).to_bytes(2, "big") + b"\x01\x02\x03"
     with pytest.raises(wire.WireError, match="at most"):
         wire.decode(body)
@@ -148,11 +158,11 @@ def test_trailing_bytes_and_scalars_in_place_of_lists_are_refused():
     with pytest.raises(wire.WireError, match="after the message"):
         wire.decode(data + b"\x00")
     with pytest.raises(wire.WireError, match="container"):
-        wire.decode(msgpack.packb([1, 6, [b"s" * 32], [1]], use_bin_type=True))
+        wire.decode(msgpack.packb([V, 6, [b"s" * 32], [1]], use_bin_type=True))
     with pytest.raises(wire.WireError, match="container"):
-        wire.decode(msgpack.packb([1, 6, b"s" * 32, [[1]]], use_bin_type=True))
+        wire.decode(msgpack.packb([V, 6, b"s" * 32, [[1]]], use_bin_type=True))
     with pytest.raises(wire.WireError, match="pairs"):
-        wire.decode(msgpack.packb([1, 3, b"s" * 32, 1, b"h" * 32, [[2]], b"g" * 64, b"n" * 32], use_bin_type=True))
+        wire.decode(msgpack.packb([V, 3, b"s" * 32, 1, b"h" * 32, [[2]], b"g" * 64, b"n" * 32], use_bin_type=True))
 
 
 @settings(max_examples=100, deadline=None)
