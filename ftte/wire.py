@@ -26,9 +26,10 @@ from typing import Any, Callable, ClassVar, TypeVar
 import msgpack
 import numpy as np
 
-# 1: the first release. 2: CohortStart carries the contribution terms, the colluder bound and
-# the ring nonces; JoinRequest and the pull/submit messages changed with them. A peer on
-# another version is refused by its version, before any field is read.
+# 1: the first release. 2: nine messages gained fields since (CohortStart's colluder bound,
+# TaskInfo's contribution terms and privacy policy, JoinRequest's signed spend, the ring
+# nonces and commitments of the secure-aggregation messages). A peer on another version is
+# refused by its version, before any field is read.
 SCHEMA_VERSION = 2
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a 16M-coordinate uint32 vector plus overhead
 MAX_LIST_ITEMS = 100_000
