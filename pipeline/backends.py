@@ -97,12 +97,15 @@ class WorkerData:
     x_train: np.ndarray
     y_train: np.ndarray
     device_indices: tuple[np.ndarray, ...]
+    shards: Any = None  # an on-demand source (synthetic): devices' records are generated when asked for
 
     @classmethod
     def from_federated(cls, data: Any) -> "WorkerData":
-        return cls(data.x_train, data.y_train, tuple(data.device_indices))
+        return cls(data.x_train, data.y_train, tuple(data.device_indices), getattr(data, "shards", None))
 
     def device_arrays(self, device_id: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.shards is not None:
+            return self.shards.device_arrays(device_id)
         idx = self.device_indices[device_id]
         return self.x_train[idx], self.y_train[idx]
 
