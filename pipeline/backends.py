@@ -67,6 +67,8 @@ __all__ = [
     "lost_round_spend",
     "lost_round_stats",
     "make_backend",
+    "plan_device_round",
+    "charge_planned",
     "reserve_round",
     "seeded_store",
 ]
@@ -95,12 +97,15 @@ class WorkerData:
     x_train: np.ndarray
     y_train: np.ndarray
     device_indices: tuple[np.ndarray, ...]
+    shards: Any = None  # an on-demand source (synthetic): devices' records are generated when asked for
 
     @classmethod
     def from_federated(cls, data: Any) -> "WorkerData":
-        return cls(data.x_train, data.y_train, tuple(data.device_indices))
+        return cls(data.x_train, data.y_train, tuple(data.device_indices), getattr(data, "shards", None))
 
     def device_arrays(self, device_id: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.shards is not None:
+            return self.shards.device_arrays(device_id)
         idx = self.device_indices[device_id]
         return self.x_train[idx], self.y_train[idx]
 
@@ -138,6 +143,27 @@ def reserve_round(trainer: LocalTrainer, device_id: int, n_records: int) -> tupl
     store.charge(key, plan.privacy_step, accountant=plan.accountant, delta=plan.delta,
                  epsilon_max=plan.budget.epsilon_max, expected_rounds=plan.prior_rounds)
     return prior, plan
+
+
+def plan_device_round(trainer: LocalTrainer, device_id: int, n_records: int
+                      ) -> tuple[DeviceAccountantState | None, RoundPlan]:
+    """Budget check of the round ``device_id`` is about to train, charging nothing: returns the
+    device's accountant state before the round (what the worker is handed) and the plan. Raises
+    ``BudgetExceededError`` if the round would exceed the budget. The simulator charges the
+    round with :func:`charge_planned` when the round is released (see the simulator)."""
+    plan = trainer.plan_round(device_id, n_records)
+    if plan.budget is None:
+        return None, plan
+    return trainer.store.state(str(device_id)), plan
+
+
+def charge_planned(store: AccountantStore, device_id: int, plan: RoundPlan) -> None:
+    """Record a planned round in ``store`` (no-op without DP), against the history length it
+    was planned on: a device's history must not have moved in between."""
+    if plan.budget is None:
+        return
+    store.charge(str(device_id), plan.privacy_step, accountant=plan.accountant, delta=plan.delta,
+                 epsilon_max=plan.budget.epsilon_max, expected_rounds=plan.prior_rounds)
 
 
 def lost_round_spend(task: TrainTask, dp: DPConfig, *, plan_id: str) -> SpendRecord:

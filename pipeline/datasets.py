@@ -91,6 +91,9 @@ class FederatedData:
     # server-held calibration split (public/server-owned stand-in); empty unless asked for
     x_calib: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.float32))
     y_calib: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
+    # on-demand source (synthetic): each device's records are generated when asked for, and
+    # x_train/y_train are empty; device_indices then only give each device's record count
+    shards: "SyntheticShards | None" = None
 
     @property
     def n_devices(self) -> int:
@@ -103,8 +106,24 @@ class FederatedData:
 
     def device_arrays(self, device_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Features and labels held by one device."""
+        if self.shards is not None:
+            return self.shards.device_arrays(device_id)
         idx = self.device_indices[device_id]
         return self.x_train[idx], self.y_train[idx]
+
+    def training_head(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` training records (devices in id order): a stand-in for server-owned
+        data when choosing plans in a simulation."""
+        if self.shards is None:
+            return self.x_train[:n], self.y_train[:n]
+        xs, ys, have = [], [], 0
+        for k in range(self.n_devices):
+            if have >= n:
+                break
+            x, y = self.shards.device_arrays(k)
+            xs.append(x[: n - have]), ys.append(y[: n - have])
+            have += len(xs[-1])
+        return np.concatenate(xs), np.concatenate(ys)
 
     def device_sizes(self) -> np.ndarray:
         return np.array([len(i) for i in self.device_indices], dtype=np.int64)
@@ -128,7 +147,9 @@ class FederatedData:
             "device_samples_min": int(sizes.min()),
             "device_samples_median": float(np.median(sizes)),
             "device_samples_max": int(sizes.max()),
-            "label_skew_tv": round(label_skew(self.y_train, self.device_indices, self.n_classes), 4),
+            # on demand, the whole fleet's labels are never built
+            "label_skew_tv": (None if self.shards is not None
+                              else round(label_skew(self.y_train, self.device_indices, self.n_classes), 4)),
         }
 
 
@@ -502,76 +523,95 @@ def _synthetic_shard_iter(n_devices: int, alpha: float, beta: float, seed: int, 
         yield x, y
 
 
-def _synthetic_splits(cfg: DataConfig, seed: int, n_devices: int, total_min: int):
-    """Per device: (x, y, test rows, train rows), streamed."""
-    split_rng = derive_rng(seed, "data", "synthetic-split")
-    shards = _synthetic_shard_iter(n_devices, cfg.synthetic_alpha, cfg.synthetic_beta, seed,
-                                   median_samples=cfg.synthetic_samples, sigma=cfg.synthetic_sigma,
-                                   min_samples=total_min)
-    for x, y in shards:
-        n = len(y)
-        k = min(int(round(cfg.test_fraction * n)), n - cfg.min_samples_per_device)
-        perm = split_rng.permutation(n)
-        yield x, y, perm[:k], np.sort(perm[k:])
+@dataclass(frozen=True, eq=False)
+class SyntheticShards:
+    """Synthetic(alpha, beta) shards generated one device at a time, from that device's own
+    seed (``derive_rng(seed, "data", "synthetic", "device", k)``), whenever a device's records
+    are asked for: nothing of the size of the fleet's data is ever held. The same seed gives
+    the same shard whatever order devices are asked in. Each shard is split into the
+    device's training rows and its held-out rows by the same generator."""
+
+    seed: int
+    alpha: float
+    beta: float
+    sizes: np.ndarray  # records per device (training + held out)
+    n_test: np.ndarray  # held-out records per device
+    mean: np.ndarray | None  # standardisation (None: raw features)
+    std: np.ndarray | None
+
+    def raw(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Device ``k``'s float64 features, labels, held-out rows and training rows."""
+        rng = derive_rng(self.seed, "data", "synthetic", "device", int(k))
+        d, c = SYNTHETIC_FEATURES, SYNTHETIC_CLASSES
+        feature_std = np.arange(1, d + 1, dtype=np.float64) ** -0.6  # Sigma_jj = j^-1.2
+        u_k = rng.normal(0.0, math.sqrt(self.alpha))
+        w_k = rng.normal(u_k, 1.0, size=(d, c))
+        b_k = rng.normal(u_k, 1.0, size=c)
+        v_k = rng.normal(rng.normal(0.0, math.sqrt(self.beta)), 1.0, size=d)
+        n = int(self.sizes[k])
+        x = v_k + feature_std * rng.standard_normal((n, d))
+        y = np.argmax(x @ w_k + b_k, axis=1).astype(np.int64)
+        perm = rng.permutation(n)
+        t = int(self.n_test[k])
+        return x, y, perm[:t], np.sort(perm[t:])
+
+    def scale(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / self.std if self.mean is not None else x).astype(np.float32)
+
+    def device_arrays(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y, _, tr = self.raw(k)
+        return self.scale(x[tr]), y[tr]
 
 
 def _synthetic(cfg: DataConfig, seed: int, n_devices: int) -> FederatedData:
-    """Two streamed passes over the fleet's shards (the generator is cheap next to holding
-    it): the first counts rows and combines per-device training means and variances, the second writes
-    each shard straight into the final ``float32`` arrays. The peak is the final arrays plus
-    one device's shard, where concatenating float64 copies used to cost ~14x the result."""
-    # each device's training shard must keep min_samples after its test share is removed
-    train_sizes_needed = cfg.min_samples_per_device
+    """Devices' shards on demand (:class:`SyntheticShards`). The server's held-out set is the
+    held-out rows of devices visited in a seeded order until ``eval_samples`` rows are found
+    (every device when 0), and the standardisation statistics are those of the same devices'
+    training rows, so building the dataset costs the same at any fleet size."""
+    train_sizes_needed = cfg.min_samples_per_device  # each device keeps this many after its held-out share
     total_min = math.ceil(train_sizes_needed / (1.0 - cfg.test_fraction)) + 1
+    sizes = _synthetic_sizes(derive_rng(seed, "data", "synthetic"), n_devices, cfg.synthetic_samples,
+                             cfg.synthetic_sigma, total_min)
+    n_test = np.minimum(np.round(cfg.test_fraction * sizes).astype(np.int64), sizes - cfg.min_samples_per_device)
+    n_test = np.maximum(n_test, 0)
+    if int(n_test.sum()) == 0:
+        raise DatasetError("synthetic: the held-out test set is empty; raise test_fraction or synthetic_samples")
+    raw = SyntheticShards(seed, cfg.synthetic_alpha, cfg.synthetic_beta, sizes, n_test, None, None)
     d = SYNTHETIC_FEATURES
-    n_train = n_test = 0
-    mean, m2 = np.zeros(d), np.zeros(d)  # running training mean and centred sum of squares (Chan et al.)
-    for x, _, te, tr in _synthetic_splits(cfg, seed, n_devices, total_min):
-        n_test += len(te)
-        if len(tr) == 0:
-            continue
+    want = cfg.eval_samples if cfg.eval_samples > 0 else int(n_test.sum())
+    xs_te, ys_te, have = [], [], 0
+    n_tr, mean, m2 = 0, np.zeros(d), np.zeros(d)  # running training mean and centred sum of squares (Chan et al.)
+    for k in derive_rng(seed, "data", "synthetic-eval").permutation(n_devices):
+        if have >= want:
+            break
+        x, y, te, tr = raw.raw(int(k))
+        take = te[: want - have]
+        xs_te.append(x[take]), ys_te.append(y[take])
+        have += len(take)
         rows = x[tr]
-        n_k, mean_k = len(tr), rows.mean(axis=0)
+        n_k, mean_k = len(rows), rows.mean(axis=0)
         m2_k = ((rows - mean_k) ** 2).sum(axis=0)
-        n = n_train + n_k
+        n = n_tr + n_k
         delta = mean_k - mean
         mean = mean + delta * (n_k / n)
-        m2 = m2 + m2_k + delta**2 * (n_train * n_k / n)
-        n_train = n
-    if n_test == 0:
-        raise DatasetError("synthetic: the held-out test set is empty; raise test_fraction or synthetic_samples")
-    std = np.sqrt(m2 / n_train)
+        m2 = m2 + m2_k + delta**2 * (n_tr * n_k / n)
+        n_tr = n
+    std = np.sqrt(m2 / n_tr)
     std[std < 1e-12] = 1.0  # constant feature: centre only
-    keep_test = _eval_subset(n_test, cfg.eval_samples, seed)
-    x_train = np.empty((n_train, d), dtype=np.float32)
-    y_train = np.empty(n_train, dtype=np.int64)
-    x_test = np.empty((len(keep_test), d), dtype=np.float32)
-    y_test = np.empty(len(keep_test), dtype=np.int64)
-    parts = []
-    offset = test_offset = kept = 0
-    for x, y, te, tr in _synthetic_splits(cfg, seed, n_devices, total_min):
-        xs = (x - mean) / std if cfg.standardize else x
-        x_train[offset:offset + len(tr)] = xs[tr]
-        y_train[offset:offset + len(tr)] = y[tr]
-        parts.append(np.arange(offset, offset + len(tr), dtype=np.int64))
-        offset += len(tr)
-        # the kept test rows of this device: global test positions [test_offset, test_offset + len(te))
-        hi = int(np.searchsorted(keep_test, test_offset + len(te)))
-        local = keep_test[kept:hi] - test_offset
-        x_test[kept:hi] = xs[te[local]]
-        y_test[kept:hi] = y[te[local]]
-        kept = hi
-        test_offset += len(te)
+    shards = (SyntheticShards(seed, cfg.synthetic_alpha, cfg.synthetic_beta, sizes, n_test, mean, std)
+              if cfg.standardize else raw)
+    x_test = shards.scale(np.concatenate(xs_te))
     return FederatedData(
         name="synthetic",
-        x_train=x_train,
-        y_train=y_train,
+        x_train=np.zeros((0, d), dtype=np.float32),
+        y_train=np.zeros(0, dtype=np.int64),
         x_test=x_test,
-        y_test=y_test,
+        y_test=np.concatenate(ys_te),
         n_classes=SYNTHETIC_CLASSES,
         input_shape=(SYNTHETIC_FEATURES,),
-        device_indices=tuple(parts),
+        device_indices=tuple(range(int(n)) for n in sizes - n_test),
         label_values=tuple(range(SYNTHETIC_CLASSES)),
+        shards=shards,
     )
 
 

@@ -37,10 +37,11 @@ from ftte.crypto.primitives import Signer
 from ftte.edge.plan import SubsetPlan, subset_vector
 from ftte.edge.runtime import LocalTrainer, LocalUpdate
 from ftte.round_messages import ModelPull
-from ftte.pipeline.backends import (DeviceBackend, TrainTask, WorkerData, WorkerSpec, lost_round_spend, make_backend,
-                                    reserve_round)
+from ftte.pipeline.backends import (DeviceBackend, LocalBackend, TrainTask, WorkerData, WorkerSpec, charge_planned,
+                                    lost_round_spend, make_backend, plan_device_round)
 from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time
 from ftte.pipeline.cohort import CohortRun, UserLevel, run_cohort
+from ftte.pipeline.cohort_time import ModelledCohort, model_cohort, supports as duration_known
 from ftte.pipeline.config import Config, ConfigError
 from ftte.pipeline.datasets import load_dataset
 from ftte.pipeline.fleet import SimDevice, build_fleet
@@ -56,7 +57,7 @@ from ftte.pipeline.strategies import Strategy, cohort_policy, strategy_for
 from ftte.pipeline.work import layer_macs, macs_per_sample, round_seconds
 from ftte.privacy.accountant import AccountantStore
 from ftte.privacy.budget import BudgetExceededError
-from ftte.privacy.dpsgd import RNG_SOURCE_SIMULATION
+from ftte.privacy.dpsgd import RNG_SOURCE_SIMULATION, RoundPlan
 from ftte.privacy.accountant import PrivacyStep
 from ftte.privacy.distributed_dp import MECH_CENTRAL, UserMechanism, user_rng_source
 from ftte.privacy.spend import RoundOutcome, SpendRecord, ledger_rows, unrecorded_spends
@@ -75,6 +76,21 @@ class OpenCohort:
     deadline_passed: bool = False
 
 
+@dataclass(eq=False)
+class DeviceRound:
+    """A round a device started (at its ``ready`` event): what it pulled, its seed and, once
+    known, its plan. Eager mode trains it at once (``pending``); lazy mode when its cohort's
+    merge is reached. ``plan`` None: not planned yet (its budget provably admits it)."""
+
+    device: SimDevice
+    attempt: int
+    pull: ModelPull
+    seed: int
+    n_records: int
+    plan: RoundPlan | None
+    pending: Any = None
+
+
 @dataclass
 class RunResult:
     summary: dict[str, Any]
@@ -90,7 +106,10 @@ class Simulation:
     store_durability = "flush"
 
     def __init__(self, cfg: Config, out_dir: str | Path | None = None, *, on_version: Callable[[dict], None] | None = None,
-                 plan: SubsetPlan | None = None, backend: DeviceBackend | None = None) -> None:
+                 plan: SubsetPlan | None = None, backend: DeviceBackend | None = None, lazy: bool | None = None) -> None:
+        """``lazy``: compute device rounds and cohorts only when a merge needs them (the default
+        where supported, see :meth:`lazy_supported`); False computes each when it happens (eager),
+        which gives the same history, ledger and weights."""
         # Device models are tiny: intra-op threads buy nothing and, next to other busy
         # processes on a 2-core machine, oversubscription made a step ~100x slower.
         torch.set_num_threads(1)
@@ -139,7 +158,9 @@ class Simulation:
         self.download_bytes: list[int] = []
         self.cohort_counter = 0
         self.aborted_cohorts = 0
-        self.train_rounds = 0
+        self.train_rounds = 0  # rounds devices started (virtual work)
+        self.rounds_computed = 0  # rounds this process actually trained
+        self._plans: dict[int, RoundPlan] = {}  # the plan of each device's round in flight, charged at release
         self._resume()
         # Device work: in this process, or on Ray (cfg.run.backend); started last, so nothing can fail after it.
         self.backend: DeviceBackend = backend if backend is not None else make_backend(cfg.run)
@@ -148,6 +169,23 @@ class Simulation:
         except BaseException:
             self.close()
             raise
+        why_not = self.lazy_unsupported()
+        if lazy and why_not:
+            self.close()
+            raise ValueError(f"lazy device work is not available here: {why_not}")
+        self.lazy = not why_not if lazy is None else bool(lazy)
+
+    def lazy_unsupported(self) -> str:
+        """Why rounds must be computed when they happen (empty: lazy work is possible)."""
+        if self.strategy.synchronous:
+            return "a synchronous strategy"
+        if not isinstance(self.backend, LocalBackend):
+            return "a worker of a remote backend can die mid-round, which must be known when the round ends"
+        if self.user is not None:
+            return "user-level DP"
+        if not duration_known(secure=self.cfg.secagg.enabled, graph=self.cfg.secagg.graph):
+            return "the ring masking graph (its neighbours are drawn during the session)"
+        return ""
 
     def _check_delta(self) -> None:
         """A configured delta must stay below 1/n on every device: δ >= 1/n may publish a whole record."""
@@ -187,9 +225,10 @@ class Simulation:
     def _reconcile_ledger(self) -> int:
         """Write a ledger row for every spent round the ledger lacks; returns how many.
 
-        A device's accountant records a round before it trains, but the server writes the
-        round's row when the round's buffer is applied. Rounds still in flight when a run
-        stops (or crashes) were spent but never merged: they are written as
+        Charged rounds that lack a row: an asynchronous round is charged when released, in
+        the same buffer commit as its row, so only a crash between the accountants' flush and
+        that commit leaves one; a synchronous round (and a user-level participation) is charged
+        when it starts, so rounds in flight at the stop are spent too. They are written as
         :attr:`RoundOutcome.UNMERGED` and, as their trained-from version is no longer known,
         with the latest applied version.
         """
@@ -245,15 +284,34 @@ class Simulation:
             cached = self._pull_cache = (key, pull, len(wire.encode(pull)))
         return cached[1], cached[2]
 
-    def _train(self, device: SimDevice, attempt: int) -> tuple[Any, float]:
-        """Pull, check the budget and hand the round to the backend; returns (pending update to
-        ``self.backend.resolve``, or None if over budget; virtual seconds). The seconds depend only
-        on the profile, the data size and the message bytes, never on the training result."""
+    def _first_round_fits(self, device_id: int) -> bool:
+        """Whether this device's round provably fits its budget without planning it (planning in
+        target-ε mode runs a noise search, the bulk of a large fleet's cost). True without DP (a
+        plan never refuses), and for a device's first round in target-ε mode under RDP: the noise
+        multiplier it will get makes ``planned_rounds`` (>= 2) rounds cost at most the target,
+        so one round costs less (ε grows with the rounds and falls with the noise, which the
+        floor can only raise), and the target is within ``epsilon_max``."""
+        dp = self.dp
+        if not dp.enabled:
+            return True
+        return (dp.target_epsilon is not None and dp.accountant == "rdp" and (dp.planned_rounds or 0) >= 2
+                and dp.target_epsilon <= dp.epsilon_max and self.store.state(str(device_id)) is None)
+
+    def _begin_round(self, device: SimDevice, attempt: int, *, charge_now: bool = False) -> tuple[DeviceRound | None, float]:
+        """Pull and check the budget of a round the device starts; returns (the round, or None if
+        over budget; virtual seconds until its update arrives). The seconds depend only on the
+        profile, the data size and the pull's bytes, never on the training result, so lazy mode
+        trains the round only when its result is needed.
+
+        Example-level rounds are charged when released (:meth:`_release`), or at once with
+        ``charge_now`` (synchronous rounds); a user-level participation is charged here."""
         pull, down = self._pull_and_size()
         self.download_bytes.append(down)
         n_records = len(self.data.device_indices[device.device_id])
-        try:  # budget check and accountant record in the driver's store, before any training
-            account, round_plan = reserve_round(self.trainer, device.device_id, n_records)
+        plan: RoundPlan | None = None
+        try:
+            if not (self.lazy and self._first_round_fits(device.device_id)):
+                _, plan = plan_device_round(self.trainer, device.device_id, n_records)
             if self.user is not None:  # user level: the update this round yields is one participation
                 p = self.cfg.privacy
                 self.store.charge(str(device.device_id), PrivacyStep(self.user.z, 1.0, 1), accountant="rdp",
@@ -261,17 +319,55 @@ class Simulation:
         except BudgetExceededError:
             self.retired.add(device.device_id)
             return None, 0.0
-        pending = self.backend.submit(TrainTask(device.device_id, attempt, pull.version,
-                                                self._seed("train", device.device_id, attempt), account, round_plan), pull)
+        r = DeviceRound(device, attempt, pull, self._seed("train", device.device_id, attempt), n_records, plan)
+        if not self.lazy:
+            r.pending = self._submit(r)  # hands the worker the device's state before this round
+        if plan is not None:
+            if charge_now:
+                charge_planned(self.store, device.device_id, plan)
+            else:
+                self._plans[device.device_id] = plan
         self.train_rounds += 1
         batch = min(float(self.settings.batch_size), float(n_records))
         seconds = transfer_time(down, device.profile.downlink_bps, self.cfg.fleet.latency_s) + compute_time(
             round_seconds(self.settings.local_steps, batch, self.macs, 1.0), device.profile.compute_speed)
-        return pending, seconds
+        return r, seconds
+
+    def _submit(self, r: DeviceRound) -> Any:
+        """Hand a planned round to the backend, with the device's accountant state before it."""
+        assert r.plan is not None
+        account = self.store.state(str(r.device.device_id)) if r.plan.budget is not None else None
+        self.rounds_computed += 1
+        return self.backend.submit(TrainTask(r.device.device_id, r.attempt, r.pull.version, r.seed, account, r.plan),
+                                   r.pull)
+
+    def _compute(self, r: DeviceRound) -> LocalUpdate:
+        """Lazy mode: train a round now that its cohort's merge needs it. Its plan is the one it
+        would have had when it started: the device's history has not moved since (a device has
+        one round in flight, charged only when released)."""
+        if r.plan is None:
+            _, r.plan = plan_device_round(self.trainer, r.device.device_id, r.n_records)
+            self._plans[r.device.device_id] = r.plan
+        update = self.backend.resolve(self._submit(r))
+        if update is None:
+            raise RuntimeError(f"device {r.device.device_id}: the local backend lost a round")
+        return update
+
+    def _release(self, members: list[tuple[SimDevice, LocalUpdate]]) -> None:
+        """Charge the members' rounds: their updates were released into a cohort that ended
+        (merged or aborted). Rounds still in flight when the run stops were never released and
+        are not charged (see docs/ARCHITECTURE.md, "Lazy device work")."""
+        for d, _ in members:
+            plan = self._plans.pop(d.device_id, None)
+            if plan is not None:
+                charge_planned(self.store, d.device_id, plan)
 
     def _worker_lost(self, pending: Any) -> None:
-        """A worker died mid-round: the device dropped out, but its round was recorded (spent)
-        before it started, so the ledger gets the round's row now, in the device's order."""
+        """A worker died mid-round: the device dropped out; its round counts as spent (it may have
+        released its update before dying), so it is charged and gets its ledger row now."""
+        plan = self._plans.pop(pending.task.device_id, None)
+        if plan is not None:
+            charge_planned(self.store, pending.task.device_id, plan)
         if self.ledger is not None and self.dp.enabled and self.user is None:
             spend = lost_round_spend(pending.task, self.dp, plan_id=self.plan.plan_id)
             self.store.flush()
@@ -285,10 +381,22 @@ class Simulation:
                            identity_keys=tuple(self.identities[m].public_key for m in ids),
                            coordinates=self.plan.num_coordinates, reference_variance=self.server.reference_variance)
 
+    def _cohort_rng(self, cohort_id: str) -> np.random.Generator:
+        return derive_rng(self.cfg.run.seed, "cohort", cohort_id)
+
     def _run_cohort(self, cohort_id: str, members: list[tuple[SimDevice, LocalUpdate]]) -> CohortRun:
-        return run_cohort(self._start(cohort_id, members), members, self.identities,
-                          derive_rng(self.cfg.run.seed, "cohort", cohort_id), secure=self.cfg.secagg.enabled,
-                          latency_s=self.cfg.fleet.latency_s, user=self.user)
+        return run_cohort(self._start(cohort_id, members), members, self.identities, self._cohort_rng(cohort_id),
+                          secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user)
+
+    def _run_started(self, start: Any, members: list[tuple[SimDevice, LocalUpdate]], modelled: ModelledCohort) -> CohortRun:
+        """Lazy mode: run a cohort planned at its close, and hold it to the drops and duration its
+        merge was scheduled with (a difference would change the history: stop loudly)."""
+        run = run_cohort(start, members, self.identities, self._cohort_rng(start.cohort_id),
+                         secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user)
+        if dict(run.result.dropped) != modelled.drops or run.duration_s != modelled.duration_s:
+            raise RuntimeError(f"cohort {start.cohort_id}: modelled drops {modelled.drops} and {modelled.duration_s!r} s, "
+                               f"the run gave {dict(run.result.dropped)} and {run.duration_s!r} s")
+        return run
 
     def _ledger_rows(self, members: list[tuple[SimDevice, LocalUpdate]], cohort_id: str,
                      merged: tuple[int, ...] = (), user_params: Any = None) -> list[Any]:
@@ -318,6 +426,7 @@ class Simulation:
                            rng_source=self._user_source(user_params))
 
     def _apply(self, run: CohortRun, members: list[tuple[SimDevice, LocalUpdate]], now: float) -> None:
+        self._release(members)
         applied = self.server.apply(run.result, now=now, evaluate=self.evaluator)
         if applied.applied:
             for m in applied.record.included:
@@ -347,6 +456,7 @@ class Simulation:
         """A round that never formed a cohort still spent its members' budgets: record them now,
         so every later row of those devices stays consistent with the rows before it."""
         self.aborted_cohorts += 1
+        self._release(members)
         result = CohortResult(cohort_id, self.server.version, tuple(d.device_id for d, _ in members), {}, {}, 0.0,
                               None, reason)
         self._commit(self.server.apply(result, now=self.clock.now).record, None, self.clock.now,
@@ -386,6 +496,14 @@ class Simulation:
         def close(cohort: OpenCohort) -> None:
             nonlocal open_cohort
             open_cohort = None
+            if self.lazy:  # the merge time is known now; members train when it is reached
+                start = self._start(cohort.cohort_id, cohort.members)
+                modelled = model_cohort(start, [d for d, _ in cohort.members],
+                                        {d.device_id: r.pull.version for d, r in cohort.members},
+                                        self._cohort_rng(cohort.cohort_id), secure=cfg.secagg.enabled,
+                                        latency_s=cfg.fleet.latency_s)
+                self.clock.schedule(self.clock.now + modelled.duration_s, ("merged", (start, modelled, cohort.members)))
+                return
             run = self._run_cohort(cohort.cohort_id, cohort.members)
             self.clock.schedule(self.clock.now + run.duration_s, ("merged", (run, cohort.members)))
 
@@ -406,14 +524,18 @@ class Simulation:
                 if dev.drops_at("train", rng):
                     self.clock.schedule(now + rng.exponential(OFFLINE_MEAN_S), ("ready", dev.device_id))
                     continue
-                pending, seconds = self._train(dev, n)
-                if pending is not None:
-                    self.clock.schedule(now + seconds, ("trained", (dev, pending)))
+                started, seconds = self._begin_round(dev, n)
+                if started is not None:
+                    self.clock.schedule(now + seconds, ("trained", started))
             elif kind == "trained":
-                dev, pending = payload
-                update = self.backend.resolve(pending)
+                r: DeviceRound = payload
+                dev = r.device
+                if self.lazy:
+                    update: Any = r  # trained when its cohort's merge is reached
+                else:
+                    update = self.backend.resolve(r.pending)
                 if update is None:  # its worker died mid-task: a dropout; the device comes back later
-                    self._worker_lost(pending)
+                    self._worker_lost(r.pending)
                     rng = derive_rng(cfg.run.seed, "worker-lost", dev.device_id, attempts[dev.device_id])
                     self.clock.schedule(now + rng.exponential(OFFLINE_MEAN_S), ("ready", dev.device_id))
                     continue
@@ -430,7 +552,12 @@ class Simulation:
                     if len(open_cohort.members) >= min_size:
                         close(open_cohort)
             elif kind == "merged":
-                run, members = payload
+                if self.lazy:
+                    start, modelled, rounds = payload
+                    members = [(d, self._compute(r)) for d, r in rounds]
+                    run = self._run_started(start, members, modelled)
+                else:
+                    run, members = payload
                 self._apply(run, members, now)
                 for dev, _ in members:
                     self.clock.schedule(now, ("ready", dev.device_id))
@@ -462,9 +589,9 @@ class Simulation:
                 drng = derive_rng(cfg.run.seed, "fedavg-device", round_no, dev.device_id)
                 if dev.drops_at("train", drng):
                     continue
-                pending, seconds = self._train(dev, round_no)
-                if pending is not None:
-                    submitted.append((seconds, dev, pending))
+                started, seconds = self._begin_round(dev, round_no, charge_now=True)
+                if started is not None:
+                    submitted.append((seconds, dev, started.pending))
             finished: list[tuple[float, SimDevice, LocalUpdate]] = []
             for seconds, dev, pending in submitted:
                 update = self.backend.resolve(pending)
@@ -549,6 +676,8 @@ class Simulation:
             "updates_applied": self.updates_applied,
             "aborted_cohorts": self.aborted_cohorts,
             "train_rounds": self.train_rounds,
+            "rounds_computed": self.rounds_computed,
+            "lazy_device_work": self.lazy,
             "bytes_up_per_update": float(np.mean(self.upload_bytes)) if self.upload_bytes else None,
             "bytes_down_per_update": float(np.mean(self.download_bytes)) if self.download_bytes else None,
             "float32_full_update_bytes": 4 * int(full_floats),

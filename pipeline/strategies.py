@@ -67,7 +67,7 @@ class Strategy:
         if len(data.x_calib):  # server-held data, apart from devices and the test set
             calib = data.x_calib, data.y_calib
         else:  # simulation only: a few training records stand in for server-owned data
-            calib = data.x_train[:64], data.y_train[:64]
+            calib = data.training_head(64)
         choice = search_plan(model, self.memory_budget(fleet), setup, calibration=calib, clipping=mode)
         return choice.plan, choice.clipping
 

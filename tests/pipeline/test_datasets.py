@@ -49,18 +49,26 @@ def test_too_many_devices_is_a_clear_error():
 def test_synthetic_fedprox_shape_and_heterogeneity():
     cfg = DataConfig(name="synthetic", synthetic_alpha=1.0, synthetic_beta=1.0, min_samples_per_device=3)
     d = load_dataset(cfg, seed=0, n_devices=30)
-    _check_common(d, 30)
+    assert d.n_devices == 30 and len(d.y_test) > 0 and d.x_test.dtype == np.float32
     assert d.input_shape == (60,) and d.n_classes == 10
     sizes = d.device_sizes()
     assert sizes.min() >= 3 and sizes.max() > 3 * np.median(sizes)  # heavy-tailed sizes
-    # devices are contiguous natural shards with their own label mix
+    # each device's shard is generated on demand: its own records and label mix
+    shards = [d.device_arrays(k) for k in range(30)]
+    assert [len(y) for _, y in shards] == list(sizes)
+    assert all(x.dtype == np.float32 and x.shape[1:] == (60,) for x, _ in shards)
     from ftte.pipeline.partition import label_skew
 
-    assert label_skew(d.y_train, d.device_indices, 10) > 0.4
+    y_all = np.concatenate([y for _, y in shards])
+    parts, offset = [], 0
+    for n in sizes:
+        parts.append(np.arange(offset, offset + n))
+        offset += n
+    assert label_skew(y_all, parts, 10) > 0.4
     iid_like = load_dataset(DataConfig(name="synthetic", synthetic_alpha=0.0, synthetic_beta=0.0), 0, 30)
     assert iid_like.n_classes == 10
     other = load_dataset(cfg, seed=1, n_devices=30)
-    assert not np.array_equal(d.y_train[:50], other.y_train[:50])
+    assert not np.array_equal(d.device_arrays(0)[0][:5], other.device_arrays(0)[0][:5])
 
 
 def _write_csv(path, text):
