@@ -85,6 +85,7 @@ from ftte.http_auth import (
 from ftte.round_messages import ModelPull
 from ftte.deploy_messages import (
     Ack,
+    Advance,
     CohortEnd,
     CohortStart,
     ErrorReply,
@@ -383,6 +384,14 @@ def _certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | N
     return None
 
 
+def _check_cohort_of(reply: Any, cohort_id: str) -> None:
+    """A cohort message (start, end, pending) must name the cohort asked about: an end or a start
+    of another cohort is never taken for this one's."""
+    named = getattr(reply, "cohort_id", None)
+    if named is not None and named != cohort_id:
+        raise CohortRefused(f"the server answered for cohort {str(named)[:64]!r}, not {cohort_id!r}")
+
+
 def _error_of(content: bytes) -> tuple[str, str]:
     try:
         err = wire.decode(content, expect=ErrorReply)
@@ -462,6 +471,7 @@ class EdgeClient:
         self.store: AccountantStore | None = None
         self.dp: DPConfig | None = None
         self._told: set[int] = set()
+        self._advance = True  # the server has /advance (cleared once if it answers 404)
         self.rounds_done = 0
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -694,20 +704,20 @@ class EdgeClient:
 
             session = MemberSession(session_params(start), self.member, self.identity, input_vector)
             self._event("started", cohort=cid, members=len(start.members), close_version=start.close_version)
+            given: Any = None  # the server's input to the stage: none for the first
             for stage in Stage:
-                given = None
-                if stage.server_input is not None:
-                    given = self._poll(cid, int(stage), stage.server_input)
-                    if isinstance(given, CohortEnd):
-                        return self._ended(given, pull.version, uploaded, eps)
-                self._submit(cid, session.reply(stage, given))
+                # One request per stage: submit this member's message and get the next slot's
+                # server message in the reply (``_step``); it goes through the same checks as a
+                # polled one (reply type, cohort id, then the member session's own checks).
+                given = self._step(cid, stage, session.reply(stage, given))
                 if stage is Stage.UPLOAD:
                     uploaded = True
                     self._event(STAGE_EVENTS[stage], cohort=cid, weight=w.weight, staleness=w.staleness)
                 else:
                     self._event(STAGE_EVENTS[stage], cohort=cid)
-            end = self._poll(cid, POLL_END, CohortEnd)
-            return self._ended(end, pull.version, uploaded, eps)
+                if isinstance(given, CohortEnd):
+                    return self._ended(given, pull.version, uploaded, eps)
+            raise AssertionError("the unmask stage's next slot is the cohort's end")  # _step returns a CohortEnd
         except (ServerUnavailable, CohortRefused, SecAggError) as exc:
             return RoundResult("dropped", pull.version, cid, uploaded=uploaded, reason=str(exc), epsilon=eps)
         except ServerRefused as exc:
@@ -721,9 +731,31 @@ class EdgeClient:
         return RoundResult(status, base_version, end.cohort_id, end.applied_version if status == "applied" else -1,
                            uploaded, end.reason, eps)
 
-    def _submit(self, cohort_id: str, msg: Any) -> Ack:
-        return self.transport.call("submit", Submit(cohort_id, wire.encode(msg)), (Ack,),
-                                   patience_s=self.stage_patience)
+    def _step(self, cohort_id: str, stage: Stage, msg: Any) -> Any:
+        """Send this member's ``stage`` message; return the server's message of the next slot
+        (the next stage's input, or the cohort's end after the last stage) or a ``CohortEnd``.
+
+        Uses ``/advance`` (one request); against a server without it (404) it falls back to
+        ``/submit`` then ``/poll`` for the rest of this client's life.
+        """
+        slot = int(stage) + 1
+        want = CohortEnd if slot == POLL_END else Stage(slot).server_input
+        payload = wire.encode(msg)
+        if self._advance:
+            try:
+                reply = self.transport.call("advance", Advance(cohort_id, payload), (want, CohortEnd, Pending),
+                                            patience_s=self.stage_patience, read_timeout_s=self.poll_read_timeout)
+            except ServerRefused as exc:
+                if not (exc.status == 404 and exc.code == "http_error"):  # a refusal, not an unknown route
+                    raise
+                self._advance = False
+            else:
+                _check_cohort_of(reply, cohort_id)
+                if not isinstance(reply, Pending):
+                    return reply
+                return self._poll(cohort_id, slot, want)  # stored; the next message is not out yet
+        self.transport.call("submit", Submit(cohort_id, payload), (Ack,), patience_s=self.stage_patience)
+        return self._poll(cohort_id, slot, want)
 
     def _leave(self, cohort_id: str, base_version: int, why: str, eps: float) -> RoundResult:
         """Stop waiting for a cohort that does not fill up; if it started meanwhile, we are simply dropped."""
@@ -844,6 +876,7 @@ class EdgeClient:
         while True:
             reply = self.transport.call("poll", PollRequest(cohort_id, stage), (want, CohortEnd, Pending),
                                         patience_s=self.stage_patience, read_timeout_s=self.poll_read_timeout)
+            _check_cohort_of(reply, cohort_id)
             if not isinstance(reply, Pending):
                 return reply
             if time.monotonic() >= deadline:

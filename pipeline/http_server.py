@@ -9,6 +9,7 @@ versioned schema, except the two operator endpoints, which speak JSON):
 ``POST /join``      ``JoinRequest``         ``JoinReply`` (the cohort to wait in)
 ``POST /poll``      ``PollRequest``         the stage's server message, ``CohortEnd`` or ``Pending``
 ``POST /submit``    ``Submit``              ``Ack`` once the message is durable
+``POST /advance``   ``Advance``             a submit, then the next slot's poll answer
 ``POST /leave``     ``LeaveRequest``        ``Ack``: stop waiting for a cohort not yet started
 ``GET /health``     —                       JSON: status, version, schema
 ``GET /metrics``    —                       opt-in (``[http] metrics = true``, default off):
@@ -89,6 +90,7 @@ from ftte.http_auth import (
 )
 from ftte.deploy_messages import (
     Ack,
+    Advance,
     ErrorReply,
     JoinRequest,
     LeaveRequest,
@@ -391,6 +393,12 @@ class DeviceApi:
     async def _submit(self, member: int, msg: Submit, raw: bytes):
         return await self.coordinator.submit(member, msg, self.upload_limit)
 
+    async def _advance(self, member: int, msg: Advance, raw: bytes):
+        """Submit, then long-poll the next slot: the same checks and durability as ``/submit`` and
+        ``/poll``, in one request (the device's round needs one request per stage, not two)."""
+        ack = await self.coordinator.submit(member, Submit(msg.cohort_id, msg.payload), self.upload_limit)
+        return await self.coordinator.poll(member, PollRequest(msg.cohort_id, ack.stage + 1))
+
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": self.coordinator.version, "schema": wire.SCHEMA_VERSION},
                             headers=self._time_header())
@@ -426,6 +434,7 @@ class DeviceApi:
             self.route("leave", LeaveRequest, self._leave),
             self.route("poll", PollRequest, self._poll),
             self.route("submit", Submit, self._submit, limit=self.upload_limit),
+            self.route("advance", Advance, self._advance, limit=self.upload_limit),
             Route(f"{API_PREFIX}/health", self.health, methods=["GET"]),
         ] + ([Route(f"{API_PREFIX}/metrics", self.metrics_endpoint, methods=["GET"])] if self.metrics_enabled else [])
 
