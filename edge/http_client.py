@@ -471,7 +471,7 @@ class EdgeClient:
         self.store: AccountantStore | None = None
         self.dp: DPConfig | None = None
         self._told: set[int] = set()
-        self._advance = True  # the server has /advance (cleared once if it answers 404)
+        self._advance = True  # the server has /enter and /advance (cleared once if it answers 404)
         self.rounds_done = 0
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -674,7 +674,7 @@ class EdgeClient:
             accountant_id=self._accountant_id(),
         )
         try:
-            reply = self.transport.call("join", join, (JoinReply,), patience_s=self.stage_patience)
+            reply = self._enter(join)
         except ServerRefused as exc:
             return RoundResult("refused", pull.version, reason=str(exc), epsilon=eps)
         except ServerUnavailable as exc:
@@ -687,7 +687,8 @@ class EdgeClient:
         uploaded = False
         try:
             try:
-                start = self._poll(cid, 0, CohortStart, patience_s=self.join_patience_s)
+                start = reply if isinstance(reply, (CohortStart, CohortEnd)) else \
+                    self._poll(cid, 0, CohortStart, patience_s=self.join_patience_s)
             except _NoProgress as exc:
                 return self._leave(cid, pull.version, str(exc), eps)
             if isinstance(start, CohortEnd):
@@ -730,6 +731,20 @@ class EdgeClient:
             status = "dropped"
         return RoundResult(status, base_version, end.cohort_id, end.applied_version if status == "applied" else -1,
                            uploaded, end.reason, eps)
+
+    def _enter(self, join: JoinRequest) -> JoinReply | CohortStart | CohortEnd | Pending:
+        """Join, and get the cohort's start in the same reply when it comes within the long-poll
+        wait (``/enter``; every reply names the cohort). Against a server without it (404),
+        ``/join`` and polls, for the rest of this client's life."""
+        if self._advance:
+            try:
+                return self.transport.call("enter", join, (CohortStart, CohortEnd, Pending),
+                                           patience_s=self.stage_patience, read_timeout_s=self.poll_read_timeout)
+            except ServerRefused as exc:
+                if not (exc.status == 404 and exc.code == "http_error"):  # a refusal, not an unknown route
+                    raise
+                self._advance = False
+        return self.transport.call("join", join, (JoinReply,), patience_s=self.stage_patience)
 
     def _step(self, cohort_id: str, stage: Stage, msg: Any) -> Any:
         """Send this member's ``stage`` message; return the server's message of the next slot

@@ -7,6 +7,7 @@ versioned schema, except the two operator endpoints, which speak JSON):
 ``POST /task``      ``TaskRequest``         ``TaskInfo`` (plan, architecture, settings)
 ``POST /pull``      ``PullRequest``         ``ModelPull`` (version, plan id, hash, weights)
 ``POST /join``      ``JoinRequest``         ``JoinReply`` (the cohort to wait in)
+``POST /enter``     ``JoinRequest``         a join, then the start's poll answer (slot 0)
 ``POST /poll``      ``PollRequest``         the stage's server message, ``CohortEnd`` or ``Pending``
 ``POST /submit``    ``Submit``              ``Ack`` once the message is durable
 ``POST /advance``   ``Advance``             a submit, then the next slot's poll answer
@@ -393,6 +394,13 @@ class DeviceApi:
     async def _submit(self, member: int, msg: Submit, raw: bytes):
         return await self.coordinator.submit(member, msg, self.upload_limit)
 
+    async def _enter(self, member: int, msg: JoinRequest, raw: bytes):
+        """Join, then long-poll the cohort's start: the same checks and durability as ``/join`` and
+        ``/poll``, in one request. A 200 reply (start, end, or ``Pending`` naming the cohort) means
+        the join is stored."""
+        joined = await self.coordinator.join(member, msg, raw)
+        return await self.coordinator.poll(member, PollRequest(joined.cohort_id, 0))
+
     async def _advance(self, member: int, msg: Advance, raw: bytes):
         """Submit, then long-poll the next slot: the same checks and durability as ``/submit`` and
         ``/poll``, in one request (the device's round needs one request per stage, not two)."""
@@ -431,6 +439,7 @@ class DeviceApi:
             self.route("task", TaskRequest, self._task),
             self.route("pull", PullRequest, self._pull),
             self.route("join", JoinRequest, self._join),
+            self.route("enter", JoinRequest, self._enter),
             self.route("leave", LeaveRequest, self._leave),
             self.route("poll", PollRequest, self._poll),
             self.route("submit", Submit, self._submit, limit=self.upload_limit),

@@ -1,17 +1,19 @@
-"""``POST /v1/advance``: a member's stage message and the next slot's server message in one request.
+"""``/v1/enter`` and ``/v1/advance``: a request and the server's next message in one round trip.
 
 Each test starts the real app (coordinator, SQLite journal, gate, Starlette, uvicorn with
 TLS) in this process on 127.0.0.1 and runs three real :class:`EdgeClient` devices in
 threads against it over HTTPS:
 
-* an honest round takes 8 requests per device (pull, join, the start, five advances) on one
-  kept-alive TLS connection, and is applied;
+* an honest round takes 7 requests per device (pull, enter: the join and the start, five
+  advances) on one kept-alive TLS connection, and is applied;
 * a server that piggy-backs a replayed message (the roster of the device's previous cohort),
-  a tampered roster, or the end of another cohort on an advance reply gets nothing from the
-  device: it refuses the message, counts itself dropped and never uploads;
+  a tampered roster, or the end of another cohort on an advance reply, or a cohort start
+  outside the task's terms on an enter reply, gets nothing from the device: it refuses the
+  message, counts itself dropped and never uploads;
 * an advance request is authenticated and replay-protected like every other request, and a
   message naming another member is refused before anything is stored;
-* against a server without ``/advance`` the device falls back to submit + poll.
+* against a server without ``/enter`` and ``/advance`` the device falls back to join, submit
+  and poll.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from ftte.pipeline.journal import Database  # noqa: E402
 from ftte.secagg_messages import AdvertiseKeys, Roster  # noqa: E402
 
 from ftte import wire  # noqa: E402
-from ftte.deploy_messages import Advance, CohortEnd, ErrorReply  # noqa: E402
+from ftte.deploy_messages import Advance, CohortEnd, CohortStart, ErrorReply  # noqa: E402
 from ftte.http_auth import member_id, signed_headers  # noqa: E402
 
 N = 3
@@ -136,9 +138,9 @@ def _rebuild_routes(deployment: Deployment) -> None:
     deployment.server.config.app.router.routes[:] = deployment.api.routes()
 
 
-def _tamper_advance(monkeypatch, deployment: Deployment, victim: int, change) -> list:
-    """Make the server's ``/advance`` handler pass its reply to the victim through ``change``."""
-    original = http_server.DeviceApi._advance
+def _tamper_advance(monkeypatch, deployment: Deployment, victim: int, change, handler: str = "_advance") -> list:
+    """Make the server's ``/advance`` (or ``handler``) pass its reply to the victim through ``change``."""
+    original = getattr(http_server.DeviceApi, handler)
     seen: list = []
 
     async def evil(self, member, msg, raw):
@@ -149,21 +151,21 @@ def _tamper_advance(monkeypatch, deployment: Deployment, victim: int, change) ->
         seen.append((type(reply).__name__, out is not reply))
         return out
 
-    monkeypatch.setattr(http_server.DeviceApi, "_advance", evil)
+    monkeypatch.setattr(http_server.DeviceApi, handler, evil)
     _rebuild_routes(deployment)
     return seen
 
 
-def test_an_honest_round_is_eight_requests_on_one_connection(deployment):
+def test_an_honest_round_is_seven_requests_on_one_connection(deployment):
     results, clients = deployment.run(rounds=2)
     for per_device, client in zip(results, clients):
         assert [r.status for r in per_device] == ["applied", "applied"], per_device
-        # task once, then per round: pull, join, the cohort start, five advances
-        assert client.transport.requests == 1 + 2 * 8
+        # task once, then per round: pull, enter (join + the cohort start), five advances
+        assert client.transport.requests == 1 + 2 * 7
         assert client.transport.connections == 1  # one TLS handshake for the whole run
     requests = deployment.api.metrics.requests
-    assert requests.get("advance") == 2 * 5 * N and "submit" not in requests
-    assert requests.get("poll") == 2 * N
+    assert requests.get("advance") == 2 * 5 * N and requests.get("enter") == 2 * N
+    assert not {"submit", "poll", "join"} & set(requests)
 
 
 def test_a_replayed_roster_on_an_advance_reply_is_refused(deployment, monkeypatch):
@@ -223,6 +225,19 @@ def test_the_end_of_another_cohort_on_an_advance_reply_is_not_taken_for_this_one
     assert only.status == "dropped" and not only.uploaded and "c-someoneelses" in only.reason, only
 
 
+def test_a_cohort_start_on_an_enter_reply_is_checked_like_a_polled_one(deployment, monkeypatch):
+    victim = deployment.devices[0].member
+
+    def looser(reply):  # a start whose clip differs from the task's: weighs this member differently
+        return dataclasses.replace(reply, clip=reply.clip * 4) if isinstance(reply, CohortStart) else reply
+
+    seen = _tamper_advance(monkeypatch, deployment, victim, looser, handler="_enter")
+    results, _ = deployment.run(rounds=1)
+    (only,) = results[0]
+    assert only.status == "dropped" and not only.uploaded and "clip" in only.reason, only
+    assert ("CohortStart", True) in seen
+
+
 def test_an_advance_is_authenticated_replay_protected_and_checked(deployment):
     a, b = deployment.devices[0].signer, deployment.devices[1].signer
     http = httpx.Client(base_url=deployment.url, timeout=30,
@@ -244,11 +259,11 @@ def test_an_advance_is_authenticated_replay_protected_and_checked(deployment):
 def test_a_device_falls_back_to_submit_and_poll_without_advance(deployment):
     # the routes an older server had: every one but /advance
     routes = deployment.server.config.app.router.routes
-    routes[:] = [r for r in routes if not getattr(r, "path", "").endswith("/advance")]
+    routes[:] = [r for r in routes if not getattr(r, "path", "").endswith(("/advance", "/enter"))]
     results, clients = deployment.run(rounds=1)
     for per_device, client in zip(results, clients):
         assert [r.status for r in per_device] == ["applied"], per_device
-        # task; pull, join, start, one refused advance, then five submits and five polls
-        assert client.transport.requests == 1 + 3 + 1 + 10
+        # task; pull, one refused enter, join, start, then five submits and five polls
+        assert client.transport.requests == 1 + 4 + 10
     assert deployment.api.metrics.requests.get("submit") == 5 * N
     assert Stage.UNMASK.value == 4  # the slots this test counts
