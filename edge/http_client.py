@@ -11,8 +11,11 @@ against the plan this device was given (a mismatch is refused, never trained on)
 locally with :class:`~ftte.edge.runtime.LocalTrainer` (the accountant state lives in
 ``state_dir`` and survives restarts; a round that would exceed the budget is refused before
 it reads any data); join the open cohort; then follow the cohort through its five
-secure-aggregation stages with :class:`~ftte.crypto.secagg_client.SecAggClient`, long-polling
-for the server's message of each stage and submitting this member's reply.
+secure-aggregation stages with :class:`~ftte.crypto.secagg_member.MemberSession`. A round is
+seven requests: ``pull``; ``enter`` (the join, with the cohort's start in the reply when it
+comes within the long-poll wait); five ``advance`` (this member's message of a stage, with
+the server's message of the next stage, or the cohort's end, in the reply). A piggy-backed
+message is checked exactly as a polled one; ``Pending`` falls back to ``poll``.
 
 Network trouble is retried with exponential backoff and jitter (a fresh nonce and
 timestamp per attempt; the clock is corrected from the server's ``x-ftte-server-time``).
