@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side-reps", type=int, default=3, help="repetitions of each side-by-side measurement")
     p.add_argument("--probe-s", type=float, default=1.0, help="seconds of the CPU-share probe")
     p.add_argument("--join-patience", type=float, default=300.0)
+    p.add_argument("--profile", default=os.environ.get("FTTE_BENCH_PROFILE", ""),
+                   help="write a cProfile of rounds 2.. to this file (default: $FTTE_BENCH_PROFILE; none)")
     args = p.parse_args(argv)
 
     spawned = float(os.environ.get("FTTE_BENCH_SPAWN_TIME", _T_MAIN))
@@ -307,13 +309,22 @@ def main(argv: list[str] | None = None) -> int:
         connect = CLOCK.take()
         connect_bytes = {k: {"up": v[0], "down": v[1], "requests": v[2]} for k, v in BYTES.items()}
         BYTES.clear()
+        profiler = None
         for r in range(args.rounds):
+            if r == 1 and args.profile:  # steady state: the first round pays one-off costs
+                import cProfile
+
+                profiler = cProfile.Profile(time.process_time)  # CPU seconds, not waiting
+                profiler.enable()
             with CLOCK.phase("other"):
                 result = client.run_round()
             rounds.append({"round": r, "status": result.status, "reason": result.reason[:300],
                            "cohort": result.cohort_id, "phases": CLOCK.take(),
                            "bytes": {k: {"up": v[0], "down": v[1], "requests": v[2]} for k, v in BYTES.items()}})
             BYTES.clear()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
         rss_after_rounds = rss_bytes()
         ru_after_rounds = resource.getrusage(resource.RUSAGE_SELF)
 

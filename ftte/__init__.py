@@ -32,7 +32,7 @@ __all__ = ["ConfigError", "EdgeClient", "RunFolderMismatch", "RunInterrupted", "
 
 # name -> module of the names resolved on first use (importing them here would load the stack)
 _LAZY = {
-    "EdgeClient": "ftte.edge.http_client",  # needs httpx and the edge stack
+    "EdgeClient": "ftte.edge.http_client",  # needs the edge stack (torch, opacus)
     "ConfigError": "ftte.pipeline.config",  # a configuration is malformed; names the key
     "RunFolderMismatch": "ftte.pipeline.run_outputs",  # out= holds a run of another configuration
     "RunInterrupted": "ftte.pipeline.run_outputs",  # Ctrl-C; the run is saved and resumable

@@ -233,3 +233,20 @@ class LeaveRequest(Message):
     """Device to server: take me out of a cohort that has not started (I stop waiting for it)."""
 
     cohort_id: str = field(text(64))
+
+
+@message(59)
+class Advance(Message):
+    """Device to server: one secure-aggregation message, and in the same reply the server's next message.
+
+    The server runs exactly the checks of a :class:`Submit` (after the gate's authentication and
+    replay checks of the request itself), stores the message durably, then answers what a
+    :class:`PollRequest` for the next slot (the submitted stage + 1; after the unmask stage, the
+    cohort's end) would: that stage's server message, a :class:`CohortEnd`, or :class:`Pending`
+    if nothing came within the long-poll wait. Any 200 reply therefore also means "stored". One
+    request per stage instead of two; the device checks the piggy-backed message exactly as a
+    polled one.
+    """
+
+    cohort_id: str = field(text(64))
+    payload: bytes = field(var_bytes(DEPLOY_MAX_PAYLOAD))

@@ -7,8 +7,10 @@ versioned schema, except the two operator endpoints, which speak JSON):
 ``POST /task``      ``TaskRequest``         ``TaskInfo`` (plan, architecture, settings)
 ``POST /pull``      ``PullRequest``         ``ModelPull`` (version, plan id, hash, weights)
 ``POST /join``      ``JoinRequest``         ``JoinReply`` (the cohort to wait in)
+``POST /enter``     ``JoinRequest``         a join, then the start's poll answer (slot 0)
 ``POST /poll``      ``PollRequest``         the stage's server message, ``CohortEnd`` or ``Pending``
 ``POST /submit``    ``Submit``              ``Ack`` once the message is durable
+``POST /advance``   ``Advance``             a submit, then the next slot's poll answer
 ``POST /leave``     ``LeaveRequest``        ``Ack``: stop waiting for a cohort not yet started
 ``GET /health``     —                       JSON: status, version, schema
 ``GET /metrics``    —                       opt-in (``[http] metrics = true``, default off):
@@ -89,6 +91,7 @@ from ftte.http_auth import (
 )
 from ftte.deploy_messages import (
     Ack,
+    Advance,
     ErrorReply,
     JoinRequest,
     LeaveRequest,
@@ -391,6 +394,19 @@ class DeviceApi:
     async def _submit(self, member: int, msg: Submit, raw: bytes):
         return await self.coordinator.submit(member, msg, self.upload_limit)
 
+    async def _enter(self, member: int, msg: JoinRequest, raw: bytes):
+        """Join, then long-poll the cohort's start: the same checks and durability as ``/join`` and
+        ``/poll``, in one request. A 200 reply (start, end, or ``Pending`` naming the cohort) means
+        the join is stored."""
+        joined = await self.coordinator.join(member, msg, raw)
+        return await self.coordinator.poll(member, PollRequest(joined.cohort_id, 0))
+
+    async def _advance(self, member: int, msg: Advance, raw: bytes):
+        """Submit, then long-poll the next slot: the same checks and durability as ``/submit`` and
+        ``/poll``, in one request (the device's round needs one request per stage, not two)."""
+        ack = await self.coordinator.submit(member, Submit(msg.cohort_id, msg.payload), self.upload_limit)
+        return await self.coordinator.poll(member, PollRequest(msg.cohort_id, ack.stage + 1))
+
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": self.coordinator.version, "schema": wire.SCHEMA_VERSION},
                             headers=self._time_header())
@@ -423,9 +439,11 @@ class DeviceApi:
             self.route("task", TaskRequest, self._task),
             self.route("pull", PullRequest, self._pull),
             self.route("join", JoinRequest, self._join),
+            self.route("enter", JoinRequest, self._enter),
             self.route("leave", LeaveRequest, self._leave),
             self.route("poll", PollRequest, self._poll),
             self.route("submit", Submit, self._submit, limit=self.upload_limit),
+            self.route("advance", Advance, self._advance, limit=self.upload_limit),
             Route(f"{API_PREFIX}/health", self.health, methods=["GET"]),
         ] + ([Route(f"{API_PREFIX}/metrics", self.metrics_endpoint, methods=["GET"])] if self.metrics_enabled else [])
 

@@ -506,8 +506,9 @@ class AccountantStore:
         except BaseException:
             self._rollback()
             raise
-        state = self.state(device_id)
-        assert state is not None
+        # exactly what the transaction just stored (re-reading it cost a device more SELECTs and
+        # the whole history again, every round)
+        state = DeviceAccountantState(device_id, accountant, float(delta), (*history, step), float(after))
         return Charge(state, before, after)
 
     def _require(self, device_id: str) -> DeviceAccountantState:

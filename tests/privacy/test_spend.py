@@ -101,6 +101,7 @@ def test_charge_registers_and_records_in_one_call(tmp_path):
     assert second.epsilon_before == first.epsilon_after
     assert second.epsilon_after == compute_epsilon([step, step], DELTA, "rdp")
     assert second.state.history == (step, step) and second.round_cost > 0
+    assert second.state == store.state("d")  # what charge returns is what it stored
     # a restarted process sees the same history
     store.close()
     again = AccountantStore(tmp_path / "acc.db")
