@@ -142,6 +142,7 @@ class MemoryEstimate:
     phase_peaks: dict[str, int] = field(default_factory=dict)
     approximate_layers: tuple[str, ...] = ()
     clipping: str = "per_sample"  # the DP clipping mode costed (see ftte.edge.step)
+    prefix_chunk: int | None = None  # the frozen prefix's micro-batch size costed (None: whole batch or no prefix)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,6 +169,7 @@ class MemoryMeasurement:
     peak_phase: str
     phase_peaks: dict[str, int] = field(default_factory=dict)
     clipping: str = "per_sample"  # the DP clipping mode measured (see ftte.edge.step)
+    prefix_chunk: int | None = None  # the frozen prefix's micro-batch size in the measured step
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -300,6 +302,7 @@ def measure_training_memory(
         peak_phase=phase,
         phase_peaks={k: baseline + v for k, v in phase_peaks.items()},
         clipping=setup.clipping,
+        prefix_chunk=setup.prefix_chunk if len(step.prefix) else None,
     )
 
 
@@ -883,6 +886,7 @@ class MemoryEstimator:
             phase_peaks={name: int(baseline + v) for name, v in phase_peaks.items()},
             approximate_layers=tuple(l.path for l, c in zip(suffix, costs) if c.approximate),
             clipping=clipping,
+            prefix_chunk=int(prefix_chunk) if k > 0 and prefix_chunk is not None else None,
         )
 
 

@@ -29,6 +29,18 @@ per-sample, which has no extra backward pass); :attr:`PlanChoice.clipping` says 
 device must use. With ``verify=True`` the final choice between the two modes is made on
 measured peaks.
 
+**Prefix micro-batches.** The frozen prefix runs without autograd, but at the whole batch
+its widest layers' activations are live at once, and on a small head that is the step's
+peak (cnn28 at batch 16: the first convolution's output and its GroupNorm's, 3.2 MB of a
+3.8 MB peak). The prefix can run in micro-batches (:class:`ftte.edge.plan.FrozenPrefix`)
+without changing the step's result beyond float rounding: it is frozen, in eval mode and
+normalises per sample. With ``prefix_chunk="auto"`` every candidate is costed with the
+whole batch and with chunks of ``ceil(b/2), ceil(b/4), ..., 1`` samples, and takes the
+lowest estimated peak; ties go to the largest chunk (fewest, widest kernel calls), so a
+plan whose peak is not in the prefix keeps the whole batch. :attr:`PlanChoice.prefix_chunk`
+says which chunk the device must run. The rule is the same for every plan and strategy
+(a full-model plan has no prefix, so nothing to chunk); it never changes the batch size.
+
 With ``verify=True`` the chosen plan is also measured (a real Opacus step); if the
 measurement exceeds the budget, the search repeats with the budget shrunk by the
 overshoot, so the returned plan's *measured* peak fits.
@@ -74,6 +86,9 @@ __all__ = [
     "PlanChoice",
     "default_budget",
     "parameter_importance",
+    "PrefixChunk",
+    "prefix_chunk_options",
+    "cheapest_estimate",
     "search_plan",
     "PlanContribution",
     "ContributionChoice",
@@ -86,6 +101,49 @@ __all__ = [
 #: OS, other apps, the Python/torch runtime and allocator slack, none of which the memory
 #: estimate counts; a quarter is a conservative default for phones and tablets.
 DEFAULT_BUDGET_FRACTION = 0.25
+
+
+#: A prefix micro-batch size, ``None`` for the whole batch, or ``"auto"``: let the search choose.
+PrefixChunk = int | None | Literal["auto"]
+
+
+def prefix_chunk_options(batch_size: int, prefix_chunk: PrefixChunk = "auto") -> tuple[int | None, ...]:
+    """Prefix chunk sizes to cost: ``(None, ceil(b/2), ceil(b/4), ..., 1)`` for ``"auto"``, else just the one given."""
+    if prefix_chunk != "auto":
+        if prefix_chunk is not None and int(prefix_chunk) < 1:
+            raise ValueError(f"prefix_chunk must be >= 1, None or 'auto', got {prefix_chunk!r}")
+        return (None if prefix_chunk is None else int(prefix_chunk),)
+    out: list[int | None] = [None]
+    c = int(batch_size)
+    while c > 1:
+        c = -(-c // 2)
+        out.append(c)
+    return tuple(out)
+
+
+def cheapest_estimate(
+    estimator: MemoryEstimator,
+    plan: SubsetPlan,
+    batch_size: int,
+    *,
+    dp: bool,
+    optimizer: OptimizerKind,
+    modes: Sequence[ClippingMode],
+    prefix_chunk: PrefixChunk = None,
+) -> MemoryEstimate:
+    """The lowest estimated peak of ``plan`` over the clipping ``modes`` and prefix chunk options.
+
+    Ties go to the earlier mode (per-sample first: no extra backward pass), then to the
+    larger chunk (the whole batch first). The estimate says which mode and chunk it costed.
+    """
+    best: MemoryEstimate | None = None
+    for mode in modes:
+        for chunk in prefix_chunk_options(batch_size, prefix_chunk):
+            est = estimator.estimate(plan, batch_size, dp=dp, optimizer=optimizer, prefix_chunk=chunk, clipping=mode)
+            if best is None or est.peak_bytes < best.peak_bytes:
+                best = est
+    assert best is not None, "no clipping mode to cost"
+    return best
 
 
 class BudgetTooSmallError(ValueError):
@@ -104,7 +162,7 @@ class PlanChoice:
     score_fraction: float  # share of the whole model's score
     candidates_evaluated: int
     method: str
-    prefix_chunk: int | None = None  # the micro-batch size the estimate assumed for the frozen prefix
+    prefix_chunk: int | None = None  # the frozen prefix's micro-batch size the device must run (None: whole batch)
     clipping: str = "per_sample"  # the DP clipping mode the device must train this plan with
 
     @property
@@ -185,7 +243,7 @@ def search_plan(
     granularity: Literal["layer", "tensor"] = "layer",
     method: Literal["auto", "exhaustive", "greedy"] = "auto",
     exhaustive_limit: int = 12,
-    prefix_chunk: int | None = None,
+    prefix_chunk: PrefixChunk = None,
     verify: bool = False,
     max_retries: int = 3,
     clipping: ClippingMode | Literal["auto"] | None = None,
@@ -196,7 +254,8 @@ def search_plan(
     input shape, DP flag, optimizer and prefix chunk are used) or by the keyword
     arguments. ``prefix_chunk`` is the micro-batch size the device will run its frozen
     prefix with (see :class:`ftte.edge.plan.FrozenPrefix`); the estimate, and the plan,
-    depend on it. ``calibration`` is ``(x, y)`` server-side data, tensors or arrays.
+    depend on it. ``"auto"`` (given here, it overrides the setup's) lets the search choose
+    it per candidate (module docstring). ``calibration`` is ``(x, y)`` server-side data, tensors or arrays.
     ``clipping`` is ``"per_sample"``, ``"ghost"`` or ``"auto"`` (cheaper of the two per
     candidate, see the module docstring); ``None`` takes ``setup.clipping`` (per-sample
     without a setup). It only matters with DP.
@@ -207,7 +266,9 @@ def search_plan(
         if batch_size is not None or input_shape is not None:
             raise ValueError("give either setup or batch_size/input_shape, not both")
         batch_size, input_shape = setup.batch_size, setup.input_shape
-        dp, optimizer, prefix_chunk = setup.dp, setup.optimizer, setup.prefix_chunk
+        dp, optimizer = setup.dp, setup.optimizer
+        if prefix_chunk != "auto":
+            prefix_chunk = setup.prefix_chunk
         if clipping is None:
             clipping = setup.clipping
     if clipping is None:
@@ -244,13 +305,8 @@ def search_plan(
     def cost(chosen: frozenset[int]) -> tuple[SubsetPlan, MemoryEstimate]:
         if chosen not in cache:
             plan = SubsetPlan.from_names(model, [n for i in sorted(chosen) for n in units[i]])
-            options = [
-                estimator.estimate(
-                    plan, batch_size, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk, clipping=mode
-                )
-                for mode in modes
-            ]
-            cache[chosen] = (plan, min(options, key=lambda e: e.peak_bytes))  # first (per-sample) on ties
+            cache[chosen] = (plan, cheapest_estimate(estimator, plan, batch_size, dp=dp, optimizer=optimizer,
+                                                     modes=modes, prefix_chunk=prefix_chunk))
         return cache[chosen]
 
     limit = int(budget_bytes)
@@ -271,7 +327,8 @@ def search_plan(
                     model,
                     plan,
                     TrainingSetup(
-                        batch_size, input_shape, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk, clipping=mode
+                        batch_size, input_shape, dp=dp, optimizer=optimizer, prefix_chunk=est.prefix_chunk,
+                        clipping=mode,
                     ),
                 )
                 for mode in modes
@@ -279,7 +336,8 @@ def search_plan(
             measured = min(runs, key=lambda m: m.peak_bytes)
             if measured.clipping != est.clipping:  # the measurement decides between the modes
                 est = estimator.estimate(
-                    plan, batch_size, dp=dp, optimizer=optimizer, prefix_chunk=prefix_chunk, clipping=measured.clipping
+                    plan, batch_size, dp=dp, optimizer=optimizer, prefix_chunk=est.prefix_chunk,
+                    clipping=measured.clipping,
                 )
             if measured.peak_bytes > budget_bytes:
                 # the estimate was optimistic for this plan: shrink the limit by the overshoot and retry
@@ -287,7 +345,7 @@ def search_plan(
                 continue
         score = sum(scores[i] for i in best)
         return PlanChoice(
-            plan, est, measured, int(budget_bytes), score, score / total, len(cache), method, prefix_chunk,
+            plan, est, measured, int(budget_bytes), score, score / total, len(cache), method, est.prefix_chunk,
             est.clipping,
         )
     raise BudgetTooSmallError(f"no plan's measured peak fit {budget_bytes} bytes after {max_retries} retries")
@@ -400,6 +458,7 @@ def candidate_plans(
     granularity: Literal["layer", "tensor"] = "layer",
     include: Sequence[SubsetPlan] = (),
     slice_fractions: Sequence[float] = (0.25, 0.5),
+    prefix_chunk: Literal["auto"] | None = None,
 ) -> list[tuple[SubsetPlan, MemoryEstimate]]:
     """Plans worth scoring that fit ``budget_bytes`` by estimate, each with its cheaper clipping mode.
 
@@ -407,7 +466,9 @@ def candidate_plans(
     whole ``Conv2d``/``Linear`` layer, the same head with that layer cut to each of
     ``slice_fractions`` of its output channels (a channel slice, see
     :mod:`ftte.edge.plan`), so a budget can buy part of a layer; every single unit; and
-    ``include``. Duplicates removed, in that order. ``clipping`` as in :func:`search_plan`.
+    ``include``. Duplicates removed, in that order. ``clipping`` as in :func:`search_plan`;
+    ``prefix_chunk="auto"`` costs each candidate at its best prefix chunk (as
+    :func:`search_plan` does), ``None`` at the setup's.
     """
     if clipping not in ("per_sample", "ghost", "auto"):
         raise ValueError(f"clipping must be 'per_sample', 'ghost' or 'auto', got {clipping!r}")
@@ -436,11 +497,9 @@ def candidate_plans(
         if plan.plan_id in seen:
             continue
         seen.add(plan.plan_id)
-        est = min(
-            (estimator.estimate(plan, setup.batch_size, dp=setup.dp, optimizer=setup.optimizer,
-                                prefix_chunk=setup.prefix_chunk, clipping=m) for m in modes),  # type: ignore[arg-type]
-            key=lambda e: e.peak_bytes,
-        )
+        est = cheapest_estimate(estimator, plan, setup.batch_size, dp=setup.dp, optimizer=setup.optimizer,
+                                modes=modes,  # type: ignore[arg-type]
+                                prefix_chunk="auto" if prefix_chunk == "auto" else setup.prefix_chunk)
         if est.peak_bytes <= budget_bytes:
             out.append((plan, est))
     return out
@@ -507,11 +566,12 @@ def contribution_scores(
     for item in candidates:
         plan, est = (item if isinstance(item, tuple) else (item, None))
         mode = est.clipping if est is not None else "per_sample"
+        chunk = est.prefix_chunk if est is not None else None
         drops, afters = [], []
         for batches, noise_seed in draws:
             work = copy.deepcopy(model)
             cfg = StepConfig(dp=dp, optimizer=optimizer, lr=lr, noise_multiplier=noise_multiplier,
-                             max_grad_norm=max_grad_norm, clipping=mode)  # type: ignore[arg-type]
+                             max_grad_norm=max_grad_norm, clipping=mode, prefix_chunk=chunk)  # type: ignore[arg-type]
             step = SubsetStep(work, plan, cfg, expected_batch_size=b, loss_fn=copy.deepcopy(criterion),
                               generator=torch.Generator().manual_seed(noise_seed))
             for idx in batches:
@@ -541,6 +601,7 @@ def choose_plan_by_contribution(
     clipping: ClippingMode | Literal["auto"] = "auto",
     granularity: Literal["layer", "tensor"] = "layer",
     seed: int = 0,
+    prefix_chunk: Literal["auto"] | None = None,
 ) -> ContributionChoice:
     """The fitting candidate plan whose few noisy steps lower the held-out calibration loss most.
 
@@ -549,13 +610,17 @@ def choose_plan_by_contribution(
     score on the same calibration data); each
     is scored by :func:`contribution_scores` at the run's own ``noise_multiplier``,
     ``max_grad_norm``, learning rate and the setup's batch size and optimizer. Raises
-    :class:`BudgetTooSmallError` when nothing fits. Module docstring: assumptions.
+    :class:`BudgetTooSmallError` when nothing fits. ``prefix_chunk="auto"``: every candidate
+    at its best prefix chunk (``ContributionChoice.estimate.prefix_chunk`` says which).
+    Module docstring: assumptions.
     """
     try:
-        searched = [search_plan(model, budget_bytes, setup, calibration=calibration, clipping=clipping).plan]
+        searched = [search_plan(model, budget_bytes, setup, calibration=calibration, clipping=clipping,
+                                prefix_chunk=prefix_chunk).plan]
     except BudgetTooSmallError:
         searched = []
-    cands = candidate_plans(model, budget_bytes, setup, clipping=clipping, granularity=granularity, include=searched)
+    cands = candidate_plans(model, budget_bytes, setup, clipping=clipping, granularity=granularity, include=searched,
+                            prefix_chunk=prefix_chunk)
     if not cands:
         raise BudgetTooSmallError(f"no candidate plan fits {budget_bytes} bytes at batch size {setup.batch_size}")
     scores = contribution_scores(

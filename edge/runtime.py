@@ -31,10 +31,13 @@ class TrainSettings:
     batch_size: int
     lr: float
     clipping: str = "per_sample"  # "per_sample" or "ghost": the mode the plan was costed with
+    prefix_chunk: int | None = None  # the frozen prefix's micro-batch size the plan was costed with (None: whole batch)
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("local_steps and batch_size must be >= 1 and lr > 0")
+        if self.prefix_chunk is not None and self.prefix_chunk < 1:
+            raise ValueError(f"prefix_chunk must be >= 1 or None, got {self.prefix_chunk}")
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class LocalTrainer:
         self.model = copy.deepcopy(model)
         self.plan = plan
         self.settings = settings
-        prefix, suffix = split_model(self.model, plan)
+        prefix, suffix = split_model(self.model, plan, prefix_chunk=settings.prefix_chunk)
         self._trainer = PrivateTrainer(suffix, dp, prefix=prefix, store=store, clipping=settings.clipping)
 
     @property

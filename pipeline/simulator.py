@@ -23,6 +23,7 @@ which events are handled never changes what a device draws.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -122,16 +123,17 @@ class Simulation:
         self.fleet = build_fleet(cfg.fleet, cfg.fleet.devices, seed)
         self.model = build_global_model(cfg.model.name, seed, self.data.input_shape, self.data.n_classes)
         if plan is not None:
-            self.plan, clipping = plan, cfg.train.settings().clipping
+            self.plan, clipping, chunk = plan, cfg.train.settings().clipping, None
         else:
-            self.plan, clipping = self.strategy.choose_plan(self.model, self.data, self.fleet)
+            choice = self.strategy.choose_training(self.model, self.data, self.fleet)
+            self.plan, clipping, chunk = choice.plan, choice.clipping, choice.prefix_chunk
         self.evaluator = Evaluator(self.model, self.plan, self.data.x_test, self.data.y_test)
         self.policy = cohort_policy(cfg)
         self.dp = cfg.privacy.dp_config()
         self.user = (UserLevel(cfg.privacy.user_noise, cfg.privacy.user_noise_multiplier(), cfg.run.seed)
                      if cfg.privacy.user_level else None)
         self._check_delta()
-        self.settings = cfg.train.settings(clipping)
+        self.settings = dataclasses.replace(cfg.train.settings(clipping), prefix_chunk=chunk)
         self.admitted = self.strategy.admitted_devices(self.fleet, self.peak_client_memory)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -628,7 +630,7 @@ class Simulation:
 
         setup = TrainingSetup(batch_size=self.settings.batch_size, input_shape=self.data.input_shape,
                               dp=self.dp.enabled, optimizer="sgd", num_classes=self.data.n_classes,
-                              clipping=self.settings.clipping)
+                              clipping=self.settings.clipping, prefix_chunk=self.settings.prefix_chunk)
         return int(measure_training_memory(self.model, self.plan, setup).peak_bytes)
 
     def epsilon_max(self) -> float:
@@ -683,6 +685,7 @@ class Simulation:
             "float32_full_update_bytes": 4 * int(full_floats),
             "peak_client_memory_bytes": self.peak_client_memory(),
             "clipping": self.settings.clipping if self.dp.enabled else None,
+            "prefix_chunk": self.settings.prefix_chunk,
             "secure_aggregation": cfg.secagg.enabled,
             "differential_privacy": self.accounting,
             "epsilon_max": self.epsilon_max(),

@@ -6,7 +6,9 @@ aggregation and DP are switched by the config for every strategy, so their cost 
 effect can be measured in isolation.
 
 * ``ftte``: the plan is the best subset under the memory budget of the weakest device
-  class; weights ``(1+τ)^(-a) · r(σ²)``; buffered and asynchronous.
+  class, with the DP clipping mode and the frozen prefix's micro-batch size that give it
+  the lowest estimated peak (:func:`ftte.edge.plan_search.search_plan`, ``prefix_chunk="auto"``);
+  weights ``(1+τ)^(-a) · r(σ²)``; buffered and asynchronous.
 * ``fedbuff``: the full model; age-only weights ``(1+τ)^(-1/2)``; buffered and asynchronous.
 * ``fedavg``: the full model; every update weighs 1 (all train from the same version);
   synchronous rounds. With ``[server] fedavg_fit_only`` it selects only the devices whose
@@ -33,6 +35,16 @@ if TYPE_CHECKING:  # the deployment imports this module and must not load the si
 
 
 @dataclass(frozen=True)
+class TrainingChoice:
+    """What a strategy decided devices train and how: the plan, the DP clipping mode and the
+    frozen prefix's micro-batch size (``None``: the whole batch, or no prefix)."""
+
+    plan: SubsetPlan
+    clipping: str
+    prefix_chunk: int | None = None
+
+
+@dataclass(frozen=True)
 class Strategy:
     name: str
     synchronous: bool
@@ -49,8 +61,17 @@ class Strategy:
 
     def choose_plan(self, model: nn.Sequential, data: "FederatedData",
                     fleet: "Sequence[SimDevice]") -> tuple[SubsetPlan, str]:
-        """(plan, clipping mode): the full model for the baselines, else the best subset under the
-        weakest class's budget, costed (``[train] clipping = "auto"``) in both DP clipping modes."""
+        """(plan, clipping mode) of :meth:`choose_training`."""
+        choice = self.choose_training(model, data, fleet)
+        return choice.plan, choice.clipping
+
+    def choose_training(self, model: nn.Sequential, data: "FederatedData",
+                        fleet: "Sequence[SimDevice]") -> TrainingChoice:
+        """The full model for the baselines, else the best subset under the weakest class's budget,
+        costed (``[train] clipping = "auto"``) in both DP clipping modes and at each prefix
+        micro-batch size (the lowest estimated peak; ties: the whole batch). A full-model plan has
+        no frozen prefix, so the rule leaves the baselines' step as it was; the batch size is the
+        config's for every strategy."""
         mode = self.cfg.train.clipping
         from ftte.edge.memory import TrainingSetup
 
@@ -59,17 +80,19 @@ class Strategy:
         if not self.subset:
             full = SubsetPlan.full(model)
             if mode != "auto":
-                return full, mode
+                return TrainingChoice(full, mode)
             # "auto" gives the baselines the same choice as ftte: the cheaper mode in memory
-            return full, cheaper_clipping(model, full, setup) if self.cfg.privacy.enabled else "per_sample"
+            return TrainingChoice(full, cheaper_clipping(model, full, setup) if self.cfg.privacy.enabled
+                                  else "per_sample")
         from ftte.edge.plan_search import search_plan
 
         if len(data.x_calib):  # server-held data, apart from devices and the test set
             calib = data.x_calib, data.y_calib
         else:  # simulation only: a few training records stand in for server-owned data
             calib = data.training_head(64)
-        choice = search_plan(model, self.memory_budget(fleet), setup, calibration=calib, clipping=mode)
-        return choice.plan, choice.clipping
+        choice = search_plan(model, self.memory_budget(fleet), setup, calibration=calib, clipping=mode,
+                             prefix_chunk="auto")
+        return TrainingChoice(choice.plan, choice.clipping, choice.prefix_chunk)
 
     def admitted_devices(self, fleet: "Sequence[SimDevice]", peak_bytes: Callable[[], int]) -> frozenset[int]:
         """Devices this strategy may select: all of them, or (``fit_only``) those whose memory holds

@@ -206,5 +206,7 @@ def test_domain_objects_restate_no_default_of_their_own():
     for name in ("enabled", "noise_multiplier", "max_grad_norm", "accountant", "epsilon_max"):
         assert getattr(dp, name) == getattr(p, name), name
     assert [f.name for f in dc.fields(WeightRule) if f.default is not dc.MISSING] == []
-    assert [f.name for f in dc.fields(TrainSettings) if f.default is not dc.MISSING] == ["clipping"]
+    assert [f.name for f in dc.fields(TrainSettings) if f.default is not dc.MISSING] == ["clipping", "prefix_chunk"]
     assert TrainSettings.__dataclass_fields__["clipping"].default == Config().train.settings().clipping
+    # not a schema value: the plan search picks the prefix chunk per plan; unset is the whole batch
+    assert TrainSettings.__dataclass_fields__["prefix_chunk"].default is None is Config().train.settings().prefix_chunk
