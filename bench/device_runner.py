@@ -24,6 +24,7 @@ import time
 _T_MAIN = time.time()  # the interpreter has started and is running this module; nothing heavy imported yet
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
@@ -330,14 +331,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # -- side by side, in this same confined process ------------------------------------------
         from ftte.edge.plan import SubsetPlan, subset_vector
-        from ftte.edge.runtime import LocalTrainer, TrainSettings
+        from ftte.edge.runtime import LocalTrainer
         from ftte.privacy.accountant import AccountantStore
         from ftte.privacy.dpsgd import DPConfig
         from ftte.protocol.cohort import weight_rule
 
         task, plan, dp = client.task, client.plan, client.dp
         assert task is not None and plan is not None and dp is not None
-        settings = TrainSettings(task.local_steps, task.batch_size, task.lr)
+        settings = client.trainer.settings  # what the device itself trains with (clipping, prefix chunk)
         model = default_model_factory(task)
         full = SubsetPlan.full(model)
         side_dir = Path(args.state) / "side"
@@ -349,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         for plan_name, pl in (("subset", plan), ("full", full)):
             for dp_name, cfg in (("dp", dp_side), ("plain", DPConfig(enabled=False))):
                 store = AccountantStore(side_dir / f"{plan_name}-{dp_name}.db")
-                trainer = LocalTrainer(model, pl, cfg, settings, store)
+                pl_settings = settings if pl is plan else dataclasses.replace(settings, prefix_chunk=None)
+                trainer = LocalTrainer(model, pl, cfg, pl_settings, store)
                 side[f"train_{plan_name}_{dp_name}"] = time_training(
                     trainer, client.member, subset_vector(model, pl), xs, client.y, args.side_reps)
                 trainer.close()
@@ -363,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                 side[f"secagg_member_{plan_name}"] = time_secagg_member(start, pl.num_coordinates, args.side_reps)
         shape = tuple(task.input_shape)
         memory = {
-            "subset": training_memory(model, plan, task.batch_size, shape, True, task.num_classes, getattr(settings, "clipping", "per_sample")),
-            "full": training_memory(model, full, task.batch_size, shape, True, task.num_classes, getattr(settings, "clipping", "per_sample")),
+            "subset": training_memory(model, plan, task.batch_size, shape, True, task.num_classes, settings.clipping),
+            "full": training_memory(model, full, task.batch_size, shape, True, task.num_classes, settings.clipping),
         }
         rss_end = rss_bytes()
         doc = {

@@ -69,6 +69,7 @@ from ftte.protocol.encoding import weigh_update
 from ftte.protocol.features import check_stats, standardise
 from ftte.edge.models import UntrustedModelError, build_registered_model, make_dp_compatible, parse_model_kwargs
 from ftte.edge.plan import SubsetPlan
+from ftte.edge.plan_search import device_prefix_chunk
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
 from ftte.privacy.accountant import AccountantStore
 from ftte.privacy.budget import BudgetExceededError
@@ -589,6 +590,9 @@ class EdgeClient:
                 check_stats(mean, std, math.prod(shape))
             except ValueError as exc:
                 raise ModelMismatch(f"refused the server's feature statistics: {exc}") from None
+        chunk = device_prefix_chunk(model, plan, shape, task.batch_size, dp=bool(task.dp_enabled),
+                                    clipping=task.clipping)
+        settings = dataclasses.replace(settings, prefix_chunk=chunk)
         self.store = AccountantStore(self.state_dir / "accountant.db")
         self.trainer = LocalTrainer(model, plan, dp, settings, self.store)
         self.task, self.plan, self.dp = task, plan, dp

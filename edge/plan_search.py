@@ -146,6 +146,30 @@ def cheapest_estimate(
     return best
 
 
+def device_prefix_chunk(
+    model: nn.Module,
+    plan: SubsetPlan,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    *,
+    dp: bool,
+    clipping: ClippingMode,
+) -> int | None:
+    """The frozen prefix's micro-batch a device runs its ``plan`` with: the lowest estimated peak.
+
+    A device works this out for itself (the chunk changes its memory, not its update), with
+    the same rule the server's plan search costs plans by. A model the estimator cannot
+    walk (not an ``nn.Sequential``) runs its prefix on the whole batch.
+    """
+    try:
+        estimator = MemoryEstimator(model, tuple(input_shape))
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    best = cheapest_estimate(estimator, plan, batch_size, dp=dp, optimizer="sgd", modes=(clipping,),
+                             prefix_chunk="auto")
+    return best.prefix_chunk
+
+
 class BudgetTooSmallError(ValueError):
     """Not even the cheapest single-unit plan fits the memory budget."""
 

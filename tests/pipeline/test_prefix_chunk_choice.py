@@ -30,3 +30,19 @@ def test_full_model_baseline_has_no_prefix_to_chunk():
     sim = Simulation(load_config(None).with_overrides(**{"run.strategy": "fedavg"}))
     assert sim.settings.prefix_chunk is None
     assert len(sim.trainer._trainer.prefix) == 0
+
+
+def test_a_deployed_device_works_out_the_same_chunk_the_plan_was_costed_with():
+    """A device is not told its chunk (it changes the device's memory, not its update): it
+    applies the search's own rule to the plan the task names, and must land on the chunk
+    the server's search costed the plan with."""
+    import torch
+
+    from ftte.edge.plan_search import device_prefix_chunk
+
+    sim = Simulation(load_config(None))
+    got = device_prefix_chunk(sim.model, sim.plan, sim.data.input_shape, sim.settings.batch_size, dp=True,
+                              clipping=sim.settings.clipping)
+    assert got == sim.settings.prefix_chunk
+    not_sequential = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2)})
+    assert device_prefix_chunk(not_sequential, sim.plan, (2,), 16, dp=True, clipping="ghost") is None
