@@ -35,7 +35,6 @@ from ftte.crypto.primitives import sha256
 from ftte.privacy.distributed_dp import UserDPParams, discrete_gaussian
 from ftte.privacy.secure_random import SOURCE_KEY, SecureRandom
 from ftte.protocol.cohort import CohortRefused
-from ftte.protocol.encoding import clip_l2
 
 _ROTATION_DOMAIN = b"ftte/user-dp/rotation/v1"
 _CLIP_MARGIN = 1.0 - 1e-9  # room for float error in the rotation under the exact norm check
@@ -93,6 +92,20 @@ def rotation_seed(cohort_id: str, binding: bytes = b"") -> bytes:
     return sha256(_ROTATION_DOMAIN, cohort_id.encode("utf-8"), binding)
 
 
+def _floor_plus_uniform(y: np.ndarray, rng: SecureRandom) -> np.ndarray:
+    """``floor(y + u)`` with ``u = k / 2^32``, ``k`` a uniform 32-bit word from the keystream.
+
+    Why 32 bits and not 53: the rounding's randomness protects nothing (the noise does); it
+    only makes the rounding unbiased, and with ``u`` on a 2^-32 grid ``E[floor(y + u)]`` is
+    within 2^-32 of ``y``, far below the noise. Every coordinate still moves by less than 1,
+    so the norm bound (the sensitivity) holds exactly; half the keystream of 53-bit uniforms."""
+    u = np.frombuffer(rng.random_bytes(4 * y.shape[0]), dtype="<u4").astype(np.float64)
+    u *= 2.0**-32
+    u += y
+    np.floor(u, out=u)
+    return u.astype(np.int64)
+
+
 @dataclass(frozen=True)
 class EncodedUpdate:
     ring: np.ndarray  # what is handed to secure aggregation (uint16/uint32, length d')
@@ -116,12 +129,14 @@ class UserCodec:
     def length(self) -> int:
         return self.params.padded_dim
 
-    def rotate(self, x: np.ndarray) -> np.ndarray:
+    def rotate(self, x: np.ndarray, factor: float = 1.0) -> np.ndarray:
+        """``factor * H D x / sqrt(d')`` (padded with zeros), the factor folded into one pass."""
         p = self.params
         padded = np.zeros(p.padded_dim, dtype=np.float64)
-        padded[: p.dim] = x
-        padded *= self.signs
-        return fwht(padded) * (1.0 / math.sqrt(p.padded_dim))
+        np.multiply(x, self.signs[: p.dim], out=padded[: p.dim])
+        y = fwht(padded)
+        y *= factor / math.sqrt(p.padded_dim)
+        return y
 
     def unrotate(self, y: np.ndarray) -> np.ndarray:
         out = fwht(np.asarray(y, dtype=np.float64)) * (1.0 / math.sqrt(self.params.padded_dim))
@@ -129,7 +144,8 @@ class UserCodec:
         return out[: self.params.dim]
 
     def round(self, y: np.ndarray, rng: SecureRandom) -> np.ndarray:
-        """floor(y + u): unbiased, each coordinate within 1 of y, so ``||q|| < ||y|| + sqrt(d')``.
+        """floor(y + u): unbiased (to 2^-32, see :func:`_floor_plus_uniform`), each coordinate within 1
+        of y, so ``||q|| < ||y|| + sqrt(d')``.
 
         The bound the accountant uses is checked on the integers themselves (exact int64
         arithmetic) and a draw over it is redrawn (conditional rounding, as KLS): float error
@@ -138,7 +154,7 @@ class UserCodec:
         if not float(np.dot(y, y)) <= limit_sq:  # then ||q||^2 < (D + sqrt(d'))^2 < 2^63: no int64 overflow
             raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
         for _ in range(64):
-            q = np.floor(y + rng.uniform(y.shape[0])).astype(np.int64)
+            q = _floor_plus_uniform(y, rng)
             if int(np.dot(q, q)) <= limit_sq:
                 return q
         raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
@@ -159,8 +175,12 @@ class UserCodec:
             raise ValueError(f"update must have {p.dim} coordinates, got {x.shape}")
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"weight must lie in (0, 1], got {weight}")
-        x = clip_l2(x, p.clip * _CLIP_MARGIN) * weight
-        q = self.round(self.rotate(x) * p.scale, rng.child("user-dp/round"))
+        norm = float(np.linalg.norm(x))
+        if not math.isfinite(norm):
+            raise ValueError("update contains NaN or infinite values")
+        limit = p.clip * _CLIP_MARGIN
+        shrink = 1.0 if norm <= limit else limit / norm  # clip_l2, folded into the rotation's one multiply
+        q = self.round(self.rotate(x, shrink * weight * p.scale), rng.child("user-dp/round"))
         if isinstance(noise, np.ndarray):
             if noise.shape != (p.padded_dim,) or noise.dtype != np.int64:
                 raise ValueError(f"precomputed noise must be {p.padded_dim} int64 values")
