@@ -20,11 +20,11 @@ our scales produce.
 
 Sampler, and its exactness, stated. :func:`discrete_gaussian` is a rejection sampler from a
 table envelope (:class:`_Envelope`): magnitudes are cut into bins of width a power of two
-(at most sigma/32), a 2^20-entry table picks a bin with an exactly known integer
+(at most sigma/32), a 2^16-entry table picks a bin with an exactly known integer
 probability, the offset in the bin and the sign are raw keystream bits, and one Bernoulli
 test corrects the proposal to exp(-x^2 / (2 sigma^2)); beyond 14 sigma a discrete-Laplace
 tail (CKS's construction) takes over, so every integer keeps its mass. 12 keystream bytes
-per attempt and about 97 % of attempts accepted at large sigma (the reference CKS sampler,
+per attempt and about 96 % of attempts accepted at large sigma (the reference CKS sampler,
 :func:`discrete_gaussian_cks`, kept for tests, spends about 55). The inexact parts: the
 acceptance test compares a 53-bit uniform (32 bits first, 21 more only on a tie,
 :func:`_bernoulli_lazy`) with float64 ``bias * exp(-y)``, y = O(1) (relative error ~1e-15),
@@ -178,9 +178,9 @@ def discrete_gaussian_cks(rng: SecureRandom, n: int, sigma: float) -> np.ndarray
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-# -- the fast sampler: a table envelope over bins, one 64-bit word and one 32-bit word per attempt ----
+# -- the fast sampler: a table envelope over bins, three 32-bit keystream words per attempt -----------
 
-_GUIDE_BITS = 16  # the bin is read from the top 20 bits of a word: 2^20 table entries
+_GUIDE_BITS = 16  # the bin is read from the top 16 bits of a word: a 2^16-entry table (128 kB, stays in cache)
 _BINS_PER_SIGMA = 32  # bin width at most sigma / 32: the envelope is within exp(-1/16) of the mass
 _TABLE_SIGMAS = 14  # the table covers |x| < 14 sigma; beyond, a discrete-Laplace tail (about 1e-43)
 _TWO32 = 4294967296.0
@@ -191,19 +191,19 @@ class _Envelope:
     """A proposal for N_Z(0, sigma^2) with exactly known probabilities, and what accepting needs.
 
     Magnitudes are cut into ``bins`` bins of width ``2^width_bits`` starting at 0, plus one tail
-    ``|x| >= limit``. A 2^20-entry table gives bin ``i`` exactly ``counts[i]`` entries, so a
-    uniform 20-bit index picks it with probability ``counts[i] / 2^20``; the offset in the bin
+    ``|x| >= limit``. A 2^16-entry table gives bin ``i`` exactly ``counts[i]`` entries, so a
+    uniform 16-bit index picks it with probability ``counts[i] / 2^16``; the offset in the bin
     is uniform (``width_bits`` bits) and the sign is one bit. With ``S`` a constant,
     ``counts[i] >= S * w * g(lo_i)`` (``g(x) = exp(-x^2 / (2 sigma^2))``, ``lo_i`` the bin's
     smallest magnitude, where ``g`` is largest), so accepting ``x`` with probability
     ``S w g(x) / counts[i] = bias[i] * exp(-off (2 lo_i + off) / (2 sigma^2))`` is at most 1,
-    and (proposal x acceptance) is ``S g(x) / 2^21`` for every ``x``: the target, exactly.
+    and (proposal x acceptance) is ``S g(x) / 2^17`` for every ``x``: the target, exactly.
     Entries left over after the ceilings (at most ``bins + 1``) map to ``reject``."""
 
     sigma: float
     width_bits: int
     bins: int
-    guide: np.ndarray  # uint16, 2^20 entries: bin index, ``bins`` = tail, ``bins + 1`` = reject
+    guide: np.ndarray  # uint16, 2^16 entries: bin index, ``bins`` = tail, ``bins + 1`` = reject
     low: np.ndarray  # float64 per entry index: lo_i (0 for tail and reject)
     bias: np.ndarray  # float64 per entry index: S w g(lo_i) / counts[i] in (0, 1]; 0 for tail, reject
     tail_t: int  # the tail's discrete-Laplace scale, >= sigma^2 / limit
@@ -278,8 +278,9 @@ def discrete_gaussian(rng: SecureRandom, n: int, sigma: float) -> np.ndarray:
     """``n`` draws of N_Z(0, sigma^2): P(x) proportional to exp(-x^2 / (2 sigma^2)) on the integers.
 
     Rejection from :class:`_Envelope` (a bin table with exactly known probabilities): per
-    attempt 12 keystream bytes (20 bits pick the bin, ``width_bits`` the offset, 1 the sign,
-    32 start the acceptance uniform), accepted about 97 % of the time; the CKS discrete
+    attempt 12 keystream bytes (16 bits pick the bin, ``width_bits`` the offset, 1 the sign,
+    32 start the acceptance uniform; the bin word has 16 spare bits), accepted about 96 % of the
+    time at large sigma; the CKS discrete
     Laplace handles the tail beyond 14 sigma. Attempts are iid and each accepted one has
     exactly the target law (up to float64 ``exp`` in the acceptance test), so the first
     ``n`` accepted are iid N_Z(0, sigma^2). int64; sigma 0 gives zeros."""
@@ -297,7 +298,7 @@ def _sample(rng: SecureRandom, n: int, env: _Envelope) -> np.ndarray:
     need = n
     while need:
         k = int(need * 1.04) + 64
-        # per attempt three 32-bit words: acceptance uniform | offset and sign | bin (top 20 bits)
+        # per attempt three 32-bit words: acceptance uniform | offset and sign | bin (top 16 bits)
         words = np.frombuffer(rng.random_bytes(12 * k), dtype="<u4").reshape(k, 3)
         entry = np.take(env.guide, words[:, 2] >> np.uint32(32 - _GUIDE_BITS))
         low = np.take(env.low, entry)

@@ -26,7 +26,6 @@ The weight must not depend on private data: in user mode it is the staleness wei
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +33,6 @@ import numpy as np
 from ftte.crypto.primitives import sha256
 from ftte.privacy.distributed_dp import UserDPParams, discrete_gaussian
 from ftte.privacy.secure_random import SOURCE_KEY, SecureRandom
-from ftte.protocol.cohort import CohortRefused
 
 _ROTATION_DOMAIN = b"ftte/user-dp/rotation/v1"
 _CLIP_MARGIN = 1.0 - 1e-9  # room for float error in the rotation under the exact norm check
@@ -219,32 +217,14 @@ class UserCodec:
         return survivors * math.sqrt(self.params.padded_dim) / self.params.scale
 
 
-def params_digest(params: UserDPParams) -> bytes:
-    """Digest of every user-level parameter that shapes a contribution, for the cohort's
-    contribution binding (members shown different noise or scale never agree on a session)."""
-    return sha256(b"ftte/user-dp/params/v1", struct.pack(">qdddqqq", params.dim, params.clip, params.scale,
-                                                         params.sigma, params.calibrated_for, params.members,
-                                                         params.ring_bits))
-
-
-MAX_WRAP_PROBABILITY = 2.0 ** -30
-
-
-def check_user_cohort(params: UserDPParams, *, members: int, threshold: int, max_corrupt: int,
-                      min_noise_multiplier: float, ring_bits: int, dim: int) -> None:
-    """What a device verifies before adding its noise to a cohort (raises :class:`CohortRefused`).
-
-    The noise must be calibrated to survivors the device itself trusts to be honest
-    (``threshold - max_corrupt`` with *its* colluder assumption), give it at least its own
-    noise floor, and the ring must hold the noisy sum of every member."""
-    if params.members != members or params.dim != dim or params.ring_bits != ring_bits:
-        raise CohortRefused(f"user-level parameters are for {params.members} members, {params.dim} coordinates, "
-                            f"a {params.ring_bits}-bit ring; the cohort has {members}, {dim}, {ring_bits}")
-    if params.calibrated_for > threshold - max_corrupt:
-        raise CohortRefused(f"noise calibrated for {params.calibrated_for} honest survivors, but with threshold "
-                            f"{threshold} and {max_corrupt} colluders only {threshold - max_corrupt} are certain")
-    if params.sigma == 0.0 or params.noise_multiplier < min_noise_multiplier:
-        raise CohortRefused(f"effective noise multiplier {params.noise_multiplier:.4g} below this device's floor "
-                            f"{min_noise_multiplier:.4g}")
-    if params.wrap_probability() > MAX_WRAP_PROBABILITY:
-        raise CohortRefused(f"the noisy sum wraps the ring with probability up to {params.wrap_probability():.3g}")
+def decode_user_sum(codec: UserCodec, ring_sum: np.ndarray, weights: dict[int, float],
+                    survivors: tuple[int, ...]) -> tuple[np.ndarray, float, str]:
+    """The server's one rule for a user-level sum (simulator and deployment): decode, compute
+    ``sum w`` from the survivors' public staleness weights, and refuse (a non-empty reason) a sum
+    whose norm is beyond what honest members' noisy inputs reach (:meth:`UserCodec.decoded_norm_bound`)."""
+    total = codec.decode_sum(ring_sum)
+    wsum = float(sum(weights[m] for m in survivors))
+    bound = codec.decoded_norm_bound(len(survivors), wsum)
+    if not float(np.linalg.norm(total)) <= bound:
+        return total, wsum, f"the decoded sum's norm exceeds the {bound:.4g} honest members reach"
+    return total, wsum, ""

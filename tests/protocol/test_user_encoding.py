@@ -151,19 +151,20 @@ def test_encode_clips_and_checks_its_input():
 
 
 def test_device_refuses_miscalibrated_cohorts():
-    from ftte.protocol.cohort import CohortRefused
-    from ftte.protocol.user_encoding import check_user_cohort, params_digest
+    from ftte.protocol.cohort import CohortRefused, check_user_params, user_params_digest
 
     good = plan_user_dp(dim=500, clip=1.0, noise_multiplier=1.5, members=20, threshold=12, max_corrupt=2)
-    terms = dict(members=20, threshold=12, max_corrupt=2, min_noise_multiplier=1.0, ring_bits=32, dim=500)
-    check_user_cohort(good, **terms)
+    terms = dict(members=20, threshold=12, max_corrupt=2, min_noise_multiplier=1.0)
+    check_user_params(good, **terms)
+    check_user_params(good, **{**terms, "members": 15})  # a smaller cohort fits the ring planned for 20
     with pytest.raises(CohortRefused, match="honest survivors"):
-        check_user_cohort(good, **{**terms, "max_corrupt": 3})  # this device assumes one more colluder
+        check_user_params(good, **{**terms, "max_corrupt": 3})  # this device assumes one more colluder
     with pytest.raises(CohortRefused, match="floor"):
-        check_user_cohort(good, **{**terms, "min_noise_multiplier": 2.0})
+        check_user_params(good, **{**terms, "min_noise_multiplier": 2.0})
     with pytest.raises(CohortRefused, match="members"):
-        check_user_cohort(good, **{**terms, "members": 21})
+        check_user_params(good, **{**terms, "members": 21})
     loud = UserDPParams(500, 1.0, good.scale, good.sigma * 3, good.calibrated_for, 20)  # noise tail past the ring
     with pytest.raises(CohortRefused, match="wraps"):
-        check_user_cohort(loud, **terms)
-    assert params_digest(good) != params_digest(loud) and len(params_digest(good)) == 32
+        check_user_params(loud, **terms)
+    assert user_params_digest(good, 1.5) != user_params_digest(loud, 1.5) and len(user_params_digest(good, 1.5)) == 32
+    assert user_params_digest(good, 1.5) != user_params_digest(good, 1.4)
