@@ -224,3 +224,125 @@ def test_the_server_refuses_a_participation_past_the_user_budget_or_of_another_m
 
     budget, mech = asyncio.run(scenario())
     assert budget.code == "policy" and mech.code == "policy"
+
+
+# -- over real sockets: `ftte server` in its own process, edge clients over HTTP on 127.0.0.1 -------
+
+def _user_server_config(tmp_path, port):
+    from deploy_helpers import digits_split, make_devices, write_server_config
+
+    paths, test_file, _, _ = digits_split(tmp_path / "data", 4)
+    devices, allow = make_devices(tmp_path / "keys", paths)
+    cfg = write_server_config(tmp_path / "server.toml", pki=None, allow=allow, state=tmp_path / "state.db", port=port,
+                              test_data=test_file, buffer_size=4, deadline_s=3.0, stage_timeout_s=6.0, local_steps=2)
+    text = cfg.read_text()
+    text = text.replace("[privacy]\n", '[privacy]\nunit = "user"\nuser_epsilon = 8.0\nuser_delta = 1e-6\n'
+                                       "user_participations = 4\n")
+    text = text.replace("[server]\n", "[server]\nvariance_penalty = 0.0\n")
+    cfg.write_text(text)
+    return cfg, devices
+
+
+@pytest.mark.slow
+def test_user_level_deployment_over_http(tmp_path, monkeypatch):
+    """Round 1, noise off on the devices (a test hook on the encoding): the model the server serves
+    moves by the mean of the four clipped updates, to within the rounding bound. Round 2, noise on:
+    device 0's own budget holds one participation only, so it refuses to take part (it never
+    joins); device 1 is shown a start with half the noise (a tampering transport, standing in for
+    a lying server) and refuses it. ``ftte audit`` verifies every user-level row."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("httpx")
+    from deploy_helpers import ServerProcess, audit, free_port
+    from ftte.edge import user_level
+    from ftte.edge.http_client import EdgeClient, Transport
+
+    port = free_port()
+    cfg, devices = _user_server_config(tmp_path, port)
+    server = ServerProcess(cfg, port, tmp_path / "server.log", None)
+    server.start()
+    recorded: dict[int, tuple[np.ndarray, float, float]] = {}
+    noise_on = threading.Event()
+    real_input = user_level.DeviceUserLevel.input_vector
+
+    def input_vector(self, start, delta, weight):
+        if noise_on.is_set():
+            return real_input(self, start, delta, weight)
+        codec = UserCodec(self.plan.params, rotation_seed(start.cohort_id, contribution_binding(start)))
+        recorded[start.cohort_id, len(recorded)] = (np.array(delta), weight, self.plan.params.clip)
+        return codec.encode(delta, weight, _rng(len(recorded)), noise=False).ring
+
+    monkeypatch.setattr(user_level.DeviceUserLevel, "input_vector", input_vector)
+
+    class LyingStart(Transport):  # what a server showing this member less noise would send
+        def call(self, endpoint, msg, expect, **kw):
+            reply = super().call(endpoint, msg, expect, **kw)
+            if isinstance(reply, CohortStart) and noise_on.is_set():
+                reply = dataclasses.replace(reply, user_sigma=reply.user_sigma * 0.5)
+            return reply
+
+    from ftte.pipeline.deploy_config import load_server_config
+
+    z = load_server_config(cfg).run.privacy.user_noise_multiplier()
+    own_budget = [100.0] * 4
+    own_budget[0] = 0.5 * (user_epsilon([z], 1e-6) + user_epsilon([z, z], 1e-6))  # one participation, not two
+    x_y = []
+    for d in devices:
+        raw = np.loadtxt(d.data_file, delimiter=",", skiprows=1, dtype=np.float32)
+        x_y.append((raw[:, :-1], raw[:, -1].astype(np.int64)))
+    results: dict[int, list] = {i: [] for i in range(4)}
+    pulls: dict[str, object] = {}
+    first_round, second_round = threading.Barrier(5, timeout=240), threading.Barrier(5, timeout=240)
+    errors: list[BaseException] = []
+
+    def life(i):  # one thread per device: its accountant's SQLite connection stays in it
+        try:
+            d = devices[i]
+            transport = LyingStart(server.url, d.signer, verify=False) if i == 1 else None
+            with EdgeClient(server.url, d.signer, *x_y[i], state_dir=tmp_path / f"dev{i}", verify=False,
+                            epsilon_max=own_budget[i], transport=transport, join_patience_s=60.0) as client:
+                client.connect()
+                if i == 2:
+                    pulls["v0"] = client.pull()
+                results[i].append(client.run_round())
+                first_round.wait()
+                if i == 2:
+                    pulls["v1"] = client.pull()
+                    pulls["params"] = client.user.plan.params
+                second_round.wait()
+                results[i].append(client.run_round())
+        except BaseException as exc:  # surfaced by the main thread
+            errors.append(exc)
+            first_round.abort()
+            second_round.abort()
+
+    try:
+        threads = [threading.Thread(target=life, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        first_round.wait()
+        noise_on.set()  # round 2 runs with noise (and the lying start); device 2 pulls version 1 first
+        second_round.wait()
+        for t in threads:
+            t.join(300)
+    finally:
+        server.stop()
+    assert not errors, errors
+    assert all(results[i][0].status == "applied" for i in range(4)), results
+    v0, v1, params = pulls["v0"], pulls["v1"], pulls["params"]
+    assert v1.version == 1
+    mean = sum(clip_l2(dl, c * (1 - 1e-9)) * w for dl, w, c in recorded.values()) / sum(
+        w for _, w, _ in recorded.values())
+    bound = math.sqrt(params.padded_dim) / params.scale  # 4 survivors' rounding over a weight sum of 4
+    step = v1.weights.astype(np.float64) - v0.weights.astype(np.float64)
+    assert len(recorded) == 4
+    assert float(np.linalg.norm(step - mean)) <= bound + 1e-6 * float(np.linalg.norm(v1.weights))
+    assert float(np.linalg.norm(mean)) > 0.1
+    assert results[0][1].status == "budget_exhausted", results[0]
+    assert results[1][1].status == "dropped" and "sigma" in results[1][1].reason, results[1]
+    assert results[2][1].status in ("applied", "aborted")
+    code, out = audit(tmp_path / "state.db")
+    assert code == 0, out
+    with Ledger(tmp_path / "state.db") as ledger:
+        rows = [e.row for e in ledger.entries()]
+    assert len(rows) == 7  # 4 participations in round 1, 3 in round 2 (device 0 refused before joining)
+    assert all(parse_user_mechanism(r.rng_source) is not None and r.noise_multiplier == z for r in rows)
