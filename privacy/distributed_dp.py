@@ -23,10 +23,10 @@ table envelope (:class:`_Envelope`): magnitudes are cut into bins of width a pow
 (at most sigma/32), a 2^16-entry table picks a bin with an exactly known integer
 probability, the offset in the bin and the sign are raw keystream bits, and one Bernoulli
 test corrects the proposal to exp(-x^2 / (2 sigma^2)); beyond 14 sigma a discrete-Laplace
-tail (CKS's construction) takes over, so every integer keeps its mass. 12 keystream bytes
-per attempt and about 96 % of attempts accepted at large sigma (the reference CKS sampler,
+tail (CKS's construction) takes over, so every integer keeps its mass. 8 keystream bytes
+per attempt (12 above sigma ~ 6.7e7) and about 96 % of attempts accepted at large sigma (the reference CKS sampler,
 :func:`discrete_gaussian_cks`, kept for tests, spends about 55). The inexact parts: the
-acceptance test compares a 53-bit uniform (32 bits first, 21 more only on a tie,
+acceptance test compares a 53-bit uniform (31 or 32 bits first, the rest only on a tie,
 :func:`_bernoulli_lazy`) with float64 ``bias * exp(-y)``, y = O(1) (relative error ~1e-15),
 and the tail's geometric draw uses ``floor(-log1p(-U))``, cut at 2^-53 (and reached with
 probability about 1e-43 per draw). So each coordinate's law is within a total-variation
@@ -178,7 +178,7 @@ def discrete_gaussian_cks(rng: SecureRandom, n: int, sigma: float) -> np.ndarray
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-# -- the fast sampler: a table envelope over bins, three 32-bit keystream words per attempt -----------
+# -- the fast sampler: a table envelope over bins, 8 (or 12) keystream bytes per attempt ----------
 
 _GUIDE_BITS = 16  # the bin is read from the top 16 bits of a word: a 2^16-entry table (128 kB, stays in cache)
 _BINS_PER_SIGMA = 32  # bin width at most sigma / 32: the envelope is within exp(-1/16) of the mass
@@ -243,17 +243,17 @@ def _envelope(sigma: float, table_sigmas: float = _TABLE_SIGMAS) -> _Envelope:
     return _Envelope(sigma, width_bits, bins, guide, low, bias, t, tail_bias)
 
 
-def _bernoulli_lazy(rng: SecureRandom, p: np.ndarray, first: np.ndarray) -> np.ndarray:
-    """``U < p`` for a 53-bit uniform ``U`` whose top 32 bits are ``first``: decided by those bits
-    except when they equal ``floor(p 2^32)`` (probability 2^-32), when 21 more are drawn. The
-    same booleans, bit for bit, as drawing all 53 bits at once."""
-    scaled = p * _TWO32
-    head = np.floor(scaled)
+def _bernoulli_lazy(rng: SecureRandom, p: np.ndarray, first: np.ndarray, bits: int = 32) -> np.ndarray:
+    """``U < p`` for a 53-bit uniform ``U`` whose top ``bits`` bits are ``first``: decided by those
+    bits except when they equal ``floor(p 2^bits)`` (probability 2^-bits), when ``53 - bits`` more
+    are drawn. The same booleans, bit for bit, as drawing all 53 bits at once."""
+    head = np.floor(p * float(1 << bits))
     out = first < head
     tie = np.flatnonzero(first == head)
     if tie.size:
-        extra = np.frombuffer(rng.random_bytes(8 * tie.size), dtype=_U64) >> np.uint64(43)  # 21 bits
-        u53 = first[tie].astype(np.float64) * 2.0**21 + extra.astype(np.float64)
+        rest = 53 - bits
+        extra = np.frombuffer(rng.random_bytes(8 * tie.size), dtype=_U64) >> np.uint64(64 - rest)
+        u53 = first[tie].astype(np.float64) * float(1 << rest) + extra.astype(np.float64)
         out[tie] = u53 < p[tie] * 2.0**53
     return out
 
@@ -278,9 +278,9 @@ def discrete_gaussian(rng: SecureRandom, n: int, sigma: float) -> np.ndarray:
     """``n`` draws of N_Z(0, sigma^2): P(x) proportional to exp(-x^2 / (2 sigma^2)) on the integers.
 
     Rejection from :class:`_Envelope` (a bin table with exactly known probabilities): per
-    attempt 12 keystream bytes (16 bits pick the bin, ``width_bits`` the offset, 1 the sign,
-    32 start the acceptance uniform; the bin word has 16 spare bits), accepted about 96 % of the
-    time at large sigma; the CKS discrete
+    attempt 8 keystream bytes (16 bits pick the bin, ``width_bits`` <= 16 the offset, 1 the sign,
+    31 start the acceptance uniform; 12 bytes above sigma ~ 6.7e7, :func:`_attempt_words`),
+    accepted about 96 % of the time at large sigma; the CKS discrete
     Laplace handles the tail beyond 14 sigma. Attempts are iid and each accepted one has
     exactly the target law (up to float64 ``exp`` in the acceptance test), so the first
     ``n`` accepted are iid N_Z(0, sigma^2). int64; sigma 0 gives zeros."""
@@ -291,32 +291,46 @@ def discrete_gaussian(rng: SecureRandom, n: int, sigma: float) -> np.ndarray:
     return _sample(rng, n, _envelope(float(sigma)))
 
 
+def _attempt_words(rng: SecureRandom, k: int, env: _Envelope) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                         np.ndarray, int]:
+    """Keystream for ``k`` attempts: (table index, offset, sign bit, acceptance head, head bits).
+
+    8 bytes per attempt when the offset needs at most 16 bits (sigma < 2^21 * 32 ~ 6.7e7): one
+    word holds the 16-bit table index and the offset, the other the sign and a 31-bit head of
+    the acceptance uniform. 12 bytes otherwise: index, offset and sign, a 32-bit head."""
+    if env.width_bits <= 32 - _GUIDE_BITS:
+        words = np.frombuffer(rng.random_bytes(8 * k), dtype="<u4").reshape(k, 2)
+        a, b = words[:, 0], words[:, 1]
+        off = a & np.uint32((1 << env.width_bits) - 1)
+        return a >> np.uint32(32 - _GUIDE_BITS), off, b & np.uint32(1), b >> np.uint32(1), 31
+    words = np.frombuffer(rng.random_bytes(12 * k), dtype="<u4").reshape(k, 3)
+    bits = words[:, 1]
+    off = (bits >> np.uint32(1)) & np.uint32((1 << env.width_bits) - 1)
+    return words[:, 0] >> np.uint32(32 - _GUIDE_BITS), off, bits & np.uint32(1), words[:, 2], 32
+
+
 def _sample(rng: SecureRandom, n: int, env: _Envelope) -> np.ndarray:
     inv2s2 = 1.0 / (2.0 * env.sigma * env.sigma)
-    offset_mask = np.uint32((1 << env.width_bits) - 1)
     parts: list[np.ndarray] = []
     need = n
     while need:
         k = int(need * 1.04) + 64
-        # per attempt three 32-bit words: acceptance uniform | offset and sign | bin (top 16 bits)
-        words = np.frombuffer(rng.random_bytes(12 * k), dtype="<u4").reshape(k, 3)
-        entry = np.take(env.guide, words[:, 2] >> np.uint32(32 - _GUIDE_BITS))
+        index, off, sign, head, head_bits = _attempt_words(rng, k, env)
+        entry = np.take(env.guide, index)
         low = np.take(env.low, entry)
-        bits = words[:, 1]
-        off = (bits >> np.uint32(1)) & offset_mask
         magnitude = low + off  # float64, exact (< 2^53)
         p = magnitude + low  # the exponent off (2 lo + off): exact too
         p *= off
         p *= -inv2s2
         np.exp(p, out=p)
         p *= np.take(env.bias, entry)
-        ok = _bernoulli_lazy(rng, p, words[:, 0])
+        ok = _bernoulli_lazy(rng, p, head, head_bits)
         tail = np.flatnonzero(entry == env.bins)
         if tail.size:
             t_ok, t_x = _tail_attempts(rng, env, tail.size)
             ok[tail] = t_ok
             magnitude[tail] = t_x
-        negative = (bits & np.uint32(1)).astype(bool)
+        negative = sign.astype(bool)
         zero = np.flatnonzero(magnitude == 0.0)
         ok[zero[negative[zero]]] = False  # "-0" would count zero twice
         kept = np.flatnonzero(ok)[:need]
