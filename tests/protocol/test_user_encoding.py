@@ -122,12 +122,28 @@ def test_rotation_is_orthonormal_and_inverts(dim, seed):
     assert np.allclose(codec.unrotate(y), x, rtol=0, atol=1e-12 * max(1.0, float(np.abs(x).max())))
 
 
-def test_fwht_is_the_hadamard_matrix():
-    h = np.array([[1.0]])
-    for _ in range(4):
-        h = np.block([[h, h], [h, -h]])
-    x = np.random.default_rng(3).normal(size=16)
-    assert np.allclose(fwht(x), h @ x)
+def _textbook_fwht(x: np.ndarray) -> np.ndarray:
+    y = np.array(x, dtype=np.float64)
+    h = 1
+    while h < len(y):
+        for i in range(0, len(y), 2 * h):
+            a, b = y[i:i + h].copy(), y[i + h:i + 2 * h].copy()
+            y[i:i + h], y[i + h:i + 2 * h] = a + b, a - b
+        h *= 2
+    return y
+
+
+@pytest.mark.parametrize("levels", [0, 1, 2, 3, 4, 5, 11, 16, 17, 18])
+def test_fwht_is_the_hadamard_matrix(levels):
+    """Every size, even and odd numbers of levels, below and above the cache block (2^16)."""
+    n = 1 << levels
+    x = np.random.default_rng(levels).normal(size=n)
+    if n <= 32:
+        h = np.array([[1.0]])
+        for _ in range(levels):
+            h = np.block([[h, h], [h, -h]])
+        assert np.allclose(fwht(x), h @ x)
+    assert np.allclose(fwht(x), _textbook_fwht(x), rtol=0, atol=1e-9 * math.sqrt(n))
     with pytest.raises(ValueError):
         fwht(np.zeros(12))
 
