@@ -309,37 +309,47 @@ def _attempt_words(rng: SecureRandom, k: int, env: _Envelope) -> tuple[np.ndarra
     return words[:, 0] >> np.uint32(32 - _GUIDE_BITS), off, bits & np.uint32(1), words[:, 2], 32
 
 
+_CHUNK = 1 << 15  # attempts per pass: every temporary stays in cache and is reused, not page-faulted
+
+
 def _sample(rng: SecureRandom, n: int, env: _Envelope) -> np.ndarray:
-    inv2s2 = 1.0 / (2.0 * env.sigma * env.sigma)
-    parts: list[np.ndarray] = []
-    need = n
-    while need:
-        k = int(need * 1.04) + 64
-        index, off, sign, head, head_bits = _attempt_words(rng, k, env)
-        entry = np.take(env.guide, index)
-        low = np.take(env.low, entry)
-        magnitude = low + off  # float64, exact (< 2^53)
-        p = magnitude + low  # the exponent off (2 lo + off): exact too
-        p *= off
-        p *= -inv2s2
-        np.exp(p, out=p)
-        p *= np.take(env.bias, entry)
-        ok = _bernoulli_lazy(rng, p, head, head_bits)
-        tail = np.flatnonzero(entry == env.bins)
-        if tail.size:
-            t_ok, t_x = _tail_attempts(rng, env, tail.size)
-            ok[tail] = t_ok
-            magnitude[tail] = t_x
-        negative = sign.astype(bool)
-        zero = np.flatnonzero(magnitude == 0.0)
-        ok[zero[negative[zero]]] = False  # "-0" would count zero twice
-        kept = np.flatnonzero(ok)[:need]
-        signed = magnitude[kept]
-        signed *= 1.0 - 2.0 * negative[kept]
-        x = signed.astype(np.int64)
-        parts.append(x)
-        need -= x.size
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    """``n`` draws, in chunks of attempts; each chunk's accepted draws are kept in order, so the
+    output is the first ``n`` accepted attempts of one iid sequence."""
+    out = np.empty(n, dtype=np.int64)
+    done = 0
+    while done < n:
+        need = n - done
+        k = min(_CHUNK, int(need * 1.04) + 64)
+        x = _attempts(rng, k, env)[:need]
+        out[done:done + x.size] = x
+        done += x.size
+    return out
+
+
+def _attempts(rng: SecureRandom, k: int, env: _Envelope) -> np.ndarray:
+    """The accepted draws of ``k`` attempts, in attempt order."""
+    index, off, sign, head, head_bits = _attempt_words(rng, k, env)
+    entry = np.take(env.guide, index)
+    low = np.take(env.low, entry)
+    magnitude = low + off  # float64, exact (< 2^53)
+    p = magnitude + low  # the exponent off (2 lo + off): exact too
+    p *= off
+    p *= -1.0 / (2.0 * env.sigma * env.sigma)
+    np.exp(p, out=p)
+    p *= np.take(env.bias, entry)
+    ok = _bernoulli_lazy(rng, p, head, head_bits)
+    tail = np.flatnonzero(entry == env.bins)
+    if tail.size:
+        t_ok, t_x = _tail_attempts(rng, env, tail.size)
+        ok[tail] = t_ok
+        magnitude[tail] = t_x
+    negative = sign.astype(bool)
+    zero = np.flatnonzero(magnitude == 0.0)
+    ok[zero[negative[zero]]] = False  # "-0" would count zero twice
+    kept = np.flatnonzero(ok)
+    signed = magnitude[kept]
+    signed *= 1.0 - 2.0 * negative[kept]
+    return signed.astype(np.int64)
 
 
 def discrete_gaussian_variance(sigma: float) -> float:
