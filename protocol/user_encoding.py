@@ -67,10 +67,13 @@ def fwht(x: np.ndarray) -> np.ndarray:
     (a new array; H H = d' I). Radix-4 butterflies, cache-blocked, numpy only: no BLAS, whose
     threads contend with everything else on a small device (a 32x32 matrix product base was
     2x slower on a loaded 2-core machine)."""
-    n = x.shape[0]
+    return _fwht_inplace(np.array(x, dtype=np.float64))
+
+
+def _fwht_inplace(y: np.ndarray) -> np.ndarray:
+    n = y.shape[0]
     if n < 1 or n & (n - 1):
         raise ValueError("length must be a power of two")
-    y = np.array(x, dtype=np.float64)
     block = min(_BLOCK, n)
     t1 = np.empty(max(1, n // 4), dtype=np.float64)
     t2 = np.empty_like(t1)
@@ -159,7 +162,7 @@ class UserCodec:
         p = self.params
         padded = np.zeros(p.padded_dim, dtype=np.float64)
         np.multiply(x, self.signs[: p.dim], out=padded[: p.dim])
-        y = fwht(padded)
+        y = _fwht_inplace(padded)
         y *= factor / math.sqrt(p.padded_dim)
         return y
 
