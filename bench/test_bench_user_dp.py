@@ -11,6 +11,7 @@ Timed regions:
   default (10 members, full graph) and 100 members on the SecAgg+ ring (``slow``).
 * ``mechanism``: ``UserCodec.encode`` of a 1e6-coordinate float update: clip, pad, randomized
   Walsh-Hadamard, scale, bounded rounding, 2^20 discrete Gaussians from ChaCha20.
+* ``noise_reference_cks``: the previous (CKS) sampler, for the before/after.
 * ``rotate`` / ``round`` / ``noise``: its three parts alone.
 
 Target (issue 13): mechanism <= 2x mask. Without ``--benchmark-enable`` every case runs once
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 
 from ftte.bench.test_bench_secagg import Prepared, _snapshot_client, prepare
-from ftte.privacy.distributed_dp import discrete_gaussian, plan_user_dp
+from ftte.privacy.distributed_dp import discrete_gaussian, discrete_gaussian_cks, plan_user_dp
 from ftte.privacy.secure_random import SecureRandom
 from ftte.protocol.user_encoding import UserCodec, rotation_seed
 
@@ -135,5 +136,14 @@ def test_client_noise(benchmark, codec: UserCodec) -> None:
     benchmark.group = "user-dp-client-parts"
     n = codec.params.padded_dim
     z = benchmark.pedantic(lambda: discrete_gaussian(SecureRandom.from_seed(1, "z"), n, codec.params.sigma),
+                           rounds=ROUNDS, iterations=1)
+    assert z.var() == pytest.approx(codec.params.sigma**2, rel=0.02)
+
+
+def test_client_noise_reference_cks(benchmark, codec: UserCodec) -> None:
+    """The previous sampler (CKS, about 55 keystream bytes per draw), side by side with ``noise``."""
+    benchmark.group = "user-dp-client-parts"
+    n = codec.params.padded_dim
+    z = benchmark.pedantic(lambda: discrete_gaussian_cks(SecureRandom.from_seed(1, "z"), n, codec.params.sigma),
                            rounds=ROUNDS, iterations=1)
     assert z.var() == pytest.approx(codec.params.sigma**2, rel=0.02)

@@ -71,6 +71,7 @@ from ftte.edge.models import UntrustedModelError, build_registered_model, make_d
 from ftte.edge.plan import SubsetPlan
 from ftte.edge.plan_search import device_prefix_chunk
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
+from ftte.edge.user_level import DeviceUserLevel
 from ftte.privacy.accountant import AccountantStore
 from ftte.privacy.budget import BudgetExceededError
 from ftte.privacy.dpsgd import DPConfig
@@ -478,6 +479,7 @@ class EdgeClient:
         self.trainer: LocalTrainer | None = None
         self.store: AccountantStore | None = None
         self.dp: DPConfig | None = None
+        self.user: DeviceUserLevel | None = None  # user-level DP terms (task unit "user"), see edge/user_level.py
         self._told: set[int] = set()
         self._advance = True  # the server has /enter and /advance (cleared once if it answers 404)
         self.rounds_done = 0
@@ -568,7 +570,7 @@ class EdgeClient:
             budget = self.epsilon_max
         try:
             target = min(task.target_epsilon, budget) if task.target_epsilon > 0 else None
-            dp = DPConfig(enabled=bool(task.dp_enabled), noise_multiplier=task.noise_multiplier,
+            dp = DPConfig(enabled=bool(task.dp_enabled) and task.unit != "user", noise_multiplier=task.noise_multiplier,
                           max_grad_norm=task.max_grad_norm, delta=task.delta if task.delta > 0 else None,
                           accountant=task.accountant, epsilon_max=budget if math.isfinite(budget) else math.inf,
                           target_epsilon=target, planned_rounds=task.planned_rounds if target else None,
@@ -593,6 +595,11 @@ class EdgeClient:
         chunk = device_prefix_chunk(model, plan, shape, task.batch_size, dp=bool(task.dp_enabled),
                                     clipping=task.clipping)
         settings = dataclasses.replace(settings, prefix_chunk=chunk)
+        if task.unit == "user":  # user-level: the device's own plan of the mechanism, within its floors
+            try:
+                self.user = DeviceUserLevel.from_task(task, plan.num_coordinates, self.policy, self.epsilon_max)
+            except CohortRefused as exc:
+                raise ModelMismatch(f"refused the server's user-level terms: {exc}") from None
         self.store = AccountantStore(self.state_dir / "accountant.db")
         self.trainer = LocalTrainer(model, plan, dp, settings, self.store)
         self.task, self.plan, self.dp = task, plan, dp
@@ -627,6 +634,9 @@ class EdgeClient:
         seed = None if self._test_seed is None else self._seed.randrange(2**31 - 1)
         update = self.trainer.train(self.member, pull.version, np.array(pull.weights, dtype=np.float32),
                                     self.x, self.y, seed)
+        if self.user is not None:  # one participation, charged durably before anything is released
+            assert self.store is not None
+            update = dataclasses.replace(update, stats=self.user.charge(self.store, self.member, update.stats))
         self._event("trained", version=pull.version, epsilon=float(update.stats.epsilon_total))
         return update
 
@@ -712,6 +722,8 @@ class EdgeClient:
             check_own_weight(w.weight, self.policy)
 
             def input_vector() -> np.ndarray:
+                if self.user is not None:
+                    return self.user.input_vector(start, update.delta, w.weight)
                 return codec_for(start).encode(w.weighted, w.weight, w.variance, self._rng)
 
             session = MemberSession(session_params(start), self.member, self.identity, input_vector)
@@ -877,8 +889,9 @@ class EdgeClient:
         device = str(self.member)
         history = self.store.history(device)
         state = self.store.state(device)
-        if not self.dp.enabled or state is None:
+        if not (self.dp.enabled or self.user is not None) or state is None:
             return len(history), []
+        clip = self.user.plan.params.clip if self.user is not None else self.dp.max_grad_norm
         done = self._reported()
         evidence = self._signatures()
 
@@ -887,7 +900,7 @@ class EdgeClient:
             extra = dict(version=int(e["version"]), rng_source=str(e["rng_source"])[:128],
                          signature=bytes.fromhex(e["signature"])) if e else {}
             return SpentRound(step.steps, float(step.sample_rate), float(step.noise_multiplier),
-                              float(self.dp.max_grad_norm), float(state.delta), **extra)
+                              float(clip), float(state.delta), **extra)
 
         late = [(i, spent(i, step)) for i, step in enumerate(history[:-1], start=1) if i not in done]
         return len(history), late[:MAX_LATE_ROUNDS]

@@ -71,6 +71,17 @@ class TaskInfo(Message):
     # feature or one value for all. Bounded and checked on the device like every task field.
     feature_mean: np.ndarray = field(F32_VECTOR, default_factory=lambda: np.zeros(0, dtype=np.float32))
     feature_std: np.ndarray = field(F32_VECTOR, default_factory=lambda: np.zeros(0, dtype=np.float32))
+    # The privacy unit: "example" (DP-SGD on the device) or "user" (distributed discrete Gaussian
+    # noise inside the masked sum; DP-SGD off). In user mode every participation is charged at
+    # ``user_noise_multiplier`` (rdp, q = 1, one step) against ``user_epsilon`` at ``user_delta``,
+    # and the mechanism is planned for cohorts of up to ``user_members`` with noise calibrated so
+    # that ``user_calibrated_for`` honest survivors carry it (protocol.cohort.user_level_params).
+    unit: str = field(text(16), default="example")
+    user_noise_multiplier: float = field(F64, default=0.0)
+    user_epsilon: float = field(F64, default=0.0)
+    user_delta: float = field(F64, default=0.0)
+    user_members: int = field(U64, default=0)
+    user_calibrated_for: int = field(U64, default=0)
 
 
 @message(42)
@@ -186,6 +197,15 @@ class CohortStart(Message):
     variance_penalty: float = field(F64)
     r_min: float = field(F64)
     max_corrupt: int = field(U64, default=0)  # colluding members the threshold was chosen to tolerate
+    # User-level DP (all 0 for an example-level cohort): the mechanism every member applies
+    # (distributed_dp.UserDPParams over ``user_coordinates``; ``dim`` is then its padded length and
+    # ``ring_bits`` its ring). Bound into the session context by contribution_binding.
+    user_coordinates: int = field(U64, default=0)
+    user_scale: float = field(F64, default=0.0)
+    user_sigma: float = field(F64, default=0.0)
+    user_calibrated_for: int = field(U64, default=0)
+    user_members: int = field(U64, default=0)
+    user_noise_multiplier: float = field(F64, default=0.0)
 
 
 @message(48)

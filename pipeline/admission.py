@@ -34,7 +34,7 @@ def check_join(req: JoinRequest, model: ServerModel, cfg: Config, max_staleness:
     if known is None or not hmac.compare_digest(known, req.model_hash):
         raise Refused("model_mismatch", f"model hash does not match version {req.base_version}")
     p = cfg.privacy
-    if not p.enabled:
+    if not p.enabled or p.user_level:  # user-level terms: the coordinator's policy and mechanism checks
         return
     if req.accountant != p.accountant:
         raise Refused("dp_mismatch", f"accountant must be {p.accountant!r}")

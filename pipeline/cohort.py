@@ -185,17 +185,17 @@ def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, 
     rounds and adds its share of discrete Gaussian noise (so any ``T - max_corrupt`` honest
     survivors carry the target), and masks the integers; the server unmasks the noisy sum and
     undoes scale and rotation. The weights (staleness only) are public, so ``Σw`` is computed
-    from the survivors, not sent; a sum beyond what honest members' noisy inputs reach is refused."""
-    from ftte.privacy.distributed_dp import plan_user_dp
+    from the survivors, not sent; a sum beyond what honest members' noisy inputs reach is refused.
+    The parameters, the start and the decoding rule are the deployment's (protocol.cohort,
+    protocol.user_encoding); only the cohort size they are planned for differs."""
     from ftte.privacy.secure_random import SecureRandom
-    from ftte.protocol.cohort import contribution_binding
-    from ftte.protocol.user_encoding import UserCodec, rotation_seed
+    from ftte.protocol.cohort import contribution_binding, user_level_params, with_user_level
+    from ftte.protocol.user_encoding import UserCodec, decode_user_sum, rotation_seed
 
-    coordinates = start.dim - EXTRA_COORDINATES
-    params = plan_user_dp(dim=coordinates, clip=start.clip, noise_multiplier=user.z, members=len(ids),
-                          threshold=start.threshold, max_corrupt=start.max_corrupt)
-    session_start = dataclasses.replace(start, dim=params.padded_dim, ring_bits=params.ring_bits)
-    codec = UserCodec(params, rotation_seed(start.cohort_id, contribution_binding(start)))
+    params = user_level_params(coordinates=start.dim - EXTRA_COORDINATES, clip=start.clip, noise_multiplier=user.z,
+                               members=len(ids), calibrated_for=start.threshold - start.max_corrupt)
+    session_start = with_user_level(start, params, user.z)
+    codec = UserCodec(params, rotation_seed(start.cohort_id, contribution_binding(session_start)))
     inputs = {m: codec.encode(raw[m], weights[m], SecureRandom.from_seed(user.seed, "user-dp", str(m),
                                                                           start.cohort_id)).ring for m in ids}
     result, stats, drops, duration = _masked_session(session_params(session_start), ids, devices, identities,
@@ -204,12 +204,9 @@ def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, 
     if result is None:
         return CohortRun(_result(start, drops, staleness, duration, None, stats.aborted, user=True), bytes_up, weights,
                          params)
-    total = codec.decode_sum(result.total)
-    wsum = float(sum(weights[m] for m in result.survivors))
-    bound = codec.decoded_norm_bound(len(result.survivors), wsum)
-    if not float(np.linalg.norm(total)) <= bound:
-        return CohortRun(_result(start, drops, staleness, duration, None,
-                                 f"the decoded sum's norm exceeds the {bound:.4g} honest members reach", user=True),
-                         bytes_up, weights, params)
+    total, wsum, refused = decode_user_sum(codec, result.total, weights, result.survivors)
+    if refused:
+        return CohortRun(_result(start, drops, staleness, duration, None, refused, user=True), bytes_up, weights,
+                         params)
     return CohortRun(_result(start, drops, staleness, duration, CohortSum(result.survivors, total, wsum, 0.0),
                              user=True), bytes_up, weights, params)

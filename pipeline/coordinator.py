@@ -47,7 +47,7 @@ from ftte.crypto.secagg_session import (
 )
 from ftte.crypto.stages import POLL_END, Stage, close_stage
 from ftte.pipeline.admission import check_join, check_plan, spent_rounds
-from ftte.pipeline.deploy_task import DeployTask
+from ftte.pipeline.deploy_task import DeployTask, min_cohort
 from ftte.pipeline.evaluation import Evaluator
 from ftte.pipeline.journal import (
     CLOSE,
@@ -70,7 +70,10 @@ from ftte.pipeline.server_model import Applied, CohortResult, CohortSum, ServerM
 from ftte.pipeline.strategies import cohort_policy
 from ftte.privacy.accountant import PrivacyStep
 from ftte.privacy.spend import RoundOutcome
-from ftte.protocol.cohort import codec_for, plan_cohort, session_params
+from ftte.privacy.distributed_dp import UserMechanism, parse_user_mechanism, user_row_problems
+from ftte.protocol.cohort import codec_for, contribution_binding, is_user_level, plan_cohort, session_params, weight_rule
+from ftte.protocol.user_encoding import UserCodec, decode_user_sum, rotation_seed
+from ftte.protocol.weighting import update_weight
 
 from ftte import wire
 from ftte.deploy_messages import (
@@ -267,7 +270,7 @@ class Coordinator:
     # -- derived settings -----------------------------------------------------------------
     @property
     def min_cohort(self) -> int:
-        return max(2, self.cfg.secagg_threshold)
+        return min_cohort(self.settings)
 
     # -- device requests -----------------------------------------------------------------
     def task_info(self, member: int) -> TaskInfo:
@@ -325,12 +328,28 @@ class Coordinator:
         for r in rounds:
             problems = policy.violations(delta=r.delta, noise_multiplier=r.step.noise_multiplier,
                                          accountant=r.accountant, epsilon_max=r.epsilon_max)
+            if self.task.user is not None:
+                problems += self._user_round_problems(r)
             if problems:
                 raise Refused("policy", "; ".join(problems))
         eps = await self.db.call(self.db.epsilon_after, rounds)
         if eps > policy.epsilon_cap:
             raise Refused("policy", f"this round would take the device to epsilon {eps:.4g}, above the "
                                     f"task's cap {policy.epsilon_cap:g}")
+
+    def _user_round_problems(self, r: MemberRound) -> list[str]:
+        """A user-level round must be one participation of exactly this deployment's mechanism
+        (the audit's rule, plus: the tag names the mechanism the cohorts will use)."""
+        assert self.task.user is not None
+        problems = user_row_problems(r.step.noise_multiplier, r.step.sample_rate, r.step.steps, r.accountant,
+                                     r.max_grad_norm, r.rng_source)
+        try:
+            mech = parse_user_mechanism(r.rng_source)
+        except ValueError:
+            mech = None
+        if not problems and mech != UserMechanism.of(self.task.user.params):
+            problems.append("the round's user-level mechanism is not this deployment's")
+        return problems
 
     async def leave(self, member: int, req: LeaveRequest) -> Ack:
         """A device stops waiting for a cohort that has not started; too late once it has."""
@@ -456,7 +475,7 @@ class Coordinator:
         return plan_cohort(self.policy, cohort_id=cohort_id, plan_id=self.plan_id,
                            model_hash=m.current_hash if model_hash is None else model_hash, close_version=m.version,
                            members=members, identity_keys=keys, coordinates=self.task.dim,
-                           reference_variance=m.reference_variance)
+                           reference_variance=m.reference_variance, user=self.task.user)
 
     def check_sessions(self) -> None:
         """Fail at start-up, not at the first full cohort, if some cohort size could not form a session."""
@@ -480,7 +499,11 @@ class Coordinator:
     def _begin(self, c: LiveCohort, start: CohortStart, now: float) -> None:
         params = session_params(start)
         c.start = start
-        c.codec = codec_for(start)
+        if is_user_level(start):  # the mechanism's decoder; the example-level codec does not apply
+            assert self.task.user is not None
+            c.codec = UserCodec(self.task.user.params, rotation_seed(start.cohort_id, contribution_binding(start)))
+        else:
+            c.codec = codec_for(start)
         c.server = SecAggServer(params)
         c.stage, c.stage_opened_at = Stage.ADVERTISE, now
         if self.forming is c:
@@ -538,6 +561,17 @@ class Coordinator:
             c.aborted = str(exc)
             await self._conclude(c, None)
             return
+        if isinstance(c.codec, UserCodec):
+            assert c.start is not None
+            weights = {m: update_weight(c.start.close_version - c.joins[m].base_version, 0.0, None,
+                                        weight_rule(c.start)) for m in result.survivors}
+            total, wsum, refused = decode_user_sum(c.codec, result.total, weights, result.survivors)
+            if refused:
+                c.aborted = refused
+                await self._conclude(c, None)
+                return
+            await self._conclude(c, CohortSum(result.survivors, total, wsum, 0.0))
+            return
         total, wsum, vsum = c.codec.decode_sum(result.total, len(result.survivors))
         await self._conclude(c, CohortSum(result.survivors, total, wsum, vsum))
 
@@ -548,8 +582,11 @@ class Coordinator:
         async with self._merge_lock:
             now = self.clock()
             staleness = {m: start.close_version - j.base_version for m, j in c.joins.items()}
+            # a user-level sum carries noise: the example-level limits of the start do not apply to it
+            # (decode_user_sum checked the mechanism's own bound)
             result = CohortResult(c.cohort_id, start.close_version, tuple(sorted(c.joins)), c.dropped_stages(),
-                                  staleness, round(now - c.opened_at, 6), total, c.aborted, start)
+                                  staleness, round(now - c.opened_at, 6), total, c.aborted,
+                                  None if is_user_level(start) else start)
             m = self.model
             evaluate = self._evaluate
             applied: Applied = await asyncio.to_thread(

@@ -156,9 +156,9 @@ def parse_server_config(text: str, *, base_dir: str | Path = ".", source: str = 
         run = Config.from_dict(raw, mode="deployment")
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    if run.privacy.user_level:
-        raise ConfigError(f"{source}: [privacy] unit: user-level DP runs in the simulator only for now; "
-                          "use 'example' in a deployment")
+    if run.privacy.user_level and run.privacy.user_noise != "distributed":
+        raise ConfigError(f"{source}: [privacy] user_noise: a deployment masks every update, so its user-level "
+                          "noise is 'distributed' (added by the devices inside the masked sum)")
     if run.run.strategy == "fedavg":
         raise ConfigError(f"{source}: [run] strategy: a deployment is buffered; use 'ftte' or 'fedbuff'")
     if not run.secagg.enabled:

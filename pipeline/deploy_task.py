@@ -19,7 +19,8 @@ from ftte.edge.plan import SubsetPlan, subset_vector
 from ftte.pipeline.deploy_config import ServerSettings
 from ftte.pipeline.feature_stats import load_feature_stats
 from ftte.pipeline.model_builder import build_global_model, full_vector, model_kwargs
-from ftte.pipeline.strategies import strategy_for
+from ftte.pipeline.strategies import cohort_policy, strategy_for
+from ftte.protocol.cohort import UserLevelPlan, deployment_user_level
 from ftte.protocol.weighting import WeightRule
 
 from ftte.deploy_messages import TaskInfo
@@ -37,6 +38,7 @@ class DeployTask:
     # the standardisation the model expects ([deploy] standardize); empty: none
     feature_mean: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     feature_std: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    user: UserLevelPlan | None = None  # [privacy] unit = "user": the one mechanism every cohort uses
 
     @property
     def dim(self) -> int:
@@ -77,7 +79,17 @@ class DeployTask:
             clipping=cfg.train.settings().clipping,
             feature_mean=self.feature_mean,
             feature_std=self.feature_std,
+            **self._user_terms(),
         )
+
+    def _user_terms(self) -> dict[str, Any]:
+        u = self.user
+        if u is None:
+            return {}
+        p = self.settings.run.privacy
+        return dict(unit="user", user_noise_multiplier=u.noise_multiplier, user_epsilon=p.user_epsilon,
+                    user_delta=p.user_delta, user_members=u.params.members,
+                    user_calibrated_for=u.params.calibrated_for)
 
 
 def build_task(settings: ServerSettings) -> DeployTask:
@@ -97,4 +109,21 @@ def build_task(settings: ServerSettings) -> DeployTask:
         settings=settings,
         feature_mean=mean,
         feature_std=std,
+        user=user_level_of(settings, plan.num_coordinates),
     )
+
+
+def min_cohort(settings: ServerSettings) -> int:
+    """The smallest cohort the coordinator starts (at its deadline)."""
+    return max(2, settings.run.secagg_threshold)
+
+
+def user_level_of(settings: ServerSettings, coordinates: int) -> UserLevelPlan | None:
+    """The deployment's user-level plan (None for example-level DP): planned once, for its largest
+    cohort and the honest survivors of its smallest, so a device can sign for it at join."""
+    cfg = settings.run
+    if not cfg.privacy.user_level:
+        return None
+    return deployment_user_level(cohort_policy(cfg), coordinates=coordinates,
+                                 noise_multiplier=cfg.privacy.user_noise_multiplier(),
+                                 min_members=min_cohort(settings), max_members=cfg.server.buffer_size)

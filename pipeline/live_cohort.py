@@ -15,6 +15,7 @@ from ftte.crypto.secagg_server import SecAggServer
 from ftte.crypto.stages import Stage, input_for
 from ftte.deploy_messages import CohortEnd, CohortStart, JoinRequest
 from ftte.protocol.encoding import UpdateCodec
+from ftte.protocol.user_encoding import UserCodec
 from ftte.secagg_messages import ConsistencyBundle, Roster, ShareDelivery, SurvivorList
 
 FINISHING = "finishing"
@@ -28,7 +29,7 @@ class LiveCohort:
     join_bytes: dict[int, bytes] = field(default_factory=dict)
     superseded: dict[int, list[JoinRequest]] = field(default_factory=dict)  # earlier joins a member replaced
     start: CohortStart | None = None
-    codec: UpdateCodec | None = None
+    codec: UpdateCodec | UserCodec | None = None  # UserCodec for a user-level cohort
     server: SecAggServer | None = None
     stage: Stage | str | None = None  # None forming; a Stage; FINISHING
     stage_opened_at: float = 0.0

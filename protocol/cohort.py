@@ -10,6 +10,7 @@ anything. The model hash a pull is checked against lives here too.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 from ftte.crypto.primitives import sha256
 from ftte.crypto.quantize import choose_ring_bits, levels
 from ftte.crypto.secagg_session import SessionParams, ring_applies
+from ftte.privacy.distributed_dp import UserDPParams, plan_user_dp
 from ftte.protocol.encoding import EXTRA_COORDINATES, UpdateCodec
 from ftte.protocol.weighting import WeightRule
 
@@ -69,12 +71,13 @@ class CohortPolicy:
 
 def plan_cohort(policy: CohortPolicy, *, cohort_id: str, plan_id: str, model_hash: bytes, close_version: int,
                 members: tuple[int, ...], identity_keys: tuple[bytes, ...], coordinates: int,
-                reference_variance: float | None) -> CohortStart:
-    """The :class:`CohortStart` of a cohort closing with ``members`` (sorted) at ``close_version``."""
+                reference_variance: float | None, user: UserLevelPlan | None = None) -> CohortStart:
+    """The :class:`CohortStart` of a cohort closing with ``members`` (sorted) at ``close_version``;
+    with ``user``, a user-level cohort (:func:`with_user_level`)."""
     n = len(members)
     ring = policy.uses_ring(n)
     rule = policy.rule
-    return CohortStart(
+    start = CohortStart(
         cohort_id=cohort_id, plan_id=plan_id, model_hash=model_hash, close_version=close_version,
         members=tuple(members), identity_keys=tuple(zip(members, identity_keys)),
         threshold=policy.threshold_for(n), share_threshold=policy.share_threshold_for(n),
@@ -85,6 +88,125 @@ def plan_cohort(policy: CohortPolicy, *, cohort_id: str, plan_id: str, model_has
         staleness_exponent=rule.staleness_exponent, variance_penalty=rule.variance_penalty, r_min=rule.r_min,
         max_corrupt=policy.max_corrupt,
     )
+    return start if user is None else with_user_level(start, user.params, user.noise_multiplier)
+
+
+# -- user-level DP: one definition of the mechanism's parameters and of what a device accepts ---------
+
+@dataclass(frozen=True)
+class UserLevelPlan:
+    """The user-level mechanism of a cohort and the multiplier each participation is charged at."""
+
+    params: UserDPParams
+    noise_multiplier: float
+
+
+def user_level_params(*, coordinates: int, clip: float, noise_multiplier: float, members: int,
+                      calibrated_for: int) -> UserDPParams:
+    """The mechanism for up to ``members`` contributions of ``coordinates`` values clipped to ``clip``,
+    with per-device noise such that ``calibrated_for`` honest survivors give an effective multiplier
+    of at least ``noise_multiplier``. The simulator calls it per cohort (``members`` = n,
+    ``calibrated_for`` = T - max_corrupt); a deployment once per task, for its largest cohort and
+    the honest survivors of its smallest (:func:`deployment_user_level`), so a device knows the
+    parameters it signs for before its cohort closes."""
+    return plan_user_dp(dim=coordinates, clip=clip, noise_multiplier=noise_multiplier, members=members,
+                        threshold=calibrated_for, max_corrupt=0)
+
+
+def deployment_user_level(policy: CohortPolicy, *, coordinates: int, noise_multiplier: float, min_members: int,
+                          max_members: int) -> UserLevelPlan:
+    """A deployment's one user-level plan: its ring holds ``max_members`` noisy contributions and
+    its noise is calibrated to the ``T - max_corrupt`` honest survivors of the smallest cohort it
+    may start (``T`` grows with ``n``, so every larger cohort carries at least the target)."""
+    m = policy.threshold_for(min_members) - policy.max_corrupt
+    return UserLevelPlan(user_level_params(coordinates=coordinates, clip=policy.clip,
+                                           noise_multiplier=noise_multiplier, members=max_members,
+                                           calibrated_for=m), noise_multiplier)
+
+
+def with_user_level(start: CohortStart, params: UserDPParams, noise_multiplier: float) -> CohortStart:
+    """``start`` as a user-level cohort: the session masks the ``d'`` rotated integers in the
+    mechanism's ring, and every parameter of the mechanism rides in the start (and its binding)."""
+    return dataclasses.replace(start, dim=params.padded_dim, ring_bits=params.ring_bits,
+                               user_coordinates=params.dim, user_scale=params.scale, user_sigma=params.sigma,
+                               user_calibrated_for=params.calibrated_for, user_members=params.members,
+                               user_noise_multiplier=float(noise_multiplier))
+
+
+def is_user_level(start: CohortStart) -> bool:
+    return start.user_members > 0
+
+
+def user_params_of(start: CohortStart) -> UserDPParams:
+    """The mechanism a user-level start describes (raises :class:`CohortRefused` if it is unusable)."""
+    if not is_user_level(start):
+        raise CohortRefused("not a user-level cohort")
+    try:
+        return UserDPParams(start.user_coordinates, start.clip, start.user_scale, start.user_sigma,
+                            start.user_calibrated_for, start.user_members, start.ring_bits)
+    except ValueError as exc:
+        raise CohortRefused(f"the cohort's user-level parameters: {exc}") from None
+
+
+def user_params_digest(params: UserDPParams, noise_multiplier: float) -> bytes:
+    """Digest of every user-level parameter that shapes a contribution (and the multiplier charged)."""
+    return sha256(b"ftte/user-dp/params/v1", struct.pack(">qdddqqqd", params.dim, params.clip, params.scale,
+                                                         params.sigma, params.calibrated_for, params.members,
+                                                         params.ring_bits, float(noise_multiplier)))
+
+
+MAX_WRAP_PROBABILITY = 2.0 ** -30
+
+
+def check_user_params(params: UserDPParams, *, members: int, threshold: int, max_corrupt: int,
+                      min_noise_multiplier: float) -> None:
+    """The device's floors on a user-level mechanism (raises :class:`CohortRefused`): the noise is
+    calibrated to survivors it trusts to be honest (``threshold - max_corrupt`` with *its*
+    colluder assumption), gives at least ``min_noise_multiplier`` (its own floor and the task's
+    charge), and the ring holds the noisy sum of every member."""
+    if members > params.members:
+        raise CohortRefused(f"user-level parameters are planned for at most {params.members} members, the cohort "
+                            f"has {members}")
+    if params.calibrated_for > threshold - max_corrupt:
+        raise CohortRefused(f"noise calibrated for {params.calibrated_for} honest survivors, but with threshold "
+                            f"{threshold} and {max_corrupt} colluders only {threshold - max_corrupt} are certain")
+    if params.sigma == 0.0 or params.noise_multiplier < min_noise_multiplier:
+        raise CohortRefused(f"effective noise multiplier {params.noise_multiplier:.4g} below this device's floor "
+                            f"{min_noise_multiplier:.4g}")
+    if params.wrap_probability() > MAX_WRAP_PROBABILITY:
+        raise CohortRefused(f"the noisy sum wraps the ring with probability up to {params.wrap_probability():.3g}")
+
+
+def task_user_level(task: TaskInfo, coordinates: int) -> UserLevelPlan:
+    """The plan a user-level task implies for a plan of ``coordinates`` values, computed by the
+    device itself from the task's terms (the same function the server planned with)."""
+    try:
+        return UserLevelPlan(user_level_params(coordinates=coordinates, clip=task.clip,
+                                               noise_multiplier=task.user_noise_multiplier,
+                                               members=task.user_members, calibrated_for=task.user_calibrated_for),
+                             task.user_noise_multiplier)
+    except ValueError as exc:
+        raise CohortRefused(f"the task's user-level terms: {exc}") from None
+
+
+def check_user_cohort(start: CohortStart, plan: UserLevelPlan, policy: DevicePolicy, *, colluders: int) -> None:
+    """What a device verifies on a user-level cohort start before it adds its noise: the start's
+    mechanism is exactly the one it planned from the task (and signed its spend claim for), so
+    a server that lowers one member's noise or changes its clip or scale is refused; then the
+    device's own floors (:func:`check_user_params`) for this cohort's size and threshold."""
+    if not is_user_level(start):
+        raise CohortRefused("the task is user-level but the cohort start carries no user-level mechanism")
+    got = user_params_of(start)
+    if got != plan.params or start.user_noise_multiplier != plan.noise_multiplier:
+        differ = [name for name in ("dim", "clip", "scale", "sigma", "calibrated_for", "members", "ring_bits")
+                  if getattr(got, name) != getattr(plan.params, name)]
+        if start.user_noise_multiplier != plan.noise_multiplier:
+            differ.append("noise_multiplier")
+        raise CohortRefused(f"the cohort's user-level {', '.join(differ)} differ from the task's")
+    if start.dim != plan.params.padded_dim:
+        raise CohortRefused(f"cohort vector has {start.dim} coordinates, the mechanism masks {plan.params.padded_dim}")
+    check_user_params(got, members=len(start.members), threshold=start.threshold, max_corrupt=colluders,
+                      min_noise_multiplier=max(policy.min_user_noise_multiplier, plan.noise_multiplier))
 
 
 def codec_for(start: CohortStart) -> UpdateCodec:
@@ -113,9 +235,11 @@ def contribution_binding(start: CohortStart) -> bytes:
     reference variance. It enters the signed session context, so a server that shows two
     members different values gets two contexts, and their advertisements never verify for
     each other: the session aborts before anything is masked."""
-    return sha256(b"ftte/cohort/contribution/v1", _u64(start.value_bits), _f64(start.clip),
-                  _f64(start.reference_variance), _f64(start.staleness_exponent), _f64(start.variance_penalty),
-                  _f64(start.r_min))
+    parts = [_u64(start.value_bits), _f64(start.clip), _f64(start.reference_variance),
+             _f64(start.staleness_exponent), _f64(start.variance_penalty), _f64(start.r_min)]
+    if is_user_level(start):  # example-level bindings are unchanged
+        parts.append(user_params_digest(user_params_of(start), start.user_noise_multiplier))
+    return sha256(b"ftte/cohort/contribution/v1", *parts)
 
 
 def _u64(x: int) -> bytes:
@@ -148,7 +272,10 @@ class DevicePolicy:
     most ``1/(1 + min_weight·(h−1))`` with ``h`` honest members, so a device that needs its
     update hidden among many should also raise ``min_members``.
     ``max_delta`` and ``min_noise_multiplier`` are the device's own privacy floor: a task asking
-    for a larger delta or less noise is refused, whatever the server's policy says.
+    for a larger delta or less noise is refused, whatever the server's policy says. For a
+    user-level task, ``min_user_noise_multiplier`` is the floor on the effective multiplier the
+    honest survivors of any cohort must carry (the device's user-level budget is its accountant's
+    ``epsilon_max``).
     """
 
     trusted_keys: frozenset[bytes] | None = None
@@ -160,6 +287,7 @@ class DevicePolicy:
     max_staleness: int = 50
     max_delta: float = 1e-5
     min_noise_multiplier: float = 0.5
+    min_user_noise_multiplier: float = 0.5  # user-level: the least effective multiplier per participation
 
     def __post_init__(self) -> None:
         if self.min_members < 2 or self.max_corrupt < 0 or not 0 < self.min_r_min <= 1:
@@ -183,7 +311,11 @@ def check_task(task: TaskInfo, policy: DevicePolicy) -> None:
         raise CohortRefused(f"r_min {task.r_min} below this device's floor {policy.min_r_min}")
     if not 0 <= task.variance_penalty < math.inf:
         raise CohortRefused(f"variance penalty {task.variance_penalty} out of range")
-    if task.dp_enabled:
+    if task.unit not in ("example", "user"):
+        raise CohortRefused(f"unknown privacy unit {task.unit[:32]!r}")
+    if task.unit == "user":
+        _check_user_task(task, policy)
+    elif task.dp_enabled:
         if task.delta > policy.max_delta:
             raise CohortRefused(f"the task's delta {task.delta:g} is above this device's ceiling {policy.max_delta:g}")
         noise = task.min_noise_multiplier if task.target_epsilon > 0 else task.noise_multiplier
@@ -193,6 +325,27 @@ def check_task(task: TaskInfo, policy: DevicePolicy) -> None:
     if task.max_corrupt < policy.max_corrupt:
         raise CohortRefused(f"the task tolerates {task.max_corrupt} colluding members, this device assumes "
                             f"{policy.max_corrupt}")
+
+
+MAX_USER_MEMBERS = 100_000
+
+
+def _check_user_task(task: TaskInfo, policy: DevicePolicy) -> None:
+    if not task.dp_enabled:
+        raise CohortRefused("a user-level task must have DP enabled")
+    if not 0.0 < task.user_delta <= policy.max_delta:
+        raise CohortRefused(f"the task's user-level delta {task.user_delta:g} is outside (0, {policy.max_delta:g}]")
+    if not (math.isfinite(task.user_noise_multiplier) and task.user_noise_multiplier >= policy.min_user_noise_multiplier):
+        raise CohortRefused(f"the task's user-level noise multiplier {task.user_noise_multiplier:g} is below this "
+                            f"device's floor {policy.min_user_noise_multiplier:g}")
+    if not (0.0 < task.user_epsilon < math.inf):
+        raise CohortRefused(f"the task's user-level epsilon {task.user_epsilon:g} is not a positive finite budget")
+    if not 1 <= task.user_calibrated_for <= task.user_members <= MAX_USER_MEMBERS:
+        raise CohortRefused(f"the task's user-level cohort terms ({task.user_calibrated_for} of "
+                            f"{task.user_members}) are out of range")
+    if task.variance_penalty != 0.0:
+        raise CohortRefused("a user-level task weighs by staleness only (variance_penalty 0): a variance "
+                            "weight would depend on private data")
 
 
 def check_cohort(start: CohortStart, task: TaskInfo, policy: DevicePolicy, *, member: int, identity_key: bytes,
@@ -222,7 +375,14 @@ def check_cohort(start: CohortStart, task: TaskInfo, policy: DevicePolicy, *, me
     if start.close_version - base_version > policy.max_staleness:
         raise CohortRefused(f"staleness {start.close_version - base_version} above this device's "
                             f"{policy.max_staleness}: a server could use it to weigh this update out of the sum")
-    if start.dim != coordinates + EXTRA_COORDINATES:
+    user = task.unit == "user"
+    if is_user_level(start) != user:
+        raise CohortRefused(f"the cohort is {'user' if is_user_level(start) else 'example'}-level, the task "
+                            f"{task.unit}-level")
+    if user and start.user_coordinates != coordinates:
+        raise CohortRefused(f"the cohort's mechanism covers {start.user_coordinates} coordinates, the plan has "
+                            f"{coordinates}")
+    if not user and start.dim != coordinates + EXTRA_COORDINATES:
         raise CohortRefused(f"cohort vector has {start.dim} coordinates, the plan needs {coordinates + EXTRA_COORDINATES}")
     terms = ("clip", "value_bits", "staleness_exponent", "variance_penalty", "r_min")
     differ = [t for t in terms if getattr(start, t) != getattr(task, t)]
@@ -232,6 +392,9 @@ def check_cohort(start: CohortStart, task: TaskInfo, policy: DevicePolicy, *, me
     if start.max_corrupt < corrupt or 2 * start.threshold <= n + corrupt:
         raise CohortRefused(f"threshold {start.threshold} of {n} members does not tolerate {corrupt} colluding "
                             "members (2T > n + colluders is required)")
+    if user:  # the mechanism's own ring and floors (the example-level encoding is not used)
+        check_user_cohort(start, task_user_level(task, coordinates), policy, colluders=corrupt)
+        return
     try:
         need = choose_ring_bits(n, start.value_bits)
     except ValueError as exc:

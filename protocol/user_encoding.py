@@ -26,7 +26,6 @@ The weight must not depend on private data: in user mode it is the staleness wei
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,50 +33,60 @@ import numpy as np
 from ftte.crypto.primitives import sha256
 from ftte.privacy.distributed_dp import UserDPParams, discrete_gaussian
 from ftte.privacy.secure_random import SOURCE_KEY, SecureRandom
-from ftte.protocol.cohort import CohortRefused
-from ftte.protocol.encoding import clip_l2
 
 _ROTATION_DOMAIN = b"ftte/user-dp/rotation/v1"
 _CLIP_MARGIN = 1.0 - 1e-9  # room for float error in the rotation under the exact norm check
 
 
-_BASE_LEVELS = 5  # the first 5 butterfly levels as one small matrix product (H_32), in BLAS
-_BLOCK = 1 << 16  # then the levels inside 64k-element blocks while a block stays in cache
+_BLOCK = 1 << 16  # levels inside 64k-element blocks first, while a block stays in cache
 
 
-def _hadamard(levels: int) -> np.ndarray:
-    h = np.ones((1, 1))
-    for _ in range(levels):
-        h = np.block([[h, h], [h, -h]])
-    return h
-
-
-def _butterflies(y: np.ndarray, h: int, tmp: np.ndarray) -> None:
-    """Levels h, 2h, ... of the transform of ``y`` in place (``tmp``: scratch of len(y)/2)."""
+def _radix4(y: np.ndarray, h: int, t1: np.ndarray, t2: np.ndarray) -> int:
+    """Levels h, 2h, 4h, ... of the transform of ``y`` in place, two per pass (a 4-point Hadamard on
+    (a, b, c, d) = quarters of every group of 4h); returns the first level not done. ``t1``,
+    ``t2``: scratch of len(y)/4."""
     n = y.shape[0]
-    while h < n:
-        v = y.reshape(-1, 2, h)
-        a, b = v[:, 0, :], v[:, 1, :]
-        t = tmp.reshape(-1, h)
-        np.subtract(a, b, out=t)
-        a += b
-        b[...] = t
-        h *= 2
+    while 4 * h <= n:
+        v = y.reshape(-1, 4, h)
+        a, b, c, d = v[:, 0, :], v[:, 1, :], v[:, 2, :], v[:, 3, :]
+        s1, d1 = t1.reshape(-1, h), t2.reshape(-1, h)
+        np.add(a, b, out=s1)
+        np.subtract(a, b, out=d1)
+        np.add(c, d, out=a)  # s2
+        np.subtract(c, d, out=b)  # d2
+        np.subtract(s1, a, out=c)  # s1 - s2
+        a += s1  # s1 + s2
+        np.subtract(d1, b, out=d)  # d1 - d2
+        b += d1  # d1 + d2
+        h *= 4
+    return h
 
 
 def fwht(x: np.ndarray) -> np.ndarray:
     """Unnormalised Walsh-Hadamard transform of a float64 vector whose length is a power of two
-    (a new array; H H = d' I). Same butterflies as the textbook loop, ordered for the cache."""
-    n = x.shape[0]
+    (a new array; H H = d' I). Radix-4 butterflies, cache-blocked, numpy only: no BLAS, whose
+    threads contend with everything else on a small device (a 32x32 matrix product base was
+    2x slower on a loaded 2-core machine)."""
+    return _fwht_inplace(np.array(x, dtype=np.float64))
+
+
+def _fwht_inplace(y: np.ndarray) -> np.ndarray:
+    n = y.shape[0]
     if n < 1 or n & (n - 1):
         raise ValueError("length must be a power of two")
-    base = min(_BASE_LEVELS, n.bit_length() - 1)
-    y = (np.asarray(x, dtype=np.float64).reshape(-1, 1 << base) @ _hadamard(base)).reshape(n)
     block = min(_BLOCK, n)
-    tmp = np.empty(max(1, n // 2), dtype=np.float64)
+    t1 = np.empty(max(1, n // 4), dtype=np.float64)
+    t2 = np.empty_like(t1)
+    h = 1
     for start in range(0, n, block):
-        _butterflies(y[start:start + block], 1 << base, tmp[: block // 2])
-    _butterflies(y, max(block, 1 << base), tmp)
+        h = _radix4(y[start:start + block], 1, t1[: max(1, block // 4)], t2[: max(1, block // 4)])
+    h = _radix4(y, h, t1, t2)
+    if h < n:  # an odd number of levels: one radix-2 pass
+        v = y.reshape(-1, 2, h)
+        a, b = v[:, 0, :], v[:, 1, :]
+        t = a - b
+        a += b
+        b[...] = t
     return y
 
 
@@ -91,6 +100,39 @@ def rotation_signs(seed: bytes, padded: int) -> np.ndarray:
 def rotation_seed(cohort_id: str, binding: bytes = b"") -> bytes:
     """The 32-byte rotation key of a cohort: both sides derive it from what they already share."""
     return sha256(_ROTATION_DOMAIN, cohort_id.encode("utf-8"), binding)
+
+
+def _squared_norm(x: np.ndarray) -> float:
+    """``x . x`` without BLAS: on a busy 2-core machine OpenBLAS's threads made ``np.dot`` of 1e6
+    doubles take 14 ms instead of 0.1 ms; einsum's own loop takes 0.25 ms whatever the load."""
+    return float(np.einsum("i,i->", x, x))
+
+
+_ROUND_CHUNK = 1 << 16  # coordinates per pass: temporaries stay in cache and are reused
+
+
+def _floor_plus_uniform(y: np.ndarray, rng: SecureRandom) -> tuple[np.ndarray, int]:
+    """``(q, ||q||^2)`` with ``q = floor(y + u)``, ``u = k / 2^32``, ``k`` a uniform 32-bit word from
+    the keystream (drawn chunk by chunk: the same words as one draw of ``4 d'`` bytes).
+
+    Why 32 bits and not 53: the rounding's randomness protects nothing (the noise does); it
+    only makes the rounding unbiased, and with ``u`` on a 2^-32 grid ``E[floor(y + u)]`` is
+    within 2^-32 of ``y``, far below the noise. Every coordinate still moves by less than 1,
+    so the norm bound (the sensitivity) holds exactly; half the keystream of 53-bit uniforms.
+    The squared norm is summed in int64 (exact)."""
+    n = y.shape[0]
+    q = np.empty(n, dtype=np.int64)
+    total = 0
+    for start in range(0, n, _ROUND_CHUNK):
+        part = y[start:start + _ROUND_CHUNK]
+        u = np.frombuffer(rng.random_bytes(4 * part.shape[0]), dtype="<u4").astype(np.float64)
+        u *= 2.0**-32
+        u += part
+        np.floor(u, out=u)
+        chunk = q[start:start + part.shape[0]]
+        chunk[...] = u
+        total += int(np.dot(chunk, chunk))
+    return q, total
 
 
 @dataclass(frozen=True)
@@ -108,7 +150,6 @@ class UserCodec:
             raise ValueError("rotation seed must be 32 bytes")
         self.params = params
         self.signs = rotation_signs(seed, params.padded_dim)
-        self._mask = (1 << params.ring_bits) - 1
         self._dtype = np.dtype("<u4") if params.ring_bits == 32 else np.dtype("<u2")
         self._signed = np.int32 if params.ring_bits == 32 else np.int16
 
@@ -116,12 +157,14 @@ class UserCodec:
     def length(self) -> int:
         return self.params.padded_dim
 
-    def rotate(self, x: np.ndarray) -> np.ndarray:
+    def rotate(self, x: np.ndarray, factor: float = 1.0) -> np.ndarray:
+        """``factor * H D x / sqrt(d')`` (padded with zeros), the factor folded into one pass."""
         p = self.params
         padded = np.zeros(p.padded_dim, dtype=np.float64)
-        padded[: p.dim] = x
-        padded *= self.signs
-        return fwht(padded) * (1.0 / math.sqrt(p.padded_dim))
+        np.multiply(x, self.signs[: p.dim], out=padded[: p.dim])
+        y = _fwht_inplace(padded)
+        y *= factor / math.sqrt(p.padded_dim)
+        return y
 
     def unrotate(self, y: np.ndarray) -> np.ndarray:
         out = fwht(np.asarray(y, dtype=np.float64)) * (1.0 / math.sqrt(self.params.padded_dim))
@@ -129,17 +172,18 @@ class UserCodec:
         return out[: self.params.dim]
 
     def round(self, y: np.ndarray, rng: SecureRandom) -> np.ndarray:
-        """floor(y + u): unbiased, each coordinate within 1 of y, so ``||q|| < ||y|| + sqrt(d')``.
+        """floor(y + u): unbiased (to 2^-32, see :func:`_floor_plus_uniform`), each coordinate within 1
+        of y, so ``||q|| < ||y|| + sqrt(d')``.
 
         The bound the accountant uses is checked on the integers themselves (exact int64
         arithmetic) and a draw over it is redrawn (conditional rounding, as KLS): float error
         in the rotation can never push a contribution past the sensitivity."""
         limit_sq = math.floor(self.params.sensitivity) ** 2  # sqrt(N) <= floor(D) <= D, in integers
-        if not float(np.dot(y, y)) <= limit_sq:  # then ||q||^2 < (D + sqrt(d'))^2 < 2^63: no int64 overflow
+        if not _squared_norm(y) <= limit_sq:  # then ||q||^2 < (D + sqrt(d'))^2 < 2^63: no int64 overflow
             raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
         for _ in range(64):
-            q = np.floor(y + rng.uniform(y.shape[0])).astype(np.int64)
-            if int(np.dot(q, q)) <= limit_sq:
+            q, norm_sq = _floor_plus_uniform(y, rng)
+            if norm_sq <= limit_sq:
                 return q
         raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
 
@@ -159,8 +203,12 @@ class UserCodec:
             raise ValueError(f"update must have {p.dim} coordinates, got {x.shape}")
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"weight must lie in (0, 1], got {weight}")
-        x = clip_l2(x, p.clip * _CLIP_MARGIN) * weight
-        q = self.round(self.rotate(x) * p.scale, rng.child("user-dp/round"))
+        norm = math.sqrt(_squared_norm(x))
+        if not math.isfinite(norm):
+            raise ValueError("update contains NaN or infinite values")
+        limit = p.clip * _CLIP_MARGIN
+        shrink = 1.0 if norm <= limit else limit / norm  # clip_l2, folded into the rotation's one multiply
+        q = self.round(self.rotate(x, shrink * weight * p.scale), rng.child("user-dp/round"))
         if isinstance(noise, np.ndarray):
             if noise.shape != (p.padded_dim,) or noise.dtype != np.int64:
                 raise ValueError(f"precomputed noise must be {p.padded_dim} int64 values")
@@ -170,7 +218,8 @@ class UserCodec:
         return EncodedUpdate(self.to_ring(q + z), q, z)
 
     def to_ring(self, values: np.ndarray) -> np.ndarray:
-        return (values & self._mask).astype(self._dtype)
+        """The two's-complement residues mod 2^b: an int64 to uint32/uint16 cast keeps the low bits."""
+        return values.astype(self._dtype)
 
     def to_signed(self, ring: np.ndarray) -> np.ndarray:
         return np.asarray(ring, dtype=self._dtype).view(self._signed).astype(np.int64)
@@ -199,32 +248,14 @@ class UserCodec:
         return survivors * math.sqrt(self.params.padded_dim) / self.params.scale
 
 
-def params_digest(params: UserDPParams) -> bytes:
-    """Digest of every user-level parameter that shapes a contribution, for the cohort's
-    contribution binding (members shown different noise or scale never agree on a session)."""
-    return sha256(b"ftte/user-dp/params/v1", struct.pack(">qdddqqq", params.dim, params.clip, params.scale,
-                                                         params.sigma, params.calibrated_for, params.members,
-                                                         params.ring_bits))
-
-
-MAX_WRAP_PROBABILITY = 2.0 ** -30
-
-
-def check_user_cohort(params: UserDPParams, *, members: int, threshold: int, max_corrupt: int,
-                      min_noise_multiplier: float, ring_bits: int, dim: int) -> None:
-    """What a device verifies before adding its noise to a cohort (raises :class:`CohortRefused`).
-
-    The noise must be calibrated to survivors the device itself trusts to be honest
-    (``threshold - max_corrupt`` with *its* colluder assumption), give it at least its own
-    noise floor, and the ring must hold the noisy sum of every member."""
-    if params.members != members or params.dim != dim or params.ring_bits != ring_bits:
-        raise CohortRefused(f"user-level parameters are for {params.members} members, {params.dim} coordinates, "
-                            f"a {params.ring_bits}-bit ring; the cohort has {members}, {dim}, {ring_bits}")
-    if params.calibrated_for > threshold - max_corrupt:
-        raise CohortRefused(f"noise calibrated for {params.calibrated_for} honest survivors, but with threshold "
-                            f"{threshold} and {max_corrupt} colluders only {threshold - max_corrupt} are certain")
-    if params.sigma == 0.0 or params.noise_multiplier < min_noise_multiplier:
-        raise CohortRefused(f"effective noise multiplier {params.noise_multiplier:.4g} below this device's floor "
-                            f"{min_noise_multiplier:.4g}")
-    if params.wrap_probability() > MAX_WRAP_PROBABILITY:
-        raise CohortRefused(f"the noisy sum wraps the ring with probability up to {params.wrap_probability():.3g}")
+def decode_user_sum(codec: UserCodec, ring_sum: np.ndarray, weights: dict[int, float],
+                    survivors: tuple[int, ...]) -> tuple[np.ndarray, float, str]:
+    """The server's one rule for a user-level sum (simulator and deployment): decode, compute
+    ``sum w`` from the survivors' public staleness weights, and refuse (a non-empty reason) a sum
+    whose norm is beyond what honest members' noisy inputs reach (:meth:`UserCodec.decoded_norm_bound`)."""
+    total = codec.decode_sum(ring_sum)
+    wsum = float(sum(weights[m] for m in survivors))
+    bound = codec.decoded_norm_bound(len(survivors), wsum)
+    if not float(np.linalg.norm(total)) <= bound:
+        return total, wsum, f"the decoded sum's norm exceeds the {bound:.4g} honest members reach"
+    return total, wsum, ""

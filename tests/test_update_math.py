@@ -1,6 +1,5 @@
 """Weighting, encoding and merge math on hand-made updates."""
 
-import math
 
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ import ssl
 import stat
 
 import numpy as np
-import pytest
 
 from ftte import cli
 

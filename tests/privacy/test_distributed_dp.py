@@ -289,3 +289,144 @@ def test_params_refuse_a_signal_that_cannot_fit_the_ring():
 
     with pytest.raises(ValueError, match="do not fit"):
         UserDPParams(dim=1000, clip=1.0, scale=1e8, sigma=0.0, calibrated_for=1, members=30)
+
+
+# -- the table sampler: exact envelope, goodness of fit at binned scales, the tail, lazy Bernoulli ---
+
+from ftte.privacy.distributed_dp import (  # noqa: E402
+    _GUIDE_BITS,
+    _bernoulli_lazy,
+    _envelope,
+    _sample,
+    discrete_gaussian_cks,
+)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 3.0, 40.0, 100.0, 3000.0, 3e5])
+def test_envelope_times_acceptance_is_the_gaussian_on_every_integer(sigma):
+    """For every magnitude in the table, P(propose x) * P(accept x) / exp(-x^2 / 2 sigma^2) is one
+    constant (computed from the table itself), and no acceptance exceeds 1: the law is exact."""
+    env = _envelope(sigma)
+    w = 1 << env.width_bits
+    counts = np.bincount(env.guide, minlength=env.bins + 2)
+    assert counts.sum() == 1 << _GUIDE_BITS and np.all(counts[: env.bins + 1] >= 1)
+    x = np.arange(env.limit, dtype=np.float64)
+    b = (x // w).astype(np.int64)
+    off = x - b * w
+    accept = env.bias[b] * np.exp(-off * (2 * env.low[b] + off) / (2 * sigma**2))
+    assert np.all(accept <= 1.0) and np.all(env.low[b] == b * w)
+    ratio = (counts[b] / 2.0**_GUIDE_BITS / w) * accept / np.exp(-(x * x) / (2 * sigma**2))
+    assert np.allclose(ratio, ratio[0], rtol=1e-9, atol=0)
+    # the tail's acceptance at its start continues the same constant
+    t = env.tail_t
+    tail0 = counts[env.bins] / 2.0**_GUIDE_BITS * (1 - math.exp(-1)) / t * env.tail_bias
+    assert tail0 / math.exp(-float(env.limit) ** 2 / (2 * sigma**2)) == pytest.approx(ratio[0], rel=1e-9)
+    assert env.tail_bias <= 1.0 and t * env.limit >= sigma**2
+    # and the envelope is tight: at least 95 % of attempts accepted at large sigma
+    if sigma >= 40:
+        assert float((counts[b] / 2.0**_GUIDE_BITS / w * accept).sum()) * 2 > 0.95
+
+
+def _binned_chi2(draws: np.ndarray, sigma: float, edges: np.ndarray) -> tuple[float, int]:
+    """Chi-square of draws against the exact discrete Gaussian over integer bins [edges[i], edges[i+1]).
+
+    Up to sigma 1e4 the bin masses are summed from the exact mass function; above, the mass of
+    the integers in [a, b) is Phi((b - 1/2)/sigma) - Phi((a - 1/2)/sigma) (Euler-Maclaurin: the
+    error is O(sigma^-2) relative, far below what 1e5 draws can see)."""
+    if sigma > 1e4:
+        from scipy.special import ndtr
+
+        cdf_at = ndtr((np.asarray(edges, dtype=np.float64) - 0.5) / sigma)
+        expected = np.diff(cdf_at) * draws.size
+    else:
+        k = np.arange(-int(40 * sigma) - 2, int(40 * sigma) + 3)
+        pmf = np.exp(-(k.astype(float) ** 2) / (2 * sigma**2))
+        pmf /= pmf.sum()
+        cdf = np.concatenate([[0.0], np.cumsum(pmf)])
+        idx = np.clip(np.searchsorted(k, edges), 0, len(k))
+        expected = np.diff(cdf[idx]) * draws.size
+    observed = np.histogram(draws, bins=edges)[0]
+    keep = expected > 5
+    chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    return chi2, int(keep.sum())
+
+
+@pytest.mark.parametrize("sigma", [40.0, 100.0, 3000.0, 2.66e6, 1e8])
+def test_table_sampler_matches_its_pmf_at_binned_scales(sigma):
+    """Goodness of fit where bins are wider than one integer; the edges cut bins and offsets
+    at odd places (sigma/7) so a wrong within-bin law or bin mass would show."""
+    n = 300_000
+    draws = discrete_gaussian(SecureRandom.from_seed(3, "dg-table", str(sigma)), n, sigma)
+    step = max(1, int(sigma / 7))
+    edges = np.arange(-int(4.5 * sigma) - 1, int(4.5 * sigma) + 2, step)
+    chi2, dof = _binned_chi2(draws, sigma, edges)
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)
+    assert abs(draws.mean()) < 5 * sigma / math.sqrt(n)
+    assert draws.var() == pytest.approx(sigma**2, rel=5 * math.sqrt(2 / n))
+
+
+def test_table_sampler_parity_and_low_bits_are_uniform_at_large_sigma():
+    """The offset bits inside a bin: at sigma 1e5 the residues mod 8 are uniform."""
+    draws = discrete_gaussian(SecureRandom.from_seed(4, "low-bits"), 400_000, 1e5)
+    counts = np.bincount(draws % 8, minlength=8)
+    expected = draws.size / 8
+    assert float(((counts - expected) ** 2 / expected).sum()) < 7 + 5 * math.sqrt(14)
+
+
+@pytest.mark.parametrize("sigma,table_sigmas", [(3.0, 1.5), (50.0, 0.6)])
+def test_tail_path_is_exact_when_the_table_is_short(sigma, table_sigmas):
+    """A table covering only 1.5 (0.6) sigma sends 13 % (55 %) of draws through the discrete-Laplace
+    tail: the law must still be the discrete Gaussian."""
+    env = _envelope(sigma, table_sigmas)
+    n = 200_000
+    draws = _sample(SecureRandom.from_seed(9, "tail", str(sigma)), n, env)
+    assert (np.abs(draws) >= env.limit).mean() > 0.1
+    edges = np.arange(-int(5 * sigma) - 1, int(5 * sigma) + 2, max(1, int(sigma / 5)))
+    chi2, dof = _binned_chi2(draws, sigma, edges)
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)
+
+
+def test_table_and_reference_samplers_agree():
+    """Two-sample chi-square of the table sampler against the CKS reference at sigma 20."""
+    n, sigma = 200_000, 20.0
+    a = discrete_gaussian(SecureRandom.from_seed(1, "a"), n, sigma)
+    b = discrete_gaussian_cks(SecureRandom.from_seed(1, "b"), n, sigma)
+    edges = np.arange(-80, 82, 4)
+    ca, cb = np.histogram(a, edges)[0], np.histogram(b, edges)[0]
+    keep = (ca + cb) > 10
+    chi2 = float(((ca[keep] - cb[keep]) ** 2 / (ca[keep] + cb[keep])).sum())
+    dof = int(keep.sum())
+    assert chi2 < dof + 5 * math.sqrt(2 * dof)
+
+
+@pytest.mark.parametrize("sigma,per_draw", [(2.66e6, 8.7), (1e8, 13.0)])
+def test_table_sampler_spends_about_8_bytes_per_draw(sigma, per_draw):
+    """8 bytes per attempt while the offset fits 16 bits, 12 above; about 96 % accepted."""
+    rng = SecureRandom.from_seed(2, "bytes")
+    z = discrete_gaussian(rng, 100_000, sigma)
+    assert rng.bytes_drawn < per_draw * 100_000
+    assert z.var() == pytest.approx(sigma**2, rel=0.02)
+    ref = SecureRandom.from_seed(2, "bytes-ref")
+    discrete_gaussian_cks(ref, 100_000, sigma)
+    assert ref.bytes_drawn > 4 * rng.bytes_drawn
+
+
+@pytest.mark.parametrize("bits", [31, 32])
+def test_lazy_bernoulli_is_the_53_bit_comparison(bits):
+    """Forced ties included: the result equals drawing 53 bits and comparing with p * 2^53."""
+    g = np.random.default_rng(bits)
+    p = g.random(20_000)
+    first = g.integers(0, 2**bits, 20_000).astype(np.uint32)
+    first[::3] = np.floor(p[::3] * 2.0**bits).astype(np.uint32)  # a tie on every third
+    key = bytes(range(32))
+    got = _bernoulli_lazy(SecureRandom.from_key(key), p, first, bits)
+    extra_rng = SecureRandom.from_key(key)
+    tie = np.flatnonzero(first == np.floor(p * 2.0**bits))
+    extra = np.frombuffer(extra_rng.random_bytes(8 * tie.size), dtype="<u8") >> np.uint64(64 - (53 - bits))
+    u53 = first.astype(np.uint64) << np.uint64(53 - bits)
+    u53[tie] += extra
+    want = u53.astype(np.float64) < p * 2.0**53
+    assert tie.size >= 6000 and np.array_equal(got, want)
+    top = np.full(5, 2**bits - 1, np.uint32)
+    assert np.array_equal(_bernoulli_lazy(SecureRandom.from_key(key), np.ones(5), top, bits), np.ones(5, bool))
+    assert not _bernoulli_lazy(SecureRandom.from_key(key), np.zeros(5), np.zeros(5, np.uint32), bits).any()

@@ -122,12 +122,28 @@ def test_rotation_is_orthonormal_and_inverts(dim, seed):
     assert np.allclose(codec.unrotate(y), x, rtol=0, atol=1e-12 * max(1.0, float(np.abs(x).max())))
 
 
-def test_fwht_is_the_hadamard_matrix():
-    h = np.array([[1.0]])
-    for _ in range(4):
-        h = np.block([[h, h], [h, -h]])
-    x = np.random.default_rng(3).normal(size=16)
-    assert np.allclose(fwht(x), h @ x)
+def _textbook_fwht(x: np.ndarray) -> np.ndarray:
+    y = np.array(x, dtype=np.float64)
+    h = 1
+    while h < len(y):
+        for i in range(0, len(y), 2 * h):
+            a, b = y[i:i + h].copy(), y[i + h:i + 2 * h].copy()
+            y[i:i + h], y[i + h:i + 2 * h] = a + b, a - b
+        h *= 2
+    return y
+
+
+@pytest.mark.parametrize("levels", [0, 1, 2, 3, 4, 5, 11, 16, 17, 18])
+def test_fwht_is_the_hadamard_matrix(levels):
+    """Every size, even and odd numbers of levels, below and above the cache block (2^16)."""
+    n = 1 << levels
+    x = np.random.default_rng(levels).normal(size=n)
+    if n <= 32:
+        h = np.array([[1.0]])
+        for _ in range(levels):
+            h = np.block([[h, h], [h, -h]])
+        assert np.allclose(fwht(x), h @ x)
+    assert np.allclose(fwht(x), _textbook_fwht(x), rtol=0, atol=1e-9 * math.sqrt(n))
     with pytest.raises(ValueError):
         fwht(np.zeros(12))
 
@@ -151,19 +167,20 @@ def test_encode_clips_and_checks_its_input():
 
 
 def test_device_refuses_miscalibrated_cohorts():
-    from ftte.protocol.cohort import CohortRefused
-    from ftte.protocol.user_encoding import check_user_cohort, params_digest
+    from ftte.protocol.cohort import CohortRefused, check_user_params, user_params_digest
 
     good = plan_user_dp(dim=500, clip=1.0, noise_multiplier=1.5, members=20, threshold=12, max_corrupt=2)
-    terms = dict(members=20, threshold=12, max_corrupt=2, min_noise_multiplier=1.0, ring_bits=32, dim=500)
-    check_user_cohort(good, **terms)
+    terms = dict(members=20, threshold=12, max_corrupt=2, min_noise_multiplier=1.0)
+    check_user_params(good, **terms)
+    check_user_params(good, **{**terms, "members": 15})  # a smaller cohort fits the ring planned for 20
     with pytest.raises(CohortRefused, match="honest survivors"):
-        check_user_cohort(good, **{**terms, "max_corrupt": 3})  # this device assumes one more colluder
+        check_user_params(good, **{**terms, "max_corrupt": 3})  # this device assumes one more colluder
     with pytest.raises(CohortRefused, match="floor"):
-        check_user_cohort(good, **{**terms, "min_noise_multiplier": 2.0})
+        check_user_params(good, **{**terms, "min_noise_multiplier": 2.0})
     with pytest.raises(CohortRefused, match="members"):
-        check_user_cohort(good, **{**terms, "members": 21})
+        check_user_params(good, **{**terms, "members": 21})
     loud = UserDPParams(500, 1.0, good.scale, good.sigma * 3, good.calibrated_for, 20)  # noise tail past the ring
     with pytest.raises(CohortRefused, match="wraps"):
-        check_user_cohort(loud, **terms)
-    assert params_digest(good) != params_digest(loud) and len(params_digest(good)) == 32
+        check_user_params(loud, **terms)
+    assert user_params_digest(good, 1.5) != user_params_digest(loud, 1.5) and len(user_params_digest(good, 1.5)) == 32
+    assert user_params_digest(good, 1.5) != user_params_digest(good, 1.4)

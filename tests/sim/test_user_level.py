@@ -40,9 +40,13 @@ def test_user_level_rules_are_checked():
         tiny(**{"privacy.unit": "user", "server.variance_penalty": 0.0, "secagg.enabled": False})
 
 
-def test_a_deployment_refuses_user_level_for_now(tmp_path):
+def test_a_deployment_takes_distributed_user_level_and_refuses_server_noise(tmp_path):
+    """A deployment always masks: user-level noise is added by the devices ('distributed');
+    'server' noise (a trusted server seeing the plain sum) is refused."""
     from ftte.pipeline.deploy_config import parse_server_config
 
-    with pytest.raises(ConfigError, match="unit"):
-        parse_server_config('[http]\nplaintext = true\n[privacy]\nunit = "user"\n[server]\nvariance_penalty = 0.0\n',
-                            base_dir=tmp_path)
+    base = '[http]\nplaintext = true\n[server]\nvariance_penalty = 0.0\n[privacy]\nunit = "user"\n'
+    settings = parse_server_config(base, base_dir=tmp_path)
+    assert settings.run.privacy.user_level
+    with pytest.raises(ConfigError, match="user_noise"):
+        parse_server_config(base + 'user_noise = "server"\n', base_dir=tmp_path)
