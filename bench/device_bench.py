@@ -110,59 +110,6 @@ def default_plan(model_name: str, batch_size: int, x: Any, y: Any) -> tuple[Any,
     return model, choice.plan, budget
 
 
-def _server_config(path: Path, *, pki: Any, allow: Path, state: Path, port: int, test: Path, devices: int,
-                   model: str, layers: tuple[str, ...], local_steps: int, batch_size: int, noise: float) -> None:
-    layer_list = ", ".join(f'"{name}"' for name in layers)
-    path.write_text(f"""
-[run]
-strategy = "ftte"
-seed = 0
-
-[model]
-name = "{model}"
-
-[train]
-local_steps = {local_steps}
-batch_size = {batch_size}
-lr = 0.5
-
-[privacy]
-enabled = true
-noise_multiplier = {noise}
-max_grad_norm = 1.0
-epsilon_max = 100000.0
-target_epsilon = 0.0
-accountant = "rdp"
-
-[secagg]
-clip = 2.0
-value_bits = 12
-
-[server]
-buffer_size = {devices}
-deadline_s = 600.0
-
-[http]
-host = "127.0.0.1"
-port = {port}
-tls_cert = "{pki.server_cert}"
-tls_key = "{pki.server_key}"
-poll_wait_s = 5.0
-rate_per_s = 50.0
-rate_burst = 100
-
-[deploy]
-state = "{state}"
-ledger_key = "{state.parent / 'ledger.key'}"
-allow_list = "{allow}"
-input_shape = [64]
-num_classes = 10
-trainable_layers = [{layer_list}]
-test_data = "{test}"
-stage_timeout_s = 120.0
-""")
-
-
 def _wait_health(url: str, ca: Path, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
     import ssl
     import urllib.request
@@ -197,6 +144,7 @@ def measure(args: argparse.Namespace) -> dict:
     """Run the deployment and return the raw measurements (the confined runner's JSON plus the parent's)."""
     from ftte.bench.device_confine import Limits, make_confiner
     from ftte.bench.http_pki import make_pki
+    from ftte.bench.server_config import write_server_config
     from ftte.crypto.primitives import Signer
 
     t0 = time.monotonic()
@@ -220,9 +168,12 @@ def measure(args: argparse.Namespace) -> dict:
     allow.write_text("\n".join(lines) + "\n")
     port = _free_port()
     config = work / "server.toml"
-    _server_config(config, pki=pki, allow=allow, state=work / "state" / "server.db", port=port, test=test_file,
-                   devices=args.devices, model=args.model, layers=tuple(plan.trainable_layers),
-                   local_steps=args.local_steps, batch_size=args.batch_size, noise=args.noise_multiplier)
+    layer_list = ", ".join(f'"{name}"' for name in plan.trainable_layers)
+    write_server_config(config, pki=pki, allow=allow, state=work / "state" / "server.db", port=port,
+                        test_data=test_file, buffer_size=args.devices, deadline_s=600.0, stage_timeout_s=120.0,
+                        local_steps=args.local_steps, batch_size=args.batch_size, epsilon_max=100000.0,
+                        noise_multiplier=args.noise_multiplier, metrics=False, model=args.model,
+                        extra=f"trainable_layers = [{layer_list}]\n")
     (work / "state").mkdir()
     url = f"https://127.0.0.1:{port}"
     allow_mech = ("cgroup2", "cgroup1", "rlimit") if args.mechanism == "auto" else (args.mechanism,)

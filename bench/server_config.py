@@ -1,0 +1,71 @@
+"""A loopback ``ftte server`` configuration for benchmarks and tests.
+
+One writer, so the device benchmark and the deployment tests run the server with the same
+settings and a key added to the deployment config is added once. Small defaults (a
+logistic model on 64 features, buffers of 4, short timeouts) suit a test on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ftte.bench.http_pki import Pki
+
+
+def write_server_config(path: Path, *, pki: Pki | None, allow: Path, state: Path, port: int, test_data: Path | None,
+                        buffer_size: int = 4, deadline_s: float = 5.0, stage_timeout_s: float = 4.0,
+                        local_steps: int = 3, batch_size: int = 16, lr: float = 0.5, server_lr: float = 1.0,
+                        epsilon_max: float = 1000.0, noise_multiplier: float = 0.7, metrics: bool = True, poll_wait_s: float = 5.0,
+                        rate_per_s: float = 50.0, rate_burst: int = 100, model: str = "logistic",
+                        extra: str = "") -> Path:
+    tls = (f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\n' if pki is not None
+           else "plaintext = true\n")
+    test_line = f'test_data = "{test_data}"\n' if test_data is not None else ""
+    path.write_text(f"""
+[run]
+strategy = "ftte"
+seed = 0
+
+[model]
+name = "{model}"
+
+[train]
+local_steps = {local_steps}
+batch_size = {batch_size}
+lr = {lr}
+
+[privacy]
+enabled = true
+noise_multiplier = {noise_multiplier}
+max_grad_norm = 1.0
+epsilon_max = {epsilon_max}
+target_epsilon = 0.0
+accountant = "rdp"
+
+[secagg]
+clip = 2.0
+value_bits = 12
+
+[server]
+buffer_size = {buffer_size}
+deadline_s = {deadline_s}
+lr = {server_lr}
+
+[http]
+host = "127.0.0.1"
+port = {port}
+{tls}poll_wait_s = {poll_wait_s}
+rate_per_s = {rate_per_s}
+rate_burst = {rate_burst}
+metrics = {"true" if metrics else "false"}
+
+[deploy]
+state = "{state}"
+ledger_key = "{state.parent / 'ledger.key'}"
+allow_list = "{allow}"
+input_shape = [64]
+num_classes = 10
+{test_line}stage_timeout_s = {stage_timeout_s}
+{extra}
+""")
+    return path
