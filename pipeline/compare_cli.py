@@ -105,6 +105,28 @@ def common_targets(histories: Mapping[str, Sequence[Mapping[str, Any]]], fractio
     return best, [math.floor(f * best * 1e4) / 1e4 for f in fractions]
 
 
+def target_setter(histories: Mapping[str, Sequence[Mapping[str, Any]]], *, window: int, horizon_s: float | None,
+                  among: Sequence[str] = TARGET_SETTERS) -> str | None:
+    """The strategy whose smoothed peak is the common best (the lowest peak among ``among``)."""
+    from ftte.pipeline.report import smoothed_curve
+
+    peaks = {n: max((a for _, a in smoothed_curve(histories[n], window, horizon_s)), default=-1.0)
+             for n in among if n in histories}
+    return min(peaks, key=lambda n: peaks[n]) if peaks else None
+
+
+def chance_warning(report: Mapping[str, Any]) -> str | None:
+    """A line for targets a model reaches by predicting the most common class: times to them
+    say that a strategy left chance, not that it converged."""
+    low = report.get("targets_at_chance") or []
+    if not low:
+        return None
+    return (f"warning: target(s) {', '.join(low)} are at or below the test set's majority-class rate "
+            f"{report['majority_class_rate']:.4f}; the common best {report['best_common_accuracy']:.4f} is set by "
+            f"{report['best_common_set_by']}, so the time ratios at those targets say little. "
+            f"Raise --targets or drop the weakest strategy with --strategies.")
+
+
 def memory_flags(peak_bytes: int | None, classes: Sequence[Any]) -> list[str]:
     """Names of the device classes whose memory is below ``peak_bytes`` (the strategy could not
     train there)."""
@@ -328,9 +350,15 @@ def _compare(base_cfg: Any, out: Path | None, names: list[str], *, quiet: bool, 
         if STRATEGY_OVERRIDES[name].get("server.fedavg_fit_only"):  # it never selects where the model does not fit
             strategies[name]["excluded_classes"] = strategies[name]["memory_exceeds_classes"]
             strategies[name]["memory_exceeds_classes"] = []
+    rate = max((float(s["majority_class_rate"]) for s in summaries.values() if s.get("majority_class_rate") is not None),
+               default=None)
     report: dict[str, Any] = {
         "horizon_s": horizon,
         "best_common_accuracy": best,
+        "best_common_set_by": target_setter(histories, window=settings.smoothing, horizon_s=horizon,
+                                            among=[n for n in TARGET_SETTERS if n in names]),
+        "majority_class_rate": rate,
+        "targets_at_chance": [target_key(t) for t in targets if rate is not None and t <= rate],
         "target_fractions": list(settings.target_fractions),
         "targets": [target_key(t) for t in targets],
         "primary_target": target_key(targets[-1]) if targets else None,
@@ -417,6 +445,8 @@ def run(args: argparse.Namespace) -> int:
           f"the best accuracy every strategy reaches on its mean-of-{settings.smoothing} curve)")
     print(report["table"])
     print()
+    if (warning := chance_warning(report)) is not None:
+        print(warning)
     for v in report["verdicts"]:
         print(Verdict(**v).line())
     print(f"compare.json and compare.png in {out}")

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ftte.pipeline.compare_cli import (
-    CompareSettings, common_targets, format_table, memory_flags, strategy_figures, target_key, verdicts,
+    CompareSettings, chance_warning, common_targets, format_table, memory_flags, strategy_figures, target_key,
+    target_setter, verdicts,
 )
 from ftte.pipeline.config import shorthand_classes
 from ftte.pipeline.report import final_accuracy_mean, smoothed_curve, smoothed_time_to_target, time_to_target
@@ -78,6 +79,23 @@ def test_targets_are_fractions_of_the_best_accuracy_every_strategy_reaches():
         assert all(smoothed_time_to_target(histories[name], t, 3) is not None for t in targets)
     # a strategy with too few evaluations for one window: no common target at all
     assert common_targets({**histories, "fedavg": hist([(10, 0.9)])}, (0.5,), window=3, horizon_s=None) == (None, [])
+
+
+def test_targets_at_chance_are_flagged_naming_the_strategy_that_set_them():
+    histories = {
+        "ftte": hist([(10, 0.5), (20, 0.8), (30, 0.9)]),
+        "fedbuff": hist([(10, 0.1), (20, 0.12), (30, 0.11)]),  # smoothed peak 0.11: sets the common best
+        "fedavg": hist([(10, 0.4), (20, 0.7), (30, 0.7)]),
+    }
+    best, targets = common_targets(histories, (0.5, 0.75, 0.9), window=3, horizon_s=None)
+    setter = target_setter(histories, window=3, horizon_s=None)
+    assert setter == "fedbuff"
+    report = {"targets_at_chance": [target_key(t) for t in targets if t <= 0.1], "majority_class_rate": 0.1,
+              "best_common_accuracy": best, "best_common_set_by": setter}
+    assert report["targets_at_chance"] == [target_key(targets[0]), target_key(targets[1]), target_key(targets[2])]
+    line = chance_warning(report)
+    assert line is not None and "fedbuff" in line and "0.1000" in line
+    assert chance_warning({**report, "targets_at_chance": []}) is None
 
 
 def test_memory_flags_name_the_classes_a_strategy_could_not_run_on():
