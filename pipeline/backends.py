@@ -406,7 +406,7 @@ class RayBackend(DeviceBackend):
         self._want_workers = workers
         self._num_cpus = num_cpus
         self._crash_on = set(crash_on)
-        self._crash_members_at = crash_members_at  # test hook: stage label at which worker 0 dies, once
+        self._crash_members_at = crash_members_at  # test hook: stage label at which the last worker dies, once
         self._sessions = 0
         self.members_lost: list[tuple[int, str]] = []  # (member, stage) lost with their worker
         self._ray: Any = None
@@ -621,7 +621,7 @@ class _RayMembers(MemberRunner):
             if i in self.dead:
                 continue
             ref = b._actors[i].handle.member_stage.options(concurrency_group=MEMBERS_GROUP).remote(
-                self.key, int(stage), by_actor[i], crash and i == 0)
+                self.key, int(stage), by_actor[i], crash and i == len(b._actors) - 1)
             calls.append((i, ref))
         out, lost = StageReplies(), set()
         died: list[int] = []

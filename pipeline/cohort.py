@@ -88,8 +88,8 @@ class UserLevel:
 
 def run_cohort(start: CohortStart, members: Sequence[tuple[SimDevice, LocalUpdate]], identities: dict[int, Signer],
                rng: np.random.Generator, *, secure: bool, latency_s: float,
-               user: UserLevel | None = None, members: Callable[[], MemberRunner] | None = None) -> CohortRun:
-    """``members``: where the members' secure-aggregation work runs (a fresh runner per
+               user: UserLevel | None = None, member_runner: Callable[[], MemberRunner] | None = None) -> CohortRun:
+    """``member_runner``: where the members' secure-aggregation work runs (a fresh runner per
     session; default this process). A member whose worker died mid-session is a dropout at
     that stage, recorded with the drawn ones."""
     devices = {d.device_id: d for d, _ in members}
@@ -101,9 +101,10 @@ def run_cohort(start: CohortStart, members: Sequence[tuple[SimDevice, LocalUpdat
     staleness = {m: p[3] for m, p in prepared.items()}
     if user is not None and user.noise == "distributed":
         raw = {d.device_id: u.delta for d, u in members}
-        return _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, staleness, user, members)
+        return _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, staleness, user,
+                            member_runner)
     if secure:
-        run = _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness, members)
+        run = _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness, member_runner)
     else:
         run = _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness)
     if user is not None and run.result.total is not None:  # the trusted server adds the noise to the sum
@@ -144,12 +145,12 @@ def _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness) ->
                      weights)
 
 
-def _masked_session(params, ids, devices, identities, inputs, rng, latency_s, members=None):
+def _masked_session(params, ids, devices, identities, inputs, rng, latency_s, runner=None):
     """Run the real secure-aggregation session with each member's drop stage drawn from its
     profile; returns (result or None, stats, drops, virtual seconds the five stages took).
     Members lost with their worker join the drops at the stage they were lost in."""
     drops = draw_dropouts([devices[m] for m in ids], STAGE_LABELS, rng)
-    result, stats = run_session(params, {m: identities[m] for m in ids}, inputs, drops, members)
+    result, stats = run_session(params, {m: identities[m] for m in ids}, inputs, drops, runner)
     drops = {**drops, **stats.lost}
     duration = 0.0
     for stage in STAGE_LABELS:
@@ -159,11 +160,11 @@ def _masked_session(params, ids, devices, identities, inputs, rng, latency_s, me
     return result, stats, drops, duration
 
 
-def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness, members=None) -> CohortRun:
+def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness, runner=None) -> CohortRun:
     codec = codec_for(start)
     params = session_params(start)
     inputs = {m: codec.encode(prepared[m][0], prepared[m][1], prepared[m][2], rng) for m in ids}
-    result, stats, drops, duration = _masked_session(params, ids, devices, identities, inputs, rng, latency_s, members)
+    result, stats, drops, duration = _masked_session(params, ids, devices, identities, inputs, rng, latency_s, runner)
     bytes_up = dict(stats.bytes_up)
     if result is None:
         return CohortRun(_result(start, drops, staleness, duration, None, stats.aborted), bytes_up, weights)
@@ -186,7 +187,7 @@ def _with_central_noise(run: CohortRun, start: CohortStart, user: UserLevel) -> 
 
 
 def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, staleness, user,
-                 members=None) -> CohortRun:
+                 runner=None) -> CohortRun:
     """User-level DP inside the masked sum: each member clips its whole update to ``C``, rotates,
     rounds and adds its share of discrete Gaussian noise (so any ``T - max_corrupt`` honest
     survivors carry the target), and masks the integers; the server unmasks the noisy sum and
@@ -205,7 +206,7 @@ def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, 
     inputs = {m: codec.encode(raw[m], weights[m], SecureRandom.from_seed(user.seed, "user-dp", str(m),
                                                                           start.cohort_id)).ring for m in ids}
     result, stats, drops, duration = _masked_session(session_params(session_start), ids, devices, identities,
-                                                     inputs, rng, latency_s, members)
+                                                     inputs, rng, latency_s, runner)
     bytes_up = dict(stats.bytes_up)
     if result is None:
         return CohortRun(_result(start, drops, staleness, duration, None, stats.aborted, user=True), bytes_up, weights,
