@@ -264,6 +264,10 @@ class DeviceWorker:
     def ping(self) -> int:
         return os.getpid()
 
+    def cpu_seconds(self) -> float:
+        """CPU time of this process so far, every thread (for the benchmark's driver/worker split)."""
+        return time.process_time()
+
     def close(self) -> None:
         self.trainer.close()
         self._idle_store.close()
@@ -552,6 +556,12 @@ class RayBackend(DeviceBackend):
     def member_runner(self) -> MemberRunner:
         self._sessions += 1
         return _RayMembers(self, f"s{self._sessions}")
+
+    def worker_cpu_seconds(self) -> list[float]:
+        """Each actor's process CPU time so far (asked on the members' thread: answers at once,
+        without waiting behind queued training)."""
+        return self._ray.get([a.handle.cpu_seconds.options(concurrency_group=MEMBERS_GROUP).remote()
+                              for a in self._actors])
 
     def _take_member_crash(self, label: str) -> bool:
         if self._crash_members_at and self._crash_members_at == label:
