@@ -8,8 +8,11 @@ load from other jobs on a shared machine hits every backend alike):
   the driver, submit), then all are resolved. Updates per second = rounds / wall time.
 * ``simulation``: a whole ``Simulation.run()`` (``--versions`` merges; the server's side of
   secure aggregation and evaluation in the driver, the members' side and training on the
-  backend's workers), eager on both backends so both train every round started; updates
-  per second = device rounds trained / wall time of ``run()``. The backend's start-up (Ray
+  backend's workers), eager on both backends (every round started is handed to the backend;
+  a Ray run stops with some still queued, never trained: ``rounds_trained``); updates per
+  second = device rounds started / wall time of ``run()``, so ratios are inverse wall-time
+  ratios of runs with the same result. ``local_lazy`` is the local backend's default mode
+  (only rounds whose cohort merges are trained), measured alongside. The backend's start-up (Ray
   workers importing torch and wrapping the model) is reported apart, as ``startup_s``. CPU
   seconds spent during ``run()`` by the driver process and by each worker process are
   reported too (``driver_cpu_s``, ``workers_cpu_s``): on a shared machine they tell how
@@ -125,28 +128,32 @@ def _warm_up(cfg: Any) -> float:
     return time.perf_counter() - t
 
 
-def _simulation(cfg: Any, backend: Any) -> dict[str, Any]:
+def _simulation(cfg: Any, backend: Any, lazy: bool = False) -> dict[str, Any]:
     from ftte.pipeline.simulator import Simulation
 
     t0 = time.perf_counter()
-    # Eager on both backends (the Ray backend always is): every round started is trained, so both do the same work.
-    sim = Simulation(cfg, backend=backend, lazy=False)
+    # Eager (the Ray backend always is): every round started is handed to the backend. ``local_lazy``
+    # is the local backend's default for these strategies: only rounds whose cohort merges are trained.
+    sim = Simulation(cfg, backend=backend, lazy=None if lazy else False)
     startup = time.perf_counter() - t0
     try:
-        workers_cpu = _workers_cpu(sim.backend)
+        before = _worker_usage(sim.backend)
         t, cpu = time.perf_counter(), time.process_time()
         result = sim.run()
         wall, driver_cpu = time.perf_counter() - t, time.process_time() - cpu
-        workers_cpu = [b - a for a, b in zip(workers_cpu, _workers_cpu(sim.backend))]
-        return {"startup_s": startup, "wall_s": wall, "train_rounds": sim.rounds_computed,
-                "driver_cpu_s": driver_cpu, "workers_cpu_s": workers_cpu,
+        after = _worker_usage(sim.backend)
+        workers_cpu = [b[0] - a[0] for a, b in zip(before, after)]
+        # a Ray run stops with rounds still queued on its workers: those are never trained
+        trained = sum(b[1] - a[1] for a, b in zip(before, after)) if after else sim.rounds_computed
+        return {"startup_s": startup, "wall_s": wall, "train_rounds": sim.train_rounds,
+                "rounds_trained": trained, "driver_cpu_s": driver_cpu, "workers_cpu_s": workers_cpu,
                 "history": result.history, "weights": result.weights}
     finally:
         sim.close()
 
 
-def _workers_cpu(backend: Any) -> list[float]:
-    return list(backend.worker_cpu_seconds()) if hasattr(backend, "worker_cpu_seconds") else []
+def _worker_usage(backend: Any) -> list[tuple[float, int]]:
+    return list(backend.worker_usage()) if hasattr(backend, "worker_usage") else []
 
 
 def _load() -> list[float] | None:
@@ -185,9 +192,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             work[label[m]] = _device_work(cfg, _backend(m[0], m[1], args.address), args.rounds, args.repeats)
         # simulations: repeats interleaved across modes
         sims: dict[str, list[dict[str, Any]]] = {label[m]: [] for m in modes}
+        sims["local_lazy"] = []
         for _ in range(args.repeats):
             for m in modes:
                 sims[label[m]].append(_simulation(cfg, _backend(m[0], m[1], args.address)))
+            sims["local_lazy"].append(_simulation(cfg, _backend("local", 0, ""), lazy=True))
     finally:
         if owns:
             ray.shutdown()
@@ -205,6 +214,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         rates = [r["train_rounds"] / r["wall_s"] for r in runs]
         simulation[name] = {"updates_per_s": statistics.median(rates), "best_updates_per_s": max(rates), "rates": rates,
                             "train_rounds": runs[0]["train_rounds"], "walls_s": [r["wall_s"] for r in runs],
+                            "rounds_trained": [r["rounds_trained"] for r in runs],
                             "startup_s": statistics.median(r["startup_s"] for r in runs),
                             # CPU seconds during run(): the driver process, and each worker process
                             "driver_cpu_s": [r["driver_cpu_s"] for r in runs],
@@ -217,6 +227,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             out[f"ray_{w}_vs_local"] = table[f"ray_{w}"][key] / table["local"][key]
             if w != first:
                 out[f"ray_{w}_vs_ray_{first}"] = table[f"ray_{w}"][key] / table[f"ray_{first}"][key]
+            if "local_lazy" in table:
+                out[f"ray_{w}_vs_local_lazy"] = table[f"ray_{w}"][key] / table["local_lazy"][key]
         return out
 
     return {

@@ -231,6 +231,7 @@ class DeviceWorker:
         self._idle_store = AccountantStore(":memory:")
         self.trainer = LocalTrainer(spec.model, spec.plan, spec.dp, spec.settings, self._idle_store)
         self.members = MemberHost()  # the secure-aggregation members this process plays
+        self.rounds_trained = 0
 
     # The members' side of secure aggregation (the Ray backend calls these on its own thread of
     # the actor, so a stage never waits behind the training queue).
@@ -252,6 +253,7 @@ class DeviceWorker:
         if not weights.flags.writeable:  # zero-copy from Ray's object store; torch wants to own a buffer
             weights = weights.copy()
         x, y = self.data.device_arrays(task.device_id)
+        self.rounds_trained += 1
         store = seeded_store(task.account)
         self.trainer.store = store
         try:
@@ -264,9 +266,10 @@ class DeviceWorker:
     def ping(self) -> int:
         return os.getpid()
 
-    def cpu_seconds(self) -> float:
-        """CPU time of this process so far, every thread (for the benchmark's driver/worker split)."""
-        return time.process_time()
+    def usage(self) -> tuple[float, int]:
+        """(CPU seconds of this process so far, every thread; rounds trained here so far): the
+        benchmark's driver/worker split."""
+        return time.process_time(), self.rounds_trained
 
     def close(self) -> None:
         self.trainer.close()
@@ -557,10 +560,10 @@ class RayBackend(DeviceBackend):
         self._sessions += 1
         return _RayMembers(self, f"s{self._sessions}")
 
-    def worker_cpu_seconds(self) -> list[float]:
-        """Each actor's process CPU time so far (asked on the members' thread: answers at once,
-        without waiting behind queued training)."""
-        return self._ray.get([a.handle.cpu_seconds.options(concurrency_group=MEMBERS_GROUP).remote()
+    def worker_usage(self) -> list[tuple[float, int]]:
+        """Each actor's (process CPU seconds, rounds trained) so far (asked on the members' thread:
+        answers at once, without waiting behind queued training)."""
+        return self._ray.get([a.handle.usage.options(concurrency_group=MEMBERS_GROUP).remote()
                               for a in self._actors])
 
     def _take_member_crash(self, label: str) -> bool:
