@@ -1,7 +1,9 @@
 """Where the simulator's device work runs: in the driver process, or on Ray actors.
 
-The coordinator, the virtual clock and every decision stay in the driver
-(:class:`~ftte.pipeline.simulator.Simulation`); a backend only trains. The driver
+The coordinator, the virtual clock, every decision and the server's side of secure
+aggregation stay in the driver (:class:`~ftte.pipeline.simulator.Simulation`); a backend
+does the devices' work: it trains, and it plays the members of each secure-aggregation
+session (:meth:`DeviceBackend.member_runner`, see "Members" below). The driver
 
 1. checks the device's privacy budget and records the round in its persistent
    accountant store (:func:`reserve_round`), exactly as
@@ -30,6 +32,14 @@ once, shared by every task of that version. Ray restarts a dead actor
 the oldest unfinished one was running: that device is counted as dropped. The others
 had not started and are resubmitted (a round is a pure function of its inputs, so this
 changes nothing).
+
+Members: a session's member work is :meth:`MemberHost.stage
+<ftte.crypto.secagg_member.MemberHost.stage>` on the worker's host, in the driver for the
+local backend, on the actors for Ray: each actor plays a contiguous slice of the sorted
+member ids, one call per actor and stage, on its own concurrency group so a stage does not
+wait behind queued training. An actor that dies during a stage takes its slice with it:
+those members vanish at that stage (a dropout, as a drawn dropout at that stage would), the
+session goes on with the others, and the driver waits for Ray to restart the actor.
 
 Ray is an optional extra (``pip install 'ftte[ray]'``); nothing here imports it unless
 the Ray backend is used.
