@@ -629,7 +629,9 @@ class _RayMembers(MemberRunner):
         for i, part in enumerate(slices):
             for m in part:
                 self.placement[m] = i
-            # Not awaited: the actor runs its calls of this group in order, and a failure shows at the first stage.
+            # A simulated device's identity key travels to the worker that plays it (the simulator
+            # holds every device's key anyway). Not awaited: the actor runs its calls of this group
+            # in order, and a failure shows at the first stage.
             actors[i].handle.open_members.options(concurrency_group=MEMBERS_GROUP).remote(
                 self.key, params, {m: (seats[m][0].private_bytes(), seats[m][1]) for m in part})
 
