@@ -123,6 +123,9 @@ class MemberHost:
     def close(self, key: str) -> None:
         self._sessions.pop(key, None)
 
+    def holds(self, key: str) -> bool:
+        return key in self._sessions
+
     @property
     def open_sessions(self) -> int:
         return len(self._sessions)

@@ -249,9 +249,14 @@ class DeviceWorker:
         """Host these members of session ``key`` (id -> identity private key, input vector)."""
         self.members.open(key, params, {m: (Signer(sk), vector) for m, (sk, vector) in seats.items()})
 
-    def member_stage(self, key: str, stage: int, inbound: dict[int, bytes | None], crash: bool = False) -> StageReplies:
+    def member_stage(self, key: str, stage: int, inbound: dict[int, bytes | None],
+                     crash: bool = False) -> StageReplies | None:
+        """The replies; None if this process does not hold the session (it was restarted since the
+        session was opened here: its members' state is gone, as with a death mid-stage)."""
         if crash:  # test hook: the process dies in the middle of a stage
             os._exit(71)
+        if not self.members.holds(key):
+            return None
         return self.members.stage(key, Stage(stage), inbound)
 
     def close_members(self, key: str) -> None:
@@ -652,9 +657,14 @@ class _RayMembers(MemberRunner):
         died: list[int] = []
         for i, ref in calls:
             try:
-                out.merge(b._ray.get(ref))
+                replies = b._ray.get(ref)
             except b._failed():
                 died.append(i)
+                continue
+            if replies is None:  # restarted since the session opened there: its members are gone
+                self.dead.add(i)
+            else:
+                out.merge(replies)
         self.dead.update(died)
         for i in sorted(self.dead):  # its members vanish here (those of earlier deaths are already out)
             lost |= set(by_actor.get(i, ()))

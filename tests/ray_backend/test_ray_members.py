@@ -14,7 +14,7 @@ from secagg_helpers import make_params, random_inputs, signer  # noqa: E402
 from ftte.crypto.secagg_local import run_session  # noqa: E402
 from ftte.crypto.secagg_member import MemberHost  # noqa: E402
 from ftte.crypto.stages import STAGE_LABELS  # noqa: E402
-from ftte.pipeline.backends import RayBackend  # noqa: E402
+from ftte.pipeline.backends import MEMBERS_GROUP, RayBackend  # noqa: E402
 from ftte.pipeline.simulator import Simulation  # noqa: E402
 
 N = 9  # two workers: members 0-4 on the first, 5-8 on the second; the threshold (5) survives losing either
@@ -106,3 +106,25 @@ def test_a_simulation_goes_on_when_a_worker_dies_in_a_secure_aggregation_stage(r
     assert all(m not in (hit[0].total.included if hit[0].total else ()) for m, _ in lost)
     assert result.summary["versions"] == cfg.run.max_versions  # the run went on
     assert cli_main(["audit", str(tmp_path / "run" / "ledger.db")]) == 0  # every spent round has its row
+
+
+@pytest.mark.slow
+def test_a_worker_killed_between_sessions_stages_loses_its_members_at_the_next_stage(ray_sim):
+    import ray
+
+    from ftte.crypto.stages import Stage
+
+    backend = ray_sim.backend
+    params, ids, inputs = _session()
+    runner = backend.member_runner()
+    runner.open(params, {m: (ids[m], inputs[m]) for m in params.members})
+    # the worker holds the session (its members' calls run in order, after the open) ...
+    ray.get(backend._actors[1].handle.usage.options(concurrency_group=MEMBERS_GROUP).remote())
+    ray.kill(backend._actors[1].handle, no_restart=False)  # ... and is killed; Ray restarts it
+    replies, lost = runner.stage(Stage.ADVERTISE, {m: None for m in params.members})
+    assert lost == {5, 6, 7, 8}  # whether the call failed or reached the restarted, empty worker
+    assert sorted(replies.replies) == [0, 1, 2, 3, 4]
+    runner.close()
+    # the restarted worker plays a whole new session
+    result, stats = run_session(params, ids, inputs, members=backend.member_runner())
+    assert stats.lost == {} and result is not None and result.survivors == tuple(params.members)
