@@ -2,9 +2,12 @@
 
 With secure aggregation on, the members' encoded vectors go through the real protocol
 (``ftte.crypto.secagg_local``: real keys, masks, Shamir shares, every message encoded),
-and the server gets back only the ring sum. With it off, members upload their weighted
-float32 update in a :class:`~ftte.round_messages.PlainUpdate` and the server sums them. Either
-way the result is ``(Σ w·Δ, Σ w, Σ σ²)`` over the members that made it to the end.
+and the server gets back only the ring sum. The server's side runs here; the members' side
+runs where the device backend puts it (``member_runner``: in this process, or on the Ray
+workers), through the one member definition, ``MemberHost.stage``. With it off, members
+upload their weighted float32 update in a :class:`~ftte.round_messages.PlainUpdate` and the
+server sums them. Either way the result is ``(Σ w·Δ, Σ w, Σ σ²)`` over the members that
+made it to the end.
 
 Virtual time: each protocol stage lasts as long as its slowest live member needs to
 receive the server's message and send its own (bytes over bandwidth plus a latency each
