@@ -6,10 +6,17 @@ load from other jobs on a shared machine hits every backend alike):
 * ``device_work``: the driver's device path alone. ``--rounds`` rounds are handed to the
   backend exactly as the simulator does it (pull, budget check and accountant record in
   the driver, submit), then all are resolved. Updates per second = rounds / wall time.
-* ``simulation``: a whole ``Simulation.run()`` (``--versions`` merges with secure
-  aggregation and evaluation in the driver); updates per second = device rounds trained /
-  wall time of ``run()``. The backend's start-up (Ray workers importing torch and wrapping
-  the model) is reported apart, as ``startup_s``.
+* ``simulation``: a whole ``Simulation.run()`` (``--versions`` merges; the server's side of
+  secure aggregation and evaluation in the driver, the members' side and training on the
+  backend's workers), eager on both backends (every round started is handed to the backend;
+  a Ray run stops with some still queued, never trained: ``rounds_trained``); updates per
+  second = device rounds started / wall time of ``run()``, so ratios are inverse wall-time
+  ratios of runs with the same result. ``local_lazy`` is the local backend's default mode
+  (only rounds whose cohort merges are trained), measured alongside. The backend's start-up (Ray
+  workers importing torch and wrapping the model) is reported apart, as ``startup_s``. CPU
+  seconds spent during ``run()`` by the driver process and by each worker process are
+  reported too (``driver_cpu_s``, ``workers_cpu_s``): on a shared machine they tell how
+  the work was split when wall time cannot.
 
 Before any timing the driver's accountant cache is warmed for every device (an RDP curve
 per distinct sample rate costs up to half a second, once per process; workers never
@@ -41,6 +48,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="cnn8", help="model name (default cnn8, the default config's)")
     parser.add_argument("--strategy", choices=("ftte", "fedbuff", "fedavg"), default="ftte")
     parser.add_argument("--devices", type=int, default=100, help="fleet size (default 100)")
+    parser.add_argument("--buffer", type=int, default=0,
+                        help="cohort size ([server] buffer_size; default 0: the config's); larger = more secure-"
+                             "aggregation work per member (each member's share and unmask work grows with the cohort)")
     parser.add_argument("--local-steps", type=int, default=0,
                         help="DP-SGD steps per device round (default 0: the config's); more = heavier device work")
     parser.add_argument("--rounds", type=int, default=200, help="device rounds per device_work measurement (default 200)")
@@ -53,7 +63,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> Any:
     from ftte.pipeline.config import load_config
 
-    extra = {"train.local_steps": args.local_steps} if args.local_steps else {}
+    extra: dict[str, Any] = {"train.local_steps": args.local_steps} if args.local_steps else {}
+    if args.buffer:
+        extra["server.buffer_size"] = args.buffer
     return load_config(None, preset="digits").with_overrides(**extra, **{
         "run.seed": args.seed,
         "run.strategy": args.strategy,
@@ -76,7 +88,7 @@ def _device_work(cfg: Any, backend: Any, rounds: int, repeats: int) -> dict[str,
     from ftte.pipeline.simulator import Simulation
 
     t0 = time.perf_counter()
-    sim = Simulation(cfg, backend=backend)
+    sim = Simulation(cfg, backend=backend, lazy=False)
     startup = time.perf_counter() - t0
     try:
         fleet = sim.fleet
@@ -88,8 +100,10 @@ def _device_work(cfg: Any, backend: Any, rounds: int, repeats: int) -> dict[str,
             pending = []
             for i in range(rounds):
                 dev = fleet[i % len(fleet)]
-                p, _ = sim._train(dev, attempt * rounds + i)
-                pending.append(p)
+                r, _ = sim._begin_round(dev, attempt * rounds + i, charge_now=True)
+                if r is None:
+                    raise RuntimeError("a device ran out of budget during the benchmark")
+                pending.append(r.pending)
             for p in pending:
                 if sim.backend.resolve(p) is None:
                     raise RuntimeError("a worker died during the benchmark")
@@ -114,20 +128,32 @@ def _warm_up(cfg: Any) -> float:
     return time.perf_counter() - t
 
 
-def _simulation(cfg: Any, backend: Any) -> dict[str, Any]:
+def _simulation(cfg: Any, backend: Any, lazy: bool = False) -> dict[str, Any]:
     from ftte.pipeline.simulator import Simulation
 
     t0 = time.perf_counter()
-    sim = Simulation(cfg, backend=backend)
+    # Eager (the Ray backend always is): every round started is handed to the backend. ``local_lazy``
+    # is the local backend's default for these strategies: only rounds whose cohort merges are trained.
+    sim = Simulation(cfg, backend=backend, lazy=None if lazy else False)
     startup = time.perf_counter() - t0
     try:
-        t = time.perf_counter()
+        before = _worker_usage(sim.backend)
+        t, cpu = time.perf_counter(), time.process_time()
         result = sim.run()
-        wall = time.perf_counter() - t
+        wall, driver_cpu = time.perf_counter() - t, time.process_time() - cpu
+        after = _worker_usage(sim.backend)
+        workers_cpu = [b[0] - a[0] for a, b in zip(before, after)]
+        # a Ray run stops with rounds still queued on its workers: those are never trained
+        trained = sum(b[1] - a[1] for a, b in zip(before, after)) if after else sim.rounds_computed
         return {"startup_s": startup, "wall_s": wall, "train_rounds": sim.train_rounds,
+                "rounds_trained": trained, "driver_cpu_s": driver_cpu, "workers_cpu_s": workers_cpu,
                 "history": result.history, "weights": result.weights}
     finally:
         sim.close()
+
+
+def _worker_usage(backend: Any) -> list[tuple[float, int]]:
+    return list(backend.worker_usage()) if hasattr(backend, "worker_usage") else []
 
 
 def _load() -> list[float] | None:
@@ -166,9 +192,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             work[label[m]] = _device_work(cfg, _backend(m[0], m[1], args.address), args.rounds, args.repeats)
         # simulations: repeats interleaved across modes
         sims: dict[str, list[dict[str, Any]]] = {label[m]: [] for m in modes}
+        sims["local_lazy"] = []
         for _ in range(args.repeats):
             for m in modes:
                 sims[label[m]].append(_simulation(cfg, _backend(m[0], m[1], args.address)))
+            sims["local_lazy"].append(_simulation(cfg, _backend("local", 0, ""), lazy=True))
     finally:
         if owns:
             ray.shutdown()
@@ -186,7 +214,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         rates = [r["train_rounds"] / r["wall_s"] for r in runs]
         simulation[name] = {"updates_per_s": statistics.median(rates), "best_updates_per_s": max(rates), "rates": rates,
                             "train_rounds": runs[0]["train_rounds"], "walls_s": [r["wall_s"] for r in runs],
-                            "startup_s": statistics.median(r["startup_s"] for r in runs)}
+                            "rounds_trained": [r["rounds_trained"] for r in runs],
+                            "startup_s": statistics.median(r["startup_s"] for r in runs),
+                            # CPU seconds during run(): the driver process, and each worker process
+                            "driver_cpu_s": [r["driver_cpu_s"] for r in runs],
+                            "workers_cpu_s": [r["workers_cpu_s"] for r in runs]}
 
     def ratios(table: dict[str, dict[str, Any]], key: str = "updates_per_s") -> dict[str, float]:
         out = {}
@@ -195,6 +227,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             out[f"ray_{w}_vs_local"] = table[f"ray_{w}"][key] / table["local"][key]
             if w != first:
                 out[f"ray_{w}_vs_ray_{first}"] = table[f"ray_{w}"][key] / table[f"ray_{first}"][key]
+            if "local_lazy" in table:
+                out[f"ray_{w}_vs_local_lazy"] = table[f"ray_{w}"][key] / table["local_lazy"][key]
         return out
 
     return {
@@ -203,6 +237,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "ray": ray.__version__, "load_avg_before": load_before, "load_avg_after": _load(),
                     "ray_cluster_cpus": cluster_cpus, "address": args.address or None},
         "config": {"model": args.model, "strategy": args.strategy, "devices": args.devices, "rounds": args.rounds,
+                   "buffer": cfg.server.buffer_size,
                    "versions": args.versions, "repeats": args.repeats, "seed": args.seed,
                    "local_steps": cfg.train.local_steps, "batch_size": cfg.train.batch_size,
                    "dp": cfg.privacy.enabled, "secagg": cfg.secagg.enabled},

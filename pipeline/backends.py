@@ -1,7 +1,9 @@
 """Where the simulator's device work runs: in the driver process, or on Ray actors.
 
-The coordinator, the virtual clock and every decision stay in the driver
-(:class:`~ftte.pipeline.simulator.Simulation`); a backend only trains. The driver
+The coordinator, the virtual clock, every decision and the server's side of secure
+aggregation stay in the driver (:class:`~ftte.pipeline.simulator.Simulation`); a backend
+does the devices' work: it trains, and it plays the members of each secure-aggregation
+session (:meth:`DeviceBackend.member_runner`, see "Members" below). The driver
 
 1. checks the device's privacy budget and records the round in its persistent
    accountant store (:func:`reserve_round`), exactly as
@@ -31,6 +33,14 @@ the oldest unfinished one was running: that device is counted as dropped. The ot
 had not started and are resubmitted (a round is a pure function of its inputs, so this
 changes nothing).
 
+Members: a session's member work is :meth:`MemberHost.stage
+<ftte.crypto.secagg_member.MemberHost.stage>` on the worker's host, in the driver for the
+local backend, on the actors for Ray: each actor plays a contiguous slice of the sorted
+member ids, one call per actor and stage, on its own concurrency group so a stage does not
+wait behind queued training. An actor that dies during a stage takes its slice with it:
+those members vanish at that stage (a dropout, as a drawn dropout at that stage would), the
+session goes on with the others, and the driver waits for Ray to restart the actor.
+
 Ray is an optional extra (``pip install 'ftte[ray]'``); nothing here imports it unless
 the Ray backend is used.
 """
@@ -47,6 +57,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ftte.crypto.primitives import Signer
+from ftte.crypto.secagg_local import InProcessMembers, MemberRunner
+from ftte.crypto.secagg_member import MemberHost, StageReplies
+from ftte.crypto.secagg_session import SessionParams
+from ftte.crypto.stages import Stage
 from ftte.edge.plan import SubsetPlan
 from ftte.edge.runtime import LocalTrainer, LocalUpdate, TrainSettings
 from ftte.round_messages import ModelPull
@@ -225,6 +240,27 @@ class DeviceWorker:
         self.data = data
         self._idle_store = AccountantStore(":memory:")
         self.trainer = LocalTrainer(spec.model, spec.plan, spec.dp, spec.settings, self._idle_store)
+        self.members = MemberHost()  # the secure-aggregation members this process plays
+        self.rounds_trained = 0
+
+    # The members' side of secure aggregation (the Ray backend calls these on its own thread of
+    # the actor, so a stage never waits behind the training queue).
+    def open_members(self, key: str, params: SessionParams, seats: dict[int, tuple[bytes, np.ndarray]]) -> None:
+        """Host these members of session ``key`` (id -> identity private key, input vector)."""
+        self.members.open(key, params, {m: (Signer(sk), vector) for m, (sk, vector) in seats.items()})
+
+    def member_stage(self, key: str, stage: int, inbound: dict[int, bytes | None],
+                     crash: bool = False) -> StageReplies | None:
+        """The replies; None if this process does not hold the session (it was restarted since the
+        session was opened here: its members' state is gone, as with a death mid-stage)."""
+        if crash:  # test hook: the process dies in the middle of a stage
+            os._exit(71)
+        if not self.members.holds(key):
+            return None
+        return self.members.stage(key, Stage(stage), inbound)
+
+    def close_members(self, key: str) -> None:
+        self.members.close(key)
 
     def train(self, task: TrainTask, weights: np.ndarray) -> LocalUpdate:
         if task.crash:
@@ -232,6 +268,7 @@ class DeviceWorker:
         if not weights.flags.writeable:  # zero-copy from Ray's object store; torch wants to own a buffer
             weights = weights.copy()
         x, y = self.data.device_arrays(task.device_id)
+        self.rounds_trained += 1
         store = seeded_store(task.account)
         self.trainer.store = store
         try:
@@ -243,6 +280,11 @@ class DeviceWorker:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def usage(self) -> tuple[float, int]:
+        """(CPU seconds of this process so far, every thread; rounds trained here so far): the
+        benchmark's driver/worker split."""
+        return time.process_time(), self.rounds_trained
 
     def close(self) -> None:
         self.trainer.close()
@@ -289,6 +331,10 @@ class DeviceBackend(ABC):
     def workers(self) -> int:
         return 1
 
+    def member_runner(self) -> MemberRunner:
+        """Where the next secure-aggregation session's members run (a fresh runner per session)."""
+        return InProcessMembers()
+
 
 @dataclass(frozen=True)
 class _LocalPending:
@@ -314,6 +360,12 @@ class LocalBackend(DeviceBackend):
 
     def resolve(self, pending: "_LocalPending") -> LocalUpdate | None:
         return pending.update
+
+    def member_runner(self) -> MemberRunner:
+        """The members run on the worker's :class:`MemberHost`, in this process: the same
+        ``MemberHost.stage`` the Ray workers run."""
+        assert self._worker is not None, "start() first"
+        return InProcessMembers(self._worker.members)
 
     def close(self) -> None:
         if self._worker is not None:
@@ -368,7 +420,7 @@ class RayBackend(DeviceBackend):
     name = "ray"
 
     def __init__(self, address: str = "", workers: int = 0, *, num_cpus: int | None = None,
-                 crash_on: Iterable[tuple[int, int]] = ()) -> None:
+                 crash_on: Iterable[tuple[int, int]] = (), crash_members_at: str = "") -> None:
         super().__init__()
         if workers < 0:
             raise ValueError("workers must be >= 0")
@@ -376,6 +428,9 @@ class RayBackend(DeviceBackend):
         self._want_workers = workers
         self._num_cpus = num_cpus
         self._crash_on = set(crash_on)
+        self._crash_members_at = crash_members_at  # test hook: stage label at which the last worker dies, once
+        self._sessions = 0
+        self.members_lost: list[tuple[int, str]] = []  # (member, stage) lost with their worker
         self._ray: Any = None
         self._owns_ray = False
         self._actors: list[_Actor] = []
@@ -415,7 +470,10 @@ class RayBackend(DeviceBackend):
             self._data_ref = data_ref = ray.put(data)
             self.puts["spec"] += 1
             self.puts["data"] += 1
-            actor_cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(DeviceWorker)
+            # Training runs on the actor's default thread; the members' secure-aggregation stages
+            # on a thread of their own, so a stage does not wait behind queued training.
+            actor_cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0,
+                                   concurrency_groups={MEMBERS_GROUP: 1})(DeviceWorker)
             strategy = "SPREAD" if self.address else "DEFAULT"
             self._actors = [_Actor(actor_cls.options(scheduling_strategy=strategy).remote(spec_ref, data_ref))
                             for _ in range(n)]
@@ -512,6 +570,23 @@ class RayBackend(DeviceBackend):
             actor.mark_finished(pending)
         return pending.result if pending.state == "done" else None
 
+    # -- secure-aggregation members ----------------------------------------------------------------
+    def member_runner(self) -> MemberRunner:
+        self._sessions += 1
+        return _RayMembers(self, f"s{self._sessions}")
+
+    def worker_usage(self) -> list[tuple[float, int]]:
+        """Each actor's (process CPU seconds, rounds trained) so far (asked on the members' thread:
+        answers at once, without waiting behind queued training)."""
+        return self._ray.get([a.handle.usage.options(concurrency_group=MEMBERS_GROUP).remote()
+                              for a in self._actors])
+
+    def _take_member_crash(self, label: str) -> bool:
+        if self._crash_members_at and self._crash_members_at == label:
+            self._crash_members_at = ""
+            return True
+        return False
+
     def close(self) -> None:
         ray = self._ray
         if ray is None:
@@ -530,6 +605,80 @@ class RayBackend(DeviceBackend):
                 ray.shutdown()
             self._owns_ray = False
             self._ray = None
+
+
+MEMBERS_GROUP = "members"
+
+
+class _RayMembers(MemberRunner):
+    """One session's members spread over the backend's actors: contiguous slices of the sorted
+    member ids, one slice per actor, and one actor call per actor and stage.
+
+    An actor that dies while it holds a stage call takes the members of its slice with it: they
+    are lost at that stage (a dropout, as the local dropout model has a member vanish there),
+    the session goes on with the others, and the driver waits for Ray to restart the actor so
+    the next session finds it. Its queued training is recovered when it is resolved.
+    """
+
+    def __init__(self, backend: RayBackend, key: str) -> None:
+        self.backend = backend
+        self.key = key
+        self.placement: dict[int, int] = {}  # member -> actor index
+        self.dead: set[int] = set()  # actors that died during this session
+
+    def open(self, params: SessionParams, seats: Any) -> None:
+        ids = sorted(seats)
+        actors = self.backend._actors
+        n = min(len(actors), len(ids))
+        slices = [[int(m) for m in part] for part in np.array_split(np.array(ids, dtype=np.int64), n)] if n else []
+        for i, part in enumerate(slices):
+            for m in part:
+                self.placement[m] = i
+            # A simulated device's identity key travels to the worker that plays it (the simulator
+            # holds every device's key anyway). Not awaited: the actor runs its calls of this group
+            # in order, and a failure shows at the first stage.
+            actors[i].handle.open_members.options(concurrency_group=MEMBERS_GROUP).remote(
+                self.key, params, {m: (seats[m][0].private_bytes(), seats[m][1]) for m in part})
+
+    def stage(self, stage: Stage, inbound: Any) -> tuple[StageReplies, set[int]]:
+        b = self.backend
+        by_actor: dict[int, dict[int, bytes | None]] = {}
+        for m, data in inbound.items():
+            by_actor.setdefault(self.placement[m], {})[m] = data
+        crash = b._take_member_crash(stage.label)
+        calls = []
+        for i in sorted(by_actor):
+            if i in self.dead:
+                continue
+            ref = b._actors[i].handle.member_stage.options(concurrency_group=MEMBERS_GROUP).remote(
+                self.key, int(stage), by_actor[i], crash and i == len(b._actors) - 1)
+            calls.append((i, ref))
+        out, lost = StageReplies(), set()
+        died: list[int] = []
+        for i, ref in calls:
+            try:
+                replies = b._ray.get(ref)
+            except b._failed():
+                died.append(i)
+                continue
+            if replies is None:  # restarted since the session opened there: its members are gone
+                self.dead.add(i)
+            else:
+                out.merge(replies)
+        self.dead.update(died)
+        for i in sorted(self.dead):  # its members vanish here (those of earlier deaths are already out)
+            lost |= set(by_actor.get(i, ()))
+        for m in sorted(lost):
+            b.members_lost.append((m, stage.label))
+        for i in died:
+            b._wait_restarted(b._actors[i])
+        return out, lost
+
+    def close(self) -> None:
+        actors = self.backend._actors
+        for i in sorted(set(self.placement.values()) - self.dead):
+            if i < len(actors):
+                actors[i].handle.close_members.options(concurrency_group=MEMBERS_GROUP).remote(self.key)
 
 
 def make_backend(run_cfg: Any) -> DeviceBackend:

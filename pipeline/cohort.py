@@ -2,9 +2,12 @@
 
 With secure aggregation on, the members' encoded vectors go through the real protocol
 (``ftte.crypto.secagg_local``: real keys, masks, Shamir shares, every message encoded),
-and the server gets back only the ring sum. With it off, members upload their weighted
-float32 update in a :class:`~ftte.round_messages.PlainUpdate` and the server sums them. Either
-way the result is ``(Σ w·Δ, Σ w, Σ σ²)`` over the members that made it to the end.
+and the server gets back only the ring sum. The server's side runs here; the members' side
+runs where the device backend puts it (``member_runner``: in this process, or on the Ray
+workers), through the one member definition, ``MemberHost.stage``. With it off, members
+upload their weighted float32 update in a :class:`~ftte.round_messages.PlainUpdate` and the
+server sums them. Either way the result is ``(Σ w·Δ, Σ w, Σ σ²)`` over the members that
+made it to the end.
 
 Virtual time: each protocol stage lasts as long as its slowest live member needs to
 receive the server's message and send its own (bytes over bandwidth plus a latency each
@@ -16,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ftte import wire
 from ftte.crypto.primitives import Signer
-from ftte.crypto.secagg_local import run_session
+from ftte.crypto.secagg_local import MemberRunner, run_session
 from ftte.crypto.stages import STAGE_LABELS
 from ftte.edge.runtime import LocalUpdate
 from ftte.pipeline.fleet import SimDevice
@@ -88,7 +91,10 @@ class UserLevel:
 
 def run_cohort(start: CohortStart, members: Sequence[tuple[SimDevice, LocalUpdate]], identities: dict[int, Signer],
                rng: np.random.Generator, *, secure: bool, latency_s: float,
-               user: UserLevel | None = None) -> CohortRun:
+               user: UserLevel | None = None, member_runner: Callable[[], MemberRunner] | None = None) -> CohortRun:
+    """``member_runner``: where the members' secure-aggregation work runs (a fresh runner per
+    session; default this process). A member whose worker died mid-session is a dropout at
+    that stage, recorded with the drawn ones."""
     devices = {d.device_id: d for d, _ in members}
     ids = tuple(sorted(devices))
     if ids != tuple(start.members):
@@ -98,9 +104,10 @@ def run_cohort(start: CohortStart, members: Sequence[tuple[SimDevice, LocalUpdat
     staleness = {m: p[3] for m, p in prepared.items()}
     if user is not None and user.noise == "distributed":
         raw = {d.device_id: u.delta for d, u in members}
-        return _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, staleness, user)
+        return _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, staleness, user,
+                            member_runner)
     if secure:
-        run = _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness)
+        run = _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness, member_runner)
     else:
         run = _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness)
     if user is not None and run.result.total is not None:  # the trusted server adds the noise to the sum
@@ -141,11 +148,13 @@ def _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness) ->
                      weights)
 
 
-def _masked_session(params, ids, devices, identities, inputs, rng, latency_s):
+def _masked_session(params, ids, devices, identities, inputs, rng, latency_s, runner=None):
     """Run the real secure-aggregation session with each member's drop stage drawn from its
-    profile; returns (result or None, stats, drops, virtual seconds the five stages took)."""
+    profile; returns (result or None, stats, drops, virtual seconds the five stages took).
+    Members lost with their worker join the drops at the stage they were lost in."""
     drops = draw_dropouts([devices[m] for m in ids], STAGE_LABELS, rng)
-    result, stats = run_session(params, {m: identities[m] for m in ids}, inputs, drops)
+    result, stats = run_session(params, {m: identities[m] for m in ids}, inputs, drops, runner)
+    drops = {**drops, **stats.lost}
     duration = 0.0
     for stage in STAGE_LABELS:
         dropped_here = any(s == stage for s in drops.values())
@@ -154,11 +163,11 @@ def _masked_session(params, ids, devices, identities, inputs, rng, latency_s):
     return result, stats, drops, duration
 
 
-def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness) -> CohortRun:
+def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness, runner=None) -> CohortRun:
     codec = codec_for(start)
     params = session_params(start)
     inputs = {m: codec.encode(prepared[m][0], prepared[m][1], prepared[m][2], rng) for m in ids}
-    result, stats, drops, duration = _masked_session(params, ids, devices, identities, inputs, rng, latency_s)
+    result, stats, drops, duration = _masked_session(params, ids, devices, identities, inputs, rng, latency_s, runner)
     bytes_up = dict(stats.bytes_up)
     if result is None:
         return CohortRun(_result(start, drops, staleness, duration, None, stats.aborted), bytes_up, weights)
@@ -180,7 +189,8 @@ def _with_central_noise(run: CohortRun, start: CohortStart, user: UserLevel) -> 
     return CohortRun(dataclasses.replace(run.result, total=noisy, start=None), run.bytes_up, run.weights)
 
 
-def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, staleness, user) -> CohortRun:
+def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, staleness, user,
+                 runner=None) -> CohortRun:
     """User-level DP inside the masked sum: each member clips its whole update to ``C``, rotates,
     rounds and adds its share of discrete Gaussian noise (so any ``T - max_corrupt`` honest
     survivors carry the target), and masks the integers; the server unmasks the noisy sum and
@@ -199,7 +209,7 @@ def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, 
     inputs = {m: codec.encode(raw[m], weights[m], SecureRandom.from_seed(user.seed, "user-dp", str(m),
                                                                           start.cohort_id)).ring for m in ids}
     result, stats, drops, duration = _masked_session(session_params(session_start), ids, devices, identities,
-                                                     inputs, rng, latency_s)
+                                                     inputs, rng, latency_s, runner)
     bytes_up = dict(stats.bytes_up)
     if result is None:
         return CohortRun(_result(start, drops, staleness, duration, None, stats.aborted, user=True), bytes_up, weights,

@@ -388,13 +388,15 @@ class Simulation:
 
     def _run_cohort(self, cohort_id: str, members: list[tuple[SimDevice, LocalUpdate]]) -> CohortRun:
         return run_cohort(self._start(cohort_id, members), members, self.identities, self._cohort_rng(cohort_id),
-                          secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user)
+                          secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user,
+                          member_runner=self.backend.member_runner)
 
     def _run_started(self, start: Any, members: list[tuple[SimDevice, LocalUpdate]], modelled: ModelledCohort) -> CohortRun:
         """Lazy mode: run a cohort planned at its close, and hold it to the drops and duration its
         merge was scheduled with (a difference would change the history: stop loudly)."""
         run = run_cohort(start, members, self.identities, self._cohort_rng(start.cohort_id),
-                         secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user)
+                         secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user,
+                         member_runner=self.backend.member_runner)
         if dict(run.result.dropped) != modelled.drops or run.duration_s != modelled.duration_s:
             raise RuntimeError(f"cohort {start.cohort_id}: modelled drops {modelled.drops} and {modelled.duration_s!r} s, "
                                f"the run gave {dict(run.result.dropped)} and {run.duration_s!r} s")

@@ -32,9 +32,11 @@ def run_traced(cfg, backend, out=None):
         now, (kind, payload) = pop()
         if kind in ("ready", "deadline"):
             key = payload
-        elif kind == "trained":
-            key = payload[0].device_id
-        else:  # merged
+        elif kind == "trained":  # a DeviceRound
+            key = payload.device.device_id
+        elif sim.lazy:  # merged: (start, modelled cohort, members)
+            key = payload[0].cohort_id
+        else:  # merged: (run, members)
             key = payload[0].result.cohort_id
         events.append((now, kind, key))
         return now, (kind, payload)

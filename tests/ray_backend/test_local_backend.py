@@ -82,3 +82,30 @@ def test_train_round_under_a_checked_plan_equals_the_ordinary_round():
     (e0, s0, h0, w0), (e1, s1, h1, w1) = results
     assert (e0, s0, h0) == (e1, s1, h1)
     assert torch.equal(w0, w1)
+
+
+def test_local_cohorts_play_their_members_on_the_backend_workers_host(monkeypatch):
+    """The local backend runs each secure-aggregation member through the same
+    ``MemberHost.stage`` a Ray worker runs, on its worker's host, and closes every session."""
+    from ftte.crypto.secagg_member import MemberHost
+
+    calls: list[tuple[int, int]] = []
+    real_stage = MemberHost.stage
+
+    def counting(self, key, stage, inbound):
+        calls.append((id(self), int(stage)))
+        return real_stage(self, key, stage, inbound)
+
+    monkeypatch.setattr(MemberHost, "stage", counting)
+    cfg = tiny(**{"run.strategy": "fedbuff", "run.max_versions": 2})
+    assert cfg.secagg.enabled
+    sim = Simulation(cfg)
+    try:
+        result = sim.run()
+        host = sim.backend._worker.members
+        assert result.summary["versions"] == 2
+        assert calls and {h for h, _ in calls} == {id(host)}  # every member stage ran on the worker's host
+        assert {s for _, s in calls} == {0, 1, 2, 3, 4}
+        assert host.open_sessions == 0
+    finally:
+        sim.close()
