@@ -64,6 +64,8 @@ def test_every_run_shares_seed_fleet_and_horizon_and_differs_only_in_its_setting
     dist, central = cfgs["ftte-distributed-eps8"].privacy, cfgs["fedbuff-server-eps8"].privacy
     assert dist.user_level and dist.user_noise == "distributed" and central.user_noise == "server"
     assert dist.user_epsilon == central.user_epsilon == 8.0 and dist.user_delta == 1e-6
+    tuned = run_config(_tiny(clip=2.0, device_lr=0.1), grid(settings)[2])
+    assert tuned.secagg.clip == 2.0 and tuned.train.lr == 0.1
 
 
 def _rec(variant: str, noise: str, eps: float | None, acc: float) -> dict:
