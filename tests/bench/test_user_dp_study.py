@@ -1,0 +1,95 @@
+"""The user-level DP utility study (``python -m ftte.bench.user_dp_study``) runs a grid end to end and
+writes JSON that agrees with itself: one record per run of the grid, accuracies in range, the privacy
+figures of each run matching its setting, and goals recomputable from the records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ftte.bench.user_dp_study import RunSpec, StudySettings, goals, grid, run_config, run_study
+
+
+def _tiny(**kw) -> StudySettings:
+    base = dict(devices=16, buffer=8, neighbors=4, versions=2, horizon_s=14400.0, epsilons=(8.0,),
+                preset="digits", model="logistic", participations=2,
+                extra={"train.batch_size": 4, "fleet.stragglers": 0.5})
+    base.update(kw)
+    return StudySettings(**base)
+
+
+def test_a_tiny_study_writes_one_consistent_record_per_run(tmp_path):
+    settings = _tiny()
+    doc = run_study(settings, tmp_path, quiet=True, figures=False)
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert saved["complete"] and saved["runs"] == json.loads(json.dumps(doc["runs"], default=str))
+    runs = saved["runs"]
+    # the grid: non-private per variant, then distributed and central at epsilon 8 for both variants
+    assert [r["name"] for r in runs] == [s.name for s in grid(settings)] == [
+        "ftte-nonprivate", "fedbuff-nonprivate", "ftte-distributed-eps8", "fedbuff-distributed-eps8",
+        "ftte-server-eps8", "fedbuff-server-eps8"]
+    for r in runs:
+        assert r["strategy"] == r["variant"]
+        assert 1 <= r["versions"] <= settings.versions
+        assert 1 <= r["evaluations"] <= r["versions"]
+        assert 0.0 <= r["final_accuracy"] <= r["best_accuracy"] <= 1.0
+        assert r["virtual_time_s"] <= settings.horizon_s
+        if r["noise"] == "none":
+            assert r["epsilon_target"] is None and r["epsilon_reached"] is None and r["noise_multiplier"] is None
+        else:
+            assert r["delta"] == settings.delta
+            assert 0.0 < r["epsilon_reached"] <= r["epsilon_target"] + 1e-9
+            assert r["noise_multiplier"] > 0
+    # the full-model variant trains every coordinate the subset variant's plan could
+    by = {r["name"]: r for r in runs}
+    assert by["fedbuff-distributed-eps8"]["trainable_coordinates"] >= by["ftte-distributed-eps8"]["trainable_coordinates"]
+    # the goals are the records' own differences
+    g = saved["goals"]
+    gap = by["ftte-nonprivate"]["final_accuracy"] - by["ftte-distributed-eps8"]["final_accuracy"]
+    assert g["ftte_eps8_within_10_points_of_nonprivate"]["gap"] == pytest.approx(gap)
+    assert g["ftte_eps8_within_10_points_of_nonprivate"]["met"] == (gap <= 0.10)
+    assert (tmp_path / "table.md").read_text().count("\n| ") == len(runs)  # one row per run under the header
+
+
+def test_every_run_shares_seed_fleet_and_horizon_and_differs_only_in_its_setting():
+    settings = _tiny()
+    cfgs = {s.name: run_config(settings, s) for s in grid(settings)}
+    for cfg in cfgs.values():
+        assert cfg.run.seed == settings.seed and cfg.run.max_virtual_time_s == settings.horizon_s
+        assert cfg.fleet.devices == 16 and cfg.server.buffer_size == 8 and cfg.secagg.graph == "ring"
+        assert cfg.server.variance_penalty == 0.0
+        assert all(c.dropout.share == 0.0 for c in cfg.fleet.device_classes())
+    assert not cfgs["ftte-nonprivate"].privacy.enabled
+    dist, central = cfgs["ftte-distributed-eps8"].privacy, cfgs["fedbuff-server-eps8"].privacy
+    assert dist.user_level and dist.user_noise == "distributed" and central.user_noise == "server"
+    assert dist.user_epsilon == central.user_epsilon == 8.0 and dist.user_delta == 1e-6
+    tuned = run_config(_tiny(clip=2.0, device_lr=0.1), grid(settings)[2])
+    assert tuned.secagg.clip == 2.0 and tuned.train.lr == 0.1
+
+
+def _rec(variant: str, noise: str, eps: float | None, acc: float) -> dict:
+    return {"variant": variant, "noise": noise, "epsilon_target": eps, "final_accuracy": acc}
+
+
+def test_goals_are_met_or_missed_by_their_thresholds():
+    s = StudySettings(epsilons=(8.0,))
+    runs = [_rec("ftte", "none", None, 0.90), _rec("fedbuff", "none", None, 0.95),
+            _rec("ftte", "distributed", 8.0, 0.81), _rec("fedbuff", "distributed", 8.0, 0.70),
+            _rec("ftte", "server", 8.0, 0.815), _rec("fedbuff", "server", 8.0, 0.72)]
+    g = goals(runs, s)
+    assert g["ftte_eps8_within_10_points_of_nonprivate"]["met"] is True
+    assert g["ftte_ahead_of_full_model_at_every_epsilon"]["met"] is True
+    assert g["distributed_within_1_point_of_central"]["met"] is False  # fedbuff: central 2 points ahead
+    runs[2] = _rec("ftte", "distributed", 8.0, 0.79)  # 11 points below non-private
+    g = goals(runs, s)
+    assert g["ftte_eps8_within_10_points_of_nonprivate"]["met"] is False
+    assert goals(runs[:2], s)["ftte_ahead_of_full_model_at_every_epsilon"]["met"] is None  # not measured
+
+
+def test_settings_refuse_an_impossible_grid():
+    with pytest.raises(ValueError, match="buffer"):
+        StudySettings(devices=10, buffer=20)
+    with pytest.raises(ValueError, match="noise"):
+        StudySettings(noises=("local",))
+    assert RunSpec("ftte", "none", None).name == "ftte-nonprivate"
