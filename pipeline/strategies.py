@@ -75,15 +75,16 @@ class Strategy:
         mode = self.cfg.train.clipping
         from ftte.edge.memory import TrainingSetup
 
+        # what the device's step really runs: no DP-SGD under user-level DP (the noise is in the sum)
+        dp_sgd = self.cfg.privacy.dp_config().enabled
         setup = TrainingSetup(batch_size=self.cfg.train.batch_size, input_shape=data.input_shape,
-                              dp=self.cfg.privacy.enabled, optimizer="sgd", num_classes=data.n_classes)
+                              dp=dp_sgd, optimizer="sgd", num_classes=data.n_classes)
         if not self.subset:
             full = SubsetPlan.full(model)
             if mode != "auto":
                 return TrainingChoice(full, mode)
             # "auto" gives the baselines the same choice as ftte: the cheaper mode in memory
-            return TrainingChoice(full, cheaper_clipping(model, full, setup) if self.cfg.privacy.enabled
-                                  else "per_sample")
+            return TrainingChoice(full, cheaper_clipping(model, full, setup) if dp_sgd else "per_sample")
         from ftte.edge.plan_search import search_plan
 
         if len(data.x_calib):  # server-held data, apart from devices and the test set

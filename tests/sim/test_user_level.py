@@ -50,3 +50,23 @@ def test_a_deployment_takes_distributed_user_level_and_refuses_server_noise(tmp_
     assert settings.run.privacy.user_level
     with pytest.raises(ConfigError, match="user_noise"):
         parse_server_config(base + 'user_noise = "server"\n', base_dir=tmp_path)
+
+
+def test_user_level_plans_are_costed_without_dp_sgd_memory():
+    """Under user-level DP the device runs plain SGD (the noise is in the sum), so the plan
+    search must not budget per-sample gradients it will never hold: the plan is the one a
+    non-private run gets, and larger than the example-level DP plan."""
+    from ftte.pipeline.simulator import Simulation
+
+    from ftte.pipeline.config import load_config
+
+    def plan_of(**overrides):  # the default MNIST task, where the straggler budget binds
+        sim = Simulation(load_config(None).with_overrides(**overrides))
+        try:
+            return sim.plan.num_coordinates
+        finally:
+            sim.close()
+
+    user = plan_of(**{"privacy.unit": "user", "server.variance_penalty": 0.0})
+    assert user == plan_of(**{"privacy.enabled": False})
+    assert user > plan_of()
