@@ -15,7 +15,7 @@ import pytest
 from ftte.bench.device_bench import summarize
 
 # every phase the confined device's rounds must have spent time in (names of the runner's PhaseClock)
-ROUND_PHASES = ("pull", "net:pull", "train", "encode", "secagg", "sign", "net:join", "net:poll", "net:submit", "other")
+ROUND_PHASES = ("pull", "net:pull", "train", "encode", "secagg", "sign", "net:enter", "net:advance", "other")  # 7 requests a round
 SIDE = ("train_subset_dp", "train_subset_plain", "train_full_dp", "train_full_plain", "encode_subset", "encode_full",
         "secagg_member_subset", "secagg_member_full")
 QUOTA = 0.25
