@@ -3,6 +3,8 @@ dies in the middle of a stage drops exactly its members, at that stage."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -120,9 +122,22 @@ def test_a_worker_killed_between_sessions_stages_loses_its_members_at_the_next_s
     runner.open(params, {m: (ids[m], inputs[m]) for m in params.members})
     # the worker holds the session (its members' calls run in order, after the open) ...
     ray.get(backend._actors[1].handle.usage.options(concurrency_group=MEMBERS_GROUP).remote())
-    ray.kill(backend._actors[1].handle, no_restart=False)  # ... and is killed; Ray restarts it
+    handle = backend._actors[1].handle
+    before = ray.get(handle.ping.remote())
+    ray.kill(handle, no_restart=False)  # ... and is killed; Ray restarts it
+    # ray.kill is asynchronous: on a loaded machine the next call could still reach the old
+    # process and complete, so wait until a restarted process answers
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if ray.get(handle.ping.remote(), timeout=30) != before:
+                break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        assert time.monotonic() < deadline, "the killed worker was not restarted"
+        time.sleep(0.2)
     replies, lost = runner.stage(Stage.ADVERTISE, {m: None for m in params.members})
-    assert lost == {5, 6, 7, 8}  # whether the call failed or reached the restarted, empty worker
+    assert lost == {5, 6, 7, 8}  # the restarted worker does not hold the session
     assert sorted(replies.replies) == [0, 1, 2, 3, 4]
     runner.close()
     # the restarted worker plays a whole new session
