@@ -63,8 +63,11 @@ def draw_dropouts(devices: Sequence[SimDevice], stages: Sequence[str], rng: np.r
     return out
 
 
-def _stage_seconds(devices: dict[int, SimDevice], up: dict[int, int], down: dict[int, int], latency: float,
+def stage_seconds(devices: dict[int, SimDevice], up: dict[int, int], down: dict[int, int], latency: float,
                    someone_dropped: bool) -> float:
+    """One protocol stage's virtual duration: its slowest member's transfer plus two latencies,
+    or the stage timeout when a member dropped. Shared with :mod:`ftte.pipeline.cohort_time`,
+    which must predict the same duration without running the session."""
     longest = 0.0
     for m in set(up) | set(down):
         p = devices[m].profile
@@ -141,7 +144,7 @@ def _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness) ->
         total = back.vector.astype(np.float64) if total is None else total + back.vector
         wsum += back.weight
         vsum += back.variance
-    duration = _stage_seconds(devices, up, {}, latency_s, bool(drops))
+    duration = stage_seconds(devices, up, {}, latency_s, bool(drops))
     if not included:
         return CohortRun(_result(start, drops, staleness, duration, None, "every member dropped"), bytes_up, weights)
     return CohortRun(_result(start, drops, staleness, duration, CohortSum(included, total, wsum, vsum)), bytes_up,
@@ -158,7 +161,7 @@ def _masked_session(params, ids, devices, identities, inputs, rng, latency_s, ru
     duration = 0.0
     for stage in STAGE_LABELS:
         dropped_here = any(s == stage for s in drops.values())
-        duration += _stage_seconds(devices, stats.stage_up.get(stage, {}), stats.stage_down.get(stage, {}),
+        duration += stage_seconds(devices, stats.stage_up.get(stage, {}), stats.stage_down.get(stage, {}),
                                    latency_s, dropped_here)
     return result, stats, drops, duration
 

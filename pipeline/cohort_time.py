@@ -33,7 +33,7 @@ from ftte.crypto.prg import ring_dtype
 from ftte.crypto.secagg_session import SessionParams, uses_ring
 from ftte.crypto.stages import STAGE_LABELS
 from ftte.deploy_messages import CohortStart
-from ftte.pipeline.cohort import _stage_seconds, draw_dropouts
+from ftte.pipeline.cohort import stage_seconds, draw_dropouts
 from ftte.pipeline.fleet import SimDevice
 from ftte.protocol.cohort import session_params
 from ftte.round_messages import PlainUpdate
@@ -144,7 +144,7 @@ def model_cohort(start: CohortStart, devices: Sequence[SimDevice], base_versions
         drops = draw_dropouts([by_id[m] for m in ids], ["upload"], rng)
         vector = np.zeros(start.dim - _extra(), dtype=np.float32)
         up = {m: _size(PlainUpdate(m, base_versions[m], vector, 0.0, 0.0)) for m in ids if m not in drops}
-        return ModelledCohort(drops, _stage_seconds(by_id, up, {}, latency_s, bool(drops)))
+        return ModelledCohort(drops, stage_seconds(by_id, up, {}, latency_s, bool(drops)))
     for _ in ids:  # UpdateCodec.encode: one uniform per coordinate for each member, in id order
         rng.random(start.dim)
     drops = draw_dropouts([by_id[m] for m in ids], STAGE_LABELS, rng)
@@ -152,7 +152,7 @@ def model_cohort(start: CohortStart, devices: Sequence[SimDevice], base_versions
     duration = 0.0
     for stage in STAGE_LABELS:
         dropped_here = any(s == stage for s in drops.values())
-        duration += _stage_seconds(by_id, up.get(stage, {}), down.get(stage, {}), latency_s, dropped_here)
+        duration += stage_seconds(by_id, up.get(stage, {}), down.get(stage, {}), latency_s, dropped_here)
     return ModelledCohort(drops, duration)
 
 
