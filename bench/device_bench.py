@@ -72,30 +72,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _split_digits(directory: Path, n: int) -> tuple[list[Path], Path, Any, Any]:
-    """Sklearn digits (bundled with scikit-learn), standardised, IID over ``n`` CSV files; and a test split."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(y))
-    n_test = len(y) // 5
-    test, train = order[:n_test], order[n_test:]
-    mean, std = x[train].mean(), x[train].std()
-    xs = ((x - mean) / std).astype(np.float32)
-    directory.mkdir(parents=True, exist_ok=True)
-    test_file = directory / "test.npz"
-    np.savez(test_file, x=xs[test], y=y[test].astype(np.int64))
-    paths = []
-    for i, part in enumerate(np.array_split(train, n)):
-        path = directory / f"device{i}.csv"
-        with open(path, "w") as fh:
-            fh.write(",".join([f"p{j}" for j in range(64)] + ["label"]) + "\n")
-            fh.writelines(",".join(f"{v:.6g}" for v in xs[r]) + f",{int(y[r])}\n" for r in part)
-        paths.append(path)
-    return paths, test_file, xs[train], y[train]
-
-
 def default_plan(model_name: str, batch_size: int, x: Any, y: Any) -> tuple[Any, Any, int]:
     """(model, plan, budget): the simulator's choice for its weakest default device class."""
     from ftte.edge.memory import TrainingSetup
@@ -144,7 +120,7 @@ def measure(args: argparse.Namespace) -> dict:
     """Run the deployment and return the raw measurements (the confined runner's JSON plus the parent's)."""
     from ftte.bench.device_confine import Limits, make_confiner
     from ftte.bench.http_pki import make_pki
-    from ftte.bench.server_config import write_server_config
+    from ftte.bench.loopback import digits_split, write_server_config
     from ftte.crypto.primitives import Signer
 
     t0 = time.monotonic()
@@ -153,7 +129,7 @@ def measure(args: argparse.Namespace) -> dict:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    data_files, test_file, x, y = _split_digits(work / "data", args.devices)
+    data_files, test_file, (x, y), _ = digits_split(work / "data", args.devices)
     _, plan, budget = default_plan(args.model, args.batch_size, x, y)
     pki = make_pki(work / "pki")
     keys, lines = [], []

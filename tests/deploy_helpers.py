@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from ftte.crypto.primitives import Signer
 
 from ftte.http_auth import member_id
@@ -34,7 +33,7 @@ CHILD_ENV = {
 # -- PKI ----------------------------------------------------------------------------------------
 
 from ftte.bench.http_pki import Pki, make_pki  # noqa: F401  (re-exported: the tests make their CA here)
-from ftte.bench.server_config import write_server_config  # noqa: F401  (re-exported)
+from ftte.bench.loopback import digits_split, write_server_config  # noqa: F401  (re-exported)
 
 # -- devices and data -----------------------------------------------------------------------------
 
@@ -48,33 +47,6 @@ class Device:
     @property
     def member(self) -> int:
         return member_id(self.signer.public_key)
-
-
-def digits_split(directory: Path, n_devices: int, seed: int = 0, test_fraction: float = 0.2):
-    """Sklearn digits, standardised with training statistics, IID over ``n_devices`` CSVs.
-
-    Returns (csv paths, test npz path, (x_train, y_train), (x_test, y_test)).
-    """
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(y))
-    n_test = int(len(y) * test_fraction)
-    test, train = order[:n_test], order[n_test:]
-    mean, std = x[train].mean(), x[train].std()
-    xs = ((x - mean) / std).astype(np.float32)
-    directory.mkdir(parents=True, exist_ok=True)
-    test_file = directory / "test.npz"
-    np.savez(test_file, x=xs[test], y=y[test].astype(np.int64))
-    paths = []
-    for i, part in enumerate(np.array_split(train, n_devices)):
-        path = directory / f"device{i}.csv"
-        with open(path, "w") as fh:
-            fh.write(",".join([f"p{j}" for j in range(64)] + ["label"]) + "\n")
-            fh.writelines(",".join(f"{v:.6g}" for v in xs[r]) + f",{int(y[r])}\n" for r in part)
-        paths.append(path)
-    return paths, test_file, (xs[train], y[train]), (xs[test], y[test])
 
 
 def make_devices(directory: Path, data_files: list[Path], extra_keys: int = 0) -> tuple[list[Device], Path]:

@@ -1,13 +1,15 @@
-"""A loopback ``ftte server`` configuration for benchmarks and tests.
+"""A loopback deployment's data split and ``ftte server`` configuration, for benchmarks and tests.
 
-One writer, so the device benchmark and the deployment tests run the server with the same
-settings and a key added to the deployment config is added once. Small defaults (a
+One copy, so the device benchmark and the deployment tests run the server on the same data
+and settings, and a key added to the deployment config is added once. Small defaults (a
 logistic model on 64 features, buffers of 4, short timeouts) suit a test on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 from ftte.bench.http_pki import Pki
 
@@ -69,3 +71,30 @@ num_classes = 10
 {extra}
 """)
     return path
+
+
+def digits_split(directory: Path, n_devices: int, seed: int = 0, test_fraction: float = 0.2):
+    """Sklearn digits, standardised with training statistics, IID over ``n_devices`` CSVs.
+
+    Returns (csv paths, test npz path, (x_train, y_train), (x_test, y_test)).
+    """
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    n_test = int(len(y) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    mean, std = x[train].mean(), x[train].std()
+    xs = ((x - mean) / std).astype(np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    test_file = directory / "test.npz"
+    np.savez(test_file, x=xs[test], y=y[test].astype(np.int64))
+    paths = []
+    for i, part in enumerate(np.array_split(train, n_devices)):
+        path = directory / f"device{i}.csv"
+        with open(path, "w") as fh:
+            fh.write(",".join([f"p{j}" for j in range(64)] + ["label"]) + "\n")
+            fh.writelines(",".join(f"{v:.6g}" for v in xs[r]) + f",{int(y[r])}\n" for r in part)
+        paths.append(path)
+    return paths, test_file, (xs[train], y[train]), (xs[test], y[test])
