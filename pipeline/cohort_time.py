@@ -145,8 +145,9 @@ def model_cohort(start: CohortStart, devices: Sequence[SimDevice], base_versions
         vector = np.zeros(start.dim - _extra(), dtype=np.float32)
         up = {m: _size(PlainUpdate(m, base_versions[m], vector, 0.0, 0.0)) for m in ids if m not in drops}
         return ModelledCohort(drops, stage_seconds(by_id, up, {}, latency_s, bool(drops)))
-    for _ in ids:  # UpdateCodec.encode: one uniform per coordinate for each member, in id order
-        rng.random(start.dim)
+    # UpdateCodec.encode draws one float64 uniform per coordinate for each member, in id order:
+    # each is one 64-bit step of the cohort's PCG64 stream, so skip them instead of drawing them
+    rng.bit_generator.advance(len(ids) * start.dim)
     drops = draw_dropouts([by_id[m] for m in ids], STAGE_LABELS, rng)
     up, down = secure_stage_bytes(session_params(start), drops)
     duration = 0.0
