@@ -163,6 +163,7 @@ class Simulation:
         self.train_rounds = 0  # rounds devices started (virtual work)
         self.rounds_computed = 0  # rounds this process actually trained
         self._plans: dict[int, RoundPlan] = {}  # the plan of each device's round in flight, charged at release
+        self._pull_cache: tuple[Any, ModelPull, int] | None = None  # (version key, pull, its encoded size)
         self._resume()
         # Device work: in this process, or on Ray (cfg.run.backend); started last, so nothing can fail after it.
         self.backend: DeviceBackend = backend if backend is not None else make_backend(cfg.run)
@@ -280,7 +281,7 @@ class Simulation:
         """The current version's pull and its encoded size, built once per version (every device
         pulling that version gets the same message)."""
         key = (self.server.version, self.server.current_hash)
-        cached = getattr(self, "_pull_cache", None)
+        cached = self._pull_cache
         if cached is None or cached[0] != key:
             pull = self._pull()
             cached = self._pull_cache = (key, pull, len(wire.encode(pull)))
