@@ -759,15 +759,25 @@ class EdgeClient:
         """Join, and get the cohort's start in the same reply when it comes within the long-poll
         wait (``/enter``; every reply names the cohort). Against a server without it (404),
         ``/join`` and polls, for the rest of this client's life."""
-        if self._advance:
-            try:
-                return self.transport.call("enter", join, (CohortStart, CohortEnd, Pending),
-                                           patience_s=self.stage_patience, read_timeout_s=self.poll_read_timeout)
-            except ServerRefused as exc:
-                if not (exc.status == 404 and exc.code == "http_error"):  # a refusal, not an unknown route
-                    raise
-                self._advance = False
+        reply = self._combined("enter", join, (CohortStart, CohortEnd, Pending))
+        if reply is not None:
+            return reply
         return self.transport.call("join", join, (JoinReply,), patience_s=self.stage_patience)
+
+    def _combined(self, route: str, msg: Any, expect: tuple[type, ...]) -> Any:
+        """Call a combined route (``/enter``, ``/advance``: a message and the next one back in one
+        request); None once the server has answered that it has no such route (404), after which
+        this client uses the separate requests for the rest of its life."""
+        if not self._advance:
+            return None
+        try:
+            return self.transport.call(route, msg, expect, patience_s=self.stage_patience,
+                                       read_timeout_s=self.poll_read_timeout)
+        except ServerRefused as exc:
+            if not (exc.status == 404 and exc.code == "http_error"):  # a refusal, not an unknown route
+                raise
+            self._advance = False
+            return None
 
     def _step(self, cohort_id: str, stage: Stage, msg: Any) -> Any:
         """Send this member's ``stage`` message; return the server's message of the next slot
@@ -779,19 +789,12 @@ class EdgeClient:
         slot = int(stage) + 1
         want = CohortEnd if slot == POLL_END else Stage(slot).server_input
         payload = wire.encode(msg)
-        if self._advance:
-            try:
-                reply = self.transport.call("advance", Advance(cohort_id, payload), (want, CohortEnd, Pending),
-                                            patience_s=self.stage_patience, read_timeout_s=self.poll_read_timeout)
-            except ServerRefused as exc:
-                if not (exc.status == 404 and exc.code == "http_error"):  # a refusal, not an unknown route
-                    raise
-                self._advance = False
-            else:
-                _check_cohort_of(reply, cohort_id)
-                if not isinstance(reply, Pending):
-                    return reply
-                return self._poll(cohort_id, slot, want)  # stored; the next message is not out yet
+        reply = self._combined("advance", Advance(cohort_id, payload), (want, CohortEnd, Pending))
+        if reply is not None:
+            _check_cohort_of(reply, cohort_id)
+            if not isinstance(reply, Pending):
+                return reply
+            return self._poll(cohort_id, slot, want)  # stored; the next message is not out yet
         self.transport.call("submit", Submit(cohort_id, payload), (Ack,), patience_s=self.stage_patience)
         return self._poll(cohort_id, slot, want)
 
