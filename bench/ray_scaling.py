@@ -8,11 +8,12 @@ load from other jobs on a shared machine hits every backend alike):
   the driver, submit), then all are resolved. Updates per second = rounds / wall time.
 * ``simulation``: a whole ``Simulation.run()`` (``--versions`` merges; the server's side of
   secure aggregation and evaluation in the driver, the members' side and training on the
-  backend's workers), eager on both backends (every round started is handed to the backend;
-  a Ray run stops with some still queued, never trained: ``rounds_trained``); updates per
-  second = device rounds started / wall time of ``run()``, so ratios are inverse wall-time
-  ratios of runs with the same result. ``local_lazy`` is the local backend's default mode
-  (only rounds whose cohort merges are trained), measured alongside. The backend's start-up (Ray
+  backend's workers), eager (every round started is handed to the backend; a Ray run stops
+  with some still queued, never trained: ``rounds_trained``) and lazy (``*_lazy``, the default
+  on both backends: only the rounds of cohorts that close are trained; Ray gets them when the
+  cohort closes, the local backend at the merge); updates per second = device rounds started /
+  wall time of ``run()``, so ratios are inverse wall-time ratios of runs with the same result.
+  The backend's start-up (Ray
   workers importing torch and wrapping the model) is reported apart, as ``startup_s``. CPU
   seconds spent during ``run()`` by the driver process and by each worker process are
   reported too (``driver_cpu_s``, ``workers_cpu_s``): on a shared machine they tell how
@@ -132,9 +133,9 @@ def _simulation(cfg: Any, backend: Any, lazy: bool = False) -> dict[str, Any]:
     from ftte.pipeline.simulator import Simulation
 
     t0 = time.perf_counter()
-    # Eager (the Ray backend always is): every round started is handed to the backend. ``local_lazy``
-    # is the local backend's default for these strategies: only rounds whose cohort merges are trained.
-    sim = Simulation(cfg, backend=backend, lazy=None if lazy else False)
+    # Eager: every round started is handed to the backend. Lazy (the default for these strategies,
+    # on both backends): only the rounds of cohorts that close are trained.
+    sim = Simulation(cfg, backend=backend, lazy=lazy)
     startup = time.perf_counter() - t0
     try:
         before = _worker_usage(sim.backend)
@@ -191,12 +192,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for m in modes:
             work[label[m]] = _device_work(cfg, _backend(m[0], m[1], args.address), args.rounds, args.repeats)
         # simulations: repeats interleaved across modes
-        sims: dict[str, list[dict[str, Any]]] = {label[m]: [] for m in modes}
-        sims["local_lazy"] = []
+        sims: dict[str, list[dict[str, Any]]] = {label[m] + lazy: [] for m in modes for lazy in ("", "_lazy")}
         for _ in range(args.repeats):
             for m in modes:
-                sims[label[m]].append(_simulation(cfg, _backend(m[0], m[1], args.address)))
-            sims["local_lazy"].append(_simulation(cfg, _backend("local", 0, ""), lazy=True))
+                for lazy in ("", "_lazy"):
+                    sims[label[m] + lazy].append(_simulation(cfg, _backend(m[0], m[1], args.address), lazy=bool(lazy)))
     finally:
         if owns:
             ray.shutdown()
@@ -227,8 +227,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             out[f"ray_{w}_vs_local"] = table[f"ray_{w}"][key] / table["local"][key]
             if w != first:
                 out[f"ray_{w}_vs_ray_{first}"] = table[f"ray_{w}"][key] / table[f"ray_{first}"][key]
-            if "local_lazy" in table:
-                out[f"ray_{w}_vs_local_lazy"] = table[f"ray_{w}"][key] / table["local_lazy"][key]
+            if "local_lazy" in table:  # the defaults side by side, and Ray's default against local eager
+                out[f"ray_{w}_lazy_vs_local_lazy"] = table[f"ray_{w}_lazy"][key] / table["local_lazy"][key]
+                out[f"ray_{w}_lazy_vs_local"] = table[f"ray_{w}_lazy"][key] / table["local"][key]
         return out
 
     return {

@@ -308,9 +308,13 @@ class DeviceBackend(ABC):
     """Submit device rounds now, resolve them when their result is needed."""
 
     name: str = ""
+    #: Rounds run in other processes: the simulator hands a closed cohort's rounds over at once,
+    #: so workers train them while the driver goes on (the local backend trains at submit).
+    remote: bool = False
 
     def __init__(self) -> None:
         self.lost: list[tuple[int, int]] = []  # (device_id, attempt) of rounds whose worker died
+        self.members_lost: list[tuple[int, str]] = []  # (member, stage) lost with their worker
         self.puts: dict[str, int] = {"spec": 0, "data": 0, "weights": 0}
 
     @abstractmethod
@@ -418,6 +422,7 @@ class RayBackend(DeviceBackend):
     """
 
     name = "ray"
+    remote = True
 
     def __init__(self, address: str = "", workers: int = 0, *, num_cpus: int | None = None,
                  crash_on: Iterable[tuple[int, int]] = (), crash_members_at: str = "") -> None:
@@ -430,7 +435,6 @@ class RayBackend(DeviceBackend):
         self._crash_on = set(crash_on)
         self._crash_members_at = crash_members_at  # test hook: stage label at which the last worker dies, once
         self._sessions = 0
-        self.members_lost: list[tuple[int, str]] = []  # (member, stage) lost with their worker
         self._ray: Any = None
         self._owns_ray = False
         self._actors: list[_Actor] = []

@@ -38,7 +38,7 @@ from ftte.crypto.primitives import Signer
 from ftte.edge.plan import SubsetPlan, subset_vector
 from ftte.edge.runtime import LocalTrainer, LocalUpdate
 from ftte.round_messages import ModelPull
-from ftte.pipeline.backends import (DeviceBackend, LocalBackend, TrainTask, WorkerData, WorkerSpec, charge_planned,
+from ftte.pipeline.backends import (DeviceBackend, TrainTask, WorkerData, WorkerSpec, charge_planned,
                                     lost_round_spend, make_backend, plan_device_round)
 from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time
 from ftte.pipeline.cohort import CohortRun, UserLevel, run_cohort
@@ -50,7 +50,7 @@ from ftte.pipeline.evaluation import Evaluator
 from ftte.pipeline.merge import ServerOptimizer
 from ftte.pipeline.model_builder import build_global_model
 from ftte.pipeline.server_model import CohortRecord, CohortResult, ServerModel
-from ftte.protocol.cohort import plan_cohort
+from ftte.protocol.cohort import plan_cohort, reference_of
 from ftte.pipeline.partition import derive_rng
 from ftte.pipeline.report import time_to_target
 from ftte.pipeline.state import ServerState
@@ -163,6 +163,7 @@ class Simulation:
         self.train_rounds = 0  # rounds devices started (virtual work)
         self.rounds_computed = 0  # rounds this process actually trained
         self._plans: dict[int, RoundPlan] = {}  # the plan of each device's round in flight, charged at release
+        self.unmodelled_cohorts = 0  # lazy mode: cohorts a dead worker made differ from their model
         self._pull_cache: tuple[Any, ModelPull, int] | None = None  # (version key, pull, its encoded size)
         self._resume()
         # Device work: in this process, or on Ray (cfg.run.backend); started last, so nothing can fail after it.
@@ -182,8 +183,6 @@ class Simulation:
         """Why rounds must be computed when they happen (empty: lazy work is possible)."""
         if self.strategy.synchronous:
             return "a synchronous strategy"
-        if not isinstance(self.backend, LocalBackend):
-            return "a worker of a remote backend can die mid-round, which must be known when the round ends"
         if self.user is not None:
             return "user-level DP"
         if not duration_known(secure=self.cfg.secagg.enabled, graph=self.cfg.secagg.graph):
@@ -344,17 +343,33 @@ class Simulation:
         return self.backend.submit(TrainTask(r.device.device_id, r.attempt, r.pull.version, r.seed, account, r.plan),
                                    r.pull)
 
-    def _compute(self, r: DeviceRound) -> LocalUpdate:
-        """Lazy mode: train a round now that its cohort's merge needs it. Its plan is the one it
+    def _hand_over(self, r: DeviceRound) -> None:
+        """Lazy mode: give the backend a round whose cohort has closed. Its plan is the one it
         would have had when it started: the device's history has not moved since (a device has
-        one round in flight, charged only when released)."""
+        one round in flight, charged only when released), so handing it over at the cohort's
+        close or at its merge trains the same round."""
+        if r.pending is not None:
+            return
         if r.plan is None:
             _, r.plan = plan_device_round(self.trainer, r.device.device_id, r.n_records)
             self._plans[r.device.device_id] = r.plan
-        update = self.backend.resolve(self._submit(r))
-        if update is None:
-            raise RuntimeError(f"device {r.device.device_id}: the local backend lost a round")
-        return update
+        r.pending = self._submit(r)
+
+    def _resolve_rounds(self, rounds: list[tuple[SimDevice, DeviceRound]]
+                        ) -> tuple[list[tuple[SimDevice, LocalUpdate]], list[DeviceRound]]:
+        """Lazy mode, at a merge: every member's update, and the rounds whose worker died.
+        All are handed over before any is awaited, so remote workers train them side by side."""
+        for _, r in rounds:
+            self._hand_over(r)
+        members: list[tuple[SimDevice, LocalUpdate]] = []
+        lost: list[DeviceRound] = []
+        for d, r in rounds:
+            update = self.backend.resolve(r.pending)
+            if update is None:
+                lost.append(r)
+            else:
+                members.append((d, update))
+        return members, lost
 
     def _release(self, members: list[tuple[SimDevice, LocalUpdate]]) -> None:
         """Charge the members' rounds: their updates were released into a cohort that ended
@@ -377,12 +392,18 @@ class Simulation:
             self.ledger.append_many(ledger_rows(self.ledger, [(spend, RoundOutcome.LOST, None)]))
 
     # -- merging -----------------------------------------------------------------------------------
-    def _start(self, cohort_id: str, members: list[tuple[SimDevice, LocalUpdate]]):
+    def _start(self, cohort_id: str, members: list[tuple[SimDevice, Any]], closed: Any = None):
+        """The cohort's start, closing now, or at the close of the start ``closed`` (its version,
+        model and reference variance) when a lazy cohort lost members after it closed."""
         ids = tuple(sorted(d.device_id for d, _ in members))
-        return plan_cohort(self.policy, cohort_id=cohort_id, plan_id=self.plan.plan_id,
-                           model_hash=self.server.current_hash, close_version=self.server.version, members=ids,
+        if closed is None:
+            model_hash, version, ref = self.server.current_hash, self.server.version, self.server.reference_variance
+        else:
+            model_hash, version, ref = closed.model_hash, closed.close_version, reference_of(closed)
+        return plan_cohort(self.policy, cohort_id=cohort_id, plan_id=self.plan.plan_id, model_hash=model_hash,
+                           close_version=version, members=ids,
                            identity_keys=tuple(self.identities[m].public_key for m in ids),
-                           coordinates=self.plan.num_coordinates, reference_variance=self.server.reference_variance)
+                           coordinates=self.plan.num_coordinates, reference_variance=ref)
 
     def _cohort_rng(self, cohort_id: str) -> np.random.Generator:
         return derive_rng(self.cfg.run.seed, "cohort", cohort_id)
@@ -394,14 +415,36 @@ class Simulation:
 
     def _run_started(self, start: Any, members: list[tuple[SimDevice, LocalUpdate]], modelled: ModelledCohort) -> CohortRun:
         """Lazy mode: run a cohort planned at its close, and hold it to the drops and duration its
-        merge was scheduled with (a difference would change the history: stop loudly)."""
+        merge was scheduled with (a difference would change the history: stop loudly). A worker
+        that dies during a stage is the one difference allowed: its members drop out there."""
+        lost_before = len(self.backend.members_lost)
         run = run_cohort(start, members, self.identities, self._cohort_rng(start.cohort_id),
                          secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user,
                          member_runner=self.backend.member_runner)
+        if len(self.backend.members_lost) > lost_before:
+            self.unmodelled_cohorts += 1
+            return run
         if dict(run.result.dropped) != modelled.drops or run.duration_s != modelled.duration_s:
             raise RuntimeError(f"cohort {start.cohort_id}: modelled drops {modelled.drops} and {modelled.duration_s!r} s, "
                                f"the run gave {dict(run.result.dropped)} and {run.duration_s!r} s")
         return run
+
+    def _without_lost(self, start: Any, members: list[tuple[SimDevice, LocalUpdate]], n_lost: int,
+                      min_size: int) -> CohortRun | None:
+        """Lazy mode: workers died training some of a closed cohort's rounds. Those devices never
+        uploaded, as if they had dropped before the session opened; the others run a session of
+        their own, planned at the same close (version and model) as the modelled cohort. Too few
+        left: the round fails and their spent rounds are recorded (None)."""
+        self.unmodelled_cohorts += 1
+        if len(members) < max(1, min_size):
+            self._record_failed_round(start.cohort_id, members,
+                                      f"{n_lost} members' workers died; {len(members)} left, need {min_size}")
+            for d, _ in members:
+                self.clock.schedule(self.clock.now, ("ready", d.device_id))
+            return None
+        return run_cohort(self._start(start.cohort_id, members, closed=start), members, self.identities, self._cohort_rng(start.cohort_id),
+                          secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user,
+                          member_runner=self.backend.member_runner)
 
     def _ledger_rows(self, members: list[tuple[SimDevice, LocalUpdate]], cohort_id: str,
                      merged: tuple[int, ...] = (), user_params: Any = None) -> list[Any]:
@@ -498,6 +541,11 @@ class Simulation:
         for d in self.fleet:
             self.clock.schedule(base, ("ready", d.device_id))
 
+        def lost_round(r: DeviceRound, now: float) -> None:
+            self._worker_lost(r.pending)
+            rng = derive_rng(cfg.run.seed, "worker-lost", r.device.device_id, attempts[r.device.device_id])
+            self.clock.schedule(now + rng.exponential(OFFLINE_MEAN_S), ("ready", r.device.device_id))
+
         def close(cohort: OpenCohort) -> None:
             nonlocal open_cohort
             open_cohort = None
@@ -508,6 +556,9 @@ class Simulation:
                                         self._cohort_rng(cohort.cohort_id), secure=cfg.secagg.enabled,
                                         latency_s=cfg.fleet.latency_s)
                 self.clock.schedule(self.clock.now + modelled.duration_s, ("merged", (start, modelled, cohort.members)))
+                if self.backend.remote:  # its workers train these rounds while the driver goes on
+                    for _, r in cohort.members:
+                        self._hand_over(r)
                 return
             run = self._run_cohort(cohort.cohort_id, cohort.members)
             self.clock.schedule(self.clock.now + run.duration_s, ("merged", (run, cohort.members)))
@@ -540,9 +591,7 @@ class Simulation:
                 else:
                     update = self.backend.resolve(r.pending)
                 if update is None:  # its worker died mid-task: a dropout; the device comes back later
-                    self._worker_lost(r.pending)
-                    rng = derive_rng(cfg.run.seed, "worker-lost", dev.device_id, attempts[dev.device_id])
-                    self.clock.schedule(now + rng.exponential(OFFLINE_MEAN_S), ("ready", dev.device_id))
+                    lost_round(r, now)
                     continue
                 if open_cohort is None:
                     open_cohort = self._new_cohort()
@@ -559,8 +608,16 @@ class Simulation:
             elif kind == "merged":
                 if self.lazy:
                     start, modelled, rounds = payload
-                    members = [(d, self._compute(r)) for d, r in rounds]
-                    run = self._run_started(start, members, modelled)
+                    members, lost = self._resolve_rounds(rounds)
+                    for r in lost:
+                        lost_round(r, now)
+                    if lost:
+                        merged = self._without_lost(start, members, len(lost), min_size)
+                        if merged is None:
+                            continue
+                        run = merged
+                    else:
+                        run = self._run_started(start, members, modelled)
                 else:
                     run, members = payload
                 self._apply(run, members, now)
@@ -683,6 +740,7 @@ class Simulation:
             "train_rounds": self.train_rounds,
             "rounds_computed": self.rounds_computed,
             "lazy_device_work": self.lazy,
+            "unmodelled_cohorts": self.unmodelled_cohorts,
             "bytes_up_per_update": float(np.mean(self.upload_bytes)) if self.upload_bytes else None,
             "bytes_down_per_update": float(np.mean(self.download_bytes)) if self.download_bytes else None,
             "float32_full_update_bytes": 4 * int(full_floats),

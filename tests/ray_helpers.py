@@ -22,9 +22,9 @@ class RecordingLocal(LocalBackend):
         return super().submit(task, pull)
 
 
-def run_traced(cfg, backend, out=None):
+def run_traced(cfg, backend, out=None, lazy=None):
     """Run to the end; returns (result, popped events as (time, kind, key), simulation) and closes it."""
-    sim = Simulation(cfg, out, backend=backend)
+    sim = Simulation(cfg, out, backend=backend, lazy=lazy)
     events: list[tuple[float, str, Any]] = []
     pop = sim.clock.pop
 
@@ -47,7 +47,8 @@ def run_traced(cfg, backend, out=None):
         extra = {"epsilon_max": sim.epsilon_max(), "train_rounds": sim.train_rounds, "retired": sorted(sim.retired),
                  "lost": list(sim.backend.lost), "puts": dict(sim.backend.puts),
                  "resubmitted": getattr(sim.backend, "resubmitted", 0),
-                 "worker_pids": list(getattr(sim.backend, "worker_pids", []))}
+                 "worker_pids": list(getattr(sim.backend, "worker_pids", [])), "lazy": sim.lazy,
+                 "unmodelled_cohorts": sim.unmodelled_cohorts}
         if hasattr(sim.backend, "_actors") and sim.backend._actors:
             import ray
 
