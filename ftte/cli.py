@@ -34,6 +34,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "clipping"): ("ftte.bench.clipping_memory", "DP step memory: per-sample against ghost clipping"),
     ("bench", "device"): ("ftte.bench.device_bench", "a real edge device confined to a CPU quota and memory limit: round cost by phase"),
     ("bench", "hostile"): ("ftte.bench.hostile_body", "memory and time to refuse hostile msgpack request bodies"),
+    ("bench", "seeds"): ("ftte.bench.compare_seeds", "several `ftte compare` runs differing only in the seed: mean final accuracy"),
     ("config", "show"): ("ftte.pipeline.config_cli", "print the configuration in force as TOML"),
     ("deploy", "init"): ("ftte.pipeline.deploy_init",
                          "write a ready-to-run deployment: server.toml, CA and certificate, device keys, sample data"),
