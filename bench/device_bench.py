@@ -54,6 +54,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/bench-device", help="directory for the JSON, the plot and the logs")
     parser.add_argument("--timeout", type=float, default=540.0, help="give up after this many seconds")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    parser.add_argument("--throttle", action="store_true",
+                        help="record how long the CPU quota throttled the confined device in each pull and round "
+                             "(reads its cgroup's cpu.stat; the reads cost a little CPU in 'other client work')")
 
 
 # -- set-up -------------------------------------------------------------------------------------
@@ -169,7 +172,8 @@ def measure(args: argparse.Namespace) -> dict:
             runner = subprocess.Popen(
                 [sys.executable, "-m", "ftte.bench.device_runner", "--server", url, "--ca", str(pki.ca_cert),
                  "--key", str(keys[0]), "--data", str(data_files[0]), "--state", str(work / "device0.state"),
-                 "--out", str(result_file), "--rounds", str(args.rounds), "--side-reps", str(args.side_reps)],
+                 "--out", str(result_file), "--rounds", str(args.rounds), "--side-reps", str(args.side_reps)]
+                + (["--throttle"] if args.throttle else []),
                 stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=confiner.preexec)
         confiner.started(runner.pid)
         for i in range(1, args.devices):
@@ -333,6 +337,11 @@ def summarize(doc: dict) -> dict:
         "connect": doc["connect"],
         "phases_per_round": phases,
         "waiting_on_server_s": _med([row["waiting_s"] for row in per_round]),
+        # with --throttle: seconds the CPU quota held the device back, in the pull and in the whole round
+        "throttled_per_round_s": ({"pull": _med([r["phases"]["pull"]["throttled_s"] for r in rounds]),
+                                   "round": _med([r["phases"]["other"]["throttled_s"] for r in rounds]),
+                                   "pull_wall": phases["pull"]["wall_s"], "pull_cpu": phases["pull"]["cpu_s"]}
+                                  if rounds and "throttled_s" in rounds[0]["phases"].get("pull", {}) else None),
         "bytes_per_round": {"up": _med([row["bytes_up"] for row in per_round]),
                             "down": _med([row["bytes_down"] for row in per_round]),
                             "requests": n_requests},
@@ -408,6 +417,10 @@ def report(s: dict) -> str:
     ]
     for phase, v in s["phases_per_round"].items():
         lines.append(f"  {phase:<40} {v['cpu_s'] * 1000:9.1f} {v['wall_s'] * 1000:10.1f}")
+    th = s.get("throttled_per_round_s")
+    if th:
+        lines.append(f"  throttled by the CPU quota: pull {th['pull'] * 1000:.1f} ms (pull wall {th['pull_wall'] * 1000:.1f} ms, "
+                     f"CPU {th['pull_cpu'] * 1000:.1f} ms), whole round {th['round'] * 1000:.1f} ms")
     lines += [
         f"  waiting on server/network/throttle (wall - CPU in requests): {s['waiting_on_server_s'] * 1000:.1f} ms",
         f"  bytes per round: up {s['bytes_per_round']['up']:.0f}, down {s['bytes_per_round']['down']:.0f}, "

@@ -53,15 +53,56 @@ def rss_bytes() -> tuple[int, int]:
     return cur, peak
 
 
+def own_cgroup_cpu_stat() -> Path | None:
+    """The ``cpu.stat`` of this process's own CPU cgroup (v1 ``cpu`` controller, or v2), if readable."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        names = controllers.split(",")
+        if "cpu" in names:  # cgroup v1
+            for mount in (",".join(names), "cpu", "cpu,cpuacct"):
+                path = Path("/sys/fs/cgroup") / mount / rel.lstrip("/") / "cpu.stat"
+                if path.exists():
+                    return path
+        elif controllers == "":  # cgroup v2
+            path = Path("/sys/fs/cgroup") / rel.lstrip("/") / "cpu.stat"
+            if path.exists():
+                return path
+    return None
+
+
+def throttled_seconds(path: Path) -> float:
+    """Seconds the cgroup has spent throttled by its CPU quota so far (v1 ns, v2 us)."""
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "throttled_time":
+            return int(value) / 1e9
+        if key == "throttled_usec":
+            return int(value) / 1e6
+    return 0.0
+
+
 class PhaseClock:
-    """Wall and CPU seconds per named phase, exclusive of the phases nested inside it."""
+    """Wall and CPU seconds per named phase, exclusive of the phases nested inside it.
+
+    With ``throttle`` (a cgroup ``cpu.stat``), the phases named in ``throttled_phases`` also get
+    the seconds the quota held the process back while they ran (inclusive of nested phases):
+    wall time that is neither CPU nor network. Reading the file costs CPU that lands in the
+    enclosing phase, so it is off unless asked for."""
 
     def __init__(self) -> None:
         self.totals: dict[str, list[float]] = {}
         self._stack: list[list[float]] = []
+        self.throttle: Path | None = None
+        self.throttled_phases: frozenset[str] = frozenset()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        track = self.throttle is not None and name in self.throttled_phases
+        th0 = throttled_seconds(self.throttle) if track else 0.0  # type: ignore[arg-type]
         w0, c0 = time.perf_counter(), time.process_time()
         self._stack.append([0.0, 0.0])
         try:
@@ -69,16 +110,22 @@ class PhaseClock:
         finally:
             child_w, child_c = self._stack.pop()
             w, c = time.perf_counter() - w0, time.process_time() - c0
-            t = self.totals.setdefault(name, [0.0, 0.0, 0])
+            t = self.totals.setdefault(name, [0.0, 0.0, 0, 0.0])
             t[0] += w - child_w
             t[1] += c - child_c
             t[2] += 1
+            if track:
+                t[3] += throttled_seconds(self.throttle) - th0  # type: ignore[arg-type]
             if self._stack:
                 self._stack[-1][0] += w
                 self._stack[-1][1] += c
 
     def take(self) -> dict[str, dict[str, float]]:
-        out = {k: {"wall_s": v[0], "cpu_s": v[1], "calls": int(v[2])} for k, v in self.totals.items()}
+        out: dict[str, dict[str, float]] = {}
+        for k, v in self.totals.items():
+            out[k] = {"wall_s": v[0], "cpu_s": v[1], "calls": int(v[2])}
+            if self.throttle is not None and k in self.throttled_phases:
+                out[k]["throttled_s"] = v[3]
         self.totals = {}
         return out
 
@@ -238,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side-reps", type=int, default=3, help="repetitions of each side-by-side measurement")
     p.add_argument("--probe-s", type=float, default=1.0, help="seconds of the CPU-share probe")
     p.add_argument("--join-patience", type=float, default=300.0)
+    p.add_argument("--throttle", action="store_true",
+                   help="also record the seconds the CPU quota throttled the pull and each whole round")
     p.add_argument("--profile", default=os.environ.get("FTTE_BENCH_PROFILE", ""),
                    help="write a cProfile of rounds 2.. to this file (default: $FTTE_BENCH_PROFILE; none)")
     args = p.parse_args(argv)
@@ -260,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _install_timers()
     probe = cpu_share_probe(args.probe_s)
+    if args.throttle:
+        CLOCK.throttle = own_cgroup_cpu_stat()
+        CLOCK.throttled_phases = frozenset({"pull", "other"})  # "other" wraps the whole round
 
     class TimedTransport(Transport):
         def call(self, endpoint: str, msg: Any, expect: tuple[type, ...], **kw: Any) -> Any:
@@ -390,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ru_maxrss_rounds_bytes": ru_after_rounds.ru_maxrss * 1024,
                 "training_memory": memory,
             },
+            "throttle_source": str(CLOCK.throttle) if CLOCK.throttle is not None else None,
             "torch_threads": torch.get_num_threads(),
             "numpy": np.__version__,
         }

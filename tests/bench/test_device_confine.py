@@ -75,3 +75,40 @@ def test_limits_are_checked():
         Limits(0.0)
     with pytest.raises(ValueError):
         Limits(0.5, -1)
+
+
+SELF_THROTTLE = """
+import json, time
+from ftte.bench.device_runner import own_cgroup_cpu_stat, throttled_seconds
+path = own_cgroup_cpu_stat()
+t0, w0 = throttled_seconds(path), time.perf_counter()
+x = 0
+while time.perf_counter() - w0 < 1.5:
+    x += 1
+print(json.dumps({"path": str(path), "throttled": throttled_seconds(path) - t0}))
+"""
+
+
+def test_a_confined_child_reads_its_own_throttling():
+    """The device runner's --throttle reads the quota's hold-ups from its own cgroup: a busy child
+    at a quarter core is held back for most of its wall time, and sees it."""
+    confiner = make_confiner(Limits(0.25, 0), "ftte-test-throttle")
+    if confiner.mechanism not in ("cgroup1", "cgroup2"):
+        confiner.close()
+        pytest.skip(f"no CPU cgroup can be made here ({confiner.mechanism})")
+    done = _run(confiner, SELF_THROTTLE)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout)
+    assert "ftte-test-throttle" in r["path"]  # its own group, not the root's
+    assert 0.5 <= r["throttled"] <= 1.5, r
+
+
+def test_throttled_seconds_reads_both_cgroup_formats(tmp_path):
+    from ftte.bench.device_runner import throttled_seconds
+
+    v1 = tmp_path / "v1.stat"
+    v1.write_text("nr_periods 12\nnr_throttled 11\nthrottled_time 562109382\n")
+    v2 = tmp_path / "v2.stat"
+    v2.write_text("usage_usec 10\nnr_periods 3\nnr_throttled 2\nthrottled_usec 250000\n")
+    assert throttled_seconds(v1) == pytest.approx(0.562109382)
+    assert throttled_seconds(v2) == pytest.approx(0.25)
