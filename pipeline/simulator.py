@@ -442,7 +442,8 @@ class Simulation:
             for d, _ in members:
                 self.clock.schedule(self.clock.now, ("ready", d.device_id))
             return None
-        return run_cohort(self._start(start.cohort_id, members, closed=start), members, self.identities, self._cohort_rng(start.cohort_id),
+        again = self._start(start.cohort_id, members, closed=start)
+        return run_cohort(again, members, self.identities, self._cohort_rng(start.cohort_id),
                           secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user,
                           member_runner=self.backend.member_runner)
 
