@@ -20,9 +20,8 @@ Two figures per setting, both "noise std per coordinate on the mean / C / sqrt(d
 from __future__ import annotations
 
 import argparse
-import math
 
-from ftte.privacy.distributed_dp import discrete_gaussian_variance, multiplier_for_budget, plan_user_dp
+from ftte.privacy.distributed_dp import mean_noise_ratio, multiplier_for_budget, plan_user_dp
 
 
 def plan_sizes() -> dict[str, int]:
@@ -49,13 +48,13 @@ def plan_sizes() -> dict[str, int]:
 
 def noise_ratios(dim: int, epsilon: float, delta: float, participations: int, members: int, threshold: int,
                  max_corrupt: int = 0, clip: float = 1.0) -> dict[str, float]:
+    """Both ratios of :func:`~ftte.privacy.distributed_dp.mean_noise_ratio` (the one definition, which the
+    user-level plan rule caps too) at the multiplier ``participations`` cohorts within (epsilon, delta) need."""
     z = multiplier_for_budget(epsilon, delta, participations)
     params = plan_user_dp(dim=dim, clip=clip, noise_multiplier=z, members=members, threshold=threshold,
                           max_corrupt=max_corrupt)
-    signal = clip / math.sqrt(dim)  # per-coordinate RMS of one clipped update (and the most the mean can have)
-    distributed = math.sqrt(members * discrete_gaussian_variance(params.sigma)) / params.scale / members
-    central = z * clip / members
-    return {"z": z, "distributed": distributed / signal, "central": central / signal,
+    kw = dict(noise_multiplier=z, members=members, threshold=threshold, max_corrupt=max_corrupt)
+    return {"z": z, "distributed": mean_noise_ratio(dim, **kw), "central": mean_noise_ratio(dim, central=True, **kw),
             "wrap": params.wrap_probability(), "scale": params.scale}
 
 
