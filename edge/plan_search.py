@@ -180,7 +180,7 @@ class CoordinateCapError(BudgetTooSmallError):
 
     def __init__(self, message: str, *, smallest: int) -> None:
         super().__init__(message)
-        self.smallest = smallest  # coordinates of the smallest unit
+        self.smallest = smallest  # coordinates of the smallest single-unit plan within the memory budget
 
 
 @dataclass(frozen=True)
@@ -354,10 +354,11 @@ def search_plan(
     for _ in range(max_retries + 1):
         best = _search(units, scores, cost, limit, method, sizes, max_coordinates)
         if best is None and max_coordinates is not None and _search(units, scores, cost, limit, method) is not None:
+            fitting = [i for i in range(len(units)) if cost(frozenset({i}))[1].peak_bytes <= limit] or list(range(len(units)))
+            small = min(fitting, key=lambda i: sizes[i])
             raise CoordinateCapError(
                 f"no subset plan within {limit} bytes trains at most {max_coordinates} coordinates; the smallest "
-                f"unit, {list(units[sizes.index(min(sizes))])}, has {min(sizes)}",
-                smallest=min(sizes))
+                f"that fits, {list(units[small])}, trains {sizes[small]}", smallest=sizes[small])
         if best is None:
             cheapest = min((cost(frozenset({i}))[1].peak_bytes, i) for i in range(len(units)))
             raise BudgetTooSmallError(

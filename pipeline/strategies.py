@@ -98,8 +98,9 @@ class Strategy:
             choice = search_plan(model, self.memory_budget(fleet), setup, calibration=calib, clipping=mode,
                                  prefix_chunk="auto", max_coordinates=min(caps) if caps else None)
         except CoordinateCapError as exc:
-            if user_cap is not None and user_cap < exc.smallest:
-                raise ConfigError(no_user_plan_message(self.cfg, user_cap, exc.smallest)) from None
+            if user_cap is not None and user_cap == min(caps):
+                raise ConfigError(no_user_plan_message(self.cfg, user_cap, exc.smallest,
+                                                       plan_label="the smallest plan within memory")) from None
             raise ConfigError(f"[train] max_coordinates = {self.cfg.train.max_coordinates}: {exc}") from None
         return TrainingChoice(choice.plan, choice.clipping, choice.prefix_chunk)
 

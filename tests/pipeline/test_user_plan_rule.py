@@ -97,13 +97,16 @@ def test_fedbuff_keeps_the_full_model_under_user_level_dp(default_task):
 
 
 def test_a_cap_that_admits_no_plan_is_an_error_naming_its_numbers(default_task):
+    """Epsilon 2 and a ratio of 1 admit 110 coordinates; the first GroupNorm (64) is smaller but does not fit
+    the stragglers' memory (it needs the whole graph from the first layer on); the smallest unit that fits
+    is a later GroupNorm (128)."""
     cfg = _user(**{"privacy.user_epsilon": 2.0, "privacy.user_noise_ratio": 1.0})
     cap = user_coordinate_cap(cfg)
     with pytest.raises(ConfigError, match="user_noise_ratio = 1 admits no plan") as info:
         _plan(cfg, default_task)
     text = str(info.value)
     for part in (f"at most {cap} coordinates", "user_epsilon 2", "cohorts of 100 with threshold 51",
-                 "max_corrupt 1", "8 participations", "trains 138"):  # 138 = the smallest unit, a GroupNorm
+                 "max_corrupt 1", "8 participations", "the smallest plan within memory trains 128"):
         assert part in text, (part, text)
 
 
@@ -117,4 +120,4 @@ def test_a_user_level_deployment_refuses_a_plan_beyond_the_cap(tmp_path):
             'buffer_size = 100\n[privacy]\nunit = "user"\n')
     with pytest.raises(ConfigError, match="trains 650 .* name fewer \\[deploy\\] trainable_layers"):
         build_task(parse_server_config(base + "user_noise_ratio = 0.9\n", base_dir=tmp_path))
-    assert build_task(parse_server_config(base + "user_noise_ratio = 1.0\n", base_dir=tmp_path)).coordinates == 650
+    assert build_task(parse_server_config(base + "user_noise_ratio = 1.0\n", base_dir=tmp_path)).dim == 650
