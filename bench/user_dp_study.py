@@ -29,7 +29,8 @@ self-mask seed needs all 4 neighbours' shares, so one neighbour dropping after t
 aborts the cohort (a 5-version probe at 1,000 devices aborted 21 cohorts of 26).
 
     .venv/bin/python -m ftte.bench.user_dp_study [--devices 1000] [--buffer 100] [--horizon 36000]
-        [--versions 0] [--eps 2 4 8] [--variants ftte fedbuff] [--device-lr LR] [--clip C]
+        [--versions 0] [--eps 2 4 8] [--variants ftte fedbuff ftte-memory] [--device-lr LR | NAME=LR ...]
+        [--noise-ratio R] [--server-lr LR] [--clip C]
         [--out runs/user_dp_study]
 
 Writes ``study.json`` (after every run, so a stopped study keeps what it finished),
@@ -78,6 +79,8 @@ class StudySettings:
     seed: int = 0
     neighbors: int = 10
     device_lr: float | None = None  # None: the config's
+    # per-run device learning rates: "VARIANT-private", "VARIANT-nonprivate" or "VARIANT" -> lr (before device_lr)
+    device_lrs: dict[str, float] = field(default_factory=dict)
     clip: float | None = None  # [secagg] clip, the user-level sensitivity; None: the config's
     noise_ratio: float | None = None  # [privacy] user_noise_ratio (the plan rule); None: the config's
     server_lr: float | None = None  # [server] lr; None: the config's
@@ -139,6 +142,32 @@ def study_fleet_classes(stragglers: float = 0.9, straggler_memory_bytes: int = 8
     return out
 
 
+def device_lr_of(settings: StudySettings, spec: RunSpec) -> float | None:
+    """The device lr of one run: the most specific of ``device_lrs`` ("ftte-private", then "ftte"), else
+    ``device_lr`` (None: the config's)."""
+    kind = "nonprivate" if spec.epsilon is None else "private"
+    for key in (f"{spec.variant}-{kind}", spec.variant):
+        if key in settings.device_lrs:
+            return settings.device_lrs[key]
+    return settings.device_lr
+
+
+def parse_lrs(items: Sequence[str]) -> tuple[float | None, dict[str, float]]:
+    """``--device-lr`` values: one plain number (every run) and/or NAME=LR items (see :func:`device_lr_of`)."""
+    plain: float | None = None
+    named: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        if not sep:
+            plain = float(value)
+        else:
+            base = name.removesuffix("-private").removesuffix("-nonprivate")
+            if base not in VARIANTS:
+                raise ValueError(f"--device-lr {item!r}: {base!r} is not a variant ({', '.join(VARIANTS)})")
+            named[name] = float(value)
+    return plain, named
+
+
 def run_config(settings: StudySettings, spec: RunSpec) -> Any:
     from ftte.pipeline.config import load_config
     from ftte.pipeline.strategies import user_coordinate_cap
@@ -159,8 +188,9 @@ def run_config(settings: StudySettings, spec: RunSpec) -> Any:
     }
     if settings.model is not None:
         overrides["model.name"] = settings.model
-    if settings.device_lr is not None:
-        overrides["train.lr"] = settings.device_lr
+    lr = device_lr_of(settings, spec)
+    if lr is not None:
+        overrides["train.lr"] = lr
     if settings.clip is not None:
         overrides["secagg.clip"] = settings.clip
     if settings.noise_ratio is not None:
@@ -389,17 +419,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--neighbors", type=int, default=10,
                     help="ring neighbours per member (10: with 4, one of a member's 4 neighbours dropping after the "
                          "share stage aborts the cohort, most cohorts of 100 abort)")
-    ap.add_argument("--device-lr", type=float, default=None, help="device learning rate (default: the config's)")
+    ap.add_argument("--device-lr", nargs="+", default=[],
+                    help="device learning rate: LR for every run and/or NAME=LR, NAME a variant, optionally with "
+                         "-private or -nonprivate (e.g. ftte=3 ftte-memory=0.1 fedbuff-private=1); default: the config's")
     ap.add_argument("--clip", type=float, default=None,
                     help="[secagg] clip: each update's L2 bound, the user-level sensitivity (default: the config's)")
     ap.add_argument("--preset", default=None, help="a packaged preset instead of the default task")
     ap.add_argument("--out", type=Path, default=Path("runs/user_dp_study"))
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    device_lr, device_lrs = parse_lrs(args.device_lr)
     settings = StudySettings(devices=args.devices, buffer=args.buffer, horizon_s=args.horizon, versions=args.versions,
                              epsilons=tuple(args.eps), noises=tuple(args.noise), variants=tuple(args.variants),
                              delta=args.delta, participations=args.participations, seed=args.seed,
-                             neighbors=args.neighbors, device_lr=args.device_lr, clip=args.clip,
+                             neighbors=args.neighbors, device_lr=device_lr, device_lrs=device_lrs, clip=args.clip,
                              preset=args.preset, noise_ratio=args.noise_ratio, server_lr=args.server_lr)
     doc = run_study(settings, args.out, quiet=args.quiet)
     print(markdown_table(doc["runs"], settings))

@@ -464,7 +464,7 @@ class PrivacyConfig(Section):
     user_epsilon: float = 8.0
     user_delta: float = 1e-6
     user_participations: int = 8
-    user_noise_ratio: float = 4.0
+    user_noise_ratio: float = 3.5
 
     def _check(self) -> None:
         self._require("noise_multiplier", 0.0 <= self.noise_multiplier < math.inf, "must be >= 0 and finite")
