@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from ftte.bench.user_dp_study import RunSpec, StudySettings, goals, grid, run_config, run_study
+from ftte.bench.user_dp_study import VARIANTS, RunSpec, StudySettings, goals, grid, run_config, run_study
 
 
 def _tiny(**kw) -> StudySettings:
@@ -34,7 +34,7 @@ def test_a_tiny_study_writes_one_consistent_record_per_run(tmp_path):
         "ftte-nonprivate", "fedbuff-nonprivate", "ftte-memory-nonprivate", "ftte-distributed-eps8", "fedbuff-distributed-eps8",
         "ftte-server-eps8", "fedbuff-server-eps8"]
     for r in runs:
-        assert r["strategy"] == r["variant"]
+        assert r["strategy"] == VARIANTS[r["variant"]]["strategy"]
         assert 1 <= r["versions"] <= settings.versions
         assert 1 <= r["evaluations"] <= r["versions"]
         assert 0.0 <= r["final_accuracy"] <= r["best_accuracy"] <= 1.0
@@ -68,9 +68,14 @@ def test_every_run_shares_seed_fleet_and_horizon_and_differs_only_in_its_setting
     dist, central = cfgs["ftte-distributed-eps8"].privacy, cfgs["fedbuff-server-eps8"].privacy
     assert dist.user_level and dist.user_noise == "distributed" and central.user_noise == "server"
     assert dist.user_epsilon == central.user_epsilon == 8.0 and dist.user_delta == 1e-6
-    tuned = run_config(_tiny(clip=2.0, device_lr=0.1, server_lr=0.5, noise_ratio=2.0), grid(settings)[3])
-    assert tuned.secagg.clip == 2.0 and tuned.train.lr == 0.1 and tuned.server.lr == 0.5
-    assert tuned.privacy.user_noise_ratio == 2.0
+    tuned = _tiny(clip=2.0, device_lr=0.1, server_lr=0.5, noise_ratio=2.0, extra={},
+                  device_lrs={"ftte-private": 3.0, "fedbuff": 1.0})
+    private = run_config(tuned, grid(settings)[3])  # ftte-distributed-eps8
+    assert private.secagg.clip == 2.0 and private.server.lr == 0.5 and private.privacy.user_noise_ratio == 2.0
+    lrs = {s.name: run_config(tuned, s).train.lr for s in grid(settings)}
+    assert lrs["ftte-distributed-eps8"] == lrs["ftte-server-eps8"] == 3.0
+    assert lrs["ftte-nonprivate"] == lrs["ftte-memory-nonprivate"] == 0.1  # the plain --device-lr
+    assert lrs["fedbuff-nonprivate"] == lrs["fedbuff-server-eps8"] == 1.0
 
 
 def test_ftte_nonprivate_trains_the_plan_of_its_private_run_at_epsilon_8():
