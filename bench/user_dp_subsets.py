@@ -65,18 +65,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--participations", type=int, default=8,
                     help="cohorts each device joins over the run (composition; default 8 = 80 versions x 100 / 1000)")
     ap.add_argument("--delta", type=float, default=1e-6)
+    ap.add_argument("--max-corrupt", type=int, default=0, help="colluders the noise calibration discounts")
+    ap.add_argument("--dims", type=int, nargs="+", default=None,
+                    help="plan sizes (coordinates) to evaluate instead of the digits preset's subset and full model")
     args = ap.parse_args(argv)
-    threshold = args.threshold or args.members // 2 + 1
-    sizes = plan_sizes()
-    print(f"task {sizes['data']}/{sizes['model']}: subset plan trains {sizes['subset']} coordinates, "
-          f"full model {sizes['full']}; cohort {args.members}, T = {threshold}, "
+    threshold = args.threshold or (args.members + args.max_corrupt) // 2 + 1
+    if args.dims:
+        sizes: dict = {f"d{i}": d for i, d in enumerate(args.dims)}
+        names = list(sizes)
+        print(f"given plan sizes {args.dims}", end="; ")
+    else:
+        sizes, names = plan_sizes(), ["subset", "full"]
+        print(f"task {sizes['data']}/{sizes['model']}: subset plan trains {sizes['subset']} coordinates, "
+              f"full model {sizes['full']}", end="; ")
+    print(f"cohort {args.members}, T = {threshold}, max_corrupt {args.max_corrupt}, "
           f"{args.participations} participations per device, delta {args.delta:g}")
     print("epsilon  z       plan     d       noise/signal per coord: distributed  central")
     for eps in (2.0, 4.0, 8.0):
-        for name in ("subset", "full"):
-            r = noise_ratios(sizes[name], eps, args.delta, args.participations, args.members, threshold)
+        for name in names:
+            r = noise_ratios(sizes[name], eps, args.delta, args.participations, args.members, threshold,
+                             max_corrupt=args.max_corrupt)
             print(f"{eps:<8g} {r['z']:<7.3f} {name:<8} {sizes[name]:<7d} {r['distributed']:>32.3f}  {r['central']:.3f}")
-
 
 if __name__ == "__main__":
     main()
