@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import argparse
 
-from ftte.privacy.distributed_dp import mean_noise_ratio, multiplier_for_budget, plan_user_dp
+from ftte.privacy.distributed_dp import (max_coordinates_for_ratio, mean_noise_ratio, multiplier_for_budget,
+                                         plan_user_dp)
 
 
 def plan_sizes() -> dict[str, int]:
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-corrupt", type=int, default=0, help="colluders the noise calibration discounts")
     ap.add_argument("--dims", type=int, nargs="+", default=None,
                     help="plan sizes (coordinates) to evaluate instead of the digits preset's subset and full model")
+    ap.add_argument("--ratio", type=float, default=None,
+                    help="also print the user-level plan rule's cap (most coordinates) at this user_noise_ratio")
     args = ap.parse_args(argv)
     threshold = args.threshold or (args.members + args.max_corrupt) // 2 + 1
     if args.dims:
@@ -86,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
             r = noise_ratios(sizes[name], eps, args.delta, args.participations, args.members, threshold,
                              max_corrupt=args.max_corrupt)
             print(f"{eps:<8g} {r['z']:<7.3f} {name:<8} {sizes[name]:<7d} {r['distributed']:>32.3f}  {r['central']:.3f}")
+        if args.ratio is not None:
+            z = multiplier_for_budget(eps, args.delta, args.participations)
+            caps = [max_coordinates_for_ratio(args.ratio, noise_multiplier=z, members=args.members, threshold=threshold,
+                                              max_corrupt=args.max_corrupt, central=c) for c in (False, True)]
+            print(f"{eps:<8g} cap at ratio {args.ratio:g}: distributed {caps[0]} coordinates, central {caps[1]}")
 
 if __name__ == "__main__":
     main()
