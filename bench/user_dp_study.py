@@ -9,10 +9,15 @@ The grid, per variant:
   discrete Gaussian inside the masked sum) and ``server`` (a trusted server's central noise,
   the baseline the distributed noise is measured against).
 
-Variants: ``ftte`` (the memory-budgeted subset plan) and ``fedbuff`` (the full model). Under
-user-level DP ``[server] variance_penalty`` must be 0, and then ftte's weight rule,
-``(1+tau)^-0.5`` with ``r_min``, is exactly fedbuff's: the two runs differ in the trained plan
-only, so fedbuff *is* ftte with a full plan, without a study-only config key.
+Variants: ``ftte`` (its subset plan; under user-level DP the plan rule of
+:func:`ftte.pipeline.strategies.user_coordinate_cap` caps it at ``[privacy] user_noise_ratio``,
+so each private run's plan is the one its own noise admits) and ``fedbuff`` (the full model).
+ftte's non-private run trains the *same* plan as its distributed run at epsilon 8 (the goal's
+comparison; ``[train] max_coordinates`` = that run's cap gives the same search the same cap), and
+``ftte-memory`` is ftte's non-private run with the plan chosen by memory alone (what ftte trains
+without user-level DP), its only run. Under user-level DP ``[server] variance_penalty`` must be 0,
+and then ftte's weight rule, ``(1+tau)^-0.5`` with ``r_min``, is exactly fedbuff's: the runs
+differ in the trained plan only.
 
 The fleet is the default shorthand's two classes with no dropout at the share stage: a ring
 session aborts when an advertised member does not share (its nonce is needed to derive the
@@ -24,7 +29,8 @@ self-mask seed needs all 4 neighbours' shares, so one neighbour dropping after t
 aborts the cohort (a 5-version probe at 1,000 devices aborted 21 cohorts of 26).
 
     .venv/bin/python -m ftte.bench.user_dp_study [--devices 1000] [--buffer 100] [--horizon 36000]
-        [--versions 0] [--eps 2 4 8] [--variants ftte fedbuff] [--device-lr LR] [--clip C]
+        [--versions 0] [--eps 2 4 8] [--variants ftte fedbuff ftte-memory] [--device-lr LR | NAME=LR ...]
+        [--noise-ratio R] [--server-lr LR] [--clip C]
         [--out runs/user_dp_study]
 
 Writes ``study.json`` (after every run, so a stopped study keeps what it finished),
@@ -51,7 +57,9 @@ GOAL_EPSILON = 8.0
 VARIANTS: dict[str, dict[str, str]] = {
     "ftte": {"strategy": "ftte", "plan": "subset"},
     "fedbuff": {"strategy": "fedbuff", "plan": "full model"},
+    "ftte-memory": {"strategy": "ftte", "plan": "memory-only subset"},  # non-private only
 }
+NONPRIVATE_ONLY = ("ftte-memory",)
 NOISES = ("distributed", "server")
 
 
@@ -65,13 +73,17 @@ class StudySettings:
     versions: int = 0
     epsilons: tuple[float, ...] = (2.0, 4.0, 8.0)
     noises: tuple[str, ...] = NOISES
-    variants: tuple[str, ...] = ("ftte", "fedbuff")
+    variants: tuple[str, ...] = ("ftte", "fedbuff", "ftte-memory")
     delta: float = 1e-6
     participations: int = 8
     seed: int = 0
     neighbors: int = 10
     device_lr: float | None = None  # None: the config's
+    # per-run device learning rates: "VARIANT-private", "VARIANT-nonprivate" or "VARIANT" -> lr (before device_lr)
+    device_lrs: dict[str, float] = field(default_factory=dict)
     clip: float | None = None  # [secagg] clip, the user-level sensitivity; None: the config's
+    noise_ratio: float | None = None  # [privacy] user_noise_ratio (the plan rule); None: the config's
+    server_lr: float | None = None  # [server] lr; None: the config's
     preset: str | None = None  # None: the default task
     model: str | None = None  # None: the preset's
     final_window: int = 10
@@ -105,8 +117,17 @@ def grid(settings: StudySettings) -> list[RunSpec]:
     """In the order a cut-short study loses least: every variant's non-private run, then each noise
     (distributed first) at each epsilon in the order given, both variants side by side."""
     specs = [RunSpec(v, "none", None) for v in settings.variants]
-    specs += [RunSpec(v, noise, eps) for noise in settings.noises for eps in settings.epsilons for v in settings.variants]
+    specs += [RunSpec(v, noise, eps) for noise in settings.noises for eps in settings.epsilons for v in settings.variants
+              if v not in NONPRIVATE_ONLY]
     return specs
+
+
+def same_plan_spec(settings: StudySettings) -> RunSpec:
+    """The private run whose plan ftte's non-private run trains: distributed noise at epsilon 8 (the
+    goal's), or the nearest the grid has."""
+    noise = "distributed" if "distributed" in settings.noises else settings.noises[0]
+    eps = GOAL_EPSILON if GOAL_EPSILON in settings.epsilons else max(settings.epsilons)
+    return RunSpec("ftte", noise, eps)
 
 
 def study_fleet_classes(stragglers: float = 0.9, straggler_memory_bytes: int = 8 << 20) -> list[dict[str, Any]]:
@@ -121,8 +142,35 @@ def study_fleet_classes(stragglers: float = 0.9, straggler_memory_bytes: int = 8
     return out
 
 
+def device_lr_of(settings: StudySettings, spec: RunSpec) -> float | None:
+    """The device lr of one run: the most specific of ``device_lrs`` ("ftte-private", then "ftte"), else
+    ``device_lr`` (None: the config's)."""
+    kind = "nonprivate" if spec.epsilon is None else "private"
+    for key in (f"{spec.variant}-{kind}", spec.variant):
+        if key in settings.device_lrs:
+            return settings.device_lrs[key]
+    return settings.device_lr
+
+
+def parse_lrs(items: Sequence[str]) -> tuple[float | None, dict[str, float]]:
+    """``--device-lr`` values: one plain number (every run) and/or NAME=LR items (see :func:`device_lr_of`)."""
+    plain: float | None = None
+    named: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        if not sep:
+            plain = float(value)
+        else:
+            base = name.removesuffix("-private").removesuffix("-nonprivate")
+            if base not in VARIANTS:
+                raise ValueError(f"--device-lr {item!r}: {base!r} is not a variant ({', '.join(VARIANTS)})")
+            named[name] = float(value)
+    return plain, named
+
+
 def run_config(settings: StudySettings, spec: RunSpec) -> Any:
     from ftte.pipeline.config import load_config
+    from ftte.pipeline.strategies import user_coordinate_cap
 
     base = load_config(None, preset=settings.preset)
     overrides: dict[str, Any] = {
@@ -140,20 +188,41 @@ def run_config(settings: StudySettings, spec: RunSpec) -> Any:
     }
     if settings.model is not None:
         overrides["model.name"] = settings.model
-    if settings.device_lr is not None:
-        overrides["train.lr"] = settings.device_lr
+    lr = device_lr_of(settings, spec)
+    if lr is not None:
+        overrides["train.lr"] = lr
     if settings.clip is not None:
         overrides["secagg.clip"] = settings.clip
+    if settings.noise_ratio is not None:
+        overrides["privacy.user_noise_ratio"] = settings.noise_ratio
+    if settings.server_lr is not None:
+        overrides["server.lr"] = settings.server_lr
     if spec.epsilon is not None:
         overrides.update({"privacy.unit": "user", "privacy.user_noise": spec.noise,
                           "privacy.user_epsilon": spec.epsilon, "privacy.user_delta": settings.delta,
                           "privacy.user_participations": settings.participations})
     overrides.update(settings.extra)
-    return base.with_overrides(**overrides)
+    cfg = base.with_overrides(**overrides)
+    if spec.variant == "ftte" and spec.epsilon is None:  # the same plan as ftte's private run at epsilon 8
+        cap = user_coordinate_cap(run_config(settings, same_plan_spec(settings)))
+        assert cap is not None
+        cfg = cfg.with_overrides(**{"train.max_coordinates": cap})
+    return cfg
+
+
+def predicted_noise(cfg: Any, coordinates: int | None) -> dict[str, Any]:
+    """A private run's plan cap and the predicted noise/signal ratio of its plan (the rule's formula)."""
+    from ftte.pipeline.strategies import user_coordinate_cap, user_noise_terms
+    from ftte.privacy.distributed_dp import mean_noise_ratio
+
+    if not cfg.privacy.user_level or not coordinates:
+        return {"coordinate_cap": None, "predicted_noise_ratio": None}
+    return {"coordinate_cap": user_coordinate_cap(cfg),
+            "predicted_noise_ratio": mean_noise_ratio(coordinates, **user_noise_terms(cfg))}
 
 
 def run_record(spec: RunSpec, summary: dict[str, Any], history: Sequence[dict[str, Any]],
-               settings: StudySettings) -> dict[str, Any]:
+               settings: StudySettings, cfg: Any = None) -> dict[str, Any]:
     """One run's figures: final accuracy = mean of the last ``final_window`` evaluations up to the horizon."""
     from ftte.pipeline.report import evaluated_points, final_accuracy_mean
 
@@ -178,6 +247,7 @@ def run_record(spec: RunSpec, summary: dict[str, Any], history: Sequence[dict[st
         "aborted_cohorts": summary.get("aborted_cohorts"),
         "devices_out_of_budget": summary.get("devices_out_of_budget"),
         "wall_time_s": summary.get("wall_time_s"),
+        **(predicted_noise(cfg, summary.get("trainable_coordinates")) if cfg is not None else {}),
     }
 
 
@@ -196,9 +266,12 @@ def goals(runs: Sequence[dict[str, Any]], settings: StudySettings) -> dict[str, 
     """The issue's three goals on final accuracy, each ``met`` True/False, or None when a run it needs is missing."""
     out: dict[str, Any] = {}
     base, at8 = _acc(_find(runs, "ftte", "none", None)), _acc(_find(runs, "ftte", "distributed", GOAL_EPSILON))
+    memory = _acc(_find(runs, "ftte-memory", "none", None))
     gap = None if base is None or at8 is None else base - at8
+    gap_memory = None if memory is None or at8 is None else memory - at8
     out["ftte_eps8_within_10_points_of_nonprivate"] = {
-        "gap": gap, "met": None if gap is None else gap <= GOAL_NONPRIVATE_GAP}
+        "gap": gap, "met": None if gap is None else gap <= GOAL_NONPRIVATE_GAP,
+        "gap_memory_plan": gap_memory, "met_memory_plan": None if gap_memory is None else gap_memory <= GOAL_NONPRIVATE_GAP}
     ahead: dict[str, Any] = {}
     for eps in settings.epsilons:
         for noise in settings.noises:
@@ -208,7 +281,7 @@ def goals(runs: Sequence[dict[str, Any]], settings: StudySettings) -> dict[str, 
     out["ftte_ahead_of_full_model_at_every_epsilon"] = {
         "by_setting": ahead, "met": None if not diffs or None in diffs else all(d > 0 for d in diffs)}
     close: dict[str, Any] = {}
-    for variant in settings.variants:
+    for variant in (v for v in settings.variants if v not in NONPRIVATE_ONLY):
         for eps in settings.epsilons:
             a, b = _acc(_find(runs, variant, "distributed", eps)), _acc(_find(runs, variant, "server", eps))
             close[f"{variant}-eps{eps:g}"] = {"central_minus_distributed": None if a is None or b is None else b - a}
@@ -224,11 +297,12 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
 
 def markdown_table(runs: Sequence[dict[str, Any]], settings: StudySettings) -> str:
     """One row per run: final and best accuracy, versions, epsilon reached."""
-    lines = ["| variant | plan (coordinates) | noise | epsilon target | final acc (mean of last "
+    lines = ["| variant | plan (coordinates) | predicted noise/signal | noise | epsilon target | final acc (mean of last "
              f"{settings.final_window}) | best acc | versions | epsilon reached | aborted cohorts | wall (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['variant']} | {r['plan']} ({_fmt(r['trainable_coordinates'], ',')}) | {r['noise']} | "
+        lines.append(f"| {r['variant']} | {r['plan']} ({_fmt(r['trainable_coordinates'], ',')}) | "
+                     f"{_fmt(r.get('predicted_noise_ratio'), '.2f')} | {r['noise']} | "
                      f"{_fmt(r['epsilon_target'], 'g')} | {_fmt(r['final_accuracy'])} | {_fmt(r['best_accuracy'])} | "
                      f"{_fmt(r['versions'], 'd')} | {_fmt(r['epsilon_reached'], '.3f')} | "
                      f"{_fmt(r['aborted_cohorts'], 'd')} | {_fmt(r['wall_time_s'], '.0f')} |")
@@ -242,8 +316,9 @@ def goals_text(g: dict[str, Any]) -> str:
     a = g["ftte_eps8_within_10_points_of_nonprivate"]
     b = g["ftte_ahead_of_full_model_at_every_epsilon"]
     c = g["distributed_within_1_point_of_central"]
-    lines = [f"- ftte at epsilon 8 (distributed) within 10 points of non-private: {word(a['met'])}"
-             f" (gap {_fmt(a['gap'], '+.4f')})",
+    lines = [f"- ftte at epsilon 8 (distributed) within 10 points of non-private ftte with the same plan: "
+             f"{word(a['met'])} (gap {_fmt(a['gap'], '+.4f')}); of non-private ftte with the memory-only plan: "
+             f"{word(a.get('met_memory_plan'))} (gap {_fmt(a.get('gap_memory_plan'), '+.4f')})",
              f"- ftte ahead of the full model at every epsilon: {word(b['met'])} ("
              + ", ".join(f"{k} {_fmt(v['ftte_minus_full'], '+.4f')}" for k, v in b["by_setting"].items()) + ")",
              f"- distributed within 1 point of central: {word(c['met'])} ("
@@ -260,7 +335,7 @@ def plot(runs: Sequence[dict[str, Any]], settings: StudySettings, path: Path) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colors = {"ftte": "tab:blue", "fedbuff": "tab:red"}
+    colors = {"ftte": "tab:blue", "fedbuff": "tab:red", "ftte-memory": "tab:gray"}
     for variant in settings.variants:
         color = colors.get(variant)
         label = f"{variant} ({VARIANTS[variant]['plan']})"
@@ -315,7 +390,7 @@ def run_study(settings: StudySettings, out: Path, *, quiet: bool = False, figure
         if not quiet:
             print(f"[{i}/{len(specs)}] {spec.name} (elapsed {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         result = run_one(cfg, out / "runs" / spec.name, quiet=quiet, label=spec.name)
-        runs.append(run_record(spec, result.summary, result.history, settings))
+        runs.append(run_record(spec, result.summary, result.history, settings, cfg))
         r = runs[-1]
         if not quiet:
             print(f"    final {_fmt(r['final_accuracy'])}  best {_fmt(r['best_accuracy'])}  versions {r['versions']}  "
@@ -333,25 +408,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--versions", type=int, default=0, help="cap on versions per run, 0 = none (the horizon only)")
     ap.add_argument("--eps", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     ap.add_argument("--noise", nargs="+", default=list(NOISES), choices=NOISES)
-    ap.add_argument("--variants", nargs="+", default=["ftte", "fedbuff"], choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["ftte", "fedbuff", "ftte-memory"], choices=list(VARIANTS),
+                    help="ftte-memory: non-private ftte with the plan memory alone picks (its only run)")
+    ap.add_argument("--noise-ratio", type=float, default=None,
+                    help="[privacy] user_noise_ratio, the user-level plan rule's cap (default: the config's)")
+    ap.add_argument("--server-lr", type=float, default=None, help="server learning rate (default: the config's)")
     ap.add_argument("--delta", type=float, default=1e-6)
     ap.add_argument("--participations", type=int, default=8, help="cohorts each device may join ([privacy] user_participations)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--neighbors", type=int, default=10,
                     help="ring neighbours per member (10: with 4, one of a member's 4 neighbours dropping after the "
                          "share stage aborts the cohort, most cohorts of 100 abort)")
-    ap.add_argument("--device-lr", type=float, default=None, help="device learning rate (default: the config's)")
+    ap.add_argument("--device-lr", nargs="+", default=[],
+                    help="device learning rate: LR for every run and/or NAME=LR, NAME a variant, optionally with "
+                         "-private or -nonprivate (e.g. ftte=3 ftte-memory=0.1 fedbuff-private=1); default: the config's")
     ap.add_argument("--clip", type=float, default=None,
                     help="[secagg] clip: each update's L2 bound, the user-level sensitivity (default: the config's)")
     ap.add_argument("--preset", default=None, help="a packaged preset instead of the default task")
     ap.add_argument("--out", type=Path, default=Path("runs/user_dp_study"))
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    device_lr, device_lrs = parse_lrs(args.device_lr)
     settings = StudySettings(devices=args.devices, buffer=args.buffer, horizon_s=args.horizon, versions=args.versions,
                              epsilons=tuple(args.eps), noises=tuple(args.noise), variants=tuple(args.variants),
                              delta=args.delta, participations=args.participations, seed=args.seed,
-                             neighbors=args.neighbors, device_lr=args.device_lr, clip=args.clip,
-                             preset=args.preset)
+                             neighbors=args.neighbors, device_lr=device_lr, device_lrs=device_lrs, clip=args.clip,
+                             preset=args.preset, noise_ratio=args.noise_ratio, server_lr=args.server_lr)
     doc = run_study(settings, args.out, quiet=args.quiet)
     print(markdown_table(doc["runs"], settings))
     print(goals_text(doc["goals"]))

@@ -20,9 +20,9 @@ Two figures per setting, both "noise std per coordinate on the mean / C / sqrt(d
 from __future__ import annotations
 
 import argparse
-import math
 
-from ftte.privacy.distributed_dp import discrete_gaussian_variance, multiplier_for_budget, plan_user_dp
+from ftte.privacy.distributed_dp import (max_coordinates_for_ratio, mean_noise_ratio, multiplier_for_budget,
+                                         plan_user_dp)
 
 
 def plan_sizes() -> dict[str, int]:
@@ -49,13 +49,13 @@ def plan_sizes() -> dict[str, int]:
 
 def noise_ratios(dim: int, epsilon: float, delta: float, participations: int, members: int, threshold: int,
                  max_corrupt: int = 0, clip: float = 1.0) -> dict[str, float]:
+    """Both ratios of :func:`~ftte.privacy.distributed_dp.mean_noise_ratio` (the one definition, which the
+    user-level plan rule caps too) at the multiplier ``participations`` cohorts within (epsilon, delta) need."""
     z = multiplier_for_budget(epsilon, delta, participations)
     params = plan_user_dp(dim=dim, clip=clip, noise_multiplier=z, members=members, threshold=threshold,
                           max_corrupt=max_corrupt)
-    signal = clip / math.sqrt(dim)  # per-coordinate RMS of one clipped update (and the most the mean can have)
-    distributed = math.sqrt(members * discrete_gaussian_variance(params.sigma)) / params.scale / members
-    central = z * clip / members
-    return {"z": z, "distributed": distributed / signal, "central": central / signal,
+    kw = dict(noise_multiplier=z, members=members, threshold=threshold, max_corrupt=max_corrupt)
+    return {"z": z, "distributed": mean_noise_ratio(dim, **kw), "central": mean_noise_ratio(dim, central=True, **kw),
             "wrap": params.wrap_probability(), "scale": params.scale}
 
 
@@ -66,18 +66,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--participations", type=int, default=8,
                     help="cohorts each device joins over the run (composition; default 8 = 80 versions x 100 / 1000)")
     ap.add_argument("--delta", type=float, default=1e-6)
+    ap.add_argument("--max-corrupt", type=int, default=0, help="colluders the noise calibration discounts")
+    ap.add_argument("--dims", type=int, nargs="+", default=None,
+                    help="plan sizes (coordinates) to evaluate instead of the digits preset's subset and full model")
+    ap.add_argument("--ratio", type=float, default=None,
+                    help="also print the user-level plan rule's cap (most coordinates) at this user_noise_ratio")
     args = ap.parse_args(argv)
-    threshold = args.threshold or args.members // 2 + 1
-    sizes = plan_sizes()
-    print(f"task {sizes['data']}/{sizes['model']}: subset plan trains {sizes['subset']} coordinates, "
-          f"full model {sizes['full']}; cohort {args.members}, T = {threshold}, "
+    threshold = args.threshold or (args.members + args.max_corrupt) // 2 + 1
+    if args.dims:
+        sizes: dict = {f"d{i}": d for i, d in enumerate(args.dims)}
+        names = list(sizes)
+        print(f"given plan sizes {args.dims}", end="; ")
+    else:
+        sizes, names = plan_sizes(), ["subset", "full"]
+        print(f"task {sizes['data']}/{sizes['model']}: subset plan trains {sizes['subset']} coordinates, "
+              f"full model {sizes['full']}", end="; ")
+    print(f"cohort {args.members}, T = {threshold}, max_corrupt {args.max_corrupt}, "
           f"{args.participations} participations per device, delta {args.delta:g}")
     print("epsilon  z       plan     d       noise/signal per coord: distributed  central")
     for eps in (2.0, 4.0, 8.0):
-        for name in ("subset", "full"):
-            r = noise_ratios(sizes[name], eps, args.delta, args.participations, args.members, threshold)
+        for name in names:
+            r = noise_ratios(sizes[name], eps, args.delta, args.participations, args.members, threshold,
+                             max_corrupt=args.max_corrupt)
             print(f"{eps:<8g} {r['z']:<7.3f} {name:<8} {sizes[name]:<7d} {r['distributed']:>32.3f}  {r['central']:.3f}")
-
+        if args.ratio is not None:
+            z = multiplier_for_budget(eps, args.delta, args.participations)
+            caps = [max_coordinates_for_ratio(args.ratio, noise_multiplier=z, members=args.members, threshold=threshold,
+                                              max_corrupt=args.max_corrupt, central=c) for c in (False, True)]
+            print(f"{eps:<8g} cap at ratio {args.ratio:g}: distributed {caps[0]} coordinates, central {caps[1]}")
 
 if __name__ == "__main__":
     main()

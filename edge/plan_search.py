@@ -83,6 +83,7 @@ from ftte.edge.step import ClippingMode, OptimizerKind
 __all__ = [
     "DEFAULT_BUDGET_FRACTION",
     "BudgetTooSmallError",
+    "CoordinateCapError",
     "PlanChoice",
     "default_budget",
     "parameter_importance",
@@ -172,6 +173,14 @@ def device_prefix_chunk(
 
 class BudgetTooSmallError(ValueError):
     """Not even the cheapest single-unit plan fits the memory budget."""
+
+
+class CoordinateCapError(BudgetTooSmallError):
+    """Plans fit the memory budget, but none trains few enough coordinates for the cap given."""
+
+    def __init__(self, message: str, *, smallest: int) -> None:
+        super().__init__(message)
+        self.smallest = smallest  # coordinates of the smallest single-unit plan within the memory budget
 
 
 @dataclass(frozen=True)
@@ -271,8 +280,11 @@ def search_plan(
     verify: bool = False,
     max_retries: int = 3,
     clipping: ClippingMode | Literal["auto"] | None = None,
+    max_coordinates: int | None = None,
 ) -> PlanChoice:
-    """The highest-benefit plan whose estimated peak memory is at most ``budget_bytes``.
+    """The highest-benefit plan whose estimated peak memory is at most ``budget_bytes`` (and which
+    trains at most ``max_coordinates`` coordinates, when given: a cap from outside memory, such as
+    the user-level DP noise rule of :mod:`ftte.pipeline.strategies`).
 
     The step is described either by ``setup`` (a :class:`TrainingSetup`, whose batch size,
     input shape, DP flag, optimizer and prefix chunk are used) or by the keyword
@@ -283,7 +295,8 @@ def search_plan(
     ``clipping`` is ``"per_sample"``, ``"ghost"`` or ``"auto"`` (cheaper of the two per
     candidate, see the module docstring); ``None`` takes ``setup.clipping`` (per-sample
     without a setup). It only matters with DP.
-    Raises :class:`BudgetTooSmallError` if no plan fits. See the module docstring for
+    Raises :class:`BudgetTooSmallError` if no plan fits (:class:`CoordinateCapError` when the
+    memory alone would admit one but ``max_coordinates`` does not). See the module docstring for
     score, cost and search.
     """
     if setup is not None:
@@ -311,6 +324,8 @@ def search_plan(
     input_shape = tuple(int(s) for s in input_shape)
     if budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be > 0, got {budget_bytes}")
+    if max_coordinates is not None and max_coordinates < 0:
+        raise ValueError(f"max_coordinates must be >= 0 or None, got {max_coordinates}")
     estimator = MemoryEstimator(model, input_shape)
     units = _units(model, granularity)
     if calibration is not None:
@@ -318,6 +333,8 @@ def search_plan(
     else:
         importance = {n: float(p.numel()) for n, p in model.named_parameters()}
     scores = [sum(importance[n] for n in u) for u in units]
+    numel = dict((n, p.numel()) for n, p in model.named_parameters())
+    sizes = [sum(numel[n] for n in u) for u in units]
     total = sum(scores) or 1.0
     if method == "auto":
         method = "exhaustive" if len(units) <= exhaustive_limit else "greedy"
@@ -335,7 +352,13 @@ def search_plan(
 
     limit = int(budget_bytes)
     for _ in range(max_retries + 1):
-        best = _search(units, scores, cost, limit, method)
+        best = _search(units, scores, cost, limit, method, sizes, max_coordinates)
+        if best is None and max_coordinates is not None and _search(units, scores, cost, limit, method) is not None:
+            fitting = [i for i in range(len(units)) if cost(frozenset({i}))[1].peak_bytes <= limit] or list(range(len(units)))
+            small = min(fitting, key=lambda i: sizes[i])
+            raise CoordinateCapError(
+                f"no subset plan within {limit} bytes trains at most {max_coordinates} coordinates; the smallest "
+                f"that fits, {list(units[small])}, trains {sizes[small]}", smallest=sizes[small])
         if best is None:
             cheapest = min((cost(frozenset({i}))[1].peak_bytes, i) for i in range(len(units)))
             raise BudgetTooSmallError(
@@ -381,9 +404,17 @@ def _search(
     cost: Callable[[frozenset[int]], tuple[SubsetPlan, MemoryEstimate]],
     limit: int,
     method: str,
+    sizes: Sequence[int] = (),
+    max_coordinates: int | None = None,
 ) -> frozenset[int] | None:
-    """Indices of the best-scoring unit set whose estimate fits ``limit`` (``None`` if none does)."""
+    """Indices of the best-scoring unit set whose estimate fits ``limit`` and, with ``max_coordinates``,
+    whose units' ``sizes`` add up to at most it (``None`` if none does)."""
     n = len(units)
+
+    def fits(chosen: frozenset[int]) -> bool:
+        if max_coordinates is not None and sum(sizes[i] for i in chosen) > max_coordinates:
+            return False
+        return cost(chosen)[1].peak_bytes <= limit
 
     def key(chosen: frozenset[int]) -> tuple[float, int]:
         return (sum(scores[i] for i in chosen), -cost(chosen)[1].peak_bytes)
@@ -393,12 +424,12 @@ def _search(
         for r in range(1, n + 1):
             for combo in itertools.combinations(range(n), r):
                 chosen = frozenset(combo)
-                if cost(chosen)[1].peak_bytes <= limit and (best is None or key(chosen) > key(best)):
+                if fits(chosen) and (best is None or key(chosen) > key(best)):
                     best = chosen
         return best
     for first in range(n):
         chosen = frozenset({first})
-        if cost(chosen)[1].peak_bytes > limit:
+        if not fits(chosen):
             continue
         while True:
             here = cost(chosen)[1].peak_bytes
@@ -407,9 +438,8 @@ def _search(
                 if j in chosen:
                     continue
                 grown = chosen | {j}
-                peak = cost(grown)[1].peak_bytes
-                if peak <= limit:
-                    options.append((scores[j] / max(1, peak - here), j))
+                if fits(grown):
+                    options.append((scores[j] / max(1, cost(grown)[1].peak_bytes - here), j))
             if not options:
                 break
             chosen = chosen | {max(options)[1]}

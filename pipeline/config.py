@@ -428,8 +428,10 @@ class TrainConfig(Section):
     lr: float = 1.0
     memory_budget_fraction: float = 0.5
     clipping: Literal["per_sample", "ghost", "auto"] = "auto"
+    max_coordinates: int = 0
 
     def _check(self) -> None:
+        self._require("max_coordinates", self.max_coordinates >= 0, "must be >= 0 (0 = no cap)")
         self._require("local_steps", self.local_steps >= 1, "must be >= 1")
         self._require("batch_size", self.batch_size >= 1, "must be >= 1")
         self._require("lr", 0.0 < self.lr < math.inf, "must be > 0 and finite")
@@ -462,6 +464,7 @@ class PrivacyConfig(Section):
     user_epsilon: float = 8.0
     user_delta: float = 1e-6
     user_participations: int = 8
+    user_noise_ratio: float = 3.5
 
     def _check(self) -> None:
         self._require("noise_multiplier", 0.0 <= self.noise_multiplier < math.inf, "must be >= 0 and finite")
@@ -481,6 +484,7 @@ class PrivacyConfig(Section):
         self._require("user_epsilon", 0.0 < self.user_epsilon < math.inf, "must be > 0 and finite")
         self._require("user_delta", 0.0 < self.user_delta <= 1e-5, "must be in (0, 1e-5]")
         self._require("user_participations", self.user_participations >= 1, "must be >= 1")
+        self._require("user_noise_ratio", self.user_noise_ratio > 0.0, "must be > 0 (inf = no cap)")
         if self.enabled and not self.target_epsilon:
             self._require("noise_multiplier", self.noise_multiplier >= self.min_noise_multiplier,
                           f"must be >= min_noise_multiplier ({self.min_noise_multiplier})")

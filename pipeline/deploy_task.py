@@ -19,7 +19,8 @@ from ftte.edge.plan import SubsetPlan, subset_vector
 from ftte.pipeline.deploy_config import ServerSettings
 from ftte.pipeline.feature_stats import load_feature_stats
 from ftte.pipeline.model_builder import build_global_model, full_vector, model_kwargs
-from ftte.pipeline.strategies import cohort_policy, strategy_for
+from ftte.pipeline.config import ConfigError
+from ftte.pipeline.strategies import cohort_policy, no_user_plan_message, strategy_for, user_coordinate_cap
 from ftte.protocol.cohort import UserLevelPlan, deployment_user_level
 from ftte.protocol.weighting import WeightRule
 
@@ -99,6 +100,7 @@ def build_task(settings: ServerSettings) -> DeployTask:
     mean, std = load_feature_stats(settings)
     model = build_global_model(cfg.model.name, cfg.run.seed, shape, d.num_classes)
     plan = SubsetPlan.from_layers(model, d.trainable_layers) if d.trainable_layers else SubsetPlan.full(model)
+    check_user_plan(settings, plan)
     return DeployTask(
         model=model,
         plan=plan,
@@ -111,6 +113,23 @@ def build_task(settings: ServerSettings) -> DeployTask:
         feature_std=std,
         user=user_level_of(settings, plan.num_coordinates),
     )
+
+
+def check_user_plan(settings: ServerSettings, plan: SubsetPlan) -> None:
+    """The user-level plan rule (:func:`~ftte.pipeline.strategies.user_coordinate_cap`) on the operator's
+    plan: an ftte deployment under ``unit = "user"`` refuses to start with a plan that trains more
+    coordinates than the rule admits for its cohorts (noise calibrated to the honest survivors of its
+    smallest cohort, as :func:`user_level_of` plans it). The full-model baselines are not capped."""
+    cfg = settings.run
+    if not cfg.privacy.user_level or not strategy_for(cfg).subset:
+        return
+    threshold = cohort_policy(cfg).threshold_for(min_cohort(settings))
+    cap = user_coordinate_cap(cfg, threshold=threshold, upper=plan.num_coordinates)
+    assert cap is not None
+    if plan.num_coordinates > cap:
+        raise ConfigError(no_user_plan_message(cfg, cap, plan.num_coordinates, threshold=threshold,
+                                               plan_label="the plan of [deploy] trainable_layers",
+                                               advice="name fewer [deploy] trainable_layers"))
 
 
 def min_cohort(settings: ServerSettings) -> int:

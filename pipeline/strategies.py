@@ -19,12 +19,12 @@ effect can be measured in isolation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from torch import nn
 
 from ftte.edge.plan import SubsetPlan
-from ftte.pipeline.config import Config
+from ftte.pipeline.config import Config, ConfigError
 from ftte.protocol.cohort import CohortPolicy
 from ftte.protocol.weighting import WeightRule
 
@@ -85,14 +85,23 @@ class Strategy:
                 return TrainingChoice(full, mode)
             # "auto" gives the baselines the same choice as ftte: the cheaper mode in memory
             return TrainingChoice(full, cheaper_clipping(model, full, setup) if dp_sgd else "per_sample")
-        from ftte.edge.plan_search import search_plan
+        from ftte.edge.plan_search import CoordinateCapError, search_plan
 
+        full_size = SubsetPlan.full(model).num_coordinates
+        user_cap = user_coordinate_cap(self.cfg, upper=full_size)
+        caps = [c for c in (self.cfg.train.max_coordinates or None, user_cap) if c is not None]
         if len(data.x_calib):  # server-held data, apart from devices and the test set
             calib = data.x_calib, data.y_calib
         else:  # simulation only: a few training records stand in for server-owned data
             calib = data.training_head(64)
-        choice = search_plan(model, self.memory_budget(fleet), setup, calibration=calib, clipping=mode,
-                             prefix_chunk="auto")
+        try:
+            choice = search_plan(model, self.memory_budget(fleet), setup, calibration=calib, clipping=mode,
+                                 prefix_chunk="auto", max_coordinates=min(caps) if caps else None)
+        except CoordinateCapError as exc:
+            if user_cap is not None and user_cap == min(caps):
+                raise ConfigError(no_user_plan_message(self.cfg, user_cap, exc.smallest,
+                                                       plan_label="the smallest plan within memory")) from None
+            raise ConfigError(f"[train] max_coordinates = {self.cfg.train.max_coordinates}: {exc}") from None
         return TrainingChoice(choice.plan, choice.clipping, choice.prefix_chunk)
 
     def admitted_devices(self, fleet: "Sequence[SimDevice]", peak_bytes: Callable[[], int]) -> frozenset[int]:
@@ -106,6 +115,50 @@ class Strategy:
             raise ValueError(f"[server] fedavg_fit_only: no device holds the {need} bytes one training step of the "
                              "full model needs")
         return fits
+
+
+def user_noise_terms(cfg: Config, *, threshold: int | None = None) -> dict[str, Any]:
+    """What the user-level noise on a cohort's mean depends on, for this run: the multiplier each
+    participation is charged at, the cohort size, the survivor threshold (``threshold``: the one the
+    noise is calibrated to, when it is not the cohort's own, as in a deployment), the colluders and
+    whether a trusted server adds the noise. The keywords of :func:`~ftte.privacy.distributed_dp.mean_noise_ratio`."""
+    p = cfg.privacy
+    return dict(noise_multiplier=p.user_noise_multiplier(), members=cfg.cohort_size,
+                threshold=cfg.secagg_threshold if threshold is None else threshold,
+                max_corrupt=cfg.secagg.max_corrupt, central=p.user_noise == "server")
+
+
+def user_coordinate_cap(cfg: Config, *, threshold: int | None = None, upper: int = 1 << 24) -> int | None:
+    """The user-level plan rule: the most coordinates a plan may train so that the predicted noise
+    std per coordinate on a cohort's mean stays within ``[privacy] user_noise_ratio`` times a clipped
+    update's per-coordinate signal ``C / sqrt(d)`` (:func:`~ftte.privacy.distributed_dp.mean_noise_ratio`).
+    ``None`` when the run is not user-level. One definition: the simulator's plan search
+    (:meth:`Strategy.choose_training`) and the deployment's plan check (``deploy_task``) both call it.
+    The memory budget alone picks plans that drown in user-level noise (the default task's
+    112,202-coordinate plan has a ratio near 9 at epsilon 8 with cohorts of 100)."""
+    from ftte.privacy.distributed_dp import max_coordinates_for_ratio
+
+    if not cfg.privacy.user_level:
+        return None
+    return max_coordinates_for_ratio(cfg.privacy.user_noise_ratio, upper=upper,
+                                     **user_noise_terms(cfg, threshold=threshold))
+
+
+def no_user_plan_message(cfg: Config, cap: int, smallest: int, *, threshold: int | None = None,
+                         plan_label: str = "the smallest plan", advice: str = "") -> str:
+    """Why no plan (or ``plan_label``, of ``smallest`` coordinates) is admissible under the user-level
+    rule, with the numbers that decided it."""
+    from ftte.privacy.distributed_dp import mean_noise_ratio
+
+    p = cfg.privacy
+    terms = user_noise_terms(cfg, threshold=threshold)
+    ratio = mean_noise_ratio(smallest, **terms)
+    return (f"[privacy] user_noise_ratio = {p.user_noise_ratio:g} admits no plan ({plan_label} is too large): at user_epsilon {p.user_epsilon:g}, "
+            f"user_delta {p.user_delta:g}, {p.user_participations} participations (noise multiplier "
+            f"{terms['noise_multiplier']:.4g}), cohorts of {terms['members']} with threshold {terms['threshold']} and "
+            f"max_corrupt {terms['max_corrupt']} ({p.user_noise} noise), a plan may train at most {cap} coordinates, "
+            f"and {plan_label} trains {smallest} (predicted noise/signal {ratio:.3g}). Raise user_noise_ratio, "
+            "user_epsilon or buffer_size, or lower user_participations" + (f", or {advice}" if advice else ""))
 
 
 def cheaper_clipping(model: nn.Module, plan: SubsetPlan, setup: "TrainingSetup") -> str:

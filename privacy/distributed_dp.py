@@ -635,3 +635,52 @@ def user_row_problems(row_noise_multiplier: float, sample_rate: float, steps: in
 def user_step(params: UserDPParams) -> PrivacyStep:
     """What the device's accountant store is charged for one participation."""
     return PrivacyStep(params.noise_multiplier, 1.0, 1)
+
+
+# -- what the noise costs a plan: noise-to-signal on the cohort mean --------------------------
+
+def mean_noise_ratio(dim: int, *, noise_multiplier: float, members: int, threshold: int, max_corrupt: int = 0,
+                     central: bool = False) -> float:
+    """Noise std per coordinate on the mean of ``members`` clipped updates of ``dim`` values,
+    relative to ``C / sqrt(dim)``, the per-coordinate RMS of one clipped update (the most signal
+    a coordinate of the mean can carry on average).
+
+    ``central``: a trusted server's ``N(0, (z C)^2)`` on the sum, so ``z sqrt(dim) / members``.
+    Otherwise the devices' discrete Gaussians as :func:`plan_user_dp` calibrates them (``T -
+    max_corrupt`` honest survivors carry the target), with all ``members`` surviving: about
+    ``z sqrt(dim) / sqrt(members (T - max_corrupt))``, a little more for the rounding. The ratio
+    does not depend on the clip. It grows with ``dim`` (``sqrt(dim)``, and the scale shrinks as
+    ``d'`` grows), which is what lets :func:`max_coordinates_for_ratio` bisect on it. ``inf``
+    when the ring cannot hold ``members`` contributions of ``dim`` values.
+    """
+    if central:
+        return noise_multiplier * math.sqrt(dim) / members
+    try:
+        params = plan_user_dp(dim=dim, clip=1.0, noise_multiplier=noise_multiplier, members=members,
+                              threshold=threshold, max_corrupt=max_corrupt)
+    except ValueError:
+        return math.inf
+    noise = math.sqrt(members * discrete_gaussian_variance(params.sigma)) / params.scale / members
+    return noise * math.sqrt(dim)  # / (C / sqrt(dim)) with C = 1
+
+
+def max_coordinates_for_ratio(ratio: float, *, noise_multiplier: float, members: int, threshold: int,
+                              max_corrupt: int = 0, central: bool = False, upper: int = 1 << 24) -> int:
+    """The largest ``dim`` in ``[0, upper]`` whose :func:`mean_noise_ratio` is at most ``ratio``
+    (0: not even one coordinate). Bisection: the ratio is nondecreasing in ``dim``."""
+    if not ratio > 0:
+        raise ValueError(f"ratio must be > 0, got {ratio}")
+
+    def ok(d: int) -> bool:
+        return mean_noise_ratio(d, noise_multiplier=noise_multiplier, members=members, threshold=threshold,
+                                max_corrupt=max_corrupt, central=central) <= ratio
+
+    if upper < 1 or not ok(1):
+        return 0
+    if ok(upper):
+        return upper
+    lo, hi = 1, upper  # ok(lo), not ok(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo

@@ -5,16 +5,19 @@ figures of each run matching its setting, and goals recomputable from the record
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
-from ftte.bench.user_dp_study import RunSpec, StudySettings, goals, grid, run_config, run_study
+from ftte.bench.user_dp_study import VARIANTS, RunSpec, StudySettings, goals, grid, run_config, run_study
 
 
 def _tiny(**kw) -> StudySettings:
     base = dict(devices=16, buffer=8, neighbors=4, versions=2, horizon_s=14400.0, epsilons=(8.0,),
                 preset="digits", model="logistic", participations=2,
-                extra={"train.batch_size": 4, "fleet.stragglers": 0.5})
+                extra={"train.batch_size": 4, "fleet.stragglers": 0.5,
+                       # cohorts of 8: the plan rule would admit no plan; the grid is what these tests check
+                       "privacy.user_noise_ratio": math.inf})
     base.update(kw)
     return StudySettings(**base)
 
@@ -25,12 +28,13 @@ def test_a_tiny_study_writes_one_consistent_record_per_run(tmp_path):
     saved = json.loads((tmp_path / "study.json").read_text())
     assert saved["complete"] and saved["runs"] == json.loads(json.dumps(doc["runs"], default=str))
     runs = saved["runs"]
-    # the grid: non-private per variant, then distributed and central at epsilon 8 for both variants
+    # the grid: non-private per variant (ftte-memory has no other run), then distributed and central at
+    # epsilon 8 for ftte and fedbuff
     assert [r["name"] for r in runs] == [s.name for s in grid(settings)] == [
-        "ftte-nonprivate", "fedbuff-nonprivate", "ftte-distributed-eps8", "fedbuff-distributed-eps8",
+        "ftte-nonprivate", "fedbuff-nonprivate", "ftte-memory-nonprivate", "ftte-distributed-eps8", "fedbuff-distributed-eps8",
         "ftte-server-eps8", "fedbuff-server-eps8"]
     for r in runs:
-        assert r["strategy"] == r["variant"]
+        assert r["strategy"] == VARIANTS[r["variant"]]["strategy"]
         assert 1 <= r["versions"] <= settings.versions
         assert 1 <= r["evaluations"] <= r["versions"]
         assert 0.0 <= r["final_accuracy"] <= r["best_accuracy"] <= 1.0
@@ -64,8 +68,28 @@ def test_every_run_shares_seed_fleet_and_horizon_and_differs_only_in_its_setting
     dist, central = cfgs["ftte-distributed-eps8"].privacy, cfgs["fedbuff-server-eps8"].privacy
     assert dist.user_level and dist.user_noise == "distributed" and central.user_noise == "server"
     assert dist.user_epsilon == central.user_epsilon == 8.0 and dist.user_delta == 1e-6
-    tuned = run_config(_tiny(clip=2.0, device_lr=0.1), grid(settings)[2])
-    assert tuned.secagg.clip == 2.0 and tuned.train.lr == 0.1
+    tuned = _tiny(clip=2.0, device_lr=0.1, server_lr=0.5, noise_ratio=2.0, extra={},
+                  device_lrs={"ftte-private": 3.0, "fedbuff": 1.0})
+    private = run_config(tuned, grid(settings)[3])  # ftte-distributed-eps8
+    assert private.secagg.clip == 2.0 and private.server.lr == 0.5 and private.privacy.user_noise_ratio == 2.0
+    lrs = {s.name: run_config(tuned, s).train.lr for s in grid(settings)}
+    assert lrs["ftte-distributed-eps8"] == lrs["ftte-server-eps8"] == 3.0
+    assert lrs["ftte-nonprivate"] == lrs["ftte-memory-nonprivate"] == 0.1  # the plain --device-lr
+    assert lrs["fedbuff-nonprivate"] == lrs["fedbuff-server-eps8"] == 1.0
+
+
+def test_ftte_nonprivate_trains_the_plan_of_its_private_run_at_epsilon_8():
+    """The goal's comparison: non-private ftte is capped at the coordinates the user-level rule admits for
+    ftte's distributed run at epsilon 8; ftte-memory and fedbuff are not capped."""
+    from ftte.pipeline.strategies import user_coordinate_cap
+
+    finite = _tiny(epsilons=(2.0, 8.0), extra={"train.batch_size": 4, "fleet.stragglers": 0.5})
+    cfgs = {s.name: run_config(finite, s) for s in grid(finite)}
+    cap = user_coordinate_cap(cfgs["ftte-distributed-eps8"])
+    assert cap is not None and cap != user_coordinate_cap(cfgs["ftte-distributed-eps2"])
+    assert cfgs["ftte-nonprivate"].train.max_coordinates == cap
+    assert cfgs["ftte-memory-nonprivate"].train.max_coordinates == 0 == cfgs["fedbuff-nonprivate"].train.max_coordinates
+    assert not cfgs["ftte-memory-nonprivate"].privacy.enabled
 
 
 def _rec(variant: str, noise: str, eps: float | None, acc: float) -> dict:

@@ -38,8 +38,10 @@ from ftte.protocol.encoding import clip_l2  # noqa: E402
 from ftte.protocol.user_encoding import UserCodec, rotation_seed  # noqa: E402
 from coordinator_helpers import CONFIG, Clock  # noqa: E402
 
+# cohorts of 4: the user-level plan rule would refuse any plan (noise far above the signal); these
+# tests are about the mechanism, so the rule is off (user_noise_ratio = inf)
 USER_CONFIG = (CONFIG.replace("[privacy]\n", '[privacy]\nunit = "user"\nuser_epsilon = 8.0\nuser_delta = 1e-6\n'
-                              "user_participations = 4\n")
+                              "user_participations = 4\nuser_noise_ratio = inf\n")
                .replace("[server]\n", "[server]\nvariance_penalty = 0.0\n"))
 
 
@@ -237,7 +239,7 @@ def _user_server_config(tmp_path, port):
                               test_data=test_file, buffer_size=4, deadline_s=3.0, stage_timeout_s=6.0, local_steps=2)
     text = cfg.read_text()
     text = text.replace("[privacy]\n", '[privacy]\nunit = "user"\nuser_epsilon = 8.0\nuser_delta = 1e-6\n'
-                                       "user_participations = 4\n")
+                                       "user_participations = 4\nuser_noise_ratio = inf\n")
     text = text.replace("[server]\n", "[server]\nvariance_penalty = 0.0\n")
     cfg.write_text(text)
     return cfg, devices

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
@@ -15,8 +16,9 @@ from ftte.pipeline.run_outputs import run_one
 
 @pytest.mark.parametrize("noise", ["distributed", "server"])
 def test_user_level_runs_audit_and_never_pass_the_participation_budget(tmp_path, noise):
+    # cohorts of 4: the plan rule (user_noise_ratio) would admit no plan; this test is about the mechanism
     cfg = tiny(**{"privacy.unit": "user", "privacy.user_noise": noise, "server.variance_penalty": 0.0,
-                  "privacy.user_participations": 2, "run.max_versions": 6})
+                  "privacy.user_participations": 2, "run.max_versions": 6, "privacy.user_noise_ratio": math.inf})
     out = tmp_path / noise
     summary = run_one(cfg, out, quiet=True).summary
     assert summary["privacy_unit"].startswith("a device's whole contribution")
@@ -54,8 +56,9 @@ def test_a_deployment_takes_distributed_user_level_and_refuses_server_noise(tmp_
 
 def test_user_level_plans_are_costed_without_dp_sgd_memory():
     """Under user-level DP the device runs plain SGD (the noise is in the sum), so the plan
-    search must not budget per-sample gradients it will never hold: the plan is the one a
-    non-private run gets, and larger than the example-level DP plan."""
+    search must not budget per-sample gradients it will never hold: without the noise rule's cap
+    (user_noise_ratio = inf) the plan is the one a non-private run gets, and larger than the
+    example-level DP plan; with the default rule it is smaller still (tests/pipeline/test_user_plan_rule.py)."""
     from ftte.pipeline.simulator import Simulation
 
     from ftte.pipeline.config import load_config
@@ -67,6 +70,6 @@ def test_user_level_plans_are_costed_without_dp_sgd_memory():
         finally:
             sim.close()
 
-    user = plan_of(**{"privacy.unit": "user", "server.variance_penalty": 0.0})
+    user = plan_of(**{"privacy.unit": "user", "server.variance_penalty": 0.0, "privacy.user_noise_ratio": math.inf})
     assert user == plan_of(**{"privacy.enabled": False})
     assert user > plan_of()

@@ -1,0 +1,51 @@
+"""Single private runs of the user-level study's setting, for tuning on a seed the study does not report.
+
+Each argument ``VARIANT:RATIO:LR:EPS[:THRESHOLD[:NOISE]]`` is one run of
+:func:`ftte.bench.user_dp_study.run_config` (1,000 devices, cohorts of 100 on the ring) with
+``[privacy] user_noise_ratio`` RATIO, device lr LR, user-level epsilon EPS, ``[secagg] threshold``
+THRESHOLD (0: the default majority) and noise NOISE (``distributed``); one JSON line per run.
+
+    .venv/bin/python -m ftte.bench.user_dp_tune OUT HORIZON_S [--seed 1] ftte:1:3:8 ftte:2:3:8 fedbuff:1:1:8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from ftte.bench.user_dp_study import RunSpec, StudySettings, run_config, run_record
+    from ftte.pipeline.run_outputs import run_one
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("horizon", type=float)
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    for arg in args.runs:
+        parts = arg.split(":")
+        variant, ratio, lr, eps, thr, noise = parts + ["0", "distributed"][len(parts) - 4:]
+        s = StudySettings(horizon_s=args.horizon, device_lr=float(lr), seed=args.seed, noise_ratio=float(ratio),
+                          epsilons=(float(eps),), extra={"secagg.threshold": int(thr)} if int(thr) else {})
+        spec = RunSpec(variant, noise, float(eps))
+        cfg = run_config(s, spec)
+        t = time.time()
+        res = run_one(cfg, args.out / f"{variant}-{noise}-ratio{ratio}-lr{lr}-eps{eps}-t{thr}-h{args.horizon:g}",
+                      quiet=True)
+        r = run_record(spec, res.summary, res.history, s, cfg)
+        keep = ("trainable_coordinates", "predicted_noise_ratio", "final_accuracy", "best_accuracy", "versions",
+                "aborted_cohorts")
+        print(json.dumps({"variant": variant, "noise": noise, "threshold": int(thr), "ratio": float(ratio),
+                          "lr": float(lr), "eps": float(eps), **{k: r[k] for k in keep},
+                          "wall": round(time.time() - t)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
