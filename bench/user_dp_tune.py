@@ -5,7 +5,8 @@ Each argument ``VARIANT:RATIO:LR:EPS[:THRESHOLD[:NOISE]]`` is one run of
 ``[privacy] user_noise_ratio`` RATIO, device lr LR, user-level epsilon EPS, ``[secagg] threshold``
 THRESHOLD (0: the default majority) and noise NOISE (``distributed``); one JSON line per run.
 
-    .venv/bin/python -m ftte.bench.user_dp_tune OUT HORIZON_S [--seed 1] ftte:1:3:8 ftte:2:3:8 fedbuff:1:1:8
+    .venv/bin/python -m ftte.bench.user_dp_tune OUT HORIZON_S [--seed 1] [--clip C] [--server-lr LR]
+        ftte:1:3:8 ftte:2:3:8 fedbuff:1:1:8
 """
 
 from __future__ import annotations
@@ -27,23 +28,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("horizon", type=float)
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--clip", type=float, default=None, help="[secagg] clip (default: the config's)")
+    ap.add_argument("--server-lr", type=float, default=None, help="[server] lr (default: the config's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     for arg in args.runs:
         parts = arg.split(":")
         variant, ratio, lr, eps, thr, noise = parts + ["0", "distributed"][len(parts) - 4:]
         s = StudySettings(horizon_s=args.horizon, device_lr=float(lr), seed=args.seed, noise_ratio=float(ratio),
+                          clip=args.clip, server_lr=args.server_lr,
                           epsilons=(float(eps),), extra={"secagg.threshold": int(thr)} if int(thr) else {})
         spec = RunSpec(variant, noise, float(eps))
         cfg = run_config(s, spec)
         t = time.time()
-        res = run_one(cfg, args.out / f"{variant}-{noise}-ratio{ratio}-lr{lr}-eps{eps}-t{thr}-h{args.horizon:g}",
+        name = f"{variant}-{noise}-ratio{ratio}-lr{lr}-eps{eps}-t{thr}-h{args.horizon:g}"
+        name += (f"-clip{args.clip:g}" if args.clip is not None else "") + (
+            f"-slr{args.server_lr:g}" if args.server_lr is not None else "")
+        res = run_one(cfg, args.out / name,
                       quiet=True)
         r = run_record(spec, res.summary, res.history, s, cfg)
         keep = ("trainable_coordinates", "predicted_noise_ratio", "final_accuracy", "best_accuracy", "versions",
                 "aborted_cohorts")
         print(json.dumps({"variant": variant, "noise": noise, "threshold": int(thr), "ratio": float(ratio),
-                          "lr": float(lr), "eps": float(eps), **{k: r[k] for k in keep},
+                          "lr": float(lr), "eps": float(eps), "clip": cfg.secagg.clip, "server_lr": cfg.server.lr, **{k: r[k] for k in keep},
                           "wall": round(time.time() - t)}), flush=True)
 
 
