@@ -727,6 +727,9 @@ class Simulation:
             "devices": len(self.fleet),
             "plan_id": self.plan.plan_id,
             "trainable_coordinates": self.plan.num_coordinates,
+            # which tensors the plan trains, and the layers trained in part (leading output channels)
+            "trainable_parameters": list(self.plan.trainable),
+            "trainable_slices": {layer: rows for layer, rows in self.plan.slices},
             "model_coordinates": int(full_floats),
             "target_accuracy": target,
             "time_to_target_s": time_to_target(self.history, target),

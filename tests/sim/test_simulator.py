@@ -126,6 +126,13 @@ def test_digits_preset_finishes_and_reaches_its_target(tmp_path):
     assert summary["time_to_target_s"] is not None and summary["final_accuracy"] >= cfg.run.target_accuracy
     assert summary["epsilon_max"] <= cfg.privacy.epsilon_max
     assert summary["trainable_coordinates"] < summary["model_coordinates"]
+    # the plan is named, not only counted: its tensors hold exactly the trained coordinates
+    from ftte.edge.plan import SubsetPlan
+    from ftte.pipeline.model_builder import build_global_model
+
+    model = build_global_model(cfg.model.name, cfg.run.seed, (1, 8, 8), 10)  # the digits preset's cnn8
+    plan = SubsetPlan.from_names(model, summary["trainable_parameters"])
+    assert plan.num_coordinates == summary["trainable_coordinates"] and summary["trainable_slices"] == {}
 
 
 @pytest.mark.parametrize("strategy", ["ftte", "fedbuff", "fedavg"])
