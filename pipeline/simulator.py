@@ -409,7 +409,11 @@ class Simulation:
         return derive_rng(self.cfg.run.seed, "cohort", cohort_id)
 
     def _run_cohort(self, cohort_id: str, members: list[tuple[SimDevice, LocalUpdate]]) -> CohortRun:
-        return run_cohort(self._start(cohort_id, members), members, self.identities, self._cohort_rng(cohort_id),
+        return self._run(self._start(cohort_id, members), members)
+
+    def _run(self, start: Any, members: list[tuple[SimDevice, LocalUpdate]]) -> CohortRun:
+        """Run a planned cohort: its session (or plain path), with the members on the backend's workers."""
+        return run_cohort(start, members, self.identities, self._cohort_rng(start.cohort_id),
                           secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user,
                           member_runner=self.backend.member_runner)
 
@@ -418,9 +422,7 @@ class Simulation:
         merge was scheduled with (a difference would change the history: stop loudly). A worker
         that dies during a stage is the one difference allowed: its members drop out there."""
         lost_before = len(self.backend.members_lost)
-        run = run_cohort(start, members, self.identities, self._cohort_rng(start.cohort_id),
-                         secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user,
-                         member_runner=self.backend.member_runner)
+        run = self._run(start, members)
         if len(self.backend.members_lost) > lost_before:
             self.unmodelled_cohorts += 1
             return run
@@ -442,10 +444,7 @@ class Simulation:
             for d, _ in members:
                 self.clock.schedule(self.clock.now, ("ready", d.device_id))
             return None
-        again = self._start(start.cohort_id, members, closed=start)
-        return run_cohort(again, members, self.identities, self._cohort_rng(start.cohort_id),
-                          secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user,
-                          member_runner=self.backend.member_runner)
+        return self._run(self._start(start.cohort_id, members, closed=start), members)
 
     def _ledger_rows(self, members: list[tuple[SimDevice, LocalUpdate]], cohort_id: str,
                      merged: tuple[int, ...] = (), user_params: Any = None) -> list[Any]:
