@@ -42,6 +42,11 @@ def _without_seed(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _rates(strategy: Mapping[str, Any]) -> tuple[Any, Any]:
+    lr = strategy.get("learning_rates") or {}
+    return lr.get("server"), lr.get("device")
+
+
 def read_runs(dirs: Sequence[Path]) -> list[dict[str, Any]]:
     """Each folder's ``compare.json``; refuses runs that are not the same comparison."""
     runs = []
@@ -63,9 +68,7 @@ def read_runs(dirs: Sequence[Path]) -> list[dict[str, Any]]:
         if _without_seed(r["config"]) != _without_seed(first["config"]) or r["horizon_s"] != first["horizon_s"]:
             raise ValueError(f"{d}: configured differently from {dirs[0]} (apart from the seed)")
         for name, s in r["strategies"].items():
-            if s.get("learning_rates", {}).get("server") != first["strategies"][name].get("learning_rates", {}).get(
-                    "server") or s.get("learning_rates", {}).get("device") != first["strategies"][name].get(
-                    "learning_rates", {}).get("device"):
+            if _rates(s) != _rates(first["strategies"][name]):
                 raise ValueError(f"{d}: {name} used other learning rates than in {dirs[0]}")
     return runs
 
