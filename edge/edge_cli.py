@@ -63,6 +63,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-corrupt", type=int, default=None,
                         help="members this device assumes may collude with the server; a cohort whose threshold "
                              "does not tolerate them is refused (default: the device policy's, 1)")
+    parser.add_argument("--max-user-noise-ratio", type=float, default=None, metavar="R",
+                        help="user-level tasks: refuse a plan whose predicted noise/signal on a cohort's mean is "
+                             "above R (the participation would spend budget on noise; default: no ceiling)")
     parser.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: until the budget is spent)")
     parser.add_argument("--model-factory", metavar="PKG.MOD:FN",
                         help="this device's own callable(TaskInfo) -> nn.Sequential (default: the bundled model the "
@@ -203,11 +206,15 @@ def run(args: argparse.Namespace) -> int:
             return 2
     # verify=False is the plaintext opt-in for an http:// URL only (checked above and by Transport)
     verify = False if args.insecure_plaintext else (args.ca or True)
-    client = EdgeClient(args.server, identity, x, y, state_dir=args.state or (args.key + ".state"),
-                        epsilon_max=args.epsilon, model_factory=factory, verify=verify,
-                        retry=RetryPolicy(patience_s=args.patience), on_event=on_event, seed=args.seed,
-                        join_patience_s=args.join_patience, trusted_keys=trusted, min_members=args.min_cohort,
-                        max_corrupt=args.max_corrupt)
+    try:  # the device policy's own checks name what is wrong with --min-cohort and friends
+        client = EdgeClient(args.server, identity, x, y, state_dir=args.state or (args.key + ".state"),
+                            epsilon_max=args.epsilon, model_factory=factory, verify=verify,
+                            retry=RetryPolicy(patience_s=args.patience), on_event=on_event, seed=args.seed,
+                            join_patience_s=args.join_patience, trusted_keys=trusted, min_members=args.min_cohort,
+                            max_corrupt=args.max_corrupt, max_user_noise_ratio=args.max_user_noise_ratio)
+    except ValueError as exc:
+        print(f"ftte edge: {exc}", file=sys.stderr)
+        return 2
     try:
         results = client.run(rounds=args.rounds)
     except CertificateError as exc:

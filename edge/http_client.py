@@ -445,7 +445,7 @@ class EdgeClient:
                  torch_threads: int | None = None, transport: Transport | None = None,
                  join_patience_s: float = 600.0, trusted_keys: Iterable[bytes] | None = None,
                  min_members: int | None = None, max_corrupt: int | None = None,
-                 policy: DevicePolicy | None = None,
+                 max_user_noise_ratio: float | None = None, policy: DevicePolicy | None = None,
                  standardize: bool = True) -> None:
         if len(x) != len(y) or len(x) == 0:
             raise ValueError("x and y must be non-empty and of equal length")
@@ -466,9 +466,11 @@ class EdgeClient:
         # already standardised exactly as the task says).
         self.standardize = standardize
         # This device's own rules for any cohort (peers pinned by the operator, or None: trust the
-        # server's list; cohort floor; colluders assumed); ``policy`` overrides the three shortcuts.
+        # server's list; cohort floor; colluders assumed; user-level noise/signal ceiling); ``policy``
+        # overrides these shortcuts.
         pinned = frozenset(trusted_keys) | {identity.public_key} if trusted_keys is not None else None
-        floors = {k: v for k, v in (("min_members", min_members), ("max_corrupt", max_corrupt)) if v is not None}
+        floors = {k: v for k, v in (("min_members", min_members), ("max_corrupt", max_corrupt),
+                                    ("max_user_noise_ratio", max_user_noise_ratio)) if v is not None}
         self.policy = policy or DevicePolicy(trusted_keys=pinned, **floors)  # unset: the policy's own defaults
         self._rng = np.random.default_rng(seed)
         self._seed = random.Random(seed)

@@ -4,7 +4,8 @@ Order on the device, and why:
 
 1. At the task, the device computes the mechanism itself from the task's terms
    (:func:`ftte.protocol.cohort.task_user_level`, the function the server planned with) and
-   checks it against its own floors: ``min_user_noise_multiplier`` and a wrap bound.
+   checks it against its own floors: ``min_user_noise_multiplier``, a wrap bound and, if the
+   device sets one, ``max_user_noise_ratio`` (the plan's predicted noise/signal on a cohort mean).
 2. After training, before anything leaves the device, one participation at the task's
    multiplier is charged to the device's own accountant (SQLite, written through) against
    ``min(device budget, task budget)``; a participation past it raises
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ftte.privacy.accountant import AccountantStore, PrivacyStep
-from ftte.privacy.distributed_dp import USER_ACCOUNTANT, UserMechanism, user_rng_source
+from ftte.privacy.distributed_dp import USER_ACCOUNTANT, UserMechanism, params_noise_ratio, user_rng_source
 from ftte.privacy.secure_random import SOURCE_OS, SecureRandom
 from ftte.protocol.cohort import (
     CohortRefused,
@@ -60,6 +61,11 @@ class DeviceUserLevel:
         # per-cohort check (check_user_cohort) repeats this with the real threshold and colluders
         check_user_params(p, members=p.members, threshold=p.calibrated_for, max_corrupt=0,
                           min_noise_multiplier=max(policy.min_user_noise_multiplier, plan.noise_multiplier))
+        ratio = params_noise_ratio(p)
+        if ratio > policy.max_user_noise_ratio:
+            raise CohortRefused(f"the task's plan of {coordinates} coordinates has a predicted noise/signal of "
+                                f"{ratio:.3g} on the mean of a full cohort of {p.members}, above this device's "
+                                f"ceiling max_user_noise_ratio = {policy.max_user_noise_ratio:g}")
         budget = min(device_epsilon_max, task.user_epsilon)
         if not (budget > 0 and math.isfinite(budget)):
             raise CohortRefused("user-level DP needs a finite positive budget")

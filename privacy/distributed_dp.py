@@ -660,8 +660,15 @@ def mean_noise_ratio(dim: int, *, noise_multiplier: float, members: int, thresho
                               threshold=threshold, max_corrupt=max_corrupt)
     except ValueError:
         return math.inf
-    noise = math.sqrt(members * discrete_gaussian_variance(params.sigma)) / params.scale / members
-    return noise * math.sqrt(dim)  # / (C / sqrt(dim)) with C = 1
+    return params_noise_ratio(params)
+
+
+def params_noise_ratio(params: UserDPParams) -> float:
+    """:func:`mean_noise_ratio` of a planned mechanism, every one of its ``members`` surviving: the
+    noise std per coordinate on the decoded mean over ``C / sqrt(dim)``. A device computes it for
+    the task's own mechanism (its ``max_user_noise_ratio`` ceiling)."""
+    noise = math.sqrt(params.members * discrete_gaussian_variance(params.sigma)) / params.scale / params.members
+    return noise * math.sqrt(params.dim) / params.clip
 
 
 def max_coordinates_for_ratio(ratio: float, *, noise_multiplier: float, members: int, threshold: int,

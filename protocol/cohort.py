@@ -275,7 +275,12 @@ class DevicePolicy:
     for a larger delta or less noise is refused, whatever the server's policy says. For a
     user-level task, ``min_user_noise_multiplier`` is the floor on the effective multiplier the
     honest survivors of any cohort must carry (the device's user-level budget is its accountant's
-    ``epsilon_max``).
+    ``epsilon_max``). ``max_user_noise_ratio`` is the device's ceiling on the predicted noise/signal
+    of the task's mechanism on a full cohort's mean (:func:`~ftte.privacy.distributed_dp.params_noise_ratio`):
+    a participation spends the same user-level budget
+    whatever the plan, so a device may refuse to spend it on a plan whose contribution drowns in
+    noise. ``inf`` (the default) accepts any plan, as the server's own rule
+    (``[privacy] user_noise_ratio``) is the operator's utility choice, not a privacy floor.
     """
 
     trusted_keys: frozenset[bytes] | None = None
@@ -288,12 +293,15 @@ class DevicePolicy:
     max_delta: float = 1e-5
     min_noise_multiplier: float = 0.5
     min_user_noise_multiplier: float = 0.5  # user-level: the least effective multiplier per participation
+    max_user_noise_ratio: float = math.inf  # user-level: the most noise/signal on a cohort mean it will pay for
 
     def __post_init__(self) -> None:
         if self.min_members < 2 or self.max_corrupt < 0 or not 0 < self.min_r_min <= 1:
             raise ValueError("min_members >= 2, max_corrupt >= 0 and min_r_min in (0, 1] are required")
         if not (0 <= self.max_staleness_exponent < math.inf and 0 < self.min_weight <= 1):
             raise ValueError("max_staleness_exponent must be finite and >= 0, min_weight in (0, 1]")
+        if not self.max_user_noise_ratio > 0:
+            raise ValueError("max_user_noise_ratio must be > 0 (inf: no ceiling)")
 
 
 def check_task(task: TaskInfo, policy: DevicePolicy) -> None:

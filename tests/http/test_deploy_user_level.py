@@ -196,6 +196,34 @@ def test_a_device_assuming_more_colluders_refuses_the_calibration(tmp_path):
                      plan_id=start.plan_id, base_version=0, coordinates=dim)
 
 
+def test_a_device_with_a_noise_ceiling_refuses_a_plan_that_drowns_in_noise(tmp_path):
+    """A participation costs the same user-level budget whatever the plan; a device that sets
+    max_user_noise_ratio refuses a task whose plan's predicted noise/signal is above it, from the
+    task's own mechanism (the same figure the server's rule predicts for that mechanism)."""
+    from ftte.privacy.distributed_dp import mean_noise_ratio, params_noise_ratio
+
+    signers = [Signer() for _ in range(4)]
+
+    async def scenario():
+        coord, db = make_user_coordinator(tmp_path, signers, Clock())
+        await coord.recover()
+        db.close()
+        return coord.task_info(member_id(signers[0].public_key)), coord.task.dim
+
+    task, dim = asyncio.run(scenario())
+    accepted = DeviceUserLevel.from_task(task, dim, DevicePolicy(), 8.0)  # default: no ceiling
+    p = accepted.plan.params
+    ratio = params_noise_ratio(p)
+    assert ratio == pytest.approx(mean_noise_ratio(dim, noise_multiplier=accepted.plan.noise_multiplier,
+                                                   members=p.members, threshold=p.calibrated_for), rel=1e-12)
+    assert ratio > 1.0  # cohorts of 4: far more noise than signal
+    with pytest.raises(CohortRefused, match="max_user_noise_ratio"):
+        DeviceUserLevel.from_task(task, dim, DevicePolicy(max_user_noise_ratio=ratio * 0.99), 8.0)
+    assert DeviceUserLevel.from_task(task, dim, DevicePolicy(max_user_noise_ratio=ratio * 1.01), 8.0) == accepted
+    with pytest.raises(ValueError):
+        DevicePolicy(max_user_noise_ratio=0.0)
+
+
 def test_the_server_refuses_a_participation_past_the_user_budget_or_of_another_mechanism(tmp_path):
     signers = [Signer() for _ in range(4)]
 

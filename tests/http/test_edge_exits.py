@@ -116,3 +116,18 @@ def test_spent_budget_exits_3_and_reports_the_epsilon_spent(deployment, tmp_path
     assert summary["statuses"] == ["budget_exhausted"]
     assert summary["epsilon"] == pytest.approx(spent, rel=1e-9)
     assert "privacy budget spent" in err
+
+
+@pytest.mark.parametrize("flag, value, says", [("--max-user-noise-ratio", "0", "max_user_noise_ratio must be > 0"),
+                                               ("--min-cohort", "1", "min_members >= 2")])
+def test_an_impossible_device_policy_is_refused_before_any_contact(tmp_path, flag, value, says):
+    key = tmp_path / "device.key"
+    data = tmp_path / "records.csv"
+    data.write_text("a,label\n1,0\n2,1\n")
+    assert subprocess.run([sys.executable, "-m", "ftte.cli", "keygen", str(key)], capture_output=True).returncode == 0
+    # a port nobody listens on: the refusal must come before any attempt to reach it
+    code, _, err, seconds = run_edge(["--server", f"https://127.0.0.1:{free_port()}", "--key", str(key), "--data",
+                                      str(data), "--target", "label", "--patience", "30", flag, value])
+    assert code == 2, err
+    assert says in err and "Traceback" not in err
+    assert seconds < 30
