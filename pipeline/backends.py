@@ -335,6 +335,11 @@ class DeviceBackend(ABC):
     def workers(self) -> int:
         return 1
 
+    @property
+    def unresolved(self) -> int:
+        """Rounds handed over, not finished and not yet resolved (the local backend trains at submit)."""
+        return 0
+
     def member_runner(self) -> MemberRunner:
         """Where the next secure-aggregation session's members run (a fresh runner per session)."""
         return InProcessMembers()
@@ -449,6 +454,10 @@ class RayBackend(DeviceBackend):
     @property
     def workers(self) -> int:
         return len(self._actors)
+
+    @property
+    def unresolved(self) -> int:
+        return sum(a.load for a in self._actors)  # O(workers)
 
     def start(self, spec: WorkerSpec, data: WorkerData) -> None:
         try:

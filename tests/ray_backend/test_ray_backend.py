@@ -31,6 +31,8 @@ def test_fedavg_on_ray_is_bit_identical_to_local_and_ships_data_once(ray_2cpu):
     assert rx["lost"] == [] and len(rx["worker_pids"]) == 2
     # model + plan and the data went into the object store once; each version's weights once
     assert rx["puts"]["spec"] == 1 and rx["puts"]["data"] == 1
+    # lazy Ray hands started rounds over ahead of their cohort's close (and still matches local)
+    assert (remote.summary["rounds_ahead"] > 0) is lazy and local.summary["rounds_ahead"] == 0
     assert rx["puts"]["weights"] == local.summary["versions"]
 
 
