@@ -335,10 +335,10 @@ class DeviceBackend(ABC):
     def workers(self) -> int:
         return 1
 
-    @property
-    def unresolved(self) -> int:
-        """Rounds handed over, not finished and not yet resolved (the local backend trains at submit)."""
-        return 0
+    def running(self) -> list[Any]:
+        """Handles of the rounds handed over that no worker has finished yet (the local backend
+        trains at submit: none)."""
+        return []
 
     def member_runner(self) -> MemberRunner:
         """Where the next secure-aggregation session's members run (a fresh runner per session)."""
@@ -455,9 +455,18 @@ class RayBackend(DeviceBackend):
     def workers(self) -> int:
         return len(self._actors)
 
-    @property
-    def unresolved(self) -> int:
-        return sum(a.load for a in self._actors)  # O(workers)
+    def running(self) -> list[_RayPending]:
+        # One non-blocking look at the tasks not known finished: O(tasks in flight), asked once per
+        # merge (never per submit); in lazy mode that is a few cohorts' rounds.
+        live = [p for a in self._actors for p in a.inflight.values() if not p.finished]
+        if not live:
+            return []
+        done, _ = self._ray.wait([p.ref for p in live], num_returns=len(live), timeout=0, fetch_local=False)
+        finished = set(done)
+        for p in live:
+            if p.ref in finished:  # a result or an error (resolve tells which)
+                self._actors[p.actor].mark_finished(p)
+        return [p for p in live if not p.finished]
 
     def start(self, spec: WorkerSpec, data: WorkerData) -> None:
         try:

@@ -362,20 +362,23 @@ class Simulation:
             self._plans[r.device.device_id] = r.plan
         r.pending = self._submit(r)
 
-    def _keep_workers_busy(self, waiting_for: int) -> None:
-        """Remote lazy mode, at a merge about to wait for its ``waiting_for`` rounds: hand over rounds
-        that have started but whose cohort has not closed, earliest arrival first, until the workers
-        hold ``AHEAD_PER_WORKER`` rounds each beyond those. Otherwise they sit idle while the driver
-        runs the server's side of the session and evaluates, whenever no later cohort has closed yet
-        (about 12% of each worker's time at 100 local steps). Every started round joins a cohort
-        unless the run stops first, so at most that many rounds are trained in vain, and results
-        cannot change: a round is a pure function of its inputs (see :meth:`_hand_over`)."""
-        want = waiting_for + AHEAD_PER_WORKER * self.backend.workers
-        while self._ahead and self.backend.unresolved < want:
+    def _keep_workers_busy(self, rounds: list[tuple[SimDevice, DeviceRound]]) -> None:
+        """Remote lazy mode, at a merge (before it waits for its ``rounds`` and again before the
+        server's side): hand over rounds that have started but whose cohort has not closed,
+        earliest arrival first, until the workers have ``AHEAD_PER_WORKER`` unfinished rounds each
+        besides the merge's own. Otherwise they sit idle while the driver waits and merges whenever
+        no later cohort has closed yet (about 12% of each worker's time at 100 local steps). Every
+        started round joins a cohort unless the run stops first, so at most that many rounds are
+        trained in vain, and results cannot change: a round is a pure function of its inputs (see
+        :meth:`_hand_over`)."""
+        merging = {id(r.pending) for _, r in rounds}
+        queued = sum(1 for p in self.backend.running() if id(p) not in merging)
+        while self._ahead and queued < AHEAD_PER_WORKER * self.backend.workers:
             _, _, r = heapq.heappop(self._ahead)
             if r.pending is None:
                 self._hand_over(r)
                 self.rounds_ahead += 1
+                queued += 1
 
     def _resolve_rounds(self, rounds: list[tuple[SimDevice, DeviceRound]]
                         ) -> tuple[list[tuple[SimDevice, LocalUpdate]], list[DeviceRound]]:
@@ -632,9 +635,11 @@ class Simulation:
             elif kind == "merged":
                 if self.lazy:
                     start, modelled, rounds = payload
-                    if self.backend.remote:
-                        self._keep_workers_busy(len(rounds))
+                    if self.backend.remote:  # work for while the driver waits, then for while it merges
+                        self._keep_workers_busy(rounds)
                     members, lost = self._resolve_rounds(rounds)
+                    if self.backend.remote:
+                        self._keep_workers_busy(rounds)
                     for r in lost:
                         lost_round(r, now)
                     if lost:
