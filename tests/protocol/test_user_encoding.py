@@ -15,6 +15,7 @@ from ftte.crypto.secagg_local import run_session
 from ftte.privacy.distributed_dp import UserDPParams, discrete_gaussian_variance, plan_user_dp
 from ftte.privacy.secure_random import SecureRandom
 from ftte.protocol.encoding import clip_l2
+from ftte.protocol import user_encoding
 from ftte.protocol.user_encoding import UserCodec, fwht, rotation_seed
 
 
@@ -184,3 +185,72 @@ def test_device_refuses_miscalibrated_cohorts():
         check_user_params(loud, **terms)
     assert user_params_digest(good, 1.5) != user_params_digest(loud, 1.5) and len(user_params_digest(good, 1.5)) == 32
     assert user_params_digest(good, 1.5) != user_params_digest(good, 1.4)
+
+
+# -- the rotation as Kronecker GEMMs, against the butterflies -------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=0, max_value=18), st.integers(min_value=0, max_value=2**31),
+       st.floats(min_value=1e-6, max_value=1e6))
+def test_gemm_transform_equals_the_butterflies(levels, seed, factor):
+    """``_fwht_scaled`` (matrix products of <= 32 x 32 Hadamard factors, the factor folded into the
+    last) equals the radix-4 butterflies times the factor, to float rounding, at every size."""
+    n = 1 << levels
+    x = np.random.default_rng(seed).normal(size=n) * np.random.default_rng(seed + 1).lognormal(0, 3, size=n)
+    want = user_encoding._fwht_inplace(x.copy()) * factor
+    got = user_encoding._fwht_scaled(x.copy(), factor)
+    tol = 1e-13 * factor * math.sqrt(n) * float(np.linalg.norm(x)) + 1e-300
+    assert got.shape == (n,) and got.dtype == np.float64
+    assert float(np.abs(got - want).max()) <= tol
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 32, 64, 1024, 2**17, 2**20, 2**25])
+def test_factor_sizes_split_the_levels_evenly(n):
+    sizes = user_encoding._factor_sizes(n)
+    assert math.prod(sizes) == n
+    assert all(2 <= k <= 32 and k & (k - 1) == 0 for k in sizes)
+    if sizes:
+        assert max(sizes) <= 2 * min(sizes)
+        assert len(sizes) == -(-(n.bit_length() - 1) // 5)  # as few products as factors of <= 32 allow
+
+
+def test_hadamard_factor_is_the_parity_matrix():
+    for k in (1, 2, 8, 32):
+        h = user_encoding._hadamard(k)
+        i = np.arange(k)
+        parity = np.array([[bin(a & b).count("1") % 2 for b in i] for a in i])
+        assert np.array_equal(h, 1.0 - 2.0 * parity)
+        assert np.array_equal(h @ h, k * np.eye(k))
+        assert not h.flags.writeable  # shared by every call: nobody may scale it in place
+
+
+def test_blas_thread_limit_is_restored_and_the_fallback_is_the_butterflies(monkeypatch):
+    """The products run with BLAS limited to one thread only while they run; with no BLAS to limit,
+    the transform is exactly the butterflies."""
+    controller = user_encoding._blas_controller()
+    before = None if controller is None else [lib.num_threads for lib in controller.lib_controllers]
+    x = np.random.default_rng(3).normal(size=2**16)
+    params = UserDPParams(dim=60_000, clip=1.0, scale=1.0, sigma=0.0, calibrated_for=1, members=1)
+    codec = UserCodec(params, rotation_seed("threads"))
+    y = codec.rotate(x[:60_000])
+    if controller is not None:
+        assert [lib.num_threads for lib in controller.lib_controllers] == before
+    monkeypatch.setattr(user_encoding, "_one_blas_thread", lambda: None)
+    assert np.array_equal(user_encoding._fwht_scaled(x.copy(), 1.0), user_encoding._fwht_inplace(x.copy()))
+    assert np.allclose(codec.rotate(x[:60_000]), y, rtol=0, atol=1e-12)
+    assert np.allclose(codec.unrotate(y), x[:60_000], rtol=0, atol=1e-12)
+
+
+def test_rotation_round_trips_at_the_benchmark_size():
+    """d = 1e6 padded to 2^20 (four 32 x 32 products): rotate then unrotate gives the update back,
+    the norm is kept, and both sides agree on the signs."""
+    params = UserDPParams(dim=1_000_000, clip=1.0, scale=1.0, sigma=0.0, calibrated_for=1, members=1)
+    device = UserCodec(params, rotation_seed("big"))
+    server = UserCodec(params, rotation_seed("big"))
+    x = np.random.default_rng(5).normal(size=params.dim)
+    y = device.rotate(x, 0.5)
+    assert np.linalg.norm(y) == pytest.approx(0.5 * np.linalg.norm(x), rel=1e-12)
+    assert np.allclose(server.unrotate(y) * 2.0, x, rtol=0, atol=1e-11)
+    assert np.allclose(y, 0.5 * user_encoding._fwht_inplace(
+        np.concatenate([x * device.signs[: params.dim], np.zeros(params.padded_dim - params.dim)]))
+        / math.sqrt(params.padded_dim), rtol=0, atol=1e-12)
