@@ -190,11 +190,12 @@ def test_device_refuses_miscalibrated_cohorts():
 # -- the rotation as Kronecker GEMMs, against the butterflies -------------------------------------
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(min_value=0, max_value=18), st.integers(min_value=0, max_value=2**31),
+@given(st.integers(min_value=0, max_value=19), st.integers(min_value=0, max_value=2**31),
        st.floats(min_value=1e-6, max_value=1e6))
 def test_gemm_transform_equals_the_butterflies(levels, seed, factor):
-    """``_fwht_scaled`` (matrix products of <= 32 x 32 Hadamard factors, the factor folded into the
-    last) equals the radix-4 butterflies times the factor, to float rounding, at every size."""
+    """``_fwht_scaled`` (matrix products of <= 16 x 16 Hadamard factors, in cache-sized blocks and then
+    across blocks, the factor folded into the last) equals the radix-4 butterflies times the
+    factor, to float rounding, at every size: below, at and above the block (2^16)."""
     n = 1 << levels
     x = np.random.default_rng(seed).normal(size=n) * np.random.default_rng(seed + 1).lognormal(0, 3, size=n)
     want = user_encoding._fwht_inplace(x.copy()) * factor
@@ -204,14 +205,23 @@ def test_gemm_transform_equals_the_butterflies(levels, seed, factor):
     assert float(np.abs(got - want).max()) <= tol
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 32, 64, 1024, 2**17, 2**20, 2**25])
-def test_factor_sizes_split_the_levels_evenly(n):
-    sizes = user_encoding._factor_sizes(n)
-    assert math.prod(sizes) == n
-    assert all(2 <= k <= 32 and k & (k - 1) == 0 for k in sizes)
+@pytest.mark.parametrize("levels", [16, 17, 20, 21, 22])
+def test_gemm_transform_equals_the_butterflies_across_several_blocks(levels):
+    """One, two and three products across the blocks (2^20: one 16; 2^21: 4 and 8; 2^22: two 8s)."""
+    x = np.random.default_rng(levels).normal(size=1 << levels)
+    want = user_encoding._fwht_inplace(x.copy())
+    got = user_encoding._fwht_scaled(x.copy(), 1.0)
+    assert float(np.abs(got - want).max()) <= 1e-13 * math.sqrt(x.size) * float(np.linalg.norm(x))
+
+
+@pytest.mark.parametrize("levels", [0, 1, 2, 4, 5, 6, 10, 16, 20, 25])
+def test_factor_sizes_split_the_levels_evenly(levels):
+    sizes = user_encoding._factor_sizes(levels)
+    assert math.prod(sizes) == 1 << levels
+    assert all(2 <= k <= 1 << user_encoding._FACTOR_LEVELS and k & (k - 1) == 0 for k in sizes)
     if sizes:
         assert max(sizes) <= 2 * min(sizes)
-        assert len(sizes) == -(-(n.bit_length() - 1) // 5)  # as few products as factors of <= 32 allow
+        assert len(sizes) == -(-levels // user_encoding._FACTOR_LEVELS)  # as few products as the cap allows
 
 
 def test_hadamard_factor_is_the_parity_matrix():
@@ -242,7 +252,7 @@ def test_blas_thread_limit_is_restored_and_the_fallback_is_the_butterflies(monke
 
 
 def test_rotation_round_trips_at_the_benchmark_size():
-    """d = 1e6 padded to 2^20 (four 32 x 32 products): rotate then unrotate gives the update back,
+    """d = 1e6 padded to 2^20 (blocks of 2^16, one product across them): rotate then unrotate gives the update back,
     the norm is kept, and both sides agree on the signs."""
     params = UserDPParams(dim=1_000_000, clip=1.0, scale=1.0, sigma=0.0, calibrated_for=1, members=1)
     device = UserCodec(params, rotation_seed("big"))
