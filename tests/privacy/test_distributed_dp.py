@@ -476,7 +476,7 @@ def _reference_sample(rng: SecureRandom, n: int, env) -> np.ndarray:
 @pytest.mark.parametrize("sigma,table_sigmas", [(0.5, 14), (3.0, 14), (40.0, 14), (3000.0, 14), (2.66e6, 14),
                                                 (1e8, 14), (3.0, 1.5), (50.0, 0.6), (1e5, 3.0)])
 def test_fast_path_draws_the_same_integers_as_the_full_test(sigma, table_sigmas):
-    """The sampler settles most attempts without the float test (``sure_at``); on the same keystream
+    """The sampler settles most attempts without the float test (``fast_at``); on the same keystream
     it must return exactly the draws, and consume exactly the keystream, of running the full test
     on every attempt. Short tables (1.5, 0.6, 3 sigma) send many attempts through the tail."""
     env = _envelope(sigma, table_sigmas)
@@ -498,8 +498,11 @@ def test_sure_bound_never_exceeds_the_acceptance(sigma):
     w = 1 << env.width_bits
     counts = np.bincount(env.guide, minlength=env.bins + 2)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # the first table index of every bin
-    sure = env.sure_at[first[: env.bins]] >> np.uint64(33)  # the bound in head units, per bin
-    assert np.all(env.sure_at[first[env.bins]:] == 0)  # the tail and the reject entries: always the full test
+    sure = env.fast_at[first[: env.bins]] >> np.uint64(33)  # the bound in head units, per bin
+    assert np.all(env.fast_at[first[env.bins]:] == 0)  # the tail and the reject entries: always the full test
+    for b in range(env.bins):  # every entry of a bin carries its bound and its lo (the low word)
+        entries = env.fast_at[first[b]:first[b] + counts[b]]
+        assert np.all(entries == (sure[b] << np.uint64(33)) + np.uint64(b * w))
     assert sure[0] == 0  # bin 0: always the full test ("-0")
     offs = np.unique(np.concatenate([[0, w - 1], np.random.default_rng(0).integers(0, w, 64)]))
     for off in offs.astype(np.float64):
