@@ -234,13 +234,12 @@ def _floor_plus_uniform(y: np.ndarray, rng: SecureRandom) -> tuple[np.ndarray, i
     total = 0
     for start in range(0, n, _ROUND_CHUNK):
         part = y[start:start + _ROUND_CHUNK]
-        u = np.frombuffer(rng.random_bytes(4 * part.shape[0]), dtype="<u4").astype(np.float64)
-        u *= 2.0**-32
+        u = np.multiply(np.frombuffer(rng.random_bytes(4 * part.shape[0]), dtype="<u4"), 2.0**-32)
         u += part
         np.floor(u, out=u)
         chunk = q[start:start + part.shape[0]]
         chunk[...] = u
-        total += int(np.dot(chunk, chunk))
+        total += int(np.einsum("i,i->", chunk, chunk))  # int64 arithmetic, and no BLAS
     return q, total
 
 
@@ -323,7 +322,8 @@ class UserCodec:
             z = noise
         else:
             z = self.draw_noise(rng) if noise else np.zeros_like(q)
-        return EncodedUpdate(self.to_ring(q + z), q, z)
+        ring = np.add(q, z, out=np.empty(p.padded_dim, dtype=self._dtype), casting="unsafe")  # to_ring(q + z)
+        return EncodedUpdate(ring, q, z)
 
     def to_ring(self, values: np.ndarray) -> np.ndarray:
         """The two's-complement residues mod 2^b: an int64 to uint32/uint16 cast keeps the low bits."""

@@ -264,3 +264,21 @@ def test_rotation_round_trips_at_the_benchmark_size():
     assert np.allclose(y, 0.5 * user_encoding._fwht_inplace(
         np.concatenate([x * device.signs[: params.dim], np.zeros(params.padded_dim - params.dim)]))
         / math.sqrt(params.padded_dim), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bits,sigma", [(32, 300.0), (16, 3.0)])
+def test_ring_is_the_residue_of_rounded_plus_noise(bits, sigma):
+    """The ring vector (written in one pass) is ``(rounded + noise) mod 2^b``, negatives included,
+    and reads back as the signed sum; rounding and noise come from the device's generator."""
+    params = UserDPParams(dim=5000, clip=1.0, scale=40.0 if bits == 16 else 4000.0, sigma=sigma,
+                          calibrated_for=2, members=3, ring_bits=bits)
+    codec = UserCodec(params, rotation_seed("ring"))
+    x = np.random.default_rng(1).normal(size=params.dim) * 0.02
+    enc = codec.encode(x, 0.7, SecureRandom.from_seed(4, "ring"))
+    signed = enc.rounded + enc.noise
+    assert (signed < 0).any() and np.any(enc.noise != 0)
+    assert enc.ring.dtype == np.dtype(f"<u{bits // 8}")
+    assert np.array_equal(enc.ring, (signed % 2**bits).astype(enc.ring.dtype))
+    assert np.array_equal(codec.to_signed(enc.ring), signed)
+    again = codec.encode(x, 0.7, SecureRandom.from_seed(4, "ring"))
+    assert np.array_equal(again.ring, enc.ring)  # a deterministic function of the generator's key
