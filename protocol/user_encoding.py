@@ -83,9 +83,9 @@ def fwht(x: np.ndarray) -> np.ndarray:
 # contiguous (rest, k1) result), so r such products, ping-ponging between the block and one
 # scratch block, bring the axes back in order. High bits, across blocks: read the whole vector
 # as (a, k, c) with c a multiple of the block, and ``H_k @ v`` (one GEMM per a) applies H_k
-# along the middle axis in place of order. At 2^20: four 16 x 16 products per block, then one
-# 16 x 16 product across the 16 blocks: two passes over the 8 MB instead of ten radix-4
-# butterfly passes; 32 flops per element per factor, in a BLAS kernel.
+# along the middle axis in place of order. At 2^20: six products per block (8 x 8 four times,
+# then 4 x 4 twice), then two 4 x 4 products across the 16 blocks: three passes over the 8 MB
+# instead of ten radix-4 butterfly passes, about 100 flops per element in a BLAS kernel.
 #
 # BLAS threads: on a loaded small machine, OpenBLAS's default threads spin against other work
 # (np.dot of 1e6 doubles took 14 ms instead of 0.1 ms), so the products run with BLAS limited to
@@ -94,7 +94,7 @@ def fwht(x: np.ndarray) -> np.ndarray:
 # butterflies below (no BLAS at all) do the work.
 
 _BLOCK_LEVELS = 16  # the in-cache block: 2^16 doubles; it and its scratch fill a 1 MB L2
-_FACTOR_LEVELS = 4  # Hadamard factors of at most 2^4 = 16 (8, 16 and 32 measured; 16 fastest here)
+_FACTOR_LEVELS = 3  # Hadamard factors of at most 2^3 = 8 (8, 16, 32 measured: 8 and 16 within 5 %, 32 slower)
 
 
 def _factor_sizes(levels: int) -> list[int]:

@@ -193,7 +193,7 @@ def test_device_refuses_miscalibrated_cohorts():
 @given(st.integers(min_value=0, max_value=19), st.integers(min_value=0, max_value=2**31),
        st.floats(min_value=1e-6, max_value=1e6))
 def test_gemm_transform_equals_the_butterflies(levels, seed, factor):
-    """``_fwht_scaled`` (matrix products of <= 16 x 16 Hadamard factors, in cache-sized blocks and then
+    """``_fwht_scaled`` (matrix products of small Hadamard factors, in cache-sized blocks and then
     across blocks, the factor folded into the last) equals the radix-4 butterflies times the
     factor, to float rounding, at every size: below, at and above the block (2^16)."""
     n = 1 << levels
@@ -207,7 +207,7 @@ def test_gemm_transform_equals_the_butterflies(levels, seed, factor):
 
 @pytest.mark.parametrize("levels", [16, 17, 20, 21, 22])
 def test_gemm_transform_equals_the_butterflies_across_several_blocks(levels):
-    """One, two and three products across the blocks (2^20: one 16; 2^21: 4 and 8; 2^22: two 8s)."""
+    """Zero to three products across the blocks of 2^16 (2^20: two 4s; 2^22: two 8s)."""
     x = np.random.default_rng(levels).normal(size=1 << levels)
     want = user_encoding._fwht_inplace(x.copy())
     got = user_encoding._fwht_scaled(x.copy(), 1.0)
@@ -252,7 +252,7 @@ def test_blas_thread_limit_is_restored_and_the_fallback_is_the_butterflies(monke
 
 
 def test_rotation_round_trips_at_the_benchmark_size():
-    """d = 1e6 padded to 2^20 (blocks of 2^16, one product across them): rotate then unrotate gives the update back,
+    """d = 1e6 padded to 2^20 (blocks of 2^16, then products across them): rotate then unrotate gives the update back,
     the norm is kept, and both sides agree on the signs."""
     params = UserDPParams(dim=1_000_000, clip=1.0, scale=1.0, sigma=0.0, calibrated_for=1, members=1)
     device = UserCodec(params, rotation_seed("big"))
