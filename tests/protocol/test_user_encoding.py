@@ -227,8 +227,7 @@ def test_factor_sizes_split_the_levels_evenly(levels):
 def test_hadamard_factor_is_the_parity_matrix():
     for k in (1, 2, 8, 32):
         h = user_encoding._hadamard(k)
-        i = np.arange(k)
-        parity = np.array([[bin(a & b).count("1") % 2 for b in i] for a in i])
+        parity = np.array([[(a & b).bit_count() % 2 for b in range(k)] for a in range(k)])
         assert np.array_equal(h, 1.0 - 2.0 * parity)
         assert np.array_equal(h @ h, k * np.eye(k))
         assert not h.flags.writeable  # shared by every call: nobody may scale it in place
