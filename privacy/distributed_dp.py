@@ -256,11 +256,6 @@ def _envelope(sigma: float, table_sigmas: float = _TABLE_SIGMAS) -> _Envelope:
 _SURE_MARGIN = 1.0 - 2.0**-30  # far above float64's error in exp and in the products (~1e-15 relative)
 
 
-def _head_bits(width_bits: int) -> int:
-    """Bits of the acceptance uniform read up front (:func:`_attempt_words`)."""
-    return 31 if width_bits <= 32 - _GUIDE_BITS else 32  # 2 words per attempt, else 3
-
-
 def _sure_heads(bias: np.ndarray, lo: np.ndarray, w: int, inv2s2: float, bits: int) -> np.ndarray:
     """Per bin, an integer ``h`` with ``h <= floor(p 2^bits)`` for every offset's acceptance ``p``.
 
@@ -318,7 +313,9 @@ def discrete_gaussian(rng: SecureRandom, n: int, sigma: float) -> np.ndarray:
     accepted about 96 % of the time at large sigma; the CKS discrete
     Laplace handles the tail beyond 14 sigma. Attempts are iid and each accepted one has
     exactly the target law (up to float64 ``exp`` in the acceptance test), so the first
-    ``n`` accepted are iid N_Z(0, sigma^2). int64; sigma 0 gives zeros."""
+    ``n`` accepted are iid N_Z(0, sigma^2). Most attempts are accepted from their table index and
+    head alone, without the float test, which would have accepted them too (:func:`_attempts`):
+    a shortcut that changes no draw. int64; sigma 0 gives zeros."""
     if not (sigma >= 0.0 and math.isfinite(sigma)):
         raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
     if sigma == 0.0 or n == 0:
@@ -373,8 +370,9 @@ def _attempts(rng: SecureRandom, k: int, env: _Envelope) -> np.ndarray:
     (see :func:`_sure_heads`): accepted, with no float arithmetic. Each attempt is read as one
     little-endian 64-bit integer ``x = first + 2^32 second``, so the index is bits 16..31, the
     offset the low ``width_bits``, the sign bit 32, and "head < h" is ``second < 2h``
-    (``fast_at`` holds ``2h`` in its high word and the bin's ``lo`` in its low word). The rest (bin 0, the tail, the reject entries, and heads near the acceptance
-    probability: about 5 % at large sigma) take the full test, :func:`_full_test`, in attempt
+    (``fast_at`` holds ``2h`` in its high word and the bin's ``lo`` in its low word). The rest
+    (bin 0, the tail, the reject entries, and heads near the acceptance probability: about 5 %
+    at large sigma, mostly rejections) take the full test, :func:`_full_test`, in attempt
     order. Both paths take the same decision for every attempt and draw the same keystream as
     the full test run on all ``k``: the output is the same integers, bit for bit (pinned by
     ``tests/privacy/test_distributed_dp.py``). With 3 words (sigma above ~6.7e7) every attempt
@@ -391,8 +389,8 @@ def _attempts(rng: SecureRandom, k: int, env: _Envelope) -> np.ndarray:
     index = x >> (32 - _GUIDE_BITS)
     index &= (1 << _GUIDE_BITS) - 1  # int64 (intp) indices: np.take casts nothing
     fast = np.take(env.fast_at, index)  # 2 h 2^32 + lo: one gather for both
-    ok = x.view(np.uint64) | np.uint64(0xFFFFFFFF)
-    ok = ok < fast  # second < 2h, i.e. head < h: the low words cannot decide it (first <= 2^32 - 1, lo < 2^32)
+    probe = x.view(np.uint64) | np.uint64(0xFFFFFFFF)  # second, with every bit of the low word set
+    ok = probe < fast  # iff second < 2h, i.e. head < h: a low word of all ones is never below lo (< 2^32)
     value = fast.view(np.int64) & 0xFFFFFFFF  # lo
     value += x & ((1 << env.width_bits) - 1)
     sign = x >> 31
