@@ -208,6 +208,10 @@ class _Envelope:
     bias: np.ndarray  # float64 per entry index: S w g(lo_i) / counts[i] in (0, 1]; 0 for tail, reject
     tail_t: int  # the tail's discrete-Laplace scale, >= sigma^2 / limit
     tail_bias: float  # S t g(limit) / ((1 - e^-1) counts[tail]) <= 1
+    # per table index (2^16 entries), for :func:`_attempts`'s fast path:
+    low_at: np.ndarray  # float64: low[guide]
+    bias_at: np.ndarray  # float64: bias[guide]
+    fast_at: np.ndarray  # uint64: 2 h 2^32 + lo, h from :func:`_sure_heads` (0 for bin 0, tail, reject)
 
     @property
     def limit(self) -> int:
@@ -240,7 +244,33 @@ def _envelope(sigma: float, table_sigmas: float = _TABLE_SIGMAS) -> _Envelope:
     tail_bias = scale * t * math.exp(-float(limit) ** 2 * inv2s2) / ((1.0 - math.exp(-1.0)) * tail_count)
     if not (np.all(bias <= 1.0) and tail_bias <= 1.0):
         raise AssertionError("internal: an acceptance probability above 1")
-    return _Envelope(sigma, width_bits, bins, guide, low, bias, t, tail_bias)
+    # for the 2-word attempt x = first + 2^32 second, second = 2 head + sign (see _attempts)
+    sure = _sure_heads(bias[:bins], lo, w, inv2s2, 31).astype(np.uint64) << np.uint64(33)
+    if limit >= 1 << 32 and width_bits <= 32 - _GUIDE_BITS:
+        raise AssertionError("internal: the table's magnitudes do not fit 32 bits")
+    fast = sure | np.minimum(lo, 2.0**32 - 1).astype(np.uint64)  # lo only matters below 2^32 (2-word layout)
+    fast_at = np.concatenate([fast, np.zeros(2, dtype=np.uint64)])[guide]
+    return _Envelope(sigma, width_bits, bins, guide, low, bias, t, tail_bias, low[guide], bias[guide], fast_at)
+
+
+_SURE_MARGIN = 1.0 - 2.0**-30  # far above float64's error in exp and in the products (~1e-15 relative)
+
+
+def _sure_heads(bias: np.ndarray, lo: np.ndarray, w: int, inv2s2: float, bits: int) -> np.ndarray:
+    """Per bin, an integer ``h`` with ``h <= floor(p 2^bits)`` for every offset's acceptance ``p``.
+
+    ``p = bias exp(-off (2 lo + off) / (2 sigma^2))`` falls with the offset, so its smallest value is
+    at ``off = w - 1``; shrunk by :data:`_SURE_MARGIN` (which dwarfs float64's error in computing
+    either side) and floored, it is below the ``floor(p 2^bits)`` :func:`_bernoulli_lazy` computes for
+    any offset. A head below ``h`` is therefore accepted by the full test too, and never a tie: the
+    fast path changes no decision and draws no keystream. Bin 0 gets 0 (always the full test) so
+    that its "-0" is refused in one place."""
+    last = float(w - 1)
+    least = bias * np.exp(-last * (2.0 * lo + last) * inv2s2) * _SURE_MARGIN
+    sure = np.floor(least * float(1 << bits)) - 1.0
+    sure = np.maximum(sure, 0.0)
+    sure[0] = 0.0
+    return sure.astype(np.uint32)
 
 
 def _bernoulli_lazy(rng: SecureRandom, p: np.ndarray, first: np.ndarray, bits: int = 32) -> np.ndarray:
@@ -283,7 +313,9 @@ def discrete_gaussian(rng: SecureRandom, n: int, sigma: float) -> np.ndarray:
     accepted about 96 % of the time at large sigma; the CKS discrete
     Laplace handles the tail beyond 14 sigma. Attempts are iid and each accepted one has
     exactly the target law (up to float64 ``exp`` in the acceptance test), so the first
-    ``n`` accepted are iid N_Z(0, sigma^2). int64; sigma 0 gives zeros."""
+    ``n`` accepted are iid N_Z(0, sigma^2). Most attempts are accepted from their table index and
+    head alone, without the float test, which would have accepted them too (:func:`_attempts`):
+    a shortcut that changes no draw. int64; sigma 0 gives zeros."""
     if not (sigma >= 0.0 and math.isfinite(sigma)):
         raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
     if sigma == 0.0 or n == 0:
@@ -291,25 +323,30 @@ def discrete_gaussian(rng: SecureRandom, n: int, sigma: float) -> np.ndarray:
     return _sample(rng, n, _envelope(float(sigma)))
 
 
-def _attempt_words(rng: SecureRandom, k: int, env: _Envelope) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                         np.ndarray, int]:
-    """Keystream for ``k`` attempts: (table index, offset, sign bit, acceptance head, head bits).
-
-    8 bytes per attempt when the offset needs at most 16 bits (sigma < 2^21 * 32 ~ 6.7e7): one
-    word holds the 16-bit table index and the offset, the other the sign and a 31-bit head of
-    the acceptance uniform. 12 bytes otherwise: index, offset and sign, a 32-bit head."""
-    if env.width_bits <= 32 - _GUIDE_BITS:
-        words = np.frombuffer(rng.random_bytes(8 * k), dtype="<u4").reshape(k, 2)
-        a, b = words[:, 0], words[:, 1]
-        off = a & np.uint32((1 << env.width_bits) - 1)
-        return a >> np.uint32(32 - _GUIDE_BITS), off, b & np.uint32(1), b >> np.uint32(1), 31
-    words = np.frombuffer(rng.random_bytes(12 * k), dtype="<u4").reshape(k, 3)
-    bits = words[:, 1]
-    off = (bits >> np.uint32(1)) & np.uint32((1 << env.width_bits) - 1)
-    return words[:, 0] >> np.uint32(32 - _GUIDE_BITS), off, bits & np.uint32(1), words[:, 2], 32
+def _words_per_attempt(env: _Envelope) -> int:
+    """Keystream words (32 bits) per attempt: 2 while the offset fits 16 bits (sigma < 2^21 * 32
+    ~ 6.7e7), else 3."""
+    return 2 if env.width_bits <= 32 - _GUIDE_BITS else 3
 
 
-_CHUNK = 1 << 15  # attempts per pass: every temporary stays in cache and is reused, not page-faulted
+def _attempt_words(words: np.ndarray, env: _Envelope) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                  np.ndarray, int]:
+    """What ``k`` attempts' keystream words (a (k, 2) or (k, 3) uint32 array) say: (table index,
+    offset, sign bit, acceptance head, head bits).
+
+    2 words: the first holds the 16-bit table index (top) and the offset (bottom), the second
+    the sign (bit 0) and a 31-bit head of the acceptance uniform. 3 words: index, then offset
+    (above bit 0) and sign (bit 0), then a 32-bit head. Either way the sign is bit 0 of the
+    second word and the head the top of the last, which :func:`_attempts`'s fast path relies on."""
+    mask = np.uint32((1 << env.width_bits) - 1)
+    index = words[:, 0] >> np.uint32(32 - _GUIDE_BITS)
+    sign = words[:, 1] & np.uint32(1)
+    if words.shape[1] == 2:
+        return index, words[:, 0] & mask, sign, words[:, 1] >> np.uint32(1), 31
+    return index, (words[:, 1] >> np.uint32(1)) & mask, sign, words[:, 2], 32
+
+
+_CHUNK = 1 << 16  # attempts per pass: temporaries stay in cache (2^15 to 2^17 measured: 2^16 and up ~5 % faster)
 
 
 def _sample(rng: SecureRandom, n: int, env: _Envelope) -> np.ndarray:
@@ -327,29 +364,67 @@ def _sample(rng: SecureRandom, n: int, env: _Envelope) -> np.ndarray:
 
 
 def _attempts(rng: SecureRandom, k: int, env: _Envelope) -> np.ndarray:
-    """The accepted draws of ``k`` attempts, in attempt order."""
-    index, off, sign, head, head_bits = _attempt_words(rng, k, env)
-    entry = np.take(env.guide, index)
-    low = np.take(env.low, entry)
+    """The accepted draws of ``k`` attempts, in attempt order.
+
+    With 2 words per attempt, most attempts are settled by their table index and head alone
+    (see :func:`_sure_heads`): accepted, with no float arithmetic. Each attempt is read as one
+    little-endian 64-bit integer ``x = first + 2^32 second``, so the index is bits 16..31, the
+    offset the low ``width_bits``, the sign bit 32, and "head < h" is ``second < 2h``
+    (``fast_at`` holds ``2h`` in its high word and the bin's ``lo`` in its low word). The rest
+    (bin 0, the tail, the reject entries, and heads near the acceptance probability: about 5 %
+    at large sigma, mostly rejections) take the full test, :func:`_full_test`, in attempt
+    order. Both paths take the same decision for every attempt and draw the same keystream as
+    the full test run on all ``k``: the output is the same integers, bit for bit (pinned by
+    ``tests/privacy/test_distributed_dp.py``). With 3 words (sigma above ~6.7e7) every attempt
+    takes the full test."""
+    per = _words_per_attempt(env)
+    raw = rng.random_bytes(4 * per * k)
+    words = np.frombuffer(raw, dtype="<u4").reshape(k, per)
+    if per == 3:
+        index, off, sign, head, head_bits = _attempt_words(words, env)
+        ok, magnitude = _full_test(rng, env, index, off, sign, head, head_bits)
+        magnitude[sign.astype(bool)] *= -1
+        return magnitude[ok]
+    x = np.frombuffer(raw, dtype="<i8")
+    index = x >> (32 - _GUIDE_BITS)
+    index &= (1 << _GUIDE_BITS) - 1  # int64 (intp) indices: np.take casts nothing
+    fast = np.take(env.fast_at, index)  # 2 h 2^32 + lo: one gather for both
+    probe = x.view(np.uint64) | np.uint64(0xFFFFFFFF)  # second, with every bit of the low word set
+    ok = probe < fast  # iff second < 2h, i.e. head < h: a low word of all ones is never below lo (< 2^32)
+    value = fast.view(np.int64) & 0xFFFFFFFF  # lo
+    value += x & ((1 << env.width_bits) - 1)
+    sign = x >> 31
+    sign &= 2
+    np.subtract(1, sign, out=sign)
+    value *= sign  # +-(low + offset)
+    slow = np.flatnonzero(~ok)
+    if slow.size:
+        s_index, s_off, s_sign, s_head, head_bits = _attempt_words(words[slow], env)
+        s_ok, s_magnitude = _full_test(rng, env, s_index, s_off, s_sign, s_head, head_bits)
+        ok[slow] = s_ok
+        value[slow] = s_magnitude * sign[slow]
+    return value[ok]
+
+
+def _full_test(rng: SecureRandom, env: _Envelope, index: np.ndarray, off: np.ndarray, sign: np.ndarray,
+               head: np.ndarray, head_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The acceptance test of the attempts given (in attempt order): (accepted, magnitude int64)."""
+    low = np.take(env.low_at, index)
     magnitude = low + off  # float64, exact (< 2^53)
     p = magnitude + low  # the exponent off (2 lo + off): exact too
     p *= off
     p *= -1.0 / (2.0 * env.sigma * env.sigma)
     np.exp(p, out=p)
-    p *= np.take(env.bias, entry)
+    p *= np.take(env.bias_at, index)
     ok = _bernoulli_lazy(rng, p, head, head_bits)
-    tail = np.flatnonzero(entry == env.bins)
+    tail = np.flatnonzero(np.take(env.guide, index) == env.bins)
     if tail.size:
         t_ok, t_x = _tail_attempts(rng, env, tail.size)
         ok[tail] = t_ok
         magnitude[tail] = t_x
-    negative = sign.astype(bool)
     zero = np.flatnonzero(magnitude == 0.0)
-    ok[zero[negative[zero]]] = False  # "-0" would count zero twice
-    kept = np.flatnonzero(ok)
-    signed = magnitude[kept]
-    signed *= 1.0 - 2.0 * negative[kept]
-    return signed.astype(np.int64)
+    ok[zero[sign[zero].astype(bool)]] = False  # "-0" would count zero twice
+    return ok, magnitude.astype(np.int64)
 
 
 def discrete_gaussian_variance(sigma: float) -> float:

@@ -294,10 +294,12 @@ def test_params_refuse_a_signal_that_cannot_fit_the_ring():
 # -- the table sampler: exact envelope, goodness of fit at binned scales, the tail, lazy Bernoulli ---
 
 from ftte.privacy.distributed_dp import (  # noqa: E402
+    _CHUNK,
     _GUIDE_BITS,
     _bernoulli_lazy,
     _envelope,
     _sample,
+    _tail_attempts,
     discrete_gaussian_cks,
 )
 
@@ -430,3 +432,83 @@ def test_lazy_bernoulli_is_the_53_bit_comparison(bits):
     top = np.full(5, 2**bits - 1, np.uint32)
     assert np.array_equal(_bernoulli_lazy(SecureRandom.from_key(key), np.ones(5), top, bits), np.ones(5, bool))
     assert not _bernoulli_lazy(SecureRandom.from_key(key), np.zeros(5), np.zeros(5, np.uint32), bits).any()
+
+
+# -- the fast path of the table sampler changes no draw --------------------------------------------
+
+def _reference_attempts(rng: SecureRandom, k: int, env) -> np.ndarray:
+    """The table sampler's attempts as first written (before the fast path): every attempt through
+    the float acceptance test, from the envelope's bin table (guide, low, bias) alone."""
+    per = 2 if env.width_bits <= 32 - _GUIDE_BITS else 3
+    words = np.frombuffer(rng.random_bytes(4 * per * k), dtype="<u4").reshape(k, per)
+    index = words[:, 0] >> np.uint32(32 - _GUIDE_BITS)
+    mask = np.uint32((1 << env.width_bits) - 1)
+    if per == 2:
+        off, head, bits = words[:, 0] & mask, words[:, 1] >> np.uint32(1), 31
+    else:
+        off, head, bits = (words[:, 1] >> np.uint32(1)) & mask, words[:, 2], 32
+    negative = (words[:, 1] & np.uint32(1)).astype(bool)
+    entry = env.guide[index]
+    low = env.low[entry]
+    magnitude = low + off
+    p = np.exp(-(magnitude + low) * off / (2.0 * env.sigma * env.sigma)) * env.bias[entry]
+    ok = _bernoulli_lazy(rng, p, head, bits)
+    tail = np.flatnonzero(entry == env.bins)
+    if tail.size:
+        t_ok, t_x = _tail_attempts(rng, env, tail.size)
+        ok[tail] = t_ok
+        magnitude[tail] = t_x
+    ok &= ~(negative & (magnitude == 0.0))
+    signed = np.where(negative, -magnitude, magnitude)[ok]
+    return signed.astype(np.int64)
+
+
+def _reference_sample(rng: SecureRandom, n: int, env) -> np.ndarray:
+    parts, done = [], 0
+    while done < n:
+        need = n - done
+        x = _reference_attempts(rng, min(_CHUNK, int(need * 1.04) + 64), env)[:need]
+        parts.append(x)
+        done += x.size
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("sigma,table_sigmas", [(0.5, 14), (3.0, 14), (40.0, 14), (3000.0, 14), (2.66e6, 14),
+                                                (1e8, 14), (3.0, 1.5), (50.0, 0.6), (1e5, 3.0)])
+def test_fast_path_draws_the_same_integers_as_the_full_test(sigma, table_sigmas):
+    """The sampler settles most attempts without the float test (``fast_at``); on the same keystream
+    it must return exactly the draws, and consume exactly the keystream, of running the full test
+    on every attempt. Short tables (1.5, 0.6, 3 sigma) send many attempts through the tail."""
+    env = _envelope(sigma, table_sigmas)
+    n = 40_000
+    fast_rng = SecureRandom.from_seed(11, "same-draws", str(sigma), str(table_sigmas))
+    ref_rng = SecureRandom.from_seed(11, "same-draws", str(sigma), str(table_sigmas))
+    fast = _sample(fast_rng, n, env)
+    ref = _reference_sample(ref_rng, n, env)
+    assert fast.dtype == np.int64 and np.array_equal(fast, ref)
+    assert fast_rng.bytes_drawn == ref_rng.bytes_drawn
+
+
+@pytest.mark.parametrize("sigma", [0.5, 3.0, 40.0, 100.0, 3000.0, 3e5, 2.66e6])
+def test_sure_bound_never_exceeds_the_acceptance(sigma):
+    """For every bin and offset, a head below the fast path's bound is below floor(p 2^31), the full
+    test's acceptance threshold; and the bound settles most attempts at large sigma (else the
+    fast path would be a no-op)."""
+    env = _envelope(sigma)
+    w = 1 << env.width_bits
+    counts = np.bincount(env.guide, minlength=env.bins + 2)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # the first table index of every bin
+    sure = env.fast_at[first[: env.bins]] >> np.uint64(33)  # the bound in head units, per bin
+    assert np.all(env.fast_at[first[env.bins]:] == 0)  # the tail and the reject entries: always the full test
+    for b in range(env.bins):  # every entry of a bin carries its bound and its lo (the low word)
+        entries = env.fast_at[first[b]:first[b] + counts[b]]
+        assert np.all(entries == (sure[b] << np.uint64(33)) + np.uint64(b * w))
+    assert sure[0] == 0  # bin 0: always the full test ("-0")
+    offs = np.unique(np.concatenate([[0, w - 1], np.random.default_rng(0).integers(0, w, 64)]))
+    for off in offs.astype(np.float64):
+        low = env.low[: env.bins]
+        p = np.exp(-(low + off + low) * off / (2.0 * sigma * sigma)) * env.bias[: env.bins]
+        assert np.all(sure.astype(np.float64) <= np.floor(p * 2.0**31))
+    if sigma >= 100:
+        settled = float((counts[: env.bins] * sure.astype(np.float64)).sum()) / 2.0**_GUIDE_BITS / 2.0**31
+        assert settled > 0.9

@@ -15,6 +15,7 @@ from ftte.crypto.secagg_local import run_session
 from ftte.privacy.distributed_dp import UserDPParams, discrete_gaussian_variance, plan_user_dp
 from ftte.privacy.secure_random import SecureRandom
 from ftte.protocol.encoding import clip_l2
+from ftte.protocol import user_encoding
 from ftte.protocol.user_encoding import UserCodec, fwht, rotation_seed
 
 
@@ -184,3 +185,99 @@ def test_device_refuses_miscalibrated_cohorts():
         check_user_params(loud, **terms)
     assert user_params_digest(good, 1.5) != user_params_digest(loud, 1.5) and len(user_params_digest(good, 1.5)) == 32
     assert user_params_digest(good, 1.5) != user_params_digest(good, 1.4)
+
+
+# -- the rotation as Kronecker GEMMs, against the butterflies -------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=0, max_value=19), st.integers(min_value=0, max_value=2**31),
+       st.floats(min_value=1e-6, max_value=1e6))
+def test_gemm_transform_equals_the_butterflies(levels, seed, factor):
+    """``_fwht_scaled`` (matrix products of small Hadamard factors, in cache-sized blocks and then
+    across blocks, the factor folded into the last) equals the radix-4 butterflies times the
+    factor, to float rounding, at every size: below, at and above the block (2^16)."""
+    n = 1 << levels
+    x = np.random.default_rng(seed).normal(size=n) * np.random.default_rng(seed + 1).lognormal(0, 3, size=n)
+    want = user_encoding._fwht_inplace(x.copy()) * factor
+    got = user_encoding._fwht_scaled(x.copy(), factor)
+    tol = 1e-13 * factor * math.sqrt(n) * float(np.linalg.norm(x)) + 1e-300
+    assert got.shape == (n,) and got.dtype == np.float64
+    assert float(np.abs(got - want).max()) <= tol
+
+
+@pytest.mark.parametrize("levels", [16, 17, 20, 21, 22])
+def test_gemm_transform_equals_the_butterflies_across_several_blocks(levels):
+    """Zero to three products across the blocks of 2^16 (2^20: two 4s; 2^22: two 8s)."""
+    x = np.random.default_rng(levels).normal(size=1 << levels)
+    want = user_encoding._fwht_inplace(x.copy())
+    got = user_encoding._fwht_scaled(x.copy(), 1.0)
+    assert float(np.abs(got - want).max()) <= 1e-13 * math.sqrt(x.size) * float(np.linalg.norm(x))
+
+
+@pytest.mark.parametrize("levels", [0, 1, 2, 4, 5, 6, 10, 16, 20, 25])
+def test_factor_sizes_split_the_levels_evenly(levels):
+    sizes = user_encoding._factor_sizes(levels)
+    assert math.prod(sizes) == 1 << levels
+    assert all(2 <= k <= 1 << user_encoding._FACTOR_LEVELS and k & (k - 1) == 0 for k in sizes)
+    if sizes:
+        assert max(sizes) <= 2 * min(sizes)
+        assert len(sizes) == -(-levels // user_encoding._FACTOR_LEVELS)  # as few products as the cap allows
+
+
+def test_hadamard_factor_is_the_parity_matrix():
+    for k in (1, 2, 8, 32):
+        h = user_encoding._hadamard(k)
+        parity = np.array([[(a & b).bit_count() % 2 for b in range(k)] for a in range(k)])
+        assert np.array_equal(h, 1.0 - 2.0 * parity)
+        assert np.array_equal(h @ h, k * np.eye(k))
+        assert not h.flags.writeable  # shared by every call: nobody may scale it in place
+
+
+def test_blas_thread_limit_is_restored_and_the_fallback_is_the_butterflies(monkeypatch):
+    """The products run with BLAS limited to one thread only while they run; with no BLAS to limit,
+    the transform is exactly the butterflies."""
+    controller = user_encoding._blas_controller()
+    before = None if controller is None else [lib.num_threads for lib in controller.lib_controllers]
+    x = np.random.default_rng(3).normal(size=2**16)
+    params = UserDPParams(dim=60_000, clip=1.0, scale=1.0, sigma=0.0, calibrated_for=1, members=1)
+    codec = UserCodec(params, rotation_seed("threads"))
+    y = codec.rotate(x[:60_000])
+    if controller is not None:
+        assert [lib.num_threads for lib in controller.lib_controllers] == before
+    monkeypatch.setattr(user_encoding, "_one_blas_thread", lambda: None)
+    assert np.array_equal(user_encoding._fwht_scaled(x.copy(), 1.0), user_encoding._fwht_inplace(x.copy()))
+    assert np.allclose(codec.rotate(x[:60_000]), y, rtol=0, atol=1e-12)
+    assert np.allclose(codec.unrotate(y), x[:60_000], rtol=0, atol=1e-12)
+
+
+def test_rotation_round_trips_at_the_benchmark_size():
+    """d = 1e6 padded to 2^20 (blocks of 2^16, then products across them): rotate then unrotate gives the update back,
+    the norm is kept, and both sides agree on the signs."""
+    params = UserDPParams(dim=1_000_000, clip=1.0, scale=1.0, sigma=0.0, calibrated_for=1, members=1)
+    device = UserCodec(params, rotation_seed("big"))
+    server = UserCodec(params, rotation_seed("big"))
+    x = np.random.default_rng(5).normal(size=params.dim)
+    y = device.rotate(x, 0.5)
+    assert np.linalg.norm(y) == pytest.approx(0.5 * np.linalg.norm(x), rel=1e-12)
+    assert np.allclose(server.unrotate(y) * 2.0, x, rtol=0, atol=1e-11)
+    assert np.allclose(y, 0.5 * user_encoding._fwht_inplace(
+        np.concatenate([x * device.signs[: params.dim], np.zeros(params.padded_dim - params.dim)]))
+        / math.sqrt(params.padded_dim), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bits,sigma", [(32, 300.0), (16, 3.0)])
+def test_ring_is_the_residue_of_rounded_plus_noise(bits, sigma):
+    """The ring vector (written in one pass) is ``(rounded + noise) mod 2^b``, negatives included,
+    and reads back as the signed sum; rounding and noise come from the device's generator."""
+    params = UserDPParams(dim=5000, clip=1.0, scale=40.0 if bits == 16 else 4000.0, sigma=sigma,
+                          calibrated_for=2, members=3, ring_bits=bits)
+    codec = UserCodec(params, rotation_seed("ring"))
+    x = np.random.default_rng(1).normal(size=params.dim) * 0.02
+    enc = codec.encode(x, 0.7, SecureRandom.from_seed(4, "ring"))
+    signed = enc.rounded + enc.noise
+    assert (signed < 0).any() and np.any(enc.noise != 0)
+    assert enc.ring.dtype == np.dtype(f"<u{bits // 8}")
+    assert np.array_equal(enc.ring, (signed % 2**bits).astype(enc.ring.dtype))
+    assert np.array_equal(codec.to_signed(enc.ring), signed)
+    again = codec.encode(x, 0.7, SecureRandom.from_seed(4, "ring"))
+    assert np.array_equal(again.ring, enc.ring)  # a deterministic function of the generator's key
