@@ -196,14 +196,59 @@ def _stop(proc: subprocess.Popen | None) -> None:
         proc.wait(timeout=10)
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """The files of one benchmark deployment under ``work``."""
+
+    data_files: list[Path]  # one CSV per device: the flat features and ``label``
+    test_file: Path  # the server's test set (``x`` shaped like one record of the task)
+    keys: list[Path]  # each device's Ed25519 identity key
+    config: Path  # the ``ftte server`` TOML
+    chosen: DevicePlan
+    pki: Any
+
+
+def write_deployment(work: Path, task: BenchTask, n_devices: int, *, port: int, noise_multiplier: float) -> Deployment:
+    """Split the task's data over ``n_devices``, search its plan, and write keys, allow list, PKI and server config.
+
+    The server's buffer is the whole fleet, DP runs at the fixed ``noise_multiplier``
+    (``target_epsilon = 0``) with an epsilon budget no round reaches, and ``[deploy]
+    trainable_layers`` names the plan. ``[train] clipping`` is the search's choice when the task
+    leaves it to the search (``"auto"``, the default config's), else the deployment's default."""
+    from ftte.bench.http_pki import make_pki
+    from ftte.bench.loopback import digits_split, mnist_split, write_server_config
+    from ftte.crypto.primitives import Signer
+
+    split = mnist_split if task.name == "mnist" else digits_split
+    data_files, test_file, (x, y), _ = split(work / "data", n_devices)
+    chosen = task_plan(task, x, y)
+    pki = make_pki(work / "pki")
+    keys, lines = [], []
+    for i in range(n_devices):
+        signer = Signer()
+        key = work / f"device{i}.key"
+        key.write_bytes(signer.private_bytes())
+        os.chmod(key, 0o600)
+        keys.append(key)
+        lines.append(f"{signer.public_key.hex()} device{i}")
+    allow = work / "devices.txt"
+    allow.write_text("\n".join(lines) + "\n")
+    config = work / "server.toml"
+    layer_list = ", ".join(f'"{name}"' for name in chosen.plan.trainable_layers)
+    write_server_config(config, pki=pki, allow=allow, state=work / "state" / "server.db", port=port,
+                        test_data=test_file, buffer_size=n_devices, deadline_s=600.0, stage_timeout_s=120.0,
+                        local_steps=task.local_steps, batch_size=task.batch_size, lr=task.lr, epsilon_max=100000.0,
+                        noise_multiplier=noise_multiplier, metrics=False, model=task.model,
+                        input_shape=task.input_shape, clipping=chosen.clipping if task.clipping == "auto" else None,
+                        extra=f"trainable_layers = [{layer_list}]\n")
+    return Deployment(list(data_files), test_file, keys, config, chosen, pki)
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 def measure(args: argparse.Namespace) -> dict:
     """Run the deployment and return the raw measurements (the confined runner's JSON plus the parent's)."""
     from ftte.bench.device_confine import Limits, make_confiner
-    from ftte.bench.http_pki import make_pki
-    from ftte.bench.loopback import digits_split, mnist_split, write_server_config
-    from ftte.crypto.primitives import Signer
 
     t0 = time.monotonic()
     out = Path(args.out).resolve()
@@ -213,32 +258,10 @@ def measure(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True)
     task = bench_task(args.task, model=args.model, local_steps=args.local_steps, batch_size=args.batch_size,
                       lr=args.lr)
-    split = mnist_split if task.name == "mnist" else digits_split
-    data_files, test_file, (x, y), _ = split(work / "data", args.devices)
-    chosen = task_plan(task, x, y)
-    plan, budget = chosen.plan, chosen.budget_bytes
-    pki = make_pki(work / "pki")
-    keys, lines = [], []
-    for i in range(args.devices):
-        signer = Signer()
-        key = work / f"device{i}.key"
-        key.write_bytes(signer.private_bytes())
-        os.chmod(key, 0o600)
-        keys.append(key)
-        lines.append(f"{signer.public_key.hex()} device{i}")
-    allow = work / "devices.txt"
-    allow.write_text("\n".join(lines) + "\n")
     port = _free_port()
-    config = work / "server.toml"
-    layer_list = ", ".join(f'"{name}"' for name in plan.trainable_layers)
-    write_server_config(config, pki=pki, allow=allow, state=work / "state" / "server.db", port=port,
-                        test_data=test_file, buffer_size=args.devices, deadline_s=600.0, stage_timeout_s=120.0,
-                        local_steps=task.local_steps, batch_size=task.batch_size, lr=task.lr, epsilon_max=100000.0,
-                        noise_multiplier=args.noise_multiplier, metrics=False, model=task.model,
-                        input_shape=task.input_shape,
-                        # digits leaves the deployment's default (per-sample); mnist takes the search's choice
-                        clipping=chosen.clipping if task.clipping == "auto" else None,
-                        extra=f"trainable_layers = [{layer_list}]\n")
+    files = write_deployment(work, task, args.devices, port=port, noise_multiplier=args.noise_multiplier)
+    data_files, keys, config, chosen, pki = files.data_files, files.keys, files.config, files.chosen, files.pki
+    budget = chosen.budget_bytes
     (work / "state").mkdir()
     url = f"https://127.0.0.1:{port}"
     allow_mech = ("cgroup2", "cgroup1", "rlimit") if args.mechanism == "auto" else (args.mechanism,)
