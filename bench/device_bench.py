@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchTask", "DevicePlan", "bench_task", "configure", "default_plan", "run", "summarize", "task_plan"]
+__all__ = ["BenchTask", "Deployment", "DevicePlan", "bench_task", "configure", "default_plan", "run", "summarize", "task_plan",
+           "write_deployment"]
 
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 MiB = 1024 * 1024
@@ -577,6 +578,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.rounds < 1:
         print("ftte bench device: --rounds must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        bench_task(args.task, model=args.model, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr)
+    except ValueError as exc:
+        print(f"ftte bench device: {exc}", file=sys.stderr)
         return 2
     doc = measure(args)
     summary = summarize(doc)
