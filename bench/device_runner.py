@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                      "coordinates": plan.num_coordinates, "full_coordinates": full.num_coordinates},
             "task": {"local_steps": task.local_steps, "batch_size": task.batch_size, "records": int(len(xs)),
                      "noise_multiplier": float(dp.noise_multiplier), "dp": bool(dp.enabled),
+                     "clipping": settings.clipping, "prefix_chunk": settings.prefix_chunk,
+                     "model": task.model_name, "input_shape": list(task.input_shape),
                      "cohort_members": len(start.members) if start is not None else 0},
             "memory": {
                 "rss_after_import_bytes": startup["rss_bytes"],

