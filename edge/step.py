@@ -138,6 +138,9 @@ class SubsetStep:
         self._dp_loss = None
         self.suffix: nn.Module
         self.optimizer: torch.optim.Optimizer
+        # what either Opacus optimizer is given: the same noise, clip and batch for both clipping modes
+        dp_terms = dict(noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                        expected_batch_size=int(expected_batch_size), loss_reduction="mean", generator=generator)
         if self._ghost:
             from opacus.grad_sample import GradSampleModuleFastGradientClipping
             from opacus.optimizers import DPOptimizerFastGradientClipping
@@ -147,14 +150,7 @@ class SubsetStep:
                 suffix, batch_first=True, loss_reduction="mean", max_grad_norm=config.max_grad_norm,
                 use_ghost_clipping=True,
             )
-            self.optimizer = DPOptimizerFastGradientClipping(
-                base,
-                noise_multiplier=config.noise_multiplier,
-                max_grad_norm=config.max_grad_norm,
-                expected_batch_size=int(expected_batch_size),
-                loss_reduction="mean",
-                generator=generator,
-            )
+            self.optimizer = DPOptimizerFastGradientClipping(base, **dp_terms)
             # the loss must reduce by the mean (Opacus checks the criterion agrees)
             self._dp_loss = DPLossFastGradientClipping(self.suffix, self.optimizer, self.loss_fn, loss_reduction="mean")
         elif config.dp:
@@ -162,14 +158,7 @@ class SubsetStep:
             from opacus.optimizers import DPOptimizer
 
             self.suffix = GradSampleModule(suffix, batch_first=True, loss_reduction="mean")
-            self.optimizer = DPOptimizer(
-                base,
-                noise_multiplier=config.noise_multiplier,
-                max_grad_norm=config.max_grad_norm,
-                expected_batch_size=int(expected_batch_size),
-                loss_reduction="mean",
-                generator=generator,
-            )
+            self.optimizer = DPOptimizer(base, **dp_terms)
         else:
             self.suffix = suffix
             self.optimizer = base
