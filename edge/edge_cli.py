@@ -86,6 +86,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-round", type=int, default=1, help=argparse.SUPPRESS)
 
 
+def check_policy_flags(args: argparse.Namespace) -> str | None:
+    """The device-policy flags' own bounds, named by flag (the policy would name its fields)."""
+    if args.min_cohort is not None and args.min_cohort < 2:
+        return f"--min-cohort must be at least 2 (a cohort of one hides nothing), got {args.min_cohort}"
+    if args.max_corrupt is not None and args.max_corrupt < 0:
+        return f"--max-corrupt must be 0 or more, got {args.max_corrupt}"
+    if args.max_user_noise_ratio is not None and not args.max_user_noise_ratio > 0:
+        return f"--max-user-noise-ratio must be > 0 (omit it for no ceiling), got {args.max_user_noise_ratio}"
+    return None
+
+
 def load_csv(path: str, target: str):
     import csv
 
@@ -144,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    problem = check_server(args.server, args.insecure_plaintext)
+    problem = check_server(args.server, args.insecure_plaintext) or check_policy_flags(args)
     if problem is not None:
         print(f"ftte edge: {problem}", file=sys.stderr)
         return 2

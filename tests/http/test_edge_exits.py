@@ -118,8 +118,9 @@ def test_spent_budget_exits_3_and_reports_the_epsilon_spent(deployment, tmp_path
     assert "privacy budget spent" in err
 
 
-@pytest.mark.parametrize("flag, value, says", [("--max-user-noise-ratio", "0", "max_user_noise_ratio must be > 0"),
-                                               ("--min-cohort", "1", "min_members >= 2")])
+@pytest.mark.parametrize("flag, value, says", [("--max-user-noise-ratio", "0", "--max-user-noise-ratio must be > 0"),
+                                               ("--min-cohort", "1", "--min-cohort must be at least 2"),
+                                               ("--max-corrupt", "-1", "--max-corrupt must be 0 or more")])
 def test_an_impossible_device_policy_is_refused_before_any_contact(tmp_path, flag, value, says):
     key = tmp_path / "device.key"
     data = tmp_path / "records.csv"
