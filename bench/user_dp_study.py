@@ -30,7 +30,7 @@ aborts the cohort (a 5-version probe at 1,000 devices aborted 21 cohorts of 26).
 
     .venv/bin/python -m ftte.bench.user_dp_study [--devices 1000] [--buffer 100] [--horizon 36000]
         [--versions 0] [--eps 2 4 8] [--variants ftte fedbuff ftte-memory] [--device-lr LR | NAME=LR ...]
-        [--noise-ratio R] [--server-lr LR] [--clip C]
+        [--noise-ratio R] [--server-lr LR] [--momentum B] [--clip C] [--threshold T] [--participations P]
         [--out runs/user_dp_study]
 
 Writes ``study.json`` (after every run, so a stopped study keeps what it finished),
@@ -84,6 +84,8 @@ class StudySettings:
     clip: float | None = None  # [secagg] clip, the user-level sensitivity; None: the config's
     noise_ratio: float | None = None  # [privacy] user_noise_ratio (the plan rule); None: the config's
     server_lr: float | None = None  # [server] lr; None: the config's
+    momentum: float | None = None  # [server] momentum (FedAvgM); None: the config's
+    threshold: int = 0  # [secagg] threshold T; 0: the config's (a majority of the cohort)
     preset: str | None = None  # None: the default task
     model: str | None = None  # None: the preset's
     final_window: int = 10
@@ -100,6 +102,9 @@ class StudySettings:
             raise ValueError(f"unknown noise {sorted(unknown)}; choose from {NOISES}")
         if unknown := set(self.variants) - set(VARIANTS):
             raise ValueError(f"unknown variant {sorted(unknown)}; choose from {tuple(VARIANTS)}")
+        if self.participations < 1 or not 0 <= self.threshold <= self.buffer:
+            raise ValueError(f"need participations >= 1 and 0 <= threshold <= buffer, got {self.participations}, "
+                             f"{self.threshold}")
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,10 @@ def run_config(settings: StudySettings, spec: RunSpec) -> Any:
         overrides["privacy.user_noise_ratio"] = settings.noise_ratio
     if settings.server_lr is not None:
         overrides["server.lr"] = settings.server_lr
+    if settings.momentum is not None:
+        overrides["server.momentum"] = settings.momentum
+    if settings.threshold:
+        overrides["secagg.threshold"] = settings.threshold
     if spec.epsilon is not None:
         overrides.update({"privacy.unit": "user", "privacy.user_noise": spec.noise,
                           "privacy.user_epsilon": spec.epsilon, "privacy.user_delta": settings.delta,
@@ -298,14 +307,16 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
 def markdown_table(runs: Sequence[dict[str, Any]], settings: StudySettings) -> str:
     """One row per run: final and best accuracy, versions, epsilon reached."""
     lines = ["| variant | plan (coordinates) | predicted noise/signal | noise | epsilon target | final acc (mean of last "
-             f"{settings.final_window}) | best acc | versions | epsilon reached | aborted cohorts | wall (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{settings.final_window}) | best acc | versions | epsilon reached | aborted cohorts | devices out of budget | "
+             "wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['variant']} | {r['plan']} ({_fmt(r['trainable_coordinates'], ',')}) | "
                      f"{_fmt(r.get('predicted_noise_ratio'), '.2f')} | {r['noise']} | "
                      f"{_fmt(r['epsilon_target'], 'g')} | {_fmt(r['final_accuracy'])} | {_fmt(r['best_accuracy'])} | "
                      f"{_fmt(r['versions'], 'd')} | {_fmt(r['epsilon_reached'], '.3f')} | "
-                     f"{_fmt(r['aborted_cohorts'], 'd')} | {_fmt(r['wall_time_s'], '.0f')} |")
+                     f"{_fmt(r['aborted_cohorts'], 'd')} | {_fmt(r.get('devices_out_of_budget'), 'd')} | "
+                     f"{_fmt(r['wall_time_s'], '.0f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -413,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise-ratio", type=float, default=None,
                     help="[privacy] user_noise_ratio, the user-level plan rule's cap (default: the config's)")
     ap.add_argument("--server-lr", type=float, default=None, help="server learning rate (default: the config's)")
+    ap.add_argument("--momentum", type=float, default=None,
+                    help="[server] momentum, FedAvgM-style, in [0, 1) (default: the config's)")
+    ap.add_argument("--threshold", type=int, default=0,
+                    help="[secagg] threshold T of each cohort (0: the config's, a majority); distributed noise is "
+                         "calibrated for T - max_corrupt survivors, so a higher T means less noise with every member "
+                         "surviving and more aborted cohorts")
     ap.add_argument("--delta", type=float, default=1e-6)
     ap.add_argument("--participations", type=int, default=8, help="cohorts each device may join ([privacy] user_participations)")
     ap.add_argument("--seed", type=int, default=0)
@@ -433,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                              epsilons=tuple(args.eps), noises=tuple(args.noise), variants=tuple(args.variants),
                              delta=args.delta, participations=args.participations, seed=args.seed,
                              neighbors=args.neighbors, device_lr=device_lr, device_lrs=device_lrs, clip=args.clip,
-                             preset=args.preset, noise_ratio=args.noise_ratio, server_lr=args.server_lr)
+                             preset=args.preset, noise_ratio=args.noise_ratio, server_lr=args.server_lr,
+                             momentum=args.momentum, threshold=args.threshold)
     doc = run_study(settings, args.out, quiet=args.quiet)
     print(markdown_table(doc["runs"], settings))
     print(goals_text(doc["goals"]))

@@ -92,6 +92,28 @@ def test_ftte_nonprivate_trains_the_plan_of_its_private_run_at_epsilon_8():
     assert not cfgs["ftte-memory-nonprivate"].privacy.enabled
 
 
+def test_threshold_momentum_and_participations_reach_the_config_and_the_plan_rule():
+    """The study's levers are config overrides: a higher threshold lowers the distributed noise (the cap grows),
+    more participations raise it (the cap shrinks), momentum reaches the server optimizer; 0 / None keep the
+    config's."""
+    from ftte.pipeline.strategies import user_coordinate_cap
+
+    finite = dict(extra={"train.batch_size": 4, "fleet.stragglers": 0.5})
+    base = _tiny(**finite)
+    spec = grid(base)[3]  # ftte-distributed-eps8
+    assert spec.name == "ftte-distributed-eps8"
+    plain = run_config(base, spec)
+    assert plain.secagg.threshold == 0 and plain.server.momentum == 0.0 and plain.privacy.user_participations == 2
+    tuned = run_config(_tiny(threshold=7, momentum=0.9, participations=4, **finite), spec)
+    assert tuned.secagg.threshold == 7 and tuned.server.momentum == 0.9 and tuned.privacy.user_participations == 4
+    cap = user_coordinate_cap(plain)
+    assert user_coordinate_cap(run_config(_tiny(threshold=7, **finite), spec)) > cap  # T = 7 of 8 instead of 5
+    assert user_coordinate_cap(run_config(_tiny(participations=4, **finite), spec)) < cap
+    # non-private ftte follows its private run's plan under the same levers
+    nonprivate = run_config(_tiny(threshold=7, **finite), grid(base)[0])
+    assert nonprivate.train.max_coordinates == user_coordinate_cap(run_config(_tiny(threshold=7, **finite), spec))
+
+
 def _rec(variant: str, noise: str, eps: float | None, acc: float) -> dict:
     return {"variant": variant, "noise": noise, "epsilon_target": eps, "final_accuracy": acc}
 
@@ -117,3 +139,7 @@ def test_settings_refuse_an_impossible_grid():
     with pytest.raises(ValueError, match="noise"):
         StudySettings(noises=("local",))
     assert RunSpec("ftte", "none", None).name == "ftte-nonprivate"
+    with pytest.raises(ValueError, match="threshold"):
+        StudySettings(buffer=100, threshold=101)
+    with pytest.raises(ValueError, match="participations"):
+        StudySettings(participations=0)
