@@ -133,6 +133,20 @@ def test_goals_are_met_or_missed_by_their_thresholds():
     assert goals(runs[:2], s)["ftte_ahead_of_full_model_at_every_epsilon"]["met"] is None  # not measured
 
 
+def test_with_a_learning_rate_sweep_the_goal_is_judged_against_the_best_nonprivate_run():
+    """A weak non-private reference must not make the gap look small: the best of the sweep counts."""
+    s = StudySettings(epsilons=(8.0,), nonprivate_lrs=(0.1, 1.0))
+    assert [spec.name for spec in grid(s)][:2] == ["ftte-nonprivate-lr0.1", "ftte-nonprivate-lr1"]
+    assert run_config(s, grid(s)[0]).train.lr == 0.1 and run_config(s, grid(s)[1]).train.lr == 1.0
+    runs = [dict(_rec("ftte", "none", None, 0.60), device_lr=0.1), dict(_rec("ftte", "none", None, 0.30), device_lr=1.0),
+            dict(_rec("fedbuff", "none", None, 0.75), device_lr=0.1), _rec("ftte", "distributed", 8.0, 0.55)]
+    g = goals(runs, s)["ftte_eps8_within_10_points_of_nonprivate"]
+    assert g["met"] is True and g["gap"] == pytest.approx(0.05) and g["reference"]["device_lr"] == 0.1
+    assert g["met_any"] is False and g["gap_any"] == pytest.approx(0.20) and g["reference_any"]["variant"] == "fedbuff"
+    with pytest.raises(ValueError, match="learning rates"):
+        StudySettings(nonprivate_lrs=(0.0,))
+
+
 def test_settings_refuse_an_impossible_grid():
     with pytest.raises(ValueError, match="buffer"):
         StudySettings(devices=10, buffer=20)
