@@ -54,6 +54,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "aggregation work per member (each member's share and unmask work grows with the cohort)")
     parser.add_argument("--local-steps", type=int, default=0,
                         help="DP-SGD steps per device round (default 0: the config's); more = heavier device work")
+    parser.add_argument("--secagg", choices=("on", "off"), default="on",
+                        help="secure aggregation (default on, the config's); off shows what the members' stages cost "
+                             "as Ray calls")
     parser.add_argument("--rounds", type=int, default=200, help="device rounds per device_work measurement (default 200)")
     parser.add_argument("--versions", type=int, default=10, help="merges per simulation measurement (default 10)")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per backend; the median is reported")
@@ -67,6 +70,8 @@ def _config(args: argparse.Namespace) -> Any:
     extra: dict[str, Any] = {"train.local_steps": args.local_steps} if args.local_steps else {}
     if args.buffer:
         extra["server.buffer_size"] = args.buffer
+    if args.secagg == "off":
+        extra["secagg.enabled"] = False
     return load_config(None, preset="digits").with_overrides(**extra, **{
         "run.seed": args.seed,
         "run.strategy": args.strategy,
