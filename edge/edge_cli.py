@@ -38,6 +38,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUDGET, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_CERTIFICATE = 0, 1, 2, 3, 4, 5, 6
 EXIT_INTERRUPTED = 130
@@ -86,14 +87,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-round", type=int, default=1, help=argparse.SUPPRESS)
 
 
+# DevicePolicy field -> the argparse dest of the flag that sets it
+POLICY_FLAGS = {"min_members": "min_cohort", "max_corrupt": "max_corrupt", "max_user_noise_ratio": "max_user_noise_ratio"}
+
+
+def policy_floors(args: argparse.Namespace) -> dict[str, Any]:
+    """The device-policy fields the flags set (unset flags keep the policy's defaults)."""
+    return {field: getattr(args, dest) for field, dest in POLICY_FLAGS.items() if getattr(args, dest) is not None}
+
+
 def check_policy_flags(args: argparse.Namespace) -> str | None:
-    """The device-policy flags' own bounds, named by flag (the policy would name its fields)."""
-    if args.min_cohort is not None and args.min_cohort < 2:
-        return f"--min-cohort must be at least 2 (a cohort of one hides nothing), got {args.min_cohort}"
-    if args.max_corrupt is not None and args.max_corrupt < 0:
-        return f"--max-corrupt must be 0 or more, got {args.max_corrupt}"
-    if args.max_user_noise_ratio is not None and not args.max_user_noise_ratio > 0:
-        return f"--max-user-noise-ratio must be > 0 (omit it for no ceiling), got {args.max_user_noise_ratio}"
+    """The device policy's own checks (:class:`~ftte.protocol.cohort.DevicePolicy`) on the flags
+    given, before anything starts; the message names the flag instead of the field."""
+    from ftte.protocol.cohort import DevicePolicy
+
+    try:
+        DevicePolicy(**policy_floors(args))
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        return f"--{POLICY_FLAGS.get(field, field).replace('_', '-')} {rest}"
     return None
 
 
@@ -217,15 +229,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
     # verify=False is the plaintext opt-in for an http:// URL only (checked above and by Transport)
     verify = False if args.insecure_plaintext else (args.ca or True)
-    try:  # the device policy's own checks name what is wrong with --min-cohort and friends
-        client = EdgeClient(args.server, identity, x, y, state_dir=args.state or (args.key + ".state"),
-                            epsilon_max=args.epsilon, model_factory=factory, verify=verify,
-                            retry=RetryPolicy(patience_s=args.patience), on_event=on_event, seed=args.seed,
-                            join_patience_s=args.join_patience, trusted_keys=trusted, min_members=args.min_cohort,
-                            max_corrupt=args.max_corrupt, max_user_noise_ratio=args.max_user_noise_ratio)
-    except ValueError as exc:
-        print(f"ftte edge: {exc}", file=sys.stderr)
-        return 2
+    client = EdgeClient(args.server, identity, x, y, state_dir=args.state or (args.key + ".state"),
+                        epsilon_max=args.epsilon, model_factory=factory, verify=verify,
+                        retry=RetryPolicy(patience_s=args.patience), on_event=on_event, seed=args.seed,
+                        join_patience_s=args.join_patience, trusted_keys=trusted, **policy_floors(args))
     try:
         results = client.run(rounds=args.rounds)
     except CertificateError as exc:

@@ -296,12 +296,17 @@ class DevicePolicy:
     max_user_noise_ratio: float = math.inf  # user-level: the most noise/signal on a cohort mean it will pay for
 
     def __post_init__(self) -> None:
-        if self.min_members < 2 or self.max_corrupt < 0 or not 0 < self.min_r_min <= 1:
-            raise ValueError("min_members >= 2, max_corrupt >= 0 and min_r_min in (0, 1] are required")
+        # each message starts with the field's name: `ftte edge` names its flag instead
+        if self.min_members < 2:
+            raise ValueError(f"min_members must be at least 2 (a cohort of one hides nothing), got {self.min_members}")
+        if self.max_corrupt < 0:
+            raise ValueError(f"max_corrupt must be 0 or more, got {self.max_corrupt}")
+        if not 0 < self.min_r_min <= 1:
+            raise ValueError(f"min_r_min must be in (0, 1], got {self.min_r_min}")
         if not (0 <= self.max_staleness_exponent < math.inf and 0 < self.min_weight <= 1):
             raise ValueError("max_staleness_exponent must be finite and >= 0, min_weight in (0, 1]")
         if not self.max_user_noise_ratio > 0:
-            raise ValueError("max_user_noise_ratio must be > 0 (inf: no ceiling)")
+            raise ValueError(f"max_user_noise_ratio must be > 0 (inf or left out: no ceiling), got {self.max_user_noise_ratio}")
 
 
 def check_task(task: TaskInfo, policy: DevicePolicy) -> None:
