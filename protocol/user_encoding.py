@@ -90,7 +90,7 @@ def fwht(x: np.ndarray) -> np.ndarray:
 #
 # BLAS threads: on a loaded small machine, OpenBLAS's default threads spin against other work
 # (np.dot of 1e6 doubles took 14 ms instead of 0.1 ms), so the products run with BLAS limited to
-# one thread (threadpoolctl, which scikit-learn, a dependency, requires), under a lock so that
+# one thread (threadpoolctl, a declared dependency), under a lock so that
 # concurrent callers restore the limit in order. Where no BLAS can be limited, the numpy
 # butterflies below (no BLAS at all) do the work.
 
@@ -126,7 +126,7 @@ def _blas_controller():
     missing): then the butterflies, which need no BLAS, are used."""
     try:
         from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - scikit-learn always brings it
+    except ImportError:  # pragma: no cover - a declared dependency
         return None
     controller = ThreadpoolController().select(user_api="blas")
     return controller if controller.lib_controllers else None
@@ -324,12 +324,15 @@ class UserCodec:
             z = noise
         else:
             z = self.draw_noise(rng) if noise else np.zeros_like(q)
-        ring = np.add(q, z, out=np.empty(p.padded_dim, dtype=self._dtype), casting="unsafe")  # to_ring(q + z)
-        return EncodedUpdate(ring, q, z)
+        return EncodedUpdate(self.to_ring(q, z), q, z)
 
-    def to_ring(self, values: np.ndarray) -> np.ndarray:
-        """The two's-complement residues mod 2^b: an int64 to uint32/uint16 cast keeps the low bits."""
-        return values.astype(self._dtype)
+    def to_ring(self, values: np.ndarray, plus: np.ndarray | None = None) -> np.ndarray:
+        """The two's-complement residues of ``values`` (+ ``plus``) mod 2^b: an int64 to uint32/uint16
+        cast keeps the low bits; the sum is written straight into the ring array (one pass, no int64
+        temporary)."""
+        if plus is None:
+            return values.astype(self._dtype)
+        return np.add(values, plus, out=np.empty(values.shape, dtype=self._dtype), casting="unsafe")
 
     def to_signed(self, ring: np.ndarray) -> np.ndarray:
         return np.asarray(ring, dtype=self._dtype).view(self._signed).astype(np.int64)
