@@ -373,7 +373,8 @@ class Simulation:
         :meth:`_hand_over`)."""
         merging = {id(r.pending) for _, r in rounds}
         queued = sum(1 for p in self.backend.running() if id(p) not in merging)
-        while self._ahead and queued < AHEAD_PER_WORKER * self.backend.workers:
+        while self._ahead and (queued < AHEAD_PER_WORKER * self.backend.workers
+                               or self._ahead[0][2].pending is not None):  # entries handed over at a close go too
             _, _, r = heapq.heappop(self._ahead)
             if r.pending is None:
                 self._hand_over(r)
