@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchTask", "Deployment", "DevicePlan", "bench_task", "configure", "default_plan", "run", "summarize", "task_plan",
+__all__ = ["BenchTask", "Deployment", "DevicePlan", "bench_task", "configure", "run", "summarize", "task_plan",
            "write_deployment"]
 
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -161,12 +161,6 @@ def task_plan(task: BenchTask, x: Any, y: Any) -> DevicePlan:
     choice = search_plan(model, task.budget_bytes, setup, calibration=(calib_x, y[:64]), clipping=task.clipping,
                          prefix_chunk=task.prefix_chunk, max_coordinates=task.max_coordinates)
     return DevicePlan(model, choice.plan, task.budget_bytes, choice.clipping, choice.prefix_chunk)
-
-
-def default_plan(model_name: str, batch_size: int, x: Any, y: Any) -> tuple[Any, Any, int]:
-    """(model, plan, budget) of the digits task for ``model_name``: the straggler class's choice."""
-    p = task_plan(bench_task("digits", model=model_name, batch_size=batch_size), x, y)
-    return p.model, p.plan, p.budget_bytes
 
 
 def _wait_health(url: str, ca: Path, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
