@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.ftte-installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 export FLWR_TELEMETRY_ENABLED := 0
 export RAY_USAGE_STATS_ENABLED := 0
+# the install compiles privacy/_native.c (optional in pyproject.toml, so a machine without a C
+# compiler still installs); here a missing extension fails tests/privacy/test_native.py
+export FTTE_REQUIRE_NATIVE := 1
 
 
 .PHONY: demo demo-secagg test test-all bench bench-all compare-flower install clean

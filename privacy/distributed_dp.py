@@ -84,6 +84,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import native
 from .accountant import PrivacyStep, compute_epsilon
 from .secure_random import SecureRandom
 
@@ -208,10 +209,12 @@ class _Envelope:
     bias: np.ndarray  # float64 per entry index: S w g(lo_i) / counts[i] in (0, 1]; 0 for tail, reject
     tail_t: int  # the tail's discrete-Laplace scale, >= sigma^2 / limit
     tail_bias: float  # S t g(limit) / ((1 - e^-1) counts[tail]) <= 1
-    # per table index (2^16 entries), for :func:`_attempts`'s fast path:
+    accept: float  # the probability that an attempt is accepted: S theta / 2^17, theta = sum of g over Z
+    # per table index (2^16 entries), for :func:`_full_test` and :func:`_attempts`'s fast path:
     low_at: np.ndarray  # float64: low[guide]
     bias_at: np.ndarray  # float64: bias[guide]
-    fast_at: np.ndarray  # uint64: 2 h 2^32 + lo, h from :func:`_sure_heads` (0 for bin 0, tail, reject)
+    thr_at: np.ndarray  # uint32: 2 h, h from :func:`_sure_heads` (0 for bin 0, tail, reject)
+    lo_at: np.ndarray  # uint32: low[guide] (used with 2 words per attempt, where it is below 2^31)
 
     @property
     def limit(self) -> int:
@@ -244,13 +247,17 @@ def _envelope(sigma: float, table_sigmas: float = _TABLE_SIGMAS) -> _Envelope:
     tail_bias = scale * t * math.exp(-float(limit) ** 2 * inv2s2) / ((1.0 - math.exp(-1.0)) * tail_count)
     if not (np.all(bias <= 1.0) and tail_bias <= 1.0):
         raise AssertionError("internal: an acceptance probability above 1")
-    # for the 2-word attempt x = first + 2^32 second, second = 2 head + sign (see _attempts)
-    sure = _sure_heads(bias[:bins], lo, w, inv2s2, 31).astype(np.uint64) << np.uint64(33)
-    if limit >= 1 << 32 and width_bits <= 32 - _GUIDE_BITS:
-        raise AssertionError("internal: the table's magnitudes do not fit 32 bits")
-    fast = sure | np.minimum(lo, 2.0**32 - 1).astype(np.uint64)  # lo only matters below 2^32 (2-word layout)
-    fast_at = np.concatenate([fast, np.zeros(2, dtype=np.uint64)])[guide]
-    return _Envelope(sigma, width_bits, bins, guide, low, bias, t, tail_bias, low[guide], bias[guide], fast_at)
+    # the fast path compares the second word (2 head + sign) with 2h: head < h, see _attempts
+    sure = np.concatenate([_sure_heads(bias[:bins], lo, w, inv2s2, 31).astype(np.uint64) * 2, [0, 0]])
+    if width_bits <= 32 - _GUIDE_BITS and limit + 40 * t >= 1 << 31:  # tails end below limit + 37 t
+        raise AssertionError("internal: the table's draws do not fit 31 bits")
+    lo_u32 = np.concatenate([np.minimum(lo, 2.0**32 - 1), [0.0, 0.0]]).astype(np.uint32)
+    # every signed x is proposed-and-accepted with probability S g(x) / 2^17 ("-0" refused)
+    span = np.arange(-int(40 * sigma) - 2, int(40 * sigma) + 3, dtype=np.float64) if sigma < 8.0 else None
+    theta = sigma * math.sqrt(2.0 * math.pi) if span is None else float(np.exp(-(span * span) * inv2s2).sum())
+    accept = min(1.0, scale * theta / 2.0 ** (_GUIDE_BITS + 1))
+    return _Envelope(sigma, width_bits, bins, guide, low, bias, t, tail_bias, accept, low[guide], bias[guide],
+                     sure.astype(np.uint32)[guide], lo_u32[guide])
 
 
 _SURE_MARGIN = 1.0 - 2.0**-30  # far above float64's error in exp and in the products (~1e-15 relative)
@@ -331,79 +338,124 @@ def _words_per_attempt(env: _Envelope) -> int:
 
 def _attempt_words(words: np.ndarray, env: _Envelope) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                                   np.ndarray, int]:
-    """What ``k`` attempts' keystream words (a (k, 2) or (k, 3) uint32 array) say: (table index,
-    offset, sign bit, acceptance head, head bits).
+    """What ``k`` attempts' keystream words (a (2, k) or (3, k) uint32 array: row ``j`` holds every
+    attempt's word ``j``) say: (table index, offset, sign bit, acceptance head, head bits).
 
     2 words: the first holds the 16-bit table index (top) and the offset (bottom), the second
     the sign (bit 0) and a 31-bit head of the acceptance uniform. 3 words: index, then offset
     (above bit 0) and sign (bit 0), then a 32-bit head. Either way the sign is bit 0 of the
     second word and the head the top of the last, which :func:`_attempts`'s fast path relies on."""
     mask = np.uint32((1 << env.width_bits) - 1)
-    index = words[:, 0] >> np.uint32(32 - _GUIDE_BITS)
-    sign = words[:, 1] & np.uint32(1)
-    if words.shape[1] == 2:
-        return index, words[:, 0] & mask, sign, words[:, 1] >> np.uint32(1), 31
-    return index, (words[:, 1] >> np.uint32(1)) & mask, sign, words[:, 2], 32
+    index = words[0] >> np.uint32(32 - _GUIDE_BITS)
+    sign = words[1] & np.uint32(1)
+    if words.shape[0] == 2:
+        return index, words[0] & mask, sign, words[1] >> np.uint32(1), 31
+    return index, (words[1] >> np.uint32(1)) & mask, sign, words[2], 32
 
 
-_CHUNK = 1 << 16  # attempts per pass: temporaries stay in cache (2^15 to 2^17 measured: 2^16 and up ~5 % faster)
+_CHUNK = 1 << 16  # attempts per block of keystream words: one block's temporaries stay in cache
+_BATCH = 1 << 18  # attempts per batch: its words and scratch (about 5 MB) are reused from batch to batch,
+# where one batch of a million attempts spent ~40 % of its time on fresh pages (measured at d' = 2^20)
+_REJECTED = np.int32(np.iinfo(np.int32).min)  # marks a refused attempt: every draw is above -2^31
+
+
+def _batch_attempts(need: int, env: _Envelope) -> int:
+    """Attempts drawn for ``need`` more draws: the expected count plus five standard deviations, so
+    that one batch almost always suffices (a short batch is followed by another)."""
+    mean = need / env.accept
+    return int(math.ceil(mean + 5.0 * math.sqrt(mean * (1.0 - env.accept)))) + 64
 
 
 def _sample(rng: SecureRandom, n: int, env: _Envelope) -> np.ndarray:
-    """``n`` draws, in chunks of attempts; each chunk's accepted draws are kept in order, so the
-    output is the first ``n`` accepted attempts of one iid sequence."""
+    """``n`` draws: batches of at most ``_BATCH`` attempts (the last one sized by
+    :func:`_batch_attempts`), each batch's accepted draws kept in attempt order, so the output is
+    the first ``n`` accepted attempts of one iid sequence."""
     out = np.empty(n, dtype=np.int64)
     done = 0
     while done < n:
-        need = n - done
-        k = min(_CHUNK, int(need * 1.04) + 64)
-        x = _attempts(rng, k, env)[:need]
-        out[done:done + x.size] = x
-        done += x.size
+        done += _attempts_into(rng, min(_BATCH, _batch_attempts(n - done, env)), env, out[done:])
     return out
 
 
-def _attempts(rng: SecureRandom, k: int, env: _Envelope) -> np.ndarray:
-    """The accepted draws of ``k`` attempts, in attempt order.
+def _word_positions(attempts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the first and second words of the given attempts lie in a batch of ``k`` attempts'
+    words (:func:`_attempts_into`'s layout)."""
+    block = attempts // _CHUNK
+    base = 2 * _CHUNK * block
+    width = np.minimum(_CHUNK, k - _CHUNK * block)
+    first = base + (attempts - _CHUNK * block)
+    return first, first + width
+
+
+def _fast_pass(words: np.ndarray, k: int, env: _Envelope) -> tuple[np.ndarray, np.ndarray]:
+    """The fast path over a batch (numpy): every attempt's signed draw, or ``_REJECTED`` where the
+    full test must decide, and the indices of those attempts. The compiled twin is
+    :func:`ftte.privacy.native.dg_fast`."""
+    value = np.empty(k, dtype=np.uint32)  # two's complement of the signed draw
+    slow: list[np.ndarray] = []
+    mask = np.uint32((1 << env.width_bits) - 1)
+    for start in range(0, k, _CHUNK):
+        c = min(_CHUNK, k - start)
+        first = words[2 * start:2 * start + c]
+        second = words[2 * start + c:2 * start + 2 * c]
+        index = first >> np.uint32(32 - _GUIDE_BITS)
+        ok = np.less(second, np.take(env.thr_at, index, mode="clip"))  # indices are below 2^16, the table's size
+        v = np.take(env.lo_at, index, out=value[start:start + c], mode="clip")
+        v += first & mask
+        negative = second & np.uint32(1)
+        np.negative(negative, out=negative)  # 0 or all ones (uint32 wraps)
+        v ^= negative
+        v -= negative  # (v ^ all ones) + 1 = -v: two's complement
+        here = np.flatnonzero(~ok)
+        v[here] = np.uint32(1 << 31)  # _REJECTED's bits
+        slow.append(here + start)
+    return value.view(np.int32), np.concatenate(slow)
+
+
+def _attempts_into(rng: SecureRandom, k: int, env: _Envelope, out: np.ndarray) -> int:
+    """Run ``k`` attempts and write their accepted draws, in attempt order, to ``out`` (int64) until
+    it is full; returns how many were written.
+
+    Keystream: the attempts' words, in blocks of ``c <= _CHUNK`` attempts (``c`` first words, then
+    ``c`` second words (a third block with 3 words): contiguous rows are what makes the fast path
+    cheap), then whatever the full test draws (tie bits, tail proposals) for the attempts it
+    decides, in attempt order.
 
     With 2 words per attempt, most attempts are settled by their table index and head alone
-    (see :func:`_sure_heads`): accepted, with no float arithmetic. Each attempt is read as one
-    little-endian 64-bit integer ``x = first + 2^32 second``, so the index is bits 16..31, the
-    offset the low ``width_bits``, the sign bit 32, and "head < h" is ``second < 2h``
-    (``fast_at`` holds ``2h`` in its high word and the bin's ``lo`` in its low word). The rest
-    (bin 0, the tail, the reject entries, and heads near the acceptance probability: about 5 %
-    at large sigma, mostly rejections) take the full test, :func:`_full_test`, in attempt
-    order. Both paths take the same decision for every attempt and draw the same keystream as
-    the full test run on all ``k``: the output is the same integers, bit for bit (pinned by
+    (see :func:`_sure_heads`): accepted, with no float arithmetic, in 32-bit integers
+    (``thr_at`` holds ``2h`` for the second word, which is ``2 head + sign``, so "head < h" is
+    "second < 2h"; ``lo_at`` holds the bin's smallest magnitude; the sign is applied in two's
+    complement), by :func:`_fast_pass` or its compiled twin. The rest (bin 0, the tail, the
+    reject entries, and heads near the acceptance probability: about 5 % at large sigma, mostly
+    rejections) take the full test, :func:`_full_test`, once per batch. Both paths take the same
+    decision for every attempt and draw the same keystream as the full test run on all ``k``:
+    the output is the same integers, bit for bit (pinned by
     ``tests/privacy/test_distributed_dp.py``). With 3 words (sigma above ~6.7e7) every attempt
     takes the full test."""
     per = _words_per_attempt(env)
-    raw = rng.random_bytes(4 * per * k)
-    words = np.frombuffer(raw, dtype="<u4").reshape(k, per)
     if per == 3:
+        words = np.concatenate([rng.words(3 * c).reshape(3, c)
+                                for c in (min(_CHUNK, k - s) for s in range(0, k, _CHUNK))], axis=1)
         index, off, sign, head, head_bits = _attempt_words(words, env)
         ok, magnitude = _full_test(rng, env, index, off, sign, head, head_bits)
         magnitude[sign.astype(bool)] *= -1
-        return magnitude[ok]
-    x = np.frombuffer(raw, dtype="<i8")
-    index = x >> (32 - _GUIDE_BITS)
-    index &= (1 << _GUIDE_BITS) - 1  # int64 (intp) indices: np.take casts nothing
-    fast = np.take(env.fast_at, index)  # 2 h 2^32 + lo: one gather for both
-    probe = x.view(np.uint64) | np.uint64(0xFFFFFFFF)  # second, with every bit of the low word set
-    ok = probe < fast  # iff second < 2h, i.e. head < h: a low word of all ones is never below lo (< 2^32)
-    value = fast.view(np.int64) & 0xFFFFFFFF  # lo
-    value += x & ((1 << env.width_bits) - 1)
-    sign = x >> 31
-    sign &= 2
-    np.subtract(1, sign, out=sign)
-    value *= sign  # +-(low + offset)
-    slow = np.flatnonzero(~ok)
+        accepted = magnitude[ok][: out.shape[0]]
+        out[: accepted.size] = accepted
+        return accepted.size
+    words = rng.words(2 * k)
+    fast = native.dg_fast(words, _CHUNK, env, k) if native.enabled() else None
+    value, slow = fast if fast is not None else _fast_pass(words, k, env)
     if slow.size:
-        s_index, s_off, s_sign, s_head, head_bits = _attempt_words(words[slow], env)
+        at_first, at_second = _word_positions(slow, k)
+        s_index, s_off, s_sign, s_head, head_bits = _attempt_words(np.stack((words[at_first], words[at_second])), env)
         s_ok, s_magnitude = _full_test(rng, env, s_index, s_off, s_sign, s_head, head_bits)
-        ok[slow] = s_ok
-        value[slow] = s_magnitude * sign[slow]
-    return value[ok]
+        s_magnitude[s_sign.astype(bool)] *= -1
+        value[slow[s_ok]] = s_magnitude[s_ok]  # |x| < 2^31 (checked when the table is built)
+    if native.enabled():
+        return native.dg_compact(value, out)
+    accepted = value[value != _REJECTED][: out.shape[0]]
+    out[: accepted.size] = accepted
+    return accepted.size
 
 
 def _full_test(rng: SecureRandom, env: _Envelope, index: np.ndarray, off: np.ndarray, sign: np.ndarray,

@@ -34,11 +34,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from ftte.crypto.primitives import sha256
+from ftte.privacy import native
 from ftte.privacy.distributed_dp import UserDPParams, discrete_gaussian
 from ftte.privacy.secure_random import SOURCE_KEY, SecureRandom
 
 _ROTATION_DOMAIN = b"ftte/user-dp/rotation/v1"
-_CLIP_MARGIN = 1.0 - 1e-9  # room for float error in the rotation under the exact norm check
+# The device rotates in float32 (half the memory traffic of float64; the rotation was the largest
+# part of the mechanism's cost). Its error is far below one rounding unit: a relative error of at
+# most ROTATION_ERROR of the norm is what the bounds below allow (tests measure about 2^-21).
+ROTATION_ERROR = 2.0**-12
+_CLIP_MARGIN = 1.0 - ROTATION_ERROR  # so that the float32 rotation stays within C s, under the exact norm check
 
 
 _BLOCK = 1 << 16  # levels inside 64k-element blocks first, while a block stays in cache
@@ -107,10 +112,10 @@ def _factor_sizes(levels: int) -> list[int]:
     return [1 << (base + (1 if i < extra else 0)) for i in range(count)]
 
 
-@functools.lru_cache(maxsize=16)
-def _hadamard(k: int) -> np.ndarray:
-    """The k x k Sylvester Hadamard matrix, entries +-1.0 (read-only: shared by every call)."""
-    h = np.ones((1, 1), dtype=np.float64)
+@functools.lru_cache(maxsize=32)
+def _hadamard(k: int, dtype: str = "float64") -> np.ndarray:
+    """The k x k Sylvester Hadamard matrix, entries +-1 (read-only: shared by every call)."""
+    h = np.ones((1, 1), dtype=dtype)
     while h.shape[0] < k:
         h = np.block([[h, h], [h, -h]])
     h.setflags(write=False)
@@ -138,14 +143,17 @@ def _one_blas_thread() -> AbstractContextManager | None:
 
 
 def _fwht_scaled(y: np.ndarray, factor: float) -> np.ndarray:
-    """``factor * H y`` for a float64 vector of power-of-two length, in place (returns ``y``)."""
+    """``factor * H y`` for a float64 or float32 vector of power-of-two length, in place (returns
+    ``y``), in ``y``'s precision."""
     n = y.shape[0]
     if n < 1 or n & (n - 1):
         raise ValueError("length must be a power of two")
+    if y.dtype not in (np.float64, np.float32):
+        raise TypeError(f"the transform runs in float64 or float32, got {y.dtype}")
     levels = n.bit_length() - 1
     inner = _factor_sizes(min(levels, _BLOCK_LEVELS))
     outer = _factor_sizes(levels - min(levels, _BLOCK_LEVELS))
-    mats = [_hadamard(k) for k in inner + outer]
+    mats = [_hadamard(k, y.dtype.name) for k in inner + outer]
     if mats and factor != 1.0:
         mats[-1] = mats[-1] * factor
     with _BLAS_LOCK:
@@ -157,7 +165,7 @@ def _fwht_scaled(y: np.ndarray, factor: float) -> np.ndarray:
             return out
         with limit:
             block = 1 << min(levels, _BLOCK_LEVELS)
-            scratch = np.empty(block, dtype=np.float64)
+            scratch = np.empty(block, dtype=y.dtype)
             for start in range(0, n, block):
                 cur, other = y[start:start + block], scratch
                 for k, h in zip(inner, mats):
@@ -186,7 +194,7 @@ def _fwht_inplace(y: np.ndarray) -> np.ndarray:
     if n < 1 or n & (n - 1):
         raise ValueError("length must be a power of two")
     block = min(_BLOCK, n)
-    t1 = np.empty(max(1, n // 4), dtype=np.float64)
+    t1 = np.empty(max(1, n // 4), dtype=y.dtype)
     t2 = np.empty_like(t1)
     h = 1
     for start in range(0, n, block):
@@ -214,12 +222,14 @@ def rotation_seed(cohort_id: str, binding: bytes = b"") -> bytes:
 
 
 def _squared_norm(x: np.ndarray) -> float:
-    """``x . x`` without BLAS: on a busy 2-core machine OpenBLAS's threads made ``np.dot`` of 1e6
-    doubles take 14 ms instead of 0.1 ms; einsum's own loop takes 0.25 ms whatever the load."""
-    return float(np.einsum("i,i->", x, x))
+    """``x . x`` in float64 without BLAS: on a busy 2-core machine OpenBLAS's threads made ``np.dot``
+    of 1e6 doubles take 14 ms instead of 0.1 ms; einsum's own loop takes 0.25 ms whatever the load."""
+    return float(np.einsum("i,i->", x, x, dtype=np.float64))
 
 
 _ROUND_CHUNK = 1 << 16  # coordinates per pass: temporaries stay in cache and are reused
+_ROUND_TRIES = 64  # redraws of the rounding before the input is declared beyond the clip
+_NATIVE_PIECE = 1 << 18  # coordinates per call of the compiled rounding: its 1 MB of words is reused
 
 
 def _floor_plus_uniform(y: np.ndarray, rng: SecureRandom) -> tuple[np.ndarray, int]:
@@ -236,7 +246,7 @@ def _floor_plus_uniform(y: np.ndarray, rng: SecureRandom) -> tuple[np.ndarray, i
     total = 0
     for start in range(0, n, _ROUND_CHUNK):
         part = y[start:start + _ROUND_CHUNK]
-        u = np.multiply(np.frombuffer(rng.random_bytes(4 * part.shape[0]), dtype="<u4"), 2.0**-32)
+        u = np.multiply(rng.words(part.shape[0], "<u4"), 2.0**-32)
         u += part
         np.floor(u, out=u)
         chunk = q[start:start + part.shape[0]]
@@ -248,8 +258,17 @@ def _floor_plus_uniform(y: np.ndarray, rng: SecureRandom) -> tuple[np.ndarray, i
 @dataclass(frozen=True)
 class EncodedUpdate:
     ring: np.ndarray  # what is handed to secure aggregation (uint16/uint32, length d')
-    rounded: np.ndarray  # the signed rounded contribution before noise (int64), for tests and checks
     noise: np.ndarray  # the signed noise added (int64)
+
+    @functools.cached_property
+    def rounded(self) -> np.ndarray:
+        """The signed rounded contribution before noise (int64), for tests and checks: the ring
+        minus the noise, read as signed (exact, since every ``|q|`` is below the sensitivity and the
+        ring holds ``2^(b-1)`` beyond it, see ``plan_user_dp``)."""
+        bits = 8 * self.ring.dtype.itemsize
+        diff = (self.ring.astype(np.int64) - self.noise) & ((1 << bits) - 1)
+        diff[diff >= 1 << (bits - 1)] -= 1 << bits
+        return diff
 
 
 class UserCodec:
@@ -267,11 +286,12 @@ class UserCodec:
     def length(self) -> int:
         return self.params.padded_dim
 
-    def rotate(self, x: np.ndarray, factor: float = 1.0) -> np.ndarray:
-        """``factor * H D x / sqrt(d')`` (padded with zeros), the factor folded into one pass."""
+    def rotate(self, x: np.ndarray, factor: float = 1.0, dtype: type = np.float64) -> np.ndarray:
+        """``factor * H D x / sqrt(d')`` (padded with zeros), the factor folded into one pass, computed
+        in ``dtype`` (the device uses float32, see :data:`ROTATION_ERROR`)."""
         p = self.params
-        padded = np.empty(p.padded_dim, dtype=np.float64)
-        np.multiply(x, self.signs[: p.dim], out=padded[: p.dim])
+        padded = np.empty(p.padded_dim, dtype=dtype)
+        np.multiply(x, self.signs[: p.dim], out=padded[: p.dim], casting="same_kind")
         padded[p.dim:] = 0.0
         return _fwht_scaled(padded, factor / math.sqrt(p.padded_dim))
 
@@ -287,10 +307,18 @@ class UserCodec:
         The bound the accountant uses is checked on the integers themselves (exact int64
         arithmetic) and a draw over it is redrawn (conditional rounding, as KLS): float error
         in the rotation can never push a contribution past the sensitivity."""
-        limit_sq = math.floor(self.params.sensitivity) ** 2  # sqrt(N) <= floor(D) <= D, in integers
-        if not _squared_norm(y) <= limit_sq:  # then ||q||^2 < (D + sqrt(d'))^2 < 2^63: no int64 overflow
+        if not _squared_norm(y) <= self._limit_sq:  # then ||q||^2 < (D + sqrt(d'))^2 < 2^63: no int64 overflow
             raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
-        for _ in range(64):
+        return self._round_bounded(y, rng)
+
+    @property
+    def _limit_sq(self) -> int:
+        return math.floor(self.params.sensitivity) ** 2  # sqrt(N) <= floor(D) <= D, in integers
+
+    def _round_bounded(self, y: np.ndarray, rng: SecureRandom) -> np.ndarray:
+        """:meth:`round` for a ``y`` already known to lie within the norm bound."""
+        limit_sq = self._limit_sq
+        for _ in range(_ROUND_TRIES):
             q, norm_sq = _floor_plus_uniform(y, rng)
             if norm_sq <= limit_sq:
                 return q
@@ -317,14 +345,35 @@ class UserCodec:
             raise ValueError("update contains NaN or infinite values")
         limit = p.clip * _CLIP_MARGIN
         shrink = 1.0 if norm <= limit else limit / norm  # clip_l2, folded into the rotation's one multiply
-        q = self.round(self.rotate(x, shrink * weight * p.scale), rng.child("user-dp/round"))
+        # ||x shrink|| <= C (1 - ROTATION_ERROR), so the float32 rotation is within C s: no need for
+        # round()'s own check of y (a float64 pass over the vector)
+        y = self.rotate(x, shrink * weight * p.scale, np.float32)
         if isinstance(noise, np.ndarray):
             if noise.shape != (p.padded_dim,) or noise.dtype != np.int64:
                 raise ValueError(f"precomputed noise must be {p.padded_dim} int64 values")
             z = noise
         else:
-            z = self.draw_noise(rng) if noise else np.zeros_like(q)
-        return EncodedUpdate(self.to_ring(q, z), q, z)
+            z = self.draw_noise(rng) if noise else np.zeros(p.padded_dim, dtype=np.int64)
+        round_rng = rng.child("user-dp/round")
+        if native.enabled():
+            return EncodedUpdate(self._round_to_ring_native(y, z, round_rng), z)
+        return EncodedUpdate(self.to_ring(self._round_bounded(y, round_rng), z), z)
+
+    def _round_to_ring_native(self, y: np.ndarray, z: np.ndarray, rng: SecureRandom) -> np.ndarray:
+        """``to_ring(_round_bounded(y, rng), z)`` by the compiled loop, piece by piece (the same
+        keystream words, the same redraws, the same ring), without the int64 rounded vector."""
+        limit_sq = self._limit_sq
+        ring = np.empty(y.shape[0], dtype=self._dtype)
+        for _ in range(_ROUND_TRIES):
+            total = 0
+            for start in range(0, y.shape[0], _NATIVE_PIECE):
+                part = slice(start, start + _NATIVE_PIECE)
+                total = native.round_ring(y[part], rng.words(ring[part].shape[0]), z[part], limit_sq, total, ring[part])
+                if total < 0:
+                    raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
+            if total <= limit_sq:
+                return ring
+        raise ValueError("rounding cannot meet the norm bound: the input exceeds the clip")
 
     def to_ring(self, values: np.ndarray, plus: np.ndarray | None = None) -> np.ndarray:
         """The two's-complement residues of ``values`` (+ ``plus``) mod 2^b: an int64 to uint32/uint16
@@ -357,8 +406,10 @@ class UserCodec:
 
     def rounding_bound(self, survivors: int) -> float:
         """L2 bound of decoded-minus-plain with noise off: each survivor's rounding error has norm
-        below sqrt(d'), and undoing the scale and the (orthonormal) rotation divides it by s."""
-        return survivors * math.sqrt(self.params.padded_dim) / self.params.scale
+        below sqrt(d') and its float32 rotation is off by at most ROTATION_ERROR of its norm C s;
+        undoing the scale and the (orthonormal) rotation divides both by s."""
+        p = self.params
+        return survivors * (math.sqrt(p.padded_dim) / p.scale + ROTATION_ERROR * p.clip)
 
 
 def decode_user_sum(codec: UserCodec, ring_sum: np.ndarray, weights: dict[int, float],

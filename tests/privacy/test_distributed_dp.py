@@ -296,6 +296,7 @@ def test_params_refuse_a_signal_that_cannot_fit_the_ring():
 from ftte.privacy.distributed_dp import (  # noqa: E402
     _CHUNK,
     _GUIDE_BITS,
+    _batch_attempts,
     _bernoulli_lazy,
     _envelope,
     _sample,
@@ -440,14 +441,16 @@ def _reference_attempts(rng: SecureRandom, k: int, env) -> np.ndarray:
     """The table sampler's attempts as first written (before the fast path): every attempt through
     the float acceptance test, from the envelope's bin table (guide, low, bias) alone."""
     per = 2 if env.width_bits <= 32 - _GUIDE_BITS else 3
-    words = np.frombuffer(rng.random_bytes(4 * per * k), dtype="<u4").reshape(k, per)
-    index = words[:, 0] >> np.uint32(32 - _GUIDE_BITS)
+    # blocks of at most _CHUNK attempts: word j of every attempt of the block, for j = 0 .. per - 1
+    words = np.concatenate([np.frombuffer(rng.random_bytes(4 * per * c), dtype="<u4").reshape(per, c)
+                            for c in (min(_CHUNK, k - s) for s in range(0, k, _CHUNK))], axis=1)
+    index = words[0] >> np.uint32(32 - _GUIDE_BITS)
     mask = np.uint32((1 << env.width_bits) - 1)
     if per == 2:
-        off, head, bits = words[:, 0] & mask, words[:, 1] >> np.uint32(1), 31
+        off, head, bits = words[0] & mask, words[1] >> np.uint32(1), 31
     else:
-        off, head, bits = (words[:, 1] >> np.uint32(1)) & mask, words[:, 2], 32
-    negative = (words[:, 1] & np.uint32(1)).astype(bool)
+        off, head, bits = (words[1] >> np.uint32(1)) & mask, words[2], 32
+    negative = (words[1] & np.uint32(1)).astype(bool)
     entry = env.guide[index]
     low = env.low[entry]
     magnitude = low + off
@@ -467,7 +470,7 @@ def _reference_sample(rng: SecureRandom, n: int, env) -> np.ndarray:
     parts, done = [], 0
     while done < n:
         need = n - done
-        x = _reference_attempts(rng, min(_CHUNK, int(need * 1.04) + 64), env)[:need]
+        x = _reference_attempts(rng, _batch_attempts(need, env), env)[:need]
         parts.append(x)
         done += x.size
     return np.concatenate(parts)
@@ -498,11 +501,13 @@ def test_sure_bound_never_exceeds_the_acceptance(sigma):
     w = 1 << env.width_bits
     counts = np.bincount(env.guide, minlength=env.bins + 2)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # the first table index of every bin
-    sure = env.fast_at[first[: env.bins]] >> np.uint64(33)  # the bound in head units, per bin
-    assert np.all(env.fast_at[first[env.bins]:] == 0)  # the tail and the reject entries: always the full test
-    for b in range(env.bins):  # every entry of a bin carries its bound and its lo (the low word)
-        entries = env.fast_at[first[b]:first[b] + counts[b]]
-        assert np.all(entries == (sure[b] << np.uint64(33)) + np.uint64(b * w))
+    sure = env.thr_at[first[: env.bins]].astype(np.int64) // 2  # the bound in head units, per bin
+    assert np.all(env.thr_at[first[env.bins]:] == 0)  # the tail and the reject entries: always the full test
+    for b in range(env.bins):  # every entry of a bin carries its bound and its lo
+        entries = slice(first[b], first[b] + counts[b])
+        assert np.all(env.thr_at[entries] == 2 * sure[b])
+        if env.width_bits <= 32 - _GUIDE_BITS:
+            assert np.all(env.lo_at[entries] == b * w)
     assert sure[0] == 0  # bin 0: always the full test ("-0")
     offs = np.unique(np.concatenate([[0, w - 1], np.random.default_rng(0).integers(0, w, 64)]))
     for off in offs.astype(np.float64):

@@ -1,0 +1,89 @@
+"""The compiled loops of the user-level mechanism (``privacy/_native.c``), when they were built.
+
+Why optional: they are an accelerator, not a second mechanism. Each has a numpy definition it
+must equal bit for bit (``tests/privacy/test_native.py``); where the extension could not be
+compiled (no C compiler at install time) or ``FTTE_NATIVE=0`` is set, the numpy code runs and
+nothing else changes. :func:`enabled` says which is in use; ``ftte bench`` and the user-level
+benchmark record it.
+
+Why they exist at all: at a million coordinates the mechanism's numpy passes (sampler fast path,
+rounding, ring embedding) cost about three times the masking it rides on; the same operations as
+single loops bring it under two (BENCHMARKS.md, "Cost of the mechanism").
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+try:
+    from . import _native
+except ImportError:  # not compiled: the numpy definitions run
+    _native = None
+
+if TYPE_CHECKING:
+    from .distributed_dp import _Envelope
+
+ENV_SWITCH = "FTTE_NATIVE"  # "0": use the numpy definitions even where the loops are built
+_forced_off = False
+
+
+def built() -> bool:
+    """Whether the extension was compiled and imports."""
+    return _native is not None
+
+
+def enabled() -> bool:
+    """Whether the compiled loops are used: built, not switched off by ``FTTE_NATIVE=0`` or
+    :func:`use`."""
+    return _native is not None and not _forced_off and os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def use(on: bool) -> bool:
+    """Switch the compiled loops on (if built) or off for this process; returns the previous
+    state of :func:`enabled`. For tests and side-by-side benchmarks."""
+    global _forced_off
+    before = enabled()
+    _forced_off = not on
+    return before
+
+
+def dg_fast(words: np.ndarray, chunk: int, env: "_Envelope", k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sampler's fast path over ``k`` attempts (2 words each): the same (value, slow indices)
+    as :func:`ftte.privacy.distributed_dp._fast_pass`."""
+    value = np.empty(k, dtype=np.int32)
+    slow = np.empty(k, dtype=np.int64)
+    count = _native.dg_fast(_u32(words, 2 * k), chunk, _u32(env.thr_at, 1 << 16), _u32(env.lo_at, 1 << 16),
+                            (1 << env.width_bits) - 1, value, slow)
+    return value, slow[:count]
+
+
+def dg_compact(value: np.ndarray, out: np.ndarray) -> int:
+    """Accepted draws of a batch (int32, refused = -2^31), in order, into ``out`` (int64) until full."""
+    if value.dtype != np.int32 or out.dtype != np.int64 or not (value.flags.c_contiguous and out.flags.c_contiguous):
+        raise TypeError("dg_compact takes contiguous int32 values and an int64 output")
+    return _native.dg_compact(value, out)
+
+
+def round_ring(y: np.ndarray, words: np.ndarray, noise: np.ndarray, limit_sq: int, total: int,
+               ring: np.ndarray) -> int:
+    """One piece of the device's rounding, in place into ``ring`` (uint32 or uint16):
+    ``ring = (floor(y + words 2^-32) + noise) mod 2^b`` (float32 ``y``, the rounding computed in
+    double as :func:`ftte.protocol.user_encoding._floor_plus_uniform` does). Returns ``total`` plus
+    the piece's ``||q||^2``, saturated at ``limit_sq + 1``, or -1 if some ``|q|`` reaches 2^31."""
+    n = y.shape[0]
+    if y.dtype != np.float32 or noise.dtype != np.int64 or ring.dtype not in (np.uint32, np.uint16):
+        raise TypeError("round_ring takes float32 y, int64 noise and a uint32 or uint16 ring")
+    if noise.shape != (n,) or ring.shape != (n,):
+        raise ValueError("noise and ring must match y")
+    if not (y.flags.c_contiguous and noise.flags.c_contiguous and ring.flags.c_contiguous):
+        raise TypeError("round_ring takes contiguous arrays")
+    return _native.round_ring(y, _u32(words, n), noise, int(limit_sq), int(total), ring)
+
+
+def _u32(a: np.ndarray, n: int) -> np.ndarray:
+    if a.dtype != np.uint32 or a.shape != (n,) or not a.flags.c_contiguous:
+        raise TypeError(f"expected {n} contiguous uint32 values")
+    return a

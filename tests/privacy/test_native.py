@@ -1,0 +1,131 @@
+"""The compiled loops (``privacy/_native.c``) against their numpy definitions: the same values, bit
+for bit, on the same keystream; and the loops refuse buffers of the wrong size.
+
+Skipped where the extension is not built, unless ``FTTE_REQUIRE_NATIVE=1`` (the Makefile's test
+target sets it, so CI notices an install that silently lost the extension)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ftte.privacy import native
+from ftte.privacy.distributed_dp import UserDPParams, _envelope, _sample, discrete_gaussian, plan_user_dp
+from ftte.privacy.secure_random import SecureRandom
+from ftte.protocol.user_encoding import UserCodec, rotation_seed
+
+if not native.built():
+    if os.environ.get("FTTE_REQUIRE_NATIVE") == "1":
+        raise AssertionError("ftte.privacy._native is not built but FTTE_REQUIRE_NATIVE=1")
+    pytest.skip("the compiled loops are not built here", allow_module_level=True)
+
+
+@pytest.fixture
+def numpy_only():
+    """Run the body with the numpy definitions, then restore."""
+    before = native.use(False)
+    yield
+    native.use(before)
+
+
+def _both(fn):
+    """fn() with the compiled loops, then with numpy; the state is restored either way."""
+    before = native.use(True)
+    try:
+        compiled = fn()
+        native.use(False)
+        reference = fn()
+    finally:
+        native.use(before)
+    return compiled, reference
+
+
+@pytest.mark.parametrize("sigma,table_sigmas", [(0.5, 14), (3.0, 14), (40.0, 14), (3000.0, 14), (2.66e6, 14),
+                                                (1e8, 14), (3.0, 1.5), (50.0, 0.6), (1e5, 3.0)])
+def test_compiled_sampler_draws_the_same_integers_and_keystream(sigma, table_sigmas):
+    env = _envelope(sigma, table_sigmas)
+
+    def draw():
+        rng = SecureRandom.from_seed(5, "native", str(sigma), str(table_sigmas))
+        return _sample(rng, 150_000, env), rng.bytes_drawn
+
+    (got, used), (want, want_used) = _both(draw)
+    assert got.dtype == np.int64 and np.array_equal(got, want) and used == want_used
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 200_000), seed=st.integers(0, 2**32 - 1),
+       sigma=st.sampled_from([1.0, 17.0, 250.0, 7e4, 2.66e6]))
+def test_compiled_sampler_agrees_for_any_count(n, seed, sigma):
+    """Counts across block boundaries (multiples of 2^16 and not) and several batches."""
+    got, want = _both(lambda: discrete_gaussian(SecureRandom.from_seed(seed, "n"), n, sigma))
+    assert np.array_equal(got, want)
+
+
+@settings(max_examples=20, deadline=None)
+@given(dim=st.integers(1, 70_000), seed=st.integers(0, 2**32 - 1), weight=st.floats(0.05, 1.0),
+       norm=st.floats(0.0, 3.0), bits=st.sampled_from([16, 32]))
+def test_compiled_rounding_gives_the_same_encoding(dim, seed, weight, norm, bits):
+    """encode() with the compiled rounding-and-ring loop equals encode() with numpy's passes:
+    the same rounded vector, noise and ring residues (clipped and unclipped inputs, both rings)."""
+    if bits == 32:
+        params = plan_user_dp(dim=dim, clip=1.0, noise_multiplier=0.8, members=20, threshold=11)
+    else:  # a small ring, set by hand (plan_user_dp refuses 16 bits at most of these sizes)
+        params = UserDPParams(dim=dim, clip=1.0, scale=40.0, sigma=3.0, calibrated_for=2, members=3, ring_bits=16)
+    codec = UserCodec(params, rotation_seed(f"c{seed}"))
+    x = np.random.default_rng(seed).normal(size=dim)
+    x *= norm / max(float(np.linalg.norm(x)), 1e-300)
+    got, want = _both(lambda: codec.encode(x, weight, SecureRandom.from_seed(seed, "enc")))
+    assert np.array_equal(got.rounded, want.rounded)
+    assert np.array_equal(got.noise, want.noise)
+    assert got.ring.dtype == want.ring.dtype and np.array_equal(got.ring, want.ring)
+
+
+def _round(y, words, noise, limit, ring_dtype="<u4", total=0):
+    ring = np.empty(len(y), dtype=ring_dtype)
+    return native.round_ring(np.asarray(y, np.float32), np.asarray(words, np.uint32), np.asarray(noise, np.int64),
+                             limit, total, ring), ring
+
+
+def test_round_ring_sums_the_norm_saturates_past_the_limit_and_refuses_31_bits():
+    y, words, z = np.full(1000, 100.25), np.zeros(1000), np.zeros(1000)
+    total, ring = _round(y, words, z, 100 * 100 * 1000)
+    assert total == 100 * 100 * 1000 and np.all(ring == 100)
+    assert _round(y, words, z, 100 * 100 * 1000 - 1)[0] == 100 * 100 * 1000  # saturated at limit + 1
+    assert _round(y, words, z, 10**12, total=5)[0] == 5 + 100 * 100 * 1000  # pieces add up
+    assert _round(np.full(4, 3e9), np.zeros(4), np.zeros(4), 2**62)[0] == -1
+    total, ring = _round([-1.5, -0.25], [2**31, 2**31 + 2**30], [0, -3], 10, "<u2")
+    assert total == 1 and ring.tolist() == [2**16 - 1, 2**16 - 3]  # q = -1, 0
+
+
+def test_loops_refuse_buffers_of_the_wrong_size():
+    from ftte.privacy import _native
+
+    env = _envelope(1e4)
+    with pytest.raises(ValueError):  # words for 10 attempts, value and slow for 11
+        _native.dg_fast(np.zeros(20, np.uint32), 16, env.thr_at, env.lo_at, 1, np.zeros(11, np.int32),
+                        np.zeros(11, np.int64))
+    with pytest.raises(ValueError):  # a table of the wrong size
+        _native.dg_fast(np.zeros(20, np.uint32), 16, env.thr_at[:-1], env.lo_at, 1, np.zeros(10, np.int32),
+                        np.zeros(10, np.int64))
+    with pytest.raises(ValueError):  # 7 words for 8 coordinates
+        _native.round_ring(np.zeros(8, np.float32), np.zeros(7, np.uint32), np.zeros(8, np.int64), 10, 0,
+                           np.zeros(8, np.uint32))
+    with pytest.raises(ValueError):  # a ring of 3-byte items
+        _native.round_ring(np.zeros(8, np.float32), np.zeros(8, np.uint32), np.zeros(8, np.int64), 10, 0,
+                           np.zeros(24, np.uint8))
+    with pytest.raises(TypeError):
+        native.round_ring(np.zeros(8, np.float64), np.zeros(8, np.uint32), np.zeros(8, np.int64), 10, 0,
+                          np.zeros(8, np.uint32))
+
+
+def test_the_switch_turns_the_loops_off(numpy_only, monkeypatch):
+    assert native.built() and not native.enabled()
+    native.use(True)
+    assert native.enabled()
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert not native.enabled()
