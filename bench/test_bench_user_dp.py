@@ -9,8 +9,10 @@ Timed regions:
 * ``mask``: ``SecAggClient.masked_input`` of one member on the user-mode vector (``d' = 2^20``
   ring elements, 32 bits): decrypt held shares, self mask, pairwise masks, sign. Cohorts: the
   default (10 members, full graph) and 100 members on the SecAgg+ ring (``slow``).
-* ``mechanism``: ``UserCodec.encode`` of a 1e6-coordinate float update: clip, pad, randomized
-  Walsh-Hadamard, scale, bounded rounding, 2^20 discrete Gaussians from ChaCha20.
+* ``mechanism[compiled]`` / ``mechanism[numpy]``: ``UserCodec.encode`` of a 1e6-coordinate float
+  update: clip, pad, randomized Walsh-Hadamard (float32), scale, bounded rounding, 2^20 discrete
+  Gaussians from ChaCha20, the ring; with the compiled loops of ``privacy/_native.c`` (the
+  default where they are built) and with the numpy definitions alone (``ftte.privacy.native.use``).
 * ``noise_reference_cks``: the previous (CKS) sampler, for the before/after.
 * ``rotate_reference_butterflies``: the radix-4 butterflies the rotation used before its matrix
   products (still its fallback), on the same padded vector.
@@ -26,6 +28,7 @@ import numpy as np
 import pytest
 
 from ftte.bench.test_bench_secagg import Prepared, _snapshot_client, prepare
+from ftte.privacy import native
 from ftte.privacy.distributed_dp import discrete_gaussian, discrete_gaussian_cks, plan_user_dp
 from ftte.privacy.secure_random import SecureRandom
 from ftte.protocol import user_encoding
@@ -90,9 +93,19 @@ def test_client_mask(benchmark, cohort: Prepared) -> None:
         _MASK_MIN[f"n{cohort.cfg.clients}-{cohort.cfg.graph}"] = best
 
 
-def test_client_mechanism(benchmark, codec: UserCodec, update: np.ndarray) -> None:
+@pytest.fixture(params=["compiled", "numpy"])
+def loops(request):
+    """Which definitions the mechanism runs: the compiled loops, or numpy alone."""
+    if request.param == "compiled" and not native.built():
+        pytest.skip("privacy/_native.c is not built here")
+    before = native.use(request.param == "compiled")
+    yield request.param
+    native.use(before)
+
+
+def test_client_mechanism(benchmark, codec: UserCodec, update: np.ndarray, loops: str) -> None:
     benchmark.group = "user-dp-client-dim1e6"
-    benchmark.extra_info.update(side="mechanism", dim=DIM, padded_dim=codec.params.padded_dim,
+    benchmark.extra_info.update(side="mechanism", loops=loops, dim=DIM, padded_dim=codec.params.padded_dim,
                                 sigma=codec.params.sigma, scale=codec.params.scale)
     seeds = iter(range(10_000))
     enc = benchmark.pedantic(lambda: codec.encode(update, 1.0, SecureRandom.from_seed(next(seeds), "bench")),
@@ -103,14 +116,14 @@ def test_client_mechanism(benchmark, codec: UserCodec, update: np.ndarray) -> No
     if best is not None:
         for name, mask in _MASK_MIN.items():
             benchmark.extra_info[f"ratio_to_mask_{name}"] = best / mask
-            print(f"\nmechanism/mask ({name}): {best:.4f} s / {mask:.4f} s = {best / mask:.1f}x")
+            print(f"\nmechanism[{loops}]/mask ({name}): {best:.4f} s / {mask:.4f} s = {best / mask:.2f}x")
 
 
 def test_client_mechanism_online(benchmark, codec: UserCodec, update: np.ndarray) -> None:
     """The same encode with its noise drawn beforehand (:meth:`UserCodec.draw_noise`, e.g. while
     training): what remains between the cohort start and the upload."""
     benchmark.group = "user-dp-client-dim1e6"
-    benchmark.extra_info.update(side="mechanism-online", dim=DIM)
+    benchmark.extra_info.update(side="mechanism-online", loops="compiled" if native.enabled() else "numpy", dim=DIM)
     noise = codec.draw_noise(SecureRandom.from_seed(7, "pre"))
     enc = benchmark.pedantic(lambda: codec.encode(update, 1.0, SecureRandom.from_seed(8, "b"), noise=noise),
                              rounds=ROUNDS, iterations=1)
@@ -119,13 +132,14 @@ def test_client_mechanism_online(benchmark, codec: UserCodec, update: np.ndarray
     if best is not None:
         for name, mask in _MASK_MIN.items():
             benchmark.extra_info[f"ratio_to_mask_{name}"] = best / mask
-            print(f"\nonline mechanism/mask ({name}): {best:.4f} s / {mask:.4f} s = {best / mask:.1f}x")
+            print(f"\nonline mechanism/mask ({name}): {best:.4f} s / {mask:.4f} s = {best / mask:.2f}x")
 
 
 def test_client_rotate(benchmark, codec: UserCodec, update: np.ndarray) -> None:
+    """The device's rotation (float32, as ``encode`` runs it)."""
     benchmark.group = "user-dp-client-parts"
-    y = benchmark.pedantic(lambda: codec.rotate(update), rounds=ROUNDS, iterations=1)
-    assert np.linalg.norm(y) == pytest.approx(np.linalg.norm(update), rel=1e-12)
+    y = benchmark.pedantic(lambda: codec.rotate(update, 1.0, np.float32), rounds=ROUNDS, iterations=1)
+    assert np.linalg.norm(y.astype(np.float64)) == pytest.approx(np.linalg.norm(update), rel=1e-6)
 
 
 def test_client_rotate_reference_butterflies(benchmark, codec: UserCodec, update: np.ndarray) -> None:
@@ -145,9 +159,10 @@ def test_client_round(benchmark, codec: UserCodec, update: np.ndarray) -> None:
 
 
 def test_client_noise(benchmark, codec: UserCodec) -> None:
+    """The device's noise (int32, as ``draw_noise``; compiled fast path where built)."""
     benchmark.group = "user-dp-client-parts"
     n = codec.params.padded_dim
-    z = benchmark.pedantic(lambda: discrete_gaussian(SecureRandom.from_seed(1, "z"), n, codec.params.sigma),
+    z = benchmark.pedantic(lambda: discrete_gaussian(SecureRandom.from_seed(1, "z"), n, codec.params.sigma, np.int32),
                            rounds=ROUNDS, iterations=1)
     assert z.var() == pytest.approx(codec.params.sigma**2, rel=0.02)
 

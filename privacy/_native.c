@@ -84,26 +84,36 @@ done:
     return result;
 }
 
-/* dg_compact(value, out) -> number written: the accepted values (not REJECTED) of value, in order,
- * into out (int64), stopping when out is full. */
+/* dg_compact(value, out, out_bytes) -> number written: the accepted values (not REJECTED) of value,
+ * in order, into out (int64 or int32 by out_bytes = 8 or 4), stopping when out is full. */
 static PyObject *dg_compact(PyObject *self, PyObject *args) {
     Py_buffer value, out;
-    if (!PyArg_ParseTuple(args, "y*w*", &value, &out))
+    Py_ssize_t out_bytes;
+    if (!PyArg_ParseTuple(args, "y*w*n", &value, &out, &out_bytes))
         return NULL;
     PyObject *result = NULL;
-    if (value.len % 4 || out.len % 8) {
-        PyErr_SetString(PyExc_ValueError, "dg_compact: value must hold int32, out int64");
+    if (value.len % 4 || (out_bytes != 4 && out_bytes != 8) || out.len % out_bytes) {
+        PyErr_SetString(PyExc_ValueError, "dg_compact: value must hold int32, out int32 or int64");
         goto done;
     }
     {
         const int32_t *v = (const int32_t *)value.buf;
-        int64_t *o = (int64_t *)out.buf;
-        Py_ssize_t k = value.len / 4, room = out.len / 8, n = 0;
+        Py_ssize_t k = value.len / 4, room = out.len / out_bytes, n = 0;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < k && n < room; i++) {
-            int32_t x = v[i];
-            o[n] = x;
-            n += x != REJECTED;
+        if (out_bytes == 8) {
+            int64_t *o = (int64_t *)out.buf;
+            for (Py_ssize_t i = 0; i < k && n < room; i++) {
+                int32_t x = v[i];
+                o[n] = x;
+                n += x != REJECTED;
+            }
+        } else {
+            int32_t *o = (int32_t *)out.buf;
+            for (Py_ssize_t i = 0; i < k && n < room; i++) {
+                int32_t x = v[i];
+                o[n] = x;
+                n += x != REJECTED;
+            }
         }
         Py_END_ALLOW_THREADS
         result = PyLong_FromSsize_t(n);
@@ -118,7 +128,7 @@ done:
  *
  * One piece of the device's rounding: q = floor(y + k 2^-32) for float32 y and uint32 keystream
  * words k, computed in double exactly as numpy does (k 2^-32 is exact, then one rounded addition,
- * then floor); ring = (q + noise) mod 2^b with b = 8 * the ring's item size (2 or 4 bytes, from
+ * then floor); ring = (q + noise) mod 2^b, noise int32 with b = 8 * the ring's item size (2 or 4 bytes, from
  * the buffer's format). The squared norm is added to total in integers and stops growing once past
  * limit_sq (< 2^63), so it cannot overflow. -1 if some |q| reaches 2^31 (the ring cannot hold it). */
 static PyObject *round_ring(PyObject *self, PyObject *args) {
@@ -134,12 +144,12 @@ static PyObject *round_ring(PyObject *self, PyObject *args) {
         goto done;
     }
     if (!check_buffer(&y, n, 4, "y") || !check_buffer(&words, n, 4, "words") ||
-        !check_buffer(&noise, n, 8, "noise") || !check_buffer(&ring, n, ring_bytes, "ring"))
+        !check_buffer(&noise, n, 4, "noise") || !check_buffer(&ring, n, ring_bytes, "ring"))
         goto done;
     {
         const float *yy = (const float *)y.buf;
         const uint32_t *w = (const uint32_t *)words.buf;
-        const int64_t *z = (const int64_t *)noise.buf;
+        const int32_t *z = (const int32_t *)noise.buf;
         uint32_t *r32 = (uint32_t *)ring.buf;
         uint16_t *r16 = (uint16_t *)ring.buf;
         int in_range = 1;
@@ -154,7 +164,7 @@ static PyObject *round_ring(PyObject *self, PyObject *args) {
             if (!(u > -2147483647.0 && u < 2147483647.0)) { in_range = 0; u = 0.0; }
             int64_t x = (int64_t)u;
             x -= (double)x > u;
-            uint64_t sum = (uint64_t)x + (uint64_t)z[i];
+            uint64_t sum = (uint64_t)x + (uint64_t)(int64_t)z[i];
             if (ring_bytes == 4) r32[i] = (uint32_t)sum; else r16[i] = (uint16_t)sum;
             if (total <= limit) total += (unsigned long long)(x * x);
         }

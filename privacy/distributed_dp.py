@@ -24,7 +24,7 @@ table envelope (:class:`_Envelope`): magnitudes are cut into bins of width a pow
 probability, the offset in the bin and the sign are raw keystream bits, and one Bernoulli
 test corrects the proposal to exp(-x^2 / (2 sigma^2)); beyond 14 sigma a discrete-Laplace
 tail (CKS's construction) takes over, so every integer keeps its mass. 8 keystream bytes
-per attempt (12 above sigma ~ 6.7e7) and about 96 % of attempts accepted at large sigma (the reference CKS sampler,
+per attempt (12 from sigma 2^17 * 32 ~ 4.2e6 up) and about 96 % of attempts accepted at large sigma (the reference CKS sampler,
 :func:`discrete_gaussian_cks`, kept for tests, spends about 55). The inexact parts: the
 acceptance test compares a 53-bit uniform (31 or 32 bits first, the rest only on a tie,
 :func:`_bernoulli_lazy`) with float64 ``bias * exp(-y)``, y = O(1) (relative error ~1e-15),
@@ -249,7 +249,7 @@ def _envelope(sigma: float, table_sigmas: float = _TABLE_SIGMAS) -> _Envelope:
         raise AssertionError("internal: an acceptance probability above 1")
     # the fast path compares the second word (2 head + sign) with 2h: head < h, see _attempts
     sure = np.concatenate([_sure_heads(bias[:bins], lo, w, inv2s2, 31).astype(np.uint64) * 2, [0, 0]])
-    if width_bits <= 32 - _GUIDE_BITS and limit + 40 * t >= 1 << 31:  # tails end below limit + 37 t
+    if width_bits <= 32 - _GUIDE_BITS and limit + _TAIL_REACH * t >= 1 << 31:
         raise AssertionError("internal: the table's draws do not fit 31 bits")
     lo_u32 = np.concatenate([np.minimum(lo, 2.0**32 - 1), [0.0, 0.0]]).astype(np.uint32)
     # every signed x is proposed-and-accepted with probability S g(x) / 2^17 ("-0" refused)
@@ -260,6 +260,7 @@ def _envelope(sigma: float, table_sigmas: float = _TABLE_SIGMAS) -> _Envelope:
                      sure.astype(np.uint32)[guide], lo_u32[guide])
 
 
+_TAIL_REACH = 40  # tail draws are below limit + 37 t: the geometric part is floor(-log(U)) <= 36 for U >= 2^-53
 _SURE_MARGIN = 1.0 - 2.0**-30  # far above float64's error in exp and in the products (~1e-15 relative)
 
 
@@ -311,28 +312,35 @@ def _tail_attempts(rng: SecureRandom, env: _Envelope, n: int) -> tuple[np.ndarra
     return ok, x
 
 
-def discrete_gaussian(rng: SecureRandom, n: int, sigma: float) -> np.ndarray:
+def discrete_gaussian(rng: SecureRandom, n: int, sigma: float, dtype: type = np.int64) -> np.ndarray:
     """``n`` draws of N_Z(0, sigma^2): P(x) proportional to exp(-x^2 / (2 sigma^2)) on the integers.
 
     Rejection from :class:`_Envelope` (a bin table with exactly known probabilities): per
     attempt 8 keystream bytes (16 bits pick the bin, ``width_bits`` <= 16 the offset, 1 the sign,
-    31 start the acceptance uniform; 12 bytes above sigma ~ 6.7e7, :func:`_attempt_words`),
+    31 start the acceptance uniform; 12 bytes from sigma ~ 4.2e6 up, :func:`_attempt_words`),
     accepted about 96 % of the time at large sigma; the CKS discrete
     Laplace handles the tail beyond 14 sigma. Attempts are iid and each accepted one has
     exactly the target law (up to float64 ``exp`` in the acceptance test), so the first
     ``n`` accepted are iid N_Z(0, sigma^2). Most attempts are accepted from their table index and
-    head alone, without the float test, which would have accepted them too (:func:`_attempts`):
-    a shortcut that changes no draw. int64; sigma 0 gives zeros."""
+    head alone, without the float test, which would have accepted them too (:func:`_attempts_into`):
+    a shortcut that changes no draw. ``dtype`` int64, or int32 where every draw fits (sigma below
+    about 1e8, far above what a 32-bit ring's plan allows: the device's noise then takes half the
+    memory); the same values either way. Sigma 0 gives zeros."""
     if not (sigma >= 0.0 and math.isfinite(sigma)):
         raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+    if np.dtype(dtype) not in (np.int64, np.int32):
+        raise TypeError(f"draws are int64 or int32, got {np.dtype(dtype)}")
     if sigma == 0.0 or n == 0:
-        return np.zeros(n, dtype=np.int64)
-    return _sample(rng, n, _envelope(float(sigma)))
+        return np.zeros(n, dtype=dtype)
+    env = _envelope(float(sigma))
+    if np.dtype(dtype) == np.int32 and env.limit + _TAIL_REACH * env.tail_t >= 1 << 31:
+        raise ValueError(f"draws at sigma {sigma} do not all fit int32")
+    return _sample(rng, n, env, dtype)
 
 
 def _words_per_attempt(env: _Envelope) -> int:
-    """Keystream words (32 bits) per attempt: 2 while the offset fits 16 bits (sigma < 2^21 * 32
-    ~ 6.7e7), else 3."""
+    """Keystream words (32 bits) per attempt: 2 while the offset fits 16 bits (sigma < 2^17 * 32
+    ~ 4.2e6), else 3."""
     return 2 if env.width_bits <= 32 - _GUIDE_BITS else 3
 
 
@@ -366,11 +374,11 @@ def _batch_attempts(need: int, env: _Envelope) -> int:
     return int(math.ceil(mean + 5.0 * math.sqrt(mean * (1.0 - env.accept)))) + 64
 
 
-def _sample(rng: SecureRandom, n: int, env: _Envelope) -> np.ndarray:
+def _sample(rng: SecureRandom, n: int, env: _Envelope, dtype: type = np.int64) -> np.ndarray:
     """``n`` draws: batches of at most ``_BATCH`` attempts (the last one sized by
     :func:`_batch_attempts`), each batch's accepted draws kept in attempt order, so the output is
     the first ``n`` accepted attempts of one iid sequence."""
-    out = np.empty(n, dtype=np.int64)
+    out = np.empty(n, dtype=dtype)
     done = 0
     while done < n:
         done += _attempts_into(rng, min(_BATCH, _batch_attempts(n - done, env)), env, out[done:])
@@ -413,8 +421,8 @@ def _fast_pass(words: np.ndarray, k: int, env: _Envelope) -> tuple[np.ndarray, n
 
 
 def _attempts_into(rng: SecureRandom, k: int, env: _Envelope, out: np.ndarray) -> int:
-    """Run ``k`` attempts and write their accepted draws, in attempt order, to ``out`` (int64) until
-    it is full; returns how many were written.
+    """Run ``k`` attempts and write their accepted draws, in attempt order, to ``out`` (int64, or
+    int32 with 2 words per attempt) until it is full; returns how many were written.
 
     Keystream: the attempts' words, in blocks of ``c <= _CHUNK`` attempts (``c`` first words, then
     ``c`` second words (a third block with 3 words): contiguous rows are what makes the fast path
@@ -430,7 +438,7 @@ def _attempts_into(rng: SecureRandom, k: int, env: _Envelope, out: np.ndarray) -
     rejections) take the full test, :func:`_full_test`, once per batch. Both paths take the same
     decision for every attempt and draw the same keystream as the full test run on all ``k``:
     the output is the same integers, bit for bit (pinned by
-    ``tests/privacy/test_distributed_dp.py``). With 3 words (sigma above ~6.7e7) every attempt
+    ``tests/privacy/test_distributed_dp.py``). With 3 words (sigma from ~4.2e6 up) every attempt
     takes the full test."""
     per = _words_per_attempt(env)
     if per == 3:

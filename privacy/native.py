@@ -61,10 +61,12 @@ def dg_fast(words: np.ndarray, chunk: int, env: "_Envelope", k: int) -> tuple[np
 
 
 def dg_compact(value: np.ndarray, out: np.ndarray) -> int:
-    """Accepted draws of a batch (int32, refused = -2^31), in order, into ``out`` (int64) until full."""
-    if value.dtype != np.int32 or out.dtype != np.int64 or not (value.flags.c_contiguous and out.flags.c_contiguous):
-        raise TypeError("dg_compact takes contiguous int32 values and an int64 output")
-    return _native.dg_compact(value, out)
+    """Accepted draws of a batch (int32, refused = -2^31), in order, into ``out`` (int64 or int32)
+    until full."""
+    if value.dtype != np.int32 or out.dtype not in (np.int64, np.int32) or not (
+            value.flags.c_contiguous and out.flags.c_contiguous):
+        raise TypeError("dg_compact takes contiguous int32 values and an int64 or int32 output")
+    return _native.dg_compact(value, out, out.itemsize)
 
 
 def round_ring(y: np.ndarray, words: np.ndarray, noise: np.ndarray, limit_sq: int, total: int,
@@ -74,8 +76,8 @@ def round_ring(y: np.ndarray, words: np.ndarray, noise: np.ndarray, limit_sq: in
     double as :func:`ftte.protocol.user_encoding._floor_plus_uniform` does). Returns ``total`` plus
     the piece's ``||q||^2``, saturated at ``limit_sq + 1``, or -1 if some ``|q|`` reaches 2^31."""
     n = y.shape[0]
-    if y.dtype != np.float32 or noise.dtype != np.int64 or ring.dtype not in (np.uint32, np.uint16):
-        raise TypeError("round_ring takes float32 y, int64 noise and a uint32 or uint16 ring")
+    if y.dtype != np.float32 or noise.dtype != np.int32 or ring.dtype not in (np.uint32, np.uint16):
+        raise TypeError("round_ring takes float32 y, int32 noise and a uint32 or uint16 ring")
     if noise.shape != (n,) or ring.shape != (n,):
         raise ValueError("noise and ring must match y")
     if not (y.flags.c_contiguous and noise.flags.c_contiguous and ring.flags.c_contiguous):

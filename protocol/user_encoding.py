@@ -258,7 +258,7 @@ def _floor_plus_uniform(y: np.ndarray, rng: SecureRandom) -> tuple[np.ndarray, i
 @dataclass(frozen=True)
 class EncodedUpdate:
     ring: np.ndarray  # what is handed to secure aggregation (uint16/uint32, length d')
-    noise: np.ndarray  # the signed noise added (int64)
+    noise: np.ndarray  # the signed noise added (int32: every draw of a plan's sigma fits)
 
     @functools.cached_property
     def rounded(self) -> np.ndarray:
@@ -327,7 +327,7 @@ class UserCodec:
     def draw_noise(self, rng: SecureRandom) -> np.ndarray:
         """This cohort's noise, drawn ahead of time if the device likes (it depends on nothing
         but sigma and d', so it can be drawn while training); use it once, then forget it."""
-        return discrete_gaussian(rng.child("user-dp/noise"), self.params.padded_dim, self.params.sigma)
+        return discrete_gaussian(rng.child("user-dp/noise"), self.params.padded_dim, self.params.sigma, np.int32)
 
     def encode(self, update: np.ndarray, weight: float, rng: SecureRandom, *,
                noise: bool | np.ndarray = True) -> EncodedUpdate:
@@ -349,11 +349,11 @@ class UserCodec:
         # round()'s own check of y (a float64 pass over the vector)
         y = self.rotate(x, shrink * weight * p.scale, np.float32)
         if isinstance(noise, np.ndarray):
-            if noise.shape != (p.padded_dim,) or noise.dtype != np.int64:
-                raise ValueError(f"precomputed noise must be {p.padded_dim} int64 values")
+            if noise.shape != (p.padded_dim,) or noise.dtype != np.int32:
+                raise ValueError(f"precomputed noise must be {p.padded_dim} int32 values")
             z = noise
         else:
-            z = self.draw_noise(rng) if noise else np.zeros(p.padded_dim, dtype=np.int64)
+            z = self.draw_noise(rng) if noise else np.zeros(p.padded_dim, dtype=np.int32)
         round_rng = rng.child("user-dp/round")
         if native.enabled():
             return EncodedUpdate(self._round_to_ring_native(y, z, round_rng), z)

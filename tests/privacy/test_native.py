@@ -87,7 +87,7 @@ def test_compiled_rounding_gives_the_same_encoding(dim, seed, weight, norm, bits
 
 def _round(y, words, noise, limit, ring_dtype="<u4", total=0):
     ring = np.empty(len(y), dtype=ring_dtype)
-    return native.round_ring(np.asarray(y, np.float32), np.asarray(words, np.uint32), np.asarray(noise, np.int64),
+    return native.round_ring(np.asarray(y, np.float32), np.asarray(words, np.uint32), np.asarray(noise, np.int32),
                              limit, total, ring), ring
 
 
@@ -113,13 +113,13 @@ def test_loops_refuse_buffers_of_the_wrong_size():
         _native.dg_fast(np.zeros(20, np.uint32), 16, env.thr_at[:-1], env.lo_at, 1, np.zeros(10, np.int32),
                         np.zeros(10, np.int64))
     with pytest.raises(ValueError):  # 7 words for 8 coordinates
-        _native.round_ring(np.zeros(8, np.float32), np.zeros(7, np.uint32), np.zeros(8, np.int64), 10, 0,
+        _native.round_ring(np.zeros(8, np.float32), np.zeros(7, np.uint32), np.zeros(8, np.int32), 10, 0,
                            np.zeros(8, np.uint32))
     with pytest.raises(ValueError):  # a ring of 3-byte items
-        _native.round_ring(np.zeros(8, np.float32), np.zeros(8, np.uint32), np.zeros(8, np.int64), 10, 0,
+        _native.round_ring(np.zeros(8, np.float32), np.zeros(8, np.uint32), np.zeros(8, np.int32), 10, 0,
                            np.zeros(24, np.uint8))
     with pytest.raises(TypeError):
-        native.round_ring(np.zeros(8, np.float64), np.zeros(8, np.uint32), np.zeros(8, np.int64), 10, 0,
+        native.round_ring(np.zeros(8, np.float64), np.zeros(8, np.uint32), np.zeros(8, np.int32), 10, 0,
                           np.zeros(8, np.uint32))
 
 
