@@ -256,8 +256,30 @@ def _envelope(sigma: float, table_sigmas: float = _TABLE_SIGMAS) -> _Envelope:
     span = np.arange(-int(40 * sigma) - 2, int(40 * sigma) + 3, dtype=np.float64) if sigma < 8.0 else None
     theta = sigma * math.sqrt(2.0 * math.pi) if span is None else float(np.exp(-(span * span) * inv2s2).sum())
     accept = min(1.0, scale * theta / 2.0 ** (_GUIDE_BITS + 1))
+    # the full test's exponent off (2 lo + off) / (2 sigma^2) stays within what _exp_poly covers
+    if (w - 1) * (2.0 * (bins - 1) * w + w - 1) * inv2s2 > _EXP_POLY_RANGE:
+        raise AssertionError("internal: the acceptance exponent leaves the polynomial's range")
     return _Envelope(sigma, width_bits, bins, guide, low, bias, t, tail_bias, accept, low[guide], bias[guide],
                      sure.astype(np.uint32)[guide], lo_u32[guide])
+
+
+# exp(x) for x in [-1, 0] as the degree-17 Taylor polynomial, evaluated by Horner (highest degree
+# first). Why not np.exp: the compiled loops (privacy/_native.c) run the same acceptance test, and
+# numpy's and the C library's exp may differ in the last bit; this polynomial is the same sequence
+# of float64 operations in both, so both take the same decision on every attempt. Its error on
+# [-1, 0] is below 1e-16 (remainder 1/18! = 1.6e-16 at x = -1) plus the rounding of 17 steps,
+# about 1e-15 relative in all: what np.exp's error was (tests/privacy/test_distributed_dp.py).
+_EXP_POLY_RANGE = 1.0
+_EXP_POLY = np.array([1.0 / math.factorial(k) for k in range(17, -1, -1)])
+
+
+def _exp_poly(x: np.ndarray) -> np.ndarray:
+    """exp(x) for float64 x in [-1, 0] (see _EXP_POLY), a new array."""
+    r = np.full(x.shape, _EXP_POLY[0])
+    for c in _EXP_POLY[1:]:
+        r *= x
+        r += c
+    return r
 
 
 _TAIL_REACH = 40  # tail draws are below limit + 37 t: the geometric part is floor(-log(U)) <= 36 for U >= 2^-53
@@ -451,19 +473,25 @@ def _attempts_into(rng: SecureRandom, k: int, env: _Envelope, out: np.ndarray) -
         out[: accepted.size] = accepted
         return accepted.size
     words = rng.words(2 * k)
-    fast = native.dg_fast(words, _CHUNK, env, k) if native.enabled() else None
-    value, slow = fast if fast is not None else _fast_pass(words, k, env)
+    # numpy: the fast path, then the full test for the rest; compiled: both in one loop, except
+    # the attempts that need more keystream (tail entries, ties), which the full test below takes
+    value, slow = (native.dg_batch(words, _CHUNK, env, k, _exponent_scale(env), _EXP_POLY) if native.enabled()
+                   else _fast_pass(words, k, env))
     if slow.size:
         at_first, at_second = _word_positions(slow, k)
         s_index, s_off, s_sign, s_head, head_bits = _attempt_words(np.stack((words[at_first], words[at_second])), env)
         s_ok, s_magnitude = _full_test(rng, env, s_index, s_off, s_sign, s_head, head_bits)
         s_magnitude[s_sign.astype(bool)] *= -1
-        value[slow[s_ok]] = s_magnitude[s_ok]  # |x| < 2^31 (checked when the table is built)
+        value[slow] = np.where(s_ok, s_magnitude, _REJECTED)  # |x| < 2^31 (checked when the table is built)
     if native.enabled():
         return native.dg_compact(value, out)
     accepted = value[value != _REJECTED][: out.shape[0]]
     out[: accepted.size] = accepted
     return accepted.size
+
+
+def _exponent_scale(env: _Envelope) -> float:
+    return -1.0 / (2.0 * env.sigma * env.sigma)
 
 
 def _full_test(rng: SecureRandom, env: _Envelope, index: np.ndarray, off: np.ndarray, sign: np.ndarray,
@@ -473,8 +501,8 @@ def _full_test(rng: SecureRandom, env: _Envelope, index: np.ndarray, off: np.nda
     magnitude = low + off  # float64, exact (< 2^53)
     p = magnitude + low  # the exponent off (2 lo + off): exact too
     p *= off
-    p *= -1.0 / (2.0 * env.sigma * env.sigma)
-    np.exp(p, out=p)
+    p *= _exponent_scale(env)
+    p = _exp_poly(p)
     p *= np.take(env.bias_at, index)
     ok = _bernoulli_lazy(rng, p, head, head_bits)
     tail = np.flatnonzero(np.take(env.guide, index) == env.bins)

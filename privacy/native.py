@@ -6,9 +6,14 @@ compiled (no C compiler at install time) or ``FTTE_NATIVE=0`` is set, the numpy 
 nothing else changes. :func:`enabled` says which is in use; ``ftte bench`` and the user-level
 benchmark record it.
 
-Why they exist at all: at a million coordinates the mechanism's numpy passes (sampler fast path,
-rounding, ring embedding) cost about three times the masking it rides on; the same operations as
-single loops bring it under two (BENCHMARKS.md, "Cost of the mechanism").
+Why they exist at all: at a million coordinates the mechanism's numpy passes (the rotation, the
+sampler, the rounding, the ring embedding) cost about three times the masking it rides on; as
+single loops they cost much less (BENCHMARKS.md, "Compiled loops and a float32 rotation").
+
+One difference in kind: the device's float32 rotation. Compiled, it is the radix-4 butterflies of
+``_fwht_inplace``, value for value; with numpy alone it is the BLAS products of ``_fwht_scaled``
+(faster than numpy butterflies), which round differently, within ``ROTATION_ERROR`` both. Every
+other loop gives exactly the numpy path's values.
 """
 
 from __future__ import annotations
@@ -50,14 +55,22 @@ def use(on: bool) -> bool:
     return before
 
 
-def dg_fast(words: np.ndarray, chunk: int, env: "_Envelope", k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The sampler's fast path over ``k`` attempts (2 words each): the same (value, slow indices)
-    as :func:`ftte.privacy.distributed_dp._fast_pass`."""
+def dg_batch(words: np.ndarray, chunk: int, env: "_Envelope", k: int, exponent_scale: float,
+             poly: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sampler over ``k`` attempts (2 words each): every attempt's signed draw or refusal, as
+    :func:`ftte.privacy.distributed_dp._fast_pass` followed by ``_full_test`` decides it, except the
+    attempts that need more keystream (tail entries, ties), returned as (value, pending indices)
+    for the full test."""
     value = np.empty(k, dtype=np.int32)
-    slow = np.empty(k, dtype=np.int64)
-    count = _native.dg_fast(_u32(words, 2 * k), chunk, _u32(env.thr_at, 1 << 16), _u32(env.lo_at, 1 << 16),
-                            (1 << env.width_bits) - 1, value, slow)
-    return value, slow[:count]
+    pending = np.empty(k, dtype=np.int64)
+    if poly.dtype != np.float64 or not poly.flags.c_contiguous:
+        raise TypeError("the polynomial's coefficients are contiguous float64")
+    if env.guide.dtype != np.uint16 or env.low.dtype != np.float64 or env.bias.dtype != np.float64:
+        raise TypeError("the envelope's guide is uint16, its low and bias float64")
+    count = _native.dg_batch(_u32(words, 2 * k), chunk, _u32(env.thr_at, 1 << 16), _u32(env.lo_at, 1 << 16),
+                             env.guide, env.low, env.bias, (1 << env.width_bits) - 1, float(exponent_scale),
+                             poly, value, pending)
+    return value, pending[:count]
 
 
 def dg_compact(value: np.ndarray, out: np.ndarray) -> int:
@@ -83,6 +96,15 @@ def round_ring(y: np.ndarray, words: np.ndarray, noise: np.ndarray, limit_sq: in
     if not (y.flags.c_contiguous and noise.flags.c_contiguous and ring.flags.c_contiguous):
         raise TypeError("round_ring takes contiguous arrays")
     return _native.round_ring(y, _u32(words, n), noise, int(limit_sq), int(total), ring)
+
+
+def fwht_f32(y: np.ndarray, factor: float) -> None:
+    """In place: ``factor * H y`` for a float32 vector of power-of-two length, with the float32
+    operations of :func:`ftte.protocol.user_encoding._fwht_inplace` then ``y *= factor`` (the same
+    values, bit for bit; about half the time of the BLAS products the numpy path uses)."""
+    if y.dtype != np.float32 or y.ndim != 1 or not y.flags.c_contiguous or not y.flags.writeable:
+        raise TypeError("fwht_f32 takes a writable contiguous float32 vector")
+    _native.fwht_f32(y, float(factor))
 
 
 def _u32(a: np.ndarray, n: int) -> np.ndarray:

@@ -295,6 +295,9 @@ class UserCodec:
         padded = np.empty(p.padded_dim, dtype=dtype)
         np.multiply(x, self.signs[: p.dim], out=padded[: p.dim], casting="same_kind")
         padded[p.dim:] = 0.0
+        if padded.dtype == np.float32 and native.enabled():  # _fwht_inplace's float32 operations, compiled
+            native.fwht_f32(padded, factor / math.sqrt(p.padded_dim))
+            return padded
         return _fwht_scaled(padded, factor / math.sqrt(p.padded_dim))
 
     def unrotate(self, y: np.ndarray) -> np.ndarray:

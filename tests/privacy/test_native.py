@@ -6,6 +6,7 @@ target sets it, so CI notices an install that silently lost the extension)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from ftte.privacy import native
 from ftte.privacy.distributed_dp import UserDPParams, _envelope, _sample, discrete_gaussian, plan_user_dp
 from ftte.privacy.secure_random import SecureRandom
+from ftte.protocol import user_encoding
 from ftte.protocol.user_encoding import UserCodec, rotation_seed
 
 if not native.built():
@@ -33,15 +35,27 @@ def numpy_only():
 
 
 def _both(fn):
-    """fn() with the compiled loops, then with numpy; the state is restored either way."""
+    """fn() with the compiled loops, then with numpy (the rotation by its butterflies, the compiled
+    rotation's definition, not the BLAS products); the state is restored either way."""
     before = native.use(True)
     try:
         compiled = fn()
         native.use(False)
-        reference = fn()
+        with _butterflies():
+            reference = fn()
     finally:
         native.use(before)
     return compiled, reference
+
+
+@contextlib.contextmanager
+def _butterflies():
+    real = user_encoding._one_blas_thread
+    user_encoding._one_blas_thread = lambda: None  # "no BLAS to limit": _fwht_scaled runs _fwht_inplace
+    try:
+        yield
+    finally:
+        user_encoding._one_blas_thread = real
 
 
 @pytest.mark.parametrize("sigma,table_sigmas", [(0.5, 14), (3.0, 14), (40.0, 14), (3000.0, 14), (2.66e6, 14),
@@ -102,22 +116,50 @@ def test_round_ring_sums_the_norm_saturates_past_the_limit_and_refuses_31_bits()
     assert total == 1 and ring.tolist() == [2**16 - 1, 2**16 - 3]  # q = -1, 0
 
 
+@settings(max_examples=20, deadline=None)
+@given(levels=st.integers(0, 20), seed=st.integers(0, 2**32 - 1), factor=st.sampled_from([1.0, 0.5, 1e-3, 3.7e6]))
+def test_compiled_rotation_is_the_float32_butterflies(levels, seed, factor):
+    """Odd and even numbers of levels, below and above the 2^16 block."""
+    x = np.random.default_rng(seed).normal(size=1 << levels).astype(np.float32)
+    want = user_encoding._fwht_inplace(x.copy())
+    if factor != 1.0:
+        want *= factor
+    got = x.copy()
+    native.fwht_f32(got, factor)
+    assert np.array_equal(got, want)
+
+
 def test_loops_refuse_buffers_of_the_wrong_size():
     from ftte.privacy import _native
 
     env = _envelope(1e4)
-    with pytest.raises(ValueError):  # words for 10 attempts, value and slow for 11
-        _native.dg_fast(np.zeros(20, np.uint32), 16, env.thr_at, env.lo_at, 1, np.zeros(11, np.int32),
-                        np.zeros(11, np.int64))
+    tables = (env.thr_at, env.lo_at, env.guide, env.low, env.bias)
+    poly = np.ones(3)
+
+    def batch(words, tabs=tables, k=10):
+        return _native.dg_batch(words, 16, *tabs, 1, -1e-8, poly, np.zeros(k, np.int32), np.zeros(k, np.int64))
+
+    assert batch(np.zeros(20, np.uint32)) == 0  # well formed: ten attempts, none pending
+    with pytest.raises(ValueError):  # words for 10 attempts, value and pending for 11
+        batch(np.zeros(20, np.uint32), k=11)
     with pytest.raises(ValueError):  # a table of the wrong size
-        _native.dg_fast(np.zeros(20, np.uint32), 16, env.thr_at[:-1], env.lo_at, 1, np.zeros(10, np.int32),
-                        np.zeros(10, np.int64))
+        batch(np.zeros(20, np.uint32), (env.thr_at[:-1],) + tables[1:])
+    with pytest.raises(ValueError):  # bias for one bin fewer than low
+        batch(np.zeros(20, np.uint32), tables[:4] + (env.bias[:-1],))
+    bad_guide = env.guide.copy()
+    bad_guide[7] = env.bins + 2  # past the reject entries: would read beyond low and bias
+    with pytest.raises(ValueError):
+        batch(np.zeros(20, np.uint32), tables[:2] + (bad_guide,) + tables[3:])
     with pytest.raises(ValueError):  # 7 words for 8 coordinates
         _native.round_ring(np.zeros(8, np.float32), np.zeros(7, np.uint32), np.zeros(8, np.int32), 10, 0,
                            np.zeros(8, np.uint32))
     with pytest.raises(ValueError):  # a ring of 3-byte items
         _native.round_ring(np.zeros(8, np.float32), np.zeros(8, np.uint32), np.zeros(8, np.int32), 10, 0,
                            np.zeros(24, np.uint8))
+    with pytest.raises(ValueError):  # not a power of two
+        _native.fwht_f32(np.zeros(12, np.float32), 1.0)
+    with pytest.raises(TypeError):
+        native.fwht_f32(np.zeros(8, np.float64), 1.0)
     with pytest.raises(TypeError):
         native.round_ring(np.zeros(8, np.float64), np.zeros(8, np.uint32), np.zeros(8, np.int32), 10, 0,
                           np.zeros(8, np.uint32))
