@@ -47,8 +47,8 @@ static PyObject *dg_batch(PyObject *self, PyObject *args) {
     Py_ssize_t chunk;
     unsigned long mask_in;
     double c;
-    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*y*kdy*w*w*", &words, &chunk, &thr, &lo, &guide, &low, &bias, &mask_in,
-                          &c, &coef, &value, &pending))
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*y*kdy*w*w*", &words, &chunk, &thr, &lo, &guide, &low, &bias,
+                          &mask_in, &c, &coef, &value, &pending))
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t k = value.len / 4, degree = coef.len / 8 - 1, bins = low.len / 8 - 2;
@@ -291,17 +291,32 @@ done:
  * ftte.protocol.user_encoding._fwht_inplace (radix-4 passes in blocks of 2^16, then across the
  * vector, then one radix-2 pass for an odd number of levels) followed by its "out *= factor" with
  * factor rounded to float32: the same values, bit for bit. */
-static Py_ssize_t radix4_f32(float *y, Py_ssize_t n, Py_ssize_t h) {
+static Py_ssize_t radix4_f32(float *y, Py_ssize_t n, Py_ssize_t h, float f, int scale_last) {
     while (4 * h <= n) {
-        for (Py_ssize_t g = 0; g < n; g += 4 * h) {
-            float *a = y + g, *b = a + h, *c = b + h, *d = c + h;
-            for (Py_ssize_t i = 0; i < h; i++) {
-                float s1 = a[i] + b[i], d1 = a[i] - b[i];
-                float s2 = c[i] + d[i], d2 = c[i] - d[i];
-                a[i] = s2 + s1;
-                b[i] = d2 + d1;
-                c[i] = s1 - s2;
-                d[i] = d1 - d2;
+        if (scale_last && 4 * h == n) { /* the transform's last pass: "out *= factor" folded in */
+            for (Py_ssize_t g = 0; g < n; g += 4 * h) {
+                float *a = y + g, *b = a + h, *c = b + h, *d = c + h;
+                for (Py_ssize_t i = 0; i < h; i++) {
+                    float s1 = a[i] + b[i], d1 = a[i] - b[i];
+                    float s2 = c[i] + d[i], d2 = c[i] - d[i];
+                    float ra = s2 + s1, rb = d2 + d1, rc = s1 - s2, rd = d1 - d2;
+                    a[i] = ra * f;
+                    b[i] = rb * f;
+                    c[i] = rc * f;
+                    d[i] = rd * f;
+                }
+            }
+        } else {
+            for (Py_ssize_t g = 0; g < n; g += 4 * h) {
+                float *a = y + g, *b = a + h, *c = b + h, *d = c + h;
+                for (Py_ssize_t i = 0; i < h; i++) {
+                    float s1 = a[i] + b[i], d1 = a[i] - b[i];
+                    float s2 = c[i] + d[i], d2 = c[i] - d[i];
+                    a[i] = s2 + s1;
+                    b[i] = d2 + d1;
+                    c[i] = s1 - s2;
+                    d[i] = d1 - d2;
+                }
             }
         }
         h *= 4;
@@ -324,20 +339,24 @@ static PyObject *fwht_f32(PyObject *self, PyObject *args) {
         float *v = (float *)y.buf;
         const Py_ssize_t block = n < 65536 ? n : 65536;
         const float f = (float)factor;
+        const int scale = factor != 1.0; /* x * 1.0f == x: numpy skips it, and so may we */
+        int levels = 0;
+        while (((Py_ssize_t)1 << levels) < n) levels++;
+        const int even = levels % 2 == 0;
         Py_BEGIN_ALLOW_THREADS
         Py_ssize_t h = 1;
         for (Py_ssize_t start = 0; start < n; start += block)
-            h = radix4_f32(v + start, block, 1);
-        h = radix4_f32(v, n, h);
+            h = radix4_f32(v + start, block, 1, f, scale && even && block == n);
+        h = radix4_f32(v, n, h, f, scale && even);
         if (h < n) {
             for (Py_ssize_t i = 0; i < h; i++) {
                 float a = v[i], b = v[i + h];
-                v[i] = a + b;
-                v[i + h] = a - b;
+                float ra = a + b, rb = a - b;
+                v[i] = scale ? ra * f : ra;
+                v[i + h] = scale ? rb * f : rb;
             }
         }
-        if (factor != 1.0)
-            for (Py_ssize_t i = 0; i < n; i++) v[i] *= f;
+        if (scale && n == 1) v[0] *= f;
         Py_END_ALLOW_THREADS
         result = Py_NewRef(Py_None);
     }

@@ -129,6 +129,19 @@ def test_compiled_rotation_is_the_float32_butterflies(levels, seed, factor):
     assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("levels", [0, 1, 2, 3, 15, 16, 17, 18])
+def test_compiled_rotation_scales_in_its_last_pass_at_every_shape(levels):
+    """The factor is folded into the last pass (radix-4 inside the block, across blocks, or the
+    radix-2 pass of an odd number of levels); the values must still be the butterflies' times the
+    float32 factor."""
+    x = np.random.default_rng(levels).normal(size=1 << levels).astype(np.float32)
+    want = user_encoding._fwht_inplace(x.copy())
+    want *= 0.3
+    got = x.copy()
+    native.fwht_f32(got, 0.3)
+    assert np.array_equal(got, want)
+
+
 def test_loops_refuse_buffers_of_the_wrong_size():
     from ftte.privacy import _native
 
