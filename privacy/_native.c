@@ -27,7 +27,7 @@ static int check_buffer(Py_buffer *b, Py_ssize_t items, Py_ssize_t itemsize, con
     return 1;
 }
 
-/* dg_batch(words, chunk, thr, lo, guide, low, bias, mask, c, coef, value, pending) -> number pending
+/* dg_batch(words, chunk, thr, lo, guide, low, bias, mask, spare, c, coef, value, pending) -> number pending
  *
  * The table sampler over a batch of k attempts (2 words each), every decision taken as
  * ftte.privacy.distributed_dp takes it:
@@ -37,7 +37,8 @@ static int check_buffer(Py_buffer *b, Py_ssize_t items, Py_ssize_t itemsize, con
  *     p = bias[bin] * P(e), e = ((low[bin] + off) + low[bin]) * off * c, P the polynomial with
  *     coefficients coef (Horner, highest first: the same operations as _exp_poly), accepted when
  *     head < floor(p 2^31) (head = second >> 1), refused when above, and "-0" refused;
- *   pending: tail entries (bin == bins) and ties (head == floor(p 2^31)), which need more
+ *   tail entries (bin == bins): refused unless (first & spare) == 0 (the envelope's tail_select);
+ *   pending: selected tail entries and ties (head == floor(p 2^31)), which need more
  *     keystream: their value is PENDING and their index is appended to pending, in attempt order.
  * value: int32, the signed draw, REJECTED or PENDING. */
 #define PENDING (INT32_MIN + 1)
@@ -45,15 +46,15 @@ static int check_buffer(Py_buffer *b, Py_ssize_t items, Py_ssize_t itemsize, con
 static PyObject *dg_batch(PyObject *self, PyObject *args) {
     Py_buffer words, thr, lo, guide, low, bias, coef, value, pending;
     Py_ssize_t chunk;
-    unsigned long mask_in;
+    unsigned long mask_in, spare_in;
     double c;
-    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*y*kdy*w*w*", &words, &chunk, &thr, &lo, &guide, &low, &bias,
-                          &mask_in, &c, &coef, &value, &pending))
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*y*kkdy*w*w*", &words, &chunk, &thr, &lo, &guide, &low, &bias,
+                          &mask_in, &spare_in, &c, &coef, &value, &pending))
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t k = value.len / 4, degree = coef.len / 8 - 1, bins = low.len / 8 - 2;
-    if (chunk < 1 || mask_in > 0xFFFFu || degree < 0 || degree > 64 || coef.len % 8) {
-        PyErr_SetString(PyExc_ValueError, "dg_batch: chunk >= 1, mask below 2^16, 1 to 65 coefficients");
+    if (chunk < 1 || mask_in > 0xFFFFu || spare_in > 0xFFFFu || degree < 0 || degree > 64 || coef.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "dg_batch: chunk >= 1, masks below 2^16, 1 to 65 coefficients");
         goto done;
     }
     if (bins < 1 || low.len % 8) {
@@ -78,7 +79,7 @@ static PyObject *dg_batch(PyObject *self, PyObject *args) {
         const uint16_t *gd = (const uint16_t *)guide.buf;
         int32_t *v = (int32_t *)value.buf;
         int64_t *pd = (int64_t *)pending.buf;
-        const uint32_t mask = (uint32_t)mask_in;
+        const uint32_t mask = (uint32_t)mask_in, spare_mask = (uint32_t)spare_in;
         Py_ssize_t n_pending = 0, n_slow = 0;
         /* the full test runs in a second pass over the undecided attempts, so that the polynomial
          * (a chain of dependent operations per attempt) is evaluated across attempts at once */
@@ -150,8 +151,13 @@ static PyObject *dg_batch(PyObject *self, PyObject *args) {
             Py_ssize_t at = slow[j];
             uint32_t a = (uint32_t)ab[j], b = (uint32_t)(ab[j] >> 32);
             uint16_t bin = gd[a >> 16];
-            if (bin == bins) { /* the tail needs more keystream: left PENDING */
-                pd[n_pending++] = at;
+            if (bin == bins) { /* the tail: proposed only when its spare bits are zero, then it needs
+                                * more keystream (left PENDING); otherwise refused */
+                if ((a & spare_mask) == 0) {
+                    pd[n_pending++] = at;
+                } else {
+                    v[at] = REJECTED;
+                }
                 continue;
             }
             double p = e[j] * bs[bin];

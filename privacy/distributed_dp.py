@@ -208,7 +208,8 @@ class _Envelope:
     low: np.ndarray  # float64 per entry index: lo_i (0 for tail and reject)
     bias: np.ndarray  # float64 per entry index: S w g(lo_i) / counts[i] in (0, 1]; 0 for tail, reject
     tail_t: int  # the tail's discrete-Laplace scale, >= sigma^2 / limit
-    tail_bias: float  # S t g(limit) / ((1 - e^-1) counts[tail]) <= 1
+    tail_bias: float  # S t g(limit) 2^tail_select / ((1 - e^-1) counts[tail]) <= 1
+    tail_select: int  # a tail entry proposes only when this many spare bits of its first word are zero
     accept: float  # the probability that an attempt is accepted: S theta / 2^17, theta = sum of g over Z
     # per table index (2^16 entries), for :func:`_full_test` and :func:`_attempts`'s fast path:
     low_at: np.ndarray  # float64: low[guide]
@@ -245,6 +246,14 @@ def _envelope(sigma: float, table_sigmas: float = _TABLE_SIGMAS) -> _Envelope:
     low = np.concatenate([lo, [0.0, 0.0]])
     bias = np.concatenate([mass * scale / counts, [0.0, 0.0]])
     tail_bias = scale * t * math.exp(-float(limit) ** 2 * inv2s2) / ((1.0 - math.exp(-1.0)) * tail_count)
+    # Why select: the tail's table entry is drawn 2^-16 of the time, and each such attempt needs more
+    # keystream (the tail proposal), which the compiled sampler leaves to the numpy full test: one
+    # call per batch. Proposing from it only when 16 spare bits of the first word (bits the tail
+    # does not use as an offset) are zero, with its acceptance 2^16 times larger, keeps the law
+    # (proposal x acceptance is unchanged for every tail value) and makes those calls rare.
+    # Possible wherever the larger acceptance stays <= 1: always at 14 sigma (g(limit) = e^-98).
+    tail_select = _TAIL_SELECT_BITS if tail_bias * 2.0**_TAIL_SELECT_BITS <= 1.0 else 0
+    tail_bias *= 2.0**tail_select
     if not (np.all(bias <= 1.0) and tail_bias <= 1.0):
         raise AssertionError("internal: an acceptance probability above 1")
     # the fast path compares the second word (2 head + sign) with 2h: head < h, see _attempts
@@ -259,7 +268,7 @@ def _envelope(sigma: float, table_sigmas: float = _TABLE_SIGMAS) -> _Envelope:
     # the full test's exponent off (2 lo + off) / (2 sigma^2) stays within what _exp_poly covers
     if (w - 1) * (2.0 * (bins - 1) * w + w - 1) * inv2s2 > _EXP_POLY_RANGE:
         raise AssertionError("internal: the acceptance exponent leaves the polynomial's range")
-    return _Envelope(sigma, width_bits, bins, guide, low, bias, t, tail_bias, accept, low[guide], bias[guide],
+    return _Envelope(sigma, width_bits, bins, guide, low, bias, t, tail_bias, tail_select, accept, low[guide], bias[guide],
                      sure.astype(np.uint32)[guide], lo_u32[guide])
 
 
@@ -282,6 +291,7 @@ def _exp_poly(x: np.ndarray) -> np.ndarray:
     return r
 
 
+_TAIL_SELECT_BITS = 16  # the low half of the first word: the offset uses at most width_bits <= 16 of it
 _TAIL_REACH = 40  # tail draws are below limit + 37 t: the geometric part is floor(-log(U)) <= 36 for U >= 2^-53
 _SURE_MARGIN = 1.0 - 2.0**-30  # far above float64's error in exp and in the products (~1e-15 relative)
 
@@ -367,25 +377,27 @@ def _words_per_attempt(env: _Envelope) -> int:
 
 
 def _attempt_words(words: np.ndarray, env: _Envelope) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                  np.ndarray, int]:
+                                                                  np.ndarray, int, np.ndarray]:
     """What ``k`` attempts' keystream words (a (2, k) or (3, k) uint32 array: row ``j`` holds every
-    attempt's word ``j``) say: (table index, offset, sign bit, acceptance head, head bits).
+    attempt's word ``j``) say: (table index, offset, sign bit, acceptance head, head bits, spare).
 
     2 words: the first holds the 16-bit table index (top) and the offset (bottom), the second
     the sign (bit 0) and a 31-bit head of the acceptance uniform. 3 words: index, then offset
     (above bit 0) and sign (bit 0), then a 32-bit head. Either way the sign is bit 0 of the
-    second word and the head the top of the last, which :func:`_attempts`'s fast path relies on."""
+    second word and the head the top of the last, which the fast path relies on; ``spare`` is the
+    low 16 bits of the first word, which the tail entry reads (see ``tail_select``)."""
     mask = np.uint32((1 << env.width_bits) - 1)
     index = words[0] >> np.uint32(32 - _GUIDE_BITS)
     sign = words[1] & np.uint32(1)
+    spare = words[0] & np.uint32((1 << _TAIL_SELECT_BITS) - 1)
     if words.shape[0] == 2:
-        return index, words[0] & mask, sign, words[1] >> np.uint32(1), 31
-    return index, (words[1] >> np.uint32(1)) & mask, sign, words[2], 32
+        return index, words[0] & mask, sign, words[1] >> np.uint32(1), 31, spare
+    return index, (words[1] >> np.uint32(1)) & mask, sign, words[2], 32, spare
 
 
 _CHUNK = 1 << 16  # attempts per block of keystream words: one block's temporaries stay in cache
-_BATCH = 1 << 18  # attempts per batch: its words and scratch (about 5 MB) are reused from batch to batch,
-# where one batch of a million attempts spent ~40 % of its time on fresh pages (measured at d' = 2^20)
+_BATCH = 1 << 17  # attempts per batch: its words (1 MB) and scratch stay in cache and are reused batch to batch,
+# where one batch of a million attempts spent ~40 % of its time on fresh pages (2^15 to 2^20 measured at d' = 2^20: 2^17 best)
 _REJECTED = np.int32(np.iinfo(np.int32).min)  # marks a refused attempt: every draw is above -2^31
 
 
@@ -466,8 +478,8 @@ def _attempts_into(rng: SecureRandom, k: int, env: _Envelope, out: np.ndarray) -
     if per == 3:
         words = np.concatenate([rng.words(3 * c).reshape(3, c)
                                 for c in (min(_CHUNK, k - s) for s in range(0, k, _CHUNK))], axis=1)
-        index, off, sign, head, head_bits = _attempt_words(words, env)
-        ok, magnitude = _full_test(rng, env, index, off, sign, head, head_bits)
+        index, off, sign, head, head_bits, spare = _attempt_words(words, env)
+        ok, magnitude = _full_test(rng, env, index, off, sign, head, head_bits, spare)
         magnitude[sign.astype(bool)] *= -1
         accepted = magnitude[ok][: out.shape[0]]
         out[: accepted.size] = accepted
@@ -479,8 +491,9 @@ def _attempts_into(rng: SecureRandom, k: int, env: _Envelope, out: np.ndarray) -
                    else _fast_pass(words, k, env))
     if slow.size:
         at_first, at_second = _word_positions(slow, k)
-        s_index, s_off, s_sign, s_head, head_bits = _attempt_words(np.stack((words[at_first], words[at_second])), env)
-        s_ok, s_magnitude = _full_test(rng, env, s_index, s_off, s_sign, s_head, head_bits)
+        s_index, s_off, s_sign, s_head, head_bits, s_spare = _attempt_words(
+            np.stack((words[at_first], words[at_second])), env)
+        s_ok, s_magnitude = _full_test(rng, env, s_index, s_off, s_sign, s_head, head_bits, s_spare)
         s_magnitude[s_sign.astype(bool)] *= -1
         value[slow] = np.where(s_ok, s_magnitude, _REJECTED)  # |x| < 2^31 (checked when the table is built)
     if native.enabled():
@@ -495,7 +508,7 @@ def _exponent_scale(env: _Envelope) -> float:
 
 
 def _full_test(rng: SecureRandom, env: _Envelope, index: np.ndarray, off: np.ndarray, sign: np.ndarray,
-               head: np.ndarray, head_bits: int) -> tuple[np.ndarray, np.ndarray]:
+               head: np.ndarray, head_bits: int, spare: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The acceptance test of the attempts given (in attempt order): (accepted, magnitude int64)."""
     low = np.take(env.low_at, index)
     magnitude = low + off  # float64, exact (< 2^53)
@@ -504,12 +517,20 @@ def _full_test(rng: SecureRandom, env: _Envelope, index: np.ndarray, off: np.nda
     p *= _exponent_scale(env)
     p = _exp_poly(p)
     p *= np.take(env.bias_at, index)
-    ok = _bernoulli_lazy(rng, p, head, head_bits)
-    tail = np.flatnonzero(np.take(env.guide, index) == env.bins)
-    if tail.size:
-        t_ok, t_x = _tail_attempts(rng, env, tail.size)
-        ok[tail] = t_ok
-        magnitude[tail] = t_x
+    is_tail = np.take(env.guide, index) == env.bins
+    if not is_tail.any():
+        ok = _bernoulli_lazy(rng, p, head, head_bits)
+    else:  # a tail attempt is decided by its own proposal: no Bernoulli test (nor its tie bits) for it
+        ok = np.zeros(index.shape[0], dtype=bool)
+        body = np.flatnonzero(~is_tail)
+        ok[body] = _bernoulli_lazy(rng, p[body], head[body], head_bits)
+        tail = np.flatnonzero(is_tail)
+        if env.tail_select:  # proposed only when the spare bits are zero (see _envelope)
+            tail = tail[(spare[tail] & np.uint32((1 << env.tail_select) - 1)) == 0]
+        if tail.size:
+            t_ok, t_x = _tail_attempts(rng, env, tail.size)
+            ok[tail] = t_ok
+            magnitude[tail] = t_x
     zero = np.flatnonzero(magnitude == 0.0)
     ok[zero[sign[zero].astype(bool)]] = False  # "-0" would count zero twice
     return ok, magnitude.astype(np.int64)

@@ -68,7 +68,8 @@ def dg_batch(words: np.ndarray, chunk: int, env: "_Envelope", k: int, exponent_s
     if env.guide.dtype != np.uint16 or env.low.dtype != np.float64 or env.bias.dtype != np.float64:
         raise TypeError("the envelope's guide is uint16, its low and bias float64")
     count = _native.dg_batch(_u32(words, 2 * k), chunk, _u32(env.thr_at, 1 << 16), _u32(env.lo_at, 1 << 16),
-                             env.guide, env.low, env.bias, (1 << env.width_bits) - 1, float(exponent_scale),
+                             env.guide, env.low, env.bias, (1 << env.width_bits) - 1, (1 << env.tail_select) - 1,
+                             float(exponent_scale),
                              poly, value, pending)
     return value, pending[:count]
 

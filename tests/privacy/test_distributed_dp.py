@@ -323,9 +323,11 @@ def test_envelope_times_acceptance_is_the_gaussian_on_every_integer(sigma):
     assert np.allclose(ratio, ratio[0], rtol=1e-9, atol=0)
     # the tail's acceptance at its start continues the same constant
     t = env.tail_t
-    tail0 = counts[env.bins] / 2.0**_GUIDE_BITS * (1 - math.exp(-1)) / t * env.tail_bias
+    # the tail entry proposes only when tail_select spare bits are zero (2^-tail_select of the time)
+    tail0 = counts[env.bins] / 2.0**_GUIDE_BITS / 2.0**env.tail_select * (1 - math.exp(-1)) / t * env.tail_bias
     assert tail0 / math.exp(-float(env.limit) ** 2 / (2 * sigma**2)) == pytest.approx(ratio[0], rel=1e-9)
     assert env.tail_bias <= 1.0 and t * env.limit >= sigma**2
+    assert env.tail_select == 16  # at 14 sigma the tail's acceptance leaves room for 16 bits of selection
     # and the envelope is tight: at least 95 % of attempts accepted at large sigma
     if sigma >= 40:
         assert float((counts[b] / 2.0**_GUIDE_BITS / w * accept).sum()) * 2 > 0.95
@@ -456,8 +458,12 @@ def _reference_attempts(rng: SecureRandom, k: int, env) -> np.ndarray:
     low = env.low[entry]
     magnitude = low + off
     p = _exp_poly((magnitude + low) * off * (-1.0 / (2.0 * env.sigma * env.sigma))) * env.bias[entry]
-    ok = _bernoulli_lazy(rng, p, head, bits)
-    tail = np.flatnonzero(entry == env.bins)
+    tail_entry = entry == env.bins
+    body = np.flatnonzero(~tail_entry)
+    ok = np.zeros(k, dtype=bool)
+    ok[body] = _bernoulli_lazy(rng, p[body], head[body], bits)  # a tail entry takes no Bernoulli test
+    selected = (words[0] & np.uint32((1 << env.tail_select) - 1)) == 0  # its spare bits all zero
+    tail = np.flatnonzero(tail_entry & selected)
     if tail.size:
         t_ok, t_x = _tail_attempts(rng, env, tail.size)
         ok[tail] = t_ok
@@ -528,3 +534,25 @@ def test_the_acceptance_exponential_is_exp_to_float64_accuracy():
     rel = np.abs(_exp_poly(x) / np.exp(x) - 1.0)
     assert float(rel.max()) < 2e-15
     assert _exp_poly(np.zeros(3)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_tail_entry_proposes_only_when_its_spare_bits_are_zero():
+    """At 14 sigma the tail entry (drawn 2^-16 of the time) proposes a tail value only when the 16
+    spare bits of its first word are zero, with a 2^16 times larger acceptance (the envelope test
+    checks the product): otherwise it is refused without drawing keystream."""
+    from ftte.privacy.distributed_dp import _full_test
+
+    env = _envelope(2.66e6)
+    tail_index = int(np.flatnonzero(env.guide == env.bins)[0])
+    n = 6
+    index = np.full(n, tail_index, dtype=np.uint32)
+    zeros = np.zeros(n, dtype=np.uint32)
+    spare = np.array([0, 1, 0, 0x8000, 0xFFFF, 0], dtype=np.uint32)
+    rng = SecureRandom.from_seed(3, "tail-select")
+    ok, magnitude = _full_test(rng, env, index, zeros, zeros, zeros, 31, spare)
+    assert rng.bytes_drawn > 0  # the three selected attempts drew their proposals
+    assert not ok[[1, 3, 4]].any()
+    assert np.all(magnitude[[0, 2, 5]] >= env.limit)  # proposals from the tail
+    quiet = SecureRandom.from_seed(3, "tail-select")
+    _full_test(quiet, env, index[[1, 3, 4]], zeros[:3], zeros[:3], zeros[:3], 31, spare[[1, 3, 4]])
+    assert quiet.bytes_drawn == 0  # unselected: refused, no keystream

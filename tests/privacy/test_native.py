@@ -150,7 +150,7 @@ def test_loops_refuse_buffers_of_the_wrong_size():
     poly = np.ones(3)
 
     def batch(words, tabs=tables, k=10):
-        return _native.dg_batch(words, 16, *tabs, 1, -1e-8, poly, np.zeros(k, np.int32), np.zeros(k, np.int64))
+        return _native.dg_batch(words, 16, *tabs, 1, 0xFFFF, -1e-8, poly, np.zeros(k, np.int32), np.zeros(k, np.int64))
 
     assert batch(np.zeros(20, np.uint32)) == 0  # well formed: ten attempts, none pending
     with pytest.raises(ValueError):  # words for 10 attempts, value and pending for 11
