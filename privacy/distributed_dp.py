@@ -27,7 +27,9 @@ tail (CKS's construction) takes over, so every integer keeps its mass. 8 keystre
 per attempt (12 from sigma 2^17 * 32 ~ 4.2e6 up) and about 96 % of attempts accepted at large sigma (the reference CKS sampler,
 :func:`discrete_gaussian_cks`, kept for tests, spends about 55). The inexact parts: the
 acceptance test compares a 53-bit uniform (31 or 32 bits first, the rest only on a tie,
-:func:`_bernoulli_lazy`) with float64 ``bias * exp(-y)``, y = O(1) (relative error ~1e-15),
+:func:`_bernoulli_lazy`) with float64 ``bias * exp(-y)``, y in [0, 1], exp computed as a
+degree-17 polynomial (:func:`_exp_poly`, relative error below 2e-15, so that the optional
+compiled sampler, ``privacy/_native.c``, takes the same decisions with the same operations),
 and the tail's geometric draw uses ``floor(-log1p(-U))``, cut at 2^-53 (and reached with
 probability about 1e-43 per draw). So each coordinate's law is within a total-variation
 distance of about 1e-15 of the ideal one; we do not add this to delta (~1e-9 over a
