@@ -13,7 +13,12 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <stdint.h>
+
+#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
+#error "float and double arithmetic must round to their own types (not x87 extended precision): numpy's values are the definition"
+#endif
 #include <string.h>
 
 #define TABLE_SIZE 65536
@@ -87,7 +92,7 @@ static PyObject *dg_batch(PyObject *self, PyObject *args) {
         Py_ssize_t *slow = PyMem_RawMalloc((size_t)cap * sizeof(Py_ssize_t));
         uint64_t *ab = PyMem_RawMalloc((size_t)cap * sizeof(uint64_t)); /* the attempt's two words */
         double *e = NULL, *mag = NULL;
-        int grown_ok = 1;
+        int grown_ok = 1, bad_probability = 0;
         if (!slow || !ab) {
             PyMem_RawFree(slow);
             PyMem_RawFree(ab);
@@ -162,6 +167,10 @@ static PyObject *dg_batch(PyObject *self, PyObject *args) {
             }
             double p = e[j] * bs[bin];
             double top = p * 2147483648.0; /* exact; p lies in [0, 1] */
+            if (!(top >= 0.0 && top <= 2147483648.0)) { /* only a malformed table or polynomial */
+                bad_probability = 1;
+                break;
+            }
             double floor_top = (double)(int64_t)top;
             double head = (double)(b >> 1);
             uint32_t neg = 0u - (b & 1u);
@@ -180,7 +189,10 @@ static PyObject *dg_batch(PyObject *self, PyObject *args) {
         PyMem_RawFree(ab);
         PyMem_RawFree(e);
         PyMem_RawFree(mag);
-        result = grown_ok ? PyLong_FromSsize_t(n_pending) : PyErr_NoMemory();
+        if (bad_probability)
+            PyErr_SetString(PyExc_ValueError, "dg_batch: an acceptance probability outside [0, 1]");
+        else
+            result = grown_ok ? PyLong_FromSsize_t(n_pending) : PyErr_NoMemory();
     }
 done:
     PyBuffer_Release(&words);
@@ -240,9 +252,10 @@ done:
  *
  * One piece of the device's rounding: q = floor(y + k 2^-32) for float32 y and uint32 keystream
  * words k, computed in double exactly as numpy does (k 2^-32 is exact, then one rounded addition,
- * then floor); ring = (q + noise) mod 2^b, noise int32 with b = 8 * the ring's item size (2 or 4 bytes, from
- * the buffer's format). The squared norm is added to total in integers and stops growing once past
- * limit_sq (< 2^63), so it cannot overflow. -1 if some |q| reaches 2^31 (the ring cannot hold it). */
+ * then floor); ring = (q + noise) mod 2^b, noise int32, with b = 8 * the ring's item size (2 or 4
+ * bytes, from the ring's length in bytes over y's; the wrapper checks its dtype). The squared norm
+ * is added to total in integers and stops growing once past limit_sq (< 2^63), so it cannot
+ * overflow. -1 if some |y + u| reaches 2^31 - 1 or is not finite (the ring cannot hold it). */
 static PyObject *round_ring(PyObject *self, PyObject *args) {
     Py_buffer y, words, noise, ring;
     unsigned long long limit, total;

@@ -270,8 +270,11 @@ def _envelope(sigma: float, table_sigmas: float = _TABLE_SIGMAS) -> _Envelope:
     # the full test's exponent off (2 lo + off) / (2 sigma^2) stays within what _exp_poly covers
     if (w - 1) * (2.0 * (bins - 1) * w + w - 1) * inv2s2 > _EXP_POLY_RANGE:
         raise AssertionError("internal: the acceptance exponent leaves the polynomial's range")
-    return _Envelope(sigma, width_bits, bins, guide, low, bias, t, tail_bias, tail_select, accept, low[guide], bias[guide],
-                     sure.astype(np.uint32)[guide], lo_u32[guide])
+    env = _Envelope(sigma, width_bits, bins, guide, low, bias, t, tail_bias, tail_select, accept, low[guide], bias[guide],
+                    sure.astype(np.uint32)[guide], lo_u32[guide])
+    for table in (env.guide, env.low, env.bias, env.low_at, env.bias_at, env.thr_at, env.lo_at):
+        table.setflags(write=False)  # shared by every caller (cached), and read by compiled loops without the GIL
+    return env
 
 
 # exp(x) for x in [-1, 0] as the degree-17 Taylor polynomial, evaluated by Horner (highest degree
@@ -282,6 +285,7 @@ def _envelope(sigma: float, table_sigmas: float = _TABLE_SIGMAS) -> _Envelope:
 # about 1e-15 relative in all: what np.exp's error was (tests/privacy/test_distributed_dp.py).
 _EXP_POLY_RANGE = 1.0
 _EXP_POLY = np.array([1.0 / math.factorial(k) for k in range(17, -1, -1)])
+_EXP_POLY.setflags(write=False)
 
 
 def _exp_poly(x: np.ndarray) -> np.ndarray:

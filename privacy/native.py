@@ -96,6 +96,8 @@ def round_ring(y: np.ndarray, words: np.ndarray, noise: np.ndarray, limit_sq: in
         raise ValueError("noise and ring must match y")
     if not (y.flags.c_contiguous and noise.flags.c_contiguous and ring.flags.c_contiguous):
         raise TypeError("round_ring takes contiguous arrays")
+    if not (0 <= limit_sq < 1 << 63 and 0 <= total < 1 << 64):
+        raise ValueError("round_ring: limit_sq must lie in [0, 2^63)")
     return _native.round_ring(y, _u32(words, n), noise, int(limit_sq), int(total), ring)
 
 

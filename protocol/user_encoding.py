@@ -41,9 +41,12 @@ from ftte.privacy.secure_random import SOURCE_KEY, SecureRandom
 _ROTATION_DOMAIN = b"ftte/user-dp/rotation/v1"
 # The device rotates in float32 (half the memory traffic of float64; the rotation was the largest
 # part of the mechanism's cost). Its error is far below one rounding unit: a relative error of at
-# most ROTATION_ERROR of the norm is what the bounds below allow (tests measure about 2^-21).
-ROTATION_ERROR = 2.0**-12
+# most ROTATION_ERROR of the norm is what the bounds below allow. Worst case, about (L + 4) 2^-24
+# for L levels of butterflies and about 20 units of 2^-24 per BLAS product with factors of 8: under
+# 2^-16 up to 2^30 coordinates; measured, 2^-21 to 2^-25 (tests/protocol/test_user_encoding.py).
+ROTATION_ERROR = 2.0**-16
 _CLIP_MARGIN = 1.0 - ROTATION_ERROR  # so that the float32 rotation stays within C s, under the exact norm check
+_FLOAT32_SAFE = 1e36  # below float32's largest value (3.4e38) with room for the transform's rounding
 
 
 _BLOCK = 1 << 16  # levels inside 64k-element blocks first, while a block stays in cache
@@ -251,6 +254,8 @@ def _floor_plus_uniform(y: np.ndarray, rng: SecureRandom) -> tuple[np.ndarray, i
         u = np.multiply(rng.words(part.shape[0], "<u4"), 2.0**-32)
         u += part
         np.floor(u, out=u)
+        if not (u.min() > -2.0**31 and u.max() < 2.0**31):  # NaN fails too: refuse, never wrap in int64
+            raise ValueError("rounding cannot meet the norm bound: a coordinate is not finite or beyond 2^31")
         chunk = q[start:start + part.shape[0]]
         chunk[...] = u
         total += int(np.einsum("i,i->", chunk, chunk))  # int64 arithmetic, and no BLAS
@@ -350,6 +355,10 @@ class UserCodec:
             raise ValueError("update contains NaN or infinite values")
         limit = p.clip * _CLIP_MARGIN
         shrink = 1.0 if norm <= limit else limit / norm  # clip_l2, folded into the rotation's one multiply
+        if norm * math.sqrt(p.padded_dim) > _FLOAT32_SAFE:
+            # the float32 transform sums up to sqrt(d') ||x|| before its last pass scales: an update
+            # that large is clipped in float64 first (an extra pass, for absurd inputs only)
+            x, shrink = x * shrink, 1.0
         # ||x shrink|| <= C (1 - ROTATION_ERROR), so the float32 rotation is within C s: no need for
         # round()'s own check of y (a float64 pass over the vector)
         y = self.rotate(x, shrink * weight * p.scale, np.float32)
@@ -410,11 +419,12 @@ class UserCodec:
         return weight_sum * p.clip + self.rounding_bound(survivors) + noise
 
     def rounding_bound(self, survivors: int) -> float:
-        """L2 bound of decoded-minus-plain with noise off: each survivor's rounding error has norm
-        below sqrt(d') and its float32 rotation is off by at most ROTATION_ERROR of its norm C s;
-        undoing the scale and the (orthonormal) rotation divides both by s."""
+        """L2 bound of decoded-minus-plain-clipped (at C) with noise off: each survivor's rounding
+        error has norm below sqrt(d'), its float32 rotation is off by at most ROTATION_ERROR of its
+        norm C s, and the device clips at C (1 - ROTATION_ERROR); undoing the scale and the
+        (orthonormal) rotation divides all by s."""
         p = self.params
-        return survivors * (math.sqrt(p.padded_dim) / p.scale + ROTATION_ERROR * p.clip)
+        return survivors * (math.sqrt(p.padded_dim) / p.scale + 2.0 * ROTATION_ERROR * p.clip)
 
 
 def decode_user_sum(codec: UserCodec, ring_sum: np.ndarray, weights: dict[int, float],

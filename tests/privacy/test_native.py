@@ -142,6 +142,98 @@ def test_compiled_rotation_scales_in_its_last_pass_at_every_shape(levels):
     assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("update", ["one coordinate 1e39", "every coordinate 1e37", "one coordinate 1e30"])
+def test_a_huge_update_is_clipped_alike_on_both_paths(update):
+    """The float32 rotation sums up to sqrt(d') ||x|| before it scales: a huge (finite) update is
+    clipped in float64 first, so both paths encode the clipped update, within the sensitivity
+    (once, the numpy path wrapped inf to int64's minimum and encoded zeros)."""
+    params = plan_user_dp(dim=1000, clip=1.0, noise_multiplier=0.8, members=20, threshold=11)
+    codec = UserCodec(params, rotation_seed("huge"))
+    x = np.zeros(1000)
+    if update == "every coordinate 1e37":
+        x[:] = 1e37
+    else:
+        x[0] = float(update.split()[-1])
+    got, want = _both(lambda: codec.encode(x, 1.0, SecureRandom.from_seed(1, "huge"), noise=False))
+    assert np.array_equal(got.ring, want.ring)
+    norm = float(np.linalg.norm(got.rounded))
+    assert params.clip * params.scale * 0.99 < norm <= params.sensitivity
+
+
+def test_numpy_rounding_refuses_values_it_cannot_hold():
+    codec = UserCodec(plan_user_dp(dim=4, clip=1.0, noise_multiplier=0.8, members=20, threshold=11),
+                      rotation_seed("r"))
+    for bad in (np.array([np.inf, 0, 0, 0]), np.array([np.nan, 0, 0, 0]), np.array([3e9, 0, 0, 0])):
+        with pytest.raises(ValueError):
+            user_encoding._floor_plus_uniform(bad, SecureRandom.from_seed(0, "r"))
+    assert codec.length == 4
+
+
+def test_compiled_rounding_over_many_pieces_and_redraws_matches_numpy(monkeypatch):
+    """Pieces of 1,000 coordinates and a norm limit that only a fraction of draws meet: the compiled
+    loop redraws exactly as numpy's (same ring, same keystream consumed), on both ring sizes."""
+    monkeypatch.setattr(user_encoding, "_NATIVE_PIECE", 1000)
+    monkeypatch.setattr(user_encoding, "_ROUND_CHUNK", 777)
+    for bits in (16, 32):
+        params = UserDPParams(dim=5000, clip=1.0, scale=40.0 if bits == 16 else 4000.0, sigma=3.0, calibrated_for=2,
+                              members=3, ring_bits=bits)
+        codec = UserCodec(params, rotation_seed("pieces"))
+        x = np.random.default_rng(0).normal(size=5000)
+        y = codec.rotate(x * (0.999 / np.linalg.norm(x)), params.scale, np.float32)
+        for seed in range(50):  # a generator whose first draw misses a limit a later draw meets
+            ahead = SecureRandom.from_seed(seed, "pieces", str(bits))
+            norms = [user_encoding._floor_plus_uniform(y, ahead)[1] for _ in range(10)]
+            limit = min(norms[1:])
+            if norms[0] > limit:
+                break
+        else:
+            raise AssertionError("no generator draws a first rounding above a later one")
+        monkeypatch.setattr(UserCodec, "_limit_sq", property(lambda self: limit))
+        z = np.zeros(params.padded_dim, dtype=np.int32)
+        native.use(True)
+        fast_rng = SecureRandom.from_seed(seed, "pieces", str(bits))
+        try:
+            got = codec._round_to_ring_native(y, z, fast_rng)
+        finally:
+            native.use(False)
+        slow_rng = SecureRandom.from_seed(seed, "pieces", str(bits))
+        want = codec.to_ring(codec._round_bounded(y, slow_rng), z)
+        assert np.array_equal(got, want)
+        assert fast_rng.bytes_drawn == slow_rng.bytes_drawn > 4 * params.padded_dim  # redrawn at least once
+
+
+def _crafted(first: int, second: int) -> np.ndarray:
+    return np.array([first, second], dtype=np.uint32)  # one attempt: its first word, its second word
+
+
+def test_compiled_sampler_sorts_crafted_attempts_like_the_full_test():
+    """One attempt at a time, words chosen to hit each case: a selected tail entry and a tie go to
+    the numpy test (pending); an unselected tail entry, a "-0" and a head far above its acceptance
+    are refused; a head below the fast bound is accepted with its sign."""
+    from ftte.privacy.distributed_dp import _EXP_POLY, _exponent_scale
+
+    env = _envelope(2.66e6)
+    assert env.tail_select == 16
+
+    def run(first, second):
+        value, pending = native.dg_batch(_crafted(first, second), 1 << 16, env, 1, _exponent_scale(env), _EXP_POLY)
+        return int(value[0]), pending.tolist()
+
+    entry_of_bin = {int(b): int(np.flatnonzero(env.guide == b)[0]) for b in (0, 5, env.bins, env.bins + 1)}
+    tail = entry_of_bin[env.bins] << 16
+    assert run(tail | 0, 0)[1] == [0]  # selected (spare bits zero): pending
+    assert run(tail | 1, 0) == (np.iinfo(np.int32).min, [])  # unselected: refused
+    assert run(entry_of_bin[0] << 16, 1) == (np.iinfo(np.int32).min, [])  # bin 0, offset 0, sign set: "-0"
+    assert run(entry_of_bin[0] << 16, 0)[0] == 0  # bin 0, offset 0, head 0: accepted zero
+    assert run(entry_of_bin[env.bins + 1] << 16, 0)[1] == [0]  # a reject entry at head 0 ties p = 0: pending
+    assert run(entry_of_bin[env.bins + 1] << 16, 2)[0] == np.iinfo(np.int32).min  # head 1 > 0: refused
+    b5 = entry_of_bin[5] << 16
+    lo5 = int(env.lo_at[entry_of_bin[5]])
+    assert run(b5 | 3, 0) == (lo5 + 3, [])  # head 0: under the fast bound
+    assert run(b5 | 3, 1) == (-(lo5 + 3), [])  # the same, negative
+    assert run(b5 | 3, 0xFFFFFFFE)[0] == np.iinfo(np.int32).min  # the largest head: refused
+
+
 def test_loops_refuse_buffers_of_the_wrong_size():
     from ftte.privacy import _native
 
