@@ -6,6 +6,14 @@ calling a method out of order raises, and a refused message leaves the state unc
 Fresh X25519 keys, a fresh self-mask seed and a fresh ring-order nonce are drawn per
 session, and the member never releases both a seed share and a key share for the same owner.
 
+Where those four draws come from (:class:`RandomSource`): a deployed member passes nothing and
+draws each from the operating system. A simulation passes a generator derived from its run
+seed, because the ring order is a hash of the session id (which binds the advertised keys) and
+of the nonces: with OS draws every run masked on another ring, so which neighbours' ids, shares
+and pair seeds a member sent, and with them the modelled stage times and sometimes whether a
+cohort aborted, changed from run to run. The generator replaces the OS only for these draws;
+Shamir coefficients and AEAD nonces still come from the OS, and change no size or result.
+
 A neighbour whose shares do not decrypt (or do not parse) is treated exactly like one whose
 shares never arrived: this member keeps none of its shares, does not mask with it, names it
 in ``MaskedInput.skipped`` so the server can leave one of the two out of the sum, and refuses
@@ -18,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -70,6 +78,12 @@ from ftte.secagg_messages import (
 M = TypeVar("M")
 
 
+class RandomSource(Protocol):
+    """A cryptographic byte stream (``ftte.privacy.secure_random.SecureRandom`` is one)."""
+
+    def random_bytes(self, n: int) -> bytes: ...
+
+
 class ClientStage(enum.Enum):
     NEW = "new"
     ADVERTISED = "advertised"
@@ -86,7 +100,9 @@ def sign_message(signer: Signer, msg: M) -> M:
 
 
 class SecAggClient:
-    def __init__(self, params: SessionParams, member: int, identity: Signer) -> None:
+    def __init__(self, params: SessionParams, member: int, identity: Signer, rng: RandomSource | None = None) -> None:
+        """``rng``: where this session's keys, self-mask seed and ring nonce come from; None (a
+        deployment) draws each from the OS. Only a simulation passes one (see the module docstring)."""
         if not params.is_member(member):
             raise MemberError(f"member {member} is not in this cohort")
         if params.identity_key(member) != identity.public_key:
@@ -96,12 +112,14 @@ class SecAggClient:
         self._identity = identity
         self._context = params.context()
         self.stage = ClientStage.NEW
-        self._c = X25519Key()  # encrypts shares
-        self._s = X25519Key()  # pairwise masks
+        draw = random_bytes if rng is None else rng.random_bytes
+        # keys from cryptography's own generator unless a source is given
+        self._c = X25519Key(None if rng is None else draw(32))  # encrypts shares
+        self._s = X25519Key(None if rng is None else draw(32))  # pairwise masks
         self.c_public, self.s_public = self._c.public_key, self._s.public_key
         self._c_secrets: dict[int, bytes] = {}  # peer -> X25519(c) secret, agreed once per session
-        self._seed = random_bytes(32)
-        self._nonce = random_bytes(32)  # ring-order contribution, revealed once the roster is fixed
+        self._seed = draw(32)
+        self._nonce = draw(32)  # ring-order contribution, revealed once the roster is fixed
         self.nonce_commitment = nonce_commitment(self._context, member, self._nonce)
         self.session: bytes = b""
         self.roster: dict[int, tuple[bytes, bytes, bytes]] = {}  # member -> (c_public, s_public, nonce commitment)

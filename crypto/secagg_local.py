@@ -26,6 +26,7 @@ import numpy as np
 
 from ftte import wire
 from ftte.crypto.primitives import Signer
+from ftte.crypto.secagg_client import RandomSource
 from ftte.crypto.secagg_member import MemberHost, StageReplies
 from ftte.crypto.secagg_server import AggregateResult, SecAggServer
 from ftte.crypto.secagg_session import SessionAborted, SessionParams
@@ -66,8 +67,10 @@ class MemberRunner(ABC):
     :meth:`close`. A runner is used for one session."""
 
     @abstractmethod
-    def open(self, params: SessionParams, seats: Mapping[int, tuple[Signer, np.ndarray]]) -> None:
-        """Place the members (id -> identity and input vector)."""
+    def open(self, params: SessionParams, seats: Mapping[int, tuple[Signer, np.ndarray]],
+             randomness: Mapping[int, RandomSource] | None = None) -> None:
+        """Place the members (id -> identity and input vector; ``randomness``: id -> the member's
+        generator in a simulation, see :class:`~ftte.crypto.secagg_client.SecAggClient`)."""
 
     @abstractmethod
     def stage(self, stage: Stage, inbound: Mapping[int, bytes | None]) -> tuple[StageReplies, set[int]]:
@@ -85,8 +88,9 @@ class InProcessMembers(MemberRunner):
         self.host = host if host is not None else MemberHost()
         self.key = key
 
-    def open(self, params: SessionParams, seats: Mapping[int, tuple[Signer, np.ndarray]]) -> None:
-        self.host.open(self.key, params, seats)
+    def open(self, params: SessionParams, seats: Mapping[int, tuple[Signer, np.ndarray]],
+             randomness: Mapping[int, RandomSource] | None = None) -> None:
+        self.host.open(self.key, params, seats, randomness)
 
     def stage(self, stage: Stage, inbound: Mapping[int, bytes | None]) -> tuple[StageReplies, set[int]]:
         return self.host.stage(self.key, stage, inbound), set()
@@ -101,12 +105,14 @@ def run_session(
     inputs: Mapping[int, np.ndarray],
     drop: Mapping[int, str] | None = None,
     members: MemberRunner | Callable[[], MemberRunner] | None = None,
+    randomness: Mapping[int, RandomSource] | None = None,
 ) -> tuple[AggregateResult | None, SessionStats]:
     """Run all five stages; returns (result or None if aborted, stats).
 
     ``members``: a runner (or a factory of one) for this session's members; default: this
     process. The server receives the replies of a stage in ascending member order, whatever
-    process computed them, so the outcome does not depend on the runner."""
+    process computed them, so the outcome does not depend on the runner. ``randomness``: each
+    member's generator (a simulation derives them from its run seed; None: the OS)."""
     drop = dict(drop or {})
     for member, label in drop.items():
         if label not in STAGE_LABELS:
@@ -127,7 +133,7 @@ def run_session(
 
     published = None
     try:
-        runner.open(params, {m: (identities[m], inputs[m]) for m in params.members})
+        runner.open(params, {m: (identities[m], inputs[m]) for m in params.members}, randomness)
         for stage in Stage:
             label = stage.label
             alive -= {m for m in alive if drop.get(m) == label}

@@ -20,15 +20,16 @@ import numpy as np
 
 from ftte import wire
 from ftte.crypto.primitives import Signer
-from ftte.crypto.secagg_client import SecAggClient
+from ftte.crypto.secagg_client import RandomSource, SecAggClient
 from ftte.crypto.secagg_session import ReplayError, SessionAborted, SessionParams
 from ftte.crypto.stages import Stage
 
 
 class MemberSession:
     def __init__(self, params: SessionParams, member: int, identity: Signer,
-                 input_vector: Callable[[], np.ndarray]) -> None:
-        self.client = SecAggClient(params, member, identity)
+                 input_vector: Callable[[], np.ndarray], rng: RandomSource | None = None) -> None:
+        """``rng``: None on a device (fresh OS randomness per session); a simulation's seeded generator."""
+        self.client = SecAggClient(params, member, identity, rng)
         self.member = member
         self._input_vector = input_vector
 
@@ -90,16 +91,20 @@ class MemberHost:
     stage at a time: the server's input to each member arrives encoded (``None`` for the first
     stage), as a transport would deliver it, and each member's reply leaves encoded. Members are
     answered in ascending id order. Keys, seeds and nonces are drawn by the members
-    (:class:`SecAggClient`) from the OS; a result depends only on the unmasked sum, which is exact.
+    (:class:`SecAggClient`) from the OS, or from the generator :meth:`open` gives a member (a
+    simulation's, derived from its run seed, so that the ring and every message size repeat).
     """
 
     def __init__(self) -> None:
         self._sessions: dict[str, dict[int, MemberSession]] = {}
 
-    def open(self, key: str, params: SessionParams, seats: Mapping[int, tuple[Signer, np.ndarray]]) -> None:
+    def open(self, key: str, params: SessionParams, seats: Mapping[int, tuple[Signer, np.ndarray]],
+             randomness: Mapping[int, RandomSource] | None = None) -> None:
+        """``randomness``: each member's generator (a simulation); None or a missing member: the OS."""
         if key in self._sessions:
             raise ValueError(f"member session {key!r} is already open here")
-        self._sessions[key] = {m: MemberSession(params, m, identity, lambda v=vector: v)
+        rngs = randomness or {}
+        self._sessions[key] = {m: MemberSession(params, m, identity, lambda v=vector: v, rngs.get(m))
                                for m, (identity, vector) in sorted(seats.items())}
 
     def stage(self, key: str, stage: Stage, inbound: Mapping[int, bytes | None]) -> StageReplies:

@@ -245,9 +245,11 @@ class DeviceWorker:
 
     # The members' side of secure aggregation (the Ray backend calls these on its own thread of
     # the actor, so a stage never waits behind the training queue).
-    def open_members(self, key: str, params: SessionParams, seats: dict[int, tuple[bytes, np.ndarray]]) -> None:
-        """Host these members of session ``key`` (id -> identity private key, input vector)."""
-        self.members.open(key, params, {m: (Signer(sk), vector) for m, (sk, vector) in seats.items()})
+    def open_members(self, key: str, params: SessionParams, seats: dict[int, tuple[bytes, np.ndarray]],
+                     randomness: dict[int, Any] | None = None) -> None:
+        """Host these members of session ``key`` (id -> identity private key, input vector;
+        ``randomness``: id -> the member's unused seeded generator, or None: the OS)."""
+        self.members.open(key, params, {m: (Signer(sk), vector) for m, (sk, vector) in seats.items()}, randomness)
 
     def member_stage(self, key: str, stage: int, inbound: dict[int, bytes | None],
                      crash: bool = False) -> StageReplies | None:
@@ -648,7 +650,7 @@ class _RayMembers(MemberRunner):
         self.placement: dict[int, int] = {}  # member -> actor index
         self.dead: set[int] = set()  # actors that died during this session
 
-    def open(self, params: SessionParams, seats: Any) -> None:
+    def open(self, params: SessionParams, seats: Any, randomness: Any = None) -> None:
         ids = sorted(seats)
         actors = self.backend._actors
         n = min(len(actors), len(ids))
@@ -660,7 +662,8 @@ class _RayMembers(MemberRunner):
             # holds every device's key anyway). Not awaited: the actor runs its calls of this group
             # in order, and a failure shows at the first stage.
             actors[i].handle.open_members.options(concurrency_group=MEMBERS_GROUP).remote(
-                self.key, params, {m: (seats[m][0].private_bytes(), seats[m][1]) for m in part})
+                self.key, params, {m: (seats[m][0].private_bytes(), seats[m][1]) for m in part},
+                None if randomness is None else {m: randomness[m] for m in part})
 
     def stage(self, stage: Stage, inbound: Any) -> tuple[StageReplies, set[int]]:
         b = self.backend

@@ -30,6 +30,7 @@ from ftte.crypto.stages import STAGE_LABELS
 from ftte.edge.runtime import LocalUpdate
 from ftte.pipeline.fleet import SimDevice
 from ftte.pipeline.server_model import CohortResult, CohortSum
+from ftte.privacy.secure_random import SecureRandom
 from ftte.protocol.cohort import codec_for, reference_of, session_params, weight_rule
 from ftte.protocol.encoding import EXTRA_COORDINATES, weigh_update
 from ftte.deploy_messages import CohortStart
@@ -92,12 +93,30 @@ class UserLevel:
     seed: int  # the run seed: members' rounding and noise keys derive from it (simulation only)
 
 
+def simulated_identities(seed: int, devices: Sequence[int]) -> dict[int, Signer]:
+    """The simulated devices' Ed25519 identities, derived from the run seed (a device keeps a key
+    it generated, ``edge/identity.py``): the identity keys are in every session's context and so in
+    the ring order's hash, which must repeat from run to run (:func:`member_randomness`)."""
+    return {d: Signer(SecureRandom.from_seed(seed, "ftte.sim.identity", str(d)).random_bytes(32)) for d in devices}
+
+
+def member_randomness(seed: int, cohort_id: str, members: Sequence[int]) -> dict[int, SecureRandom]:
+    """Each simulated member's generator for one session: its X25519 keys, self-mask seed and
+    ring nonce derive from the run seed, the cohort and the member (a device draws them from the
+    OS, :class:`~ftte.crypto.secagg_client.SecAggClient`). The ring order hashes the keys and
+    nonces, so with OS draws every run masked on another ring: the neighbour ids, shares and pair
+    seeds a member sends, the modelled stage times and the aborts then differed between runs."""
+    return {m: SecureRandom.from_seed(seed, "ftte.secagg.member", cohort_id, str(m)) for m in members}
+
+
 def run_cohort(start: CohortStart, members: Sequence[tuple[SimDevice, LocalUpdate]], identities: dict[int, Signer],
                rng: np.random.Generator, *, secure: bool, latency_s: float,
-               user: UserLevel | None = None, member_runner: Callable[[], MemberRunner] | None = None) -> CohortRun:
+               user: UserLevel | None = None, member_runner: Callable[[], MemberRunner] | None = None,
+               seed: int | None = None) -> CohortRun:
     """``member_runner``: where the members' secure-aggregation work runs (a fresh runner per
     session; default this process). A member whose worker died mid-session is a dropout at
-    that stage, recorded with the drawn ones."""
+    that stage, recorded with the drawn ones. ``seed``: the run seed, from which the members'
+    session randomness derives (:func:`member_randomness`); None: they draw from the OS."""
     devices = {d.device_id: d for d, _ in members}
     ids = tuple(sorted(devices))
     if ids != tuple(start.members):
@@ -108,9 +127,10 @@ def run_cohort(start: CohortStart, members: Sequence[tuple[SimDevice, LocalUpdat
     if user is not None and user.noise == "distributed":
         raw = {d.device_id: u.delta for d, u in members}
         return _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, staleness, user,
-                            member_runner)
+                            member_runner, seed)
     if secure:
-        run = _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness, member_runner)
+        run = _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness, member_runner,
+                      seed)
     else:
         run = _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness)
     if user is not None and run.result.total is not None:  # the trusted server adds the noise to the sum
@@ -151,12 +171,13 @@ def _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness) ->
                      weights)
 
 
-def _masked_session(params, ids, devices, identities, inputs, rng, latency_s, runner=None):
+def _masked_session(params, ids, devices, identities, inputs, rng, latency_s, runner=None, seed=None):
     """Run the real secure-aggregation session with each member's drop stage drawn from its
     profile; returns (result or None, stats, drops, virtual seconds the five stages took).
     Members lost with their worker join the drops at the stage they were lost in."""
     drops = draw_dropouts([devices[m] for m in ids], STAGE_LABELS, rng)
-    result, stats = run_session(params, {m: identities[m] for m in ids}, inputs, drops, runner)
+    randomness = None if seed is None else member_randomness(seed, params.cohort_id, ids)
+    result, stats = run_session(params, {m: identities[m] for m in ids}, inputs, drops, runner, randomness)
     drops = {**drops, **stats.lost}
     duration = 0.0
     for stage in STAGE_LABELS:
@@ -166,11 +187,13 @@ def _masked_session(params, ids, devices, identities, inputs, rng, latency_s, ru
     return result, stats, drops, duration
 
 
-def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness, runner=None) -> CohortRun:
+def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, staleness, runner=None,
+            seed=None) -> CohortRun:
     codec = codec_for(start)
     params = session_params(start)
     inputs = {m: codec.encode(prepared[m][0], prepared[m][1], prepared[m][2], rng) for m in ids}
-    result, stats, drops, duration = _masked_session(params, ids, devices, identities, inputs, rng, latency_s, runner)
+    result, stats, drops, duration = _masked_session(params, ids, devices, identities, inputs, rng, latency_s, runner,
+                                                     seed)
     bytes_up = dict(stats.bytes_up)
     if result is None:
         return CohortRun(_result(start, drops, staleness, duration, None, stats.aborted), bytes_up, weights)
@@ -182,7 +205,6 @@ def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, 
 def _with_central_noise(run: CohortRun, start: CohortStart, user: UserLevel) -> CohortRun:
     """The baseline: a trusted server adds Gaussian noise of std ``z C`` to the unmasked sum."""
     from ftte.privacy.distributed_dp import central_noise
-    from ftte.privacy.secure_random import SecureRandom
 
     total = run.result.total
     assert total is not None
@@ -193,7 +215,7 @@ def _with_central_noise(run: CohortRun, start: CohortStart, user: UserLevel) -> 
 
 
 def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, staleness, user,
-                 runner=None) -> CohortRun:
+                 runner=None, seed=None) -> CohortRun:
     """User-level DP inside the masked sum: each member clips its whole update to ``C``, rotates,
     rounds and adds its share of discrete Gaussian noise (so any ``T - max_corrupt`` honest
     survivors carry the target), and masks the integers; the server unmasks the noisy sum and
@@ -201,7 +223,6 @@ def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, 
     from the survivors, not sent; a sum beyond what honest members' noisy inputs reach is refused.
     The parameters, the start and the decoding rule are the deployment's (protocol.cohort,
     protocol.user_encoding); only the cohort size they are planned for differs."""
-    from ftte.privacy.secure_random import SecureRandom
     from ftte.protocol.cohort import contribution_binding, user_level_params, with_user_level
     from ftte.protocol.user_encoding import UserCodec, decode_user_sum, rotation_seed
 
@@ -212,7 +233,7 @@ def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, 
     inputs = {m: codec.encode(raw[m], weights[m], SecureRandom.from_seed(user.seed, "user-dp", str(m),
                                                                           start.cohort_id)).ring for m in ids}
     result, stats, drops, duration = _masked_session(session_params(session_start), ids, devices, identities,
-                                                     inputs, rng, latency_s, runner)
+                                                     inputs, rng, latency_s, runner, seed)
     bytes_up = dict(stats.bytes_up)
     if result is None:
         return CohortRun(_result(start, drops, staleness, duration, None, stats.aborted, user=True), bytes_up, weights,

@@ -36,14 +36,13 @@ import numpy as np
 import torch
 
 from ftte import wire
-from ftte.crypto.primitives import Signer
 from ftte.edge.plan import SubsetPlan, subset_vector
 from ftte.edge.runtime import LocalTrainer, LocalUpdate
 from ftte.round_messages import ModelPull
 from ftte.pipeline.backends import (DeviceBackend, TrainTask, WorkerData, WorkerSpec, charge_planned,
                                     lost_round_spend, make_backend, plan_device_round)
 from ftte.pipeline.clock import VirtualClock, compute_time, transfer_time
-from ftte.pipeline.cohort import CohortRun, UserLevel, run_cohort
+from ftte.pipeline.cohort import CohortRun, UserLevel, run_cohort, simulated_identities
 from ftte.pipeline.cohort_time import ModelledCohort, model_cohort, supports as duration_known
 from ftte.pipeline.config import Config, ConfigError
 from ftte.pipeline.datasets import load_dataset
@@ -149,7 +148,7 @@ class Simulation:
             store_path, self.state, self.ledger = ":memory:", None, None
         self.store = AccountantStore(store_path, durability=self.store_durability)
         self.trainer = LocalTrainer(self.model, self.plan, self.dp, self.settings, self.store)
-        self.identities = {d.device_id: Signer() for d in self.fleet}
+        self.identities = simulated_identities(seed, [d.device_id for d in self.fleet])
         layers = layer_macs(self.model, self.data.input_shape)
         self.macs = macs_per_sample(layers, self.plan.trainable_layers[0], self.dp.enabled, self.settings.clipping)
         self.server = ServerModel(self.plan.plan_id, subset_vector(self.model, self.plan).astype(np.float64),
@@ -441,7 +440,7 @@ class Simulation:
         """Run a planned cohort: its session (or plain path), with the members on the backend's workers."""
         return run_cohort(start, members, self.identities, self._cohort_rng(start.cohort_id),
                           secure=self.cfg.secagg.enabled, latency_s=self.cfg.fleet.latency_s, user=self.user,
-                          member_runner=self.backend.member_runner)
+                          member_runner=self.backend.member_runner, seed=self.cfg.run.seed)
 
     def _run_started(self, start: Any, members: list[tuple[SimDevice, LocalUpdate]], modelled: ModelledCohort) -> CohortRun:
         """Lazy mode: run a cohort planned at its close, and hold it to the drops and duration its

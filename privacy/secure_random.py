@@ -95,6 +95,15 @@ class SecureRandom:
         info = "\x1f".join(context).encode("utf-8")
         return cls(_hkdf(str(seed).encode("ascii"), _SEED_SALT, info), source=SOURCE_SEED)
 
+    def __reduce__(self):
+        """Picklable while unused, so a simulation can hand a member's generator to the worker
+        process that plays it (the Ray backend): the copy starts where the original stands, at
+        the stream's start. A generator that has drawn cannot be copied, or two parties would
+        share keystream."""
+        if self.bytes_drawn:
+            raise TypeError("a SecureRandom that has drawn cannot be pickled (its copy would repeat the draws)")
+        return (_rebuild, (self._key, self.source))
+
     def child(self, label: str) -> "SecureRandom":
         """An independent generator for ``label`` (same source); does not advance this one."""
         return SecureRandom(_hkdf(self._key, _CHILD_SALT, label.encode("utf-8")), source=self.source)
@@ -190,6 +199,10 @@ class SecureRandom:
             count *= int(d)
         values = self._gaussian_t(count, std).reshape(tuple(shape))
         return values.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def _rebuild(key: bytes, source: str) -> SecureRandom:
+    return SecureRandom(key, source=source)
 
 
 def poisson_batches(rng: SecureRandom, n_records: int, sample_rate: float, steps: int) -> list[list[int]]:

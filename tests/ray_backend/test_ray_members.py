@@ -3,6 +3,7 @@ dies in the middle of a stage drops exactly its members, at that stage."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -54,6 +55,22 @@ def test_members_run_on_the_workers_and_give_the_in_process_sum(ray_sim, monkeyp
     assert stats.bytes_up.keys() == local_stats.bytes_up.keys()
     assert stats.stage_up.keys() == local_stats.stage_up.keys()
     assert sorted(set(runner.placement.values())) == [0, 1]  # both workers held members
+
+
+def test_seeded_members_on_the_workers_send_the_same_bytes_as_in_process(ray_sim):
+    """A simulation's members draw from generators derived from its run seed; each travels unused to
+    the worker that plays its member, so the ring and every message are the ones the driver would make."""
+    from ftte.pipeline.cohort import member_randomness
+
+    params, ids, inputs = _session(n=12)
+    params = dataclasses.replace(params, graph="ring", neighbors=4)
+    drop = {2: "upload", 7: "unmask"}
+    local, local_stats = run_session(params, ids, inputs, drop=drop,
+                                     randomness=member_randomness(5, params.cohort_id, params.members))
+    remote, stats = run_session(params, ids, inputs, drop=drop, members=ray_sim.backend.member_runner(),
+                                randomness=member_randomness(5, params.cohort_id, params.members))
+    assert remote is not None and local is not None and np.array_equal(remote.total, local.total)
+    assert stats.stage_up == local_stats.stage_up and stats.stage_down == local_stats.stage_down
 
 
 @pytest.mark.slow
