@@ -43,7 +43,8 @@ _ROTATION_DOMAIN = b"ftte/user-dp/rotation/v1"
 # part of the mechanism's cost). Its error is far below one rounding unit: a relative error of at
 # most ROTATION_ERROR of the norm is what the bounds below allow. Worst case, about (L + 4) 2^-24
 # for L levels of butterflies and about 20 units of 2^-24 per BLAS product with factors of 8: under
-# 2^-16 up to 2^30 coordinates; measured, 2^-21 to 2^-25 (tests/protocol/test_user_encoding.py).
+# 2^-16 up to 2^30 coordinates; measured, 2^-22.7 to 2^-28 from 2^10 to 2^20
+# coordinates, dense and single-spike inputs, both transforms (tests/protocol/test_user_encoding.py).
 ROTATION_ERROR = 2.0**-16
 _CLIP_MARGIN = 1.0 - ROTATION_ERROR  # so that the float32 rotation stays within C s, under the exact norm check
 _FLOAT32_SAFE = 1e36  # below float32's largest value (3.4e38) with room for the transform's rounding
