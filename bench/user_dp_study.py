@@ -89,6 +89,9 @@ class StudySettings:
     server_lr: float | None = None  # [server] lr; None: the config's
     momentum: float | None = None  # [server] momentum (FedAvgM); None: the config's
     threshold: int = 0  # [secagg] threshold T; 0: the config's (a majority of the cohort)
+    # a cap on ftte's plan in every ftte run, private or not (the rule's cap still applies below it):
+    # holds the plan fixed across noises and thresholds, so they compete like for like; 0: the rule alone
+    max_coordinates: int = 0
     preset: str | None = None  # None: the default task
     model: str | None = None  # None: the preset's
     final_window: int = 10
@@ -214,6 +217,8 @@ def run_config(settings: StudySettings, spec: RunSpec) -> Any:
         overrides["server.momentum"] = settings.momentum
     if settings.threshold:
         overrides["secagg.threshold"] = settings.threshold
+    if settings.max_coordinates and spec.variant == "ftte":
+        overrides["train.max_coordinates"] = settings.max_coordinates
     if spec.epsilon is not None:
         overrides.update({"privacy.unit": "user", "privacy.user_noise": spec.noise,
                           "privacy.user_epsilon": spec.epsilon, "privacy.user_delta": settings.delta,
@@ -223,7 +228,7 @@ def run_config(settings: StudySettings, spec: RunSpec) -> Any:
     if spec.variant == "ftte" and spec.epsilon is None:  # the same plan as ftte's private run at epsilon 8
         cap = user_coordinate_cap(run_config(settings, same_plan_spec(settings)))
         assert cap is not None
-        cfg = cfg.with_overrides(**{"train.max_coordinates": cap})
+        cfg = cfg.with_overrides(**{"train.max_coordinates": min(cap, settings.max_coordinates or cap)})
     return cfg
 
 
@@ -458,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="[secagg] threshold T of each cohort (0: the config's, a majority); distributed noise is "
                          "calibrated for T - max_corrupt survivors, so a higher T means less noise with every member "
                          "surviving and more aborted cohorts")
+    ap.add_argument("--max-coordinates", type=int, default=0,
+                    help="cap ftte's plan at this many coordinates in every ftte run (the rule's cap still applies "
+                         "below it), so that noises and thresholds compete on the same plan (0: the rule alone)")
     ap.add_argument("--delta", type=float, default=1e-6)
     ap.add_argument("--participations", type=int, default=8, help="cohorts each device may join ([privacy] user_participations)")
     ap.add_argument("--seed", type=int, default=0)
@@ -482,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                              delta=args.delta, participations=args.participations, seed=args.seed,
                              neighbors=args.neighbors, device_lr=device_lr, device_lrs=device_lrs, clip=args.clip,
                              preset=args.preset, noise_ratio=args.noise_ratio, server_lr=args.server_lr,
-                             momentum=args.momentum, threshold=args.threshold,
+                             momentum=args.momentum, threshold=args.threshold, max_coordinates=args.max_coordinates,
                              nonprivate_lrs=tuple(args.nonprivate_lrs))
     doc = run_study(settings, args.out, quiet=args.quiet)
     print(markdown_table(doc["runs"], settings))

@@ -8,7 +8,7 @@ ratio and participations, as in the study), ``[secagg] threshold`` THRESHOLD (0:
 majority) and noise NOISE (``distributed``); one JSON line per run.
 
     .venv/bin/python -m ftte.bench.user_dp_tune OUT HORIZON_S [--seed 1] [--clip C] [--server-lr LR]
-        [--momentum B] [--participations P] ftte:1:3:8 ftte:2:3:8 fedbuff:1:1:8 ftte-memory:3.5:0.3:none
+        [--momentum B] [--participations P] [--max-coordinates N] ftte:1:3:8 ftte:2:3:8 fedbuff:1:1:8 ftte-memory:3.5:0.3:none
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--server-lr", type=float, default=None, help="[server] lr (default: the config's)")
     ap.add_argument("--momentum", type=float, default=None, help="[server] momentum (default: the config's)")
     ap.add_argument("--participations", type=int, default=8, help="[privacy] user_participations (the study's 8)")
+    ap.add_argument("--max-coordinates", type=int, default=0,
+                    help="cap ftte's plan at this many coordinates (see user_dp_study; 0: the rule alone)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     for arg in args.runs:
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         s = StudySettings(horizon_s=args.horizon, device_lr=float(lr), seed=args.seed, noise_ratio=float(ratio),
                           clip=args.clip, server_lr=args.server_lr, momentum=args.momentum,
                           participations=args.participations, threshold=int(thr),
+                          max_coordinates=args.max_coordinates,
                           epsilons=(epsilon if private else GOAL_EPSILON,))
         spec = RunSpec(variant, noise if private else "none", epsilon)
         cfg = run_config(s, spec)

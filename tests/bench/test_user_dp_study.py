@@ -114,6 +114,18 @@ def test_threshold_momentum_and_participations_reach_the_config_and_the_plan_rul
     assert nonprivate.train.max_coordinates == user_coordinate_cap(run_config(_tiny(threshold=7, **finite), spec))
 
 
+def test_max_coordinates_holds_ftte_to_one_plan_in_every_run():
+    """--max-coordinates caps every ftte run, private (both noises) and non-private, below the rule's caps, so
+    they train the same plan; the full model and the memory-only plan keep theirs."""
+    finite = _tiny(epsilons=(2.0, 8.0), max_coordinates=12, extra={"train.batch_size": 4, "fleet.stragglers": 0.5})
+    cfgs = {s.name: run_config(finite, s) for s in grid(finite)}
+    ftte_runs = [name for name in cfgs if name.startswith("ftte-") and not name.startswith("ftte-memory")]
+    assert {"ftte-nonprivate", "ftte-distributed-eps8", "ftte-server-eps2"} <= set(ftte_runs)
+    assert all(cfgs[name].train.max_coordinates == 12 for name in ftte_runs)
+    assert cfgs["ftte-memory-nonprivate"].train.max_coordinates == 0 == cfgs["fedbuff-nonprivate"].train.max_coordinates
+    assert cfgs["fedbuff-distributed-eps8"].train.max_coordinates == 0
+
+
 def _rec(variant: str, noise: str, eps: float | None, acc: float) -> dict:
     return {"variant": variant, "noise": noise, "epsilon_target": eps, "final_accuracy": acc}
 
