@@ -149,12 +149,16 @@ def _one_blas_thread() -> AbstractContextManager | None:
 
 def _fwht_scaled(y: np.ndarray, factor: float) -> np.ndarray:
     """``factor * H y`` for a float64 or float32 vector of power-of-two length, in place (returns
-    ``y``), in ``y``'s precision."""
+    ``y``), in ``y``'s precision. In float32, where the compiled loops are built, they run
+    :func:`_fwht_inplace`'s operations (the same values as the butterflies, not as the products)."""
     n = y.shape[0]
     if n < 1 or n & (n - 1):
         raise ValueError("length must be a power of two")
     if y.dtype not in (np.float64, np.float32):
         raise TypeError(f"the transform runs in float64 or float32, got {y.dtype}")
+    if y.dtype == np.float32 and native.enabled():
+        native.fwht_f32(y, factor)
+        return y
     levels = n.bit_length() - 1
     block_levels = (_BLOCK_BYTES // y.dtype.itemsize).bit_length() - 1
     inner = _factor_sizes(min(levels, block_levels))
@@ -273,10 +277,8 @@ class EncodedUpdate:
         """The signed rounded contribution before noise (int64), for tests and checks: the ring
         minus the noise, read as signed (exact, since every ``|q|`` is below the sensitivity and the
         ring holds ``2^(b-1)`` beyond it, see ``plan_user_dp``)."""
-        bits = 8 * self.ring.dtype.itemsize
-        diff = (self.ring.astype(np.int64) - self.noise) & ((1 << bits) - 1)
-        diff[diff >= 1 << (bits - 1)] -= 1 << bits
-        return diff
+        residue = np.subtract(self.ring, self.noise, out=np.empty_like(self.ring), casting="unsafe")  # mod 2^b
+        return residue.view(f"<i{self.ring.dtype.itemsize}").astype(np.int64)  # as UserCodec.to_signed reads it
 
 
 class UserCodec:
@@ -301,9 +303,6 @@ class UserCodec:
         padded = np.empty(p.padded_dim, dtype=dtype)
         np.multiply(x, self.signs[: p.dim], out=padded[: p.dim], casting="same_kind")
         padded[p.dim:] = 0.0
-        if padded.dtype == np.float32 and native.enabled():  # _fwht_inplace's float32 operations, compiled
-            native.fwht_f32(padded, factor / math.sqrt(p.padded_dim))
-            return padded
         return _fwht_scaled(padded, factor / math.sqrt(p.padded_dim))
 
     def unrotate(self, y: np.ndarray) -> np.ndarray:
