@@ -491,9 +491,10 @@ def _attempts_into(rng: SecureRandom, k: int, env: _Envelope, out: np.ndarray) -
         out[: accepted.size] = accepted
         return accepted.size
     words = rng.words(2 * k)
+    compiled = native.enabled()
     # numpy: the fast path, then the full test for the rest; compiled: both in one loop, except
     # the attempts that need more keystream (tail entries, ties), which the full test below takes
-    value, slow = (native.dg_batch(words, _CHUNK, env, k, _exponent_scale(env), _EXP_POLY) if native.enabled()
+    value, slow = (native.dg_batch(words, _CHUNK, env, k, _exponent_scale(env), _EXP_POLY) if compiled
                    else _fast_pass(words, k, env))
     if slow.size:
         at_first, at_second = _word_positions(slow, k)
@@ -502,7 +503,7 @@ def _attempts_into(rng: SecureRandom, k: int, env: _Envelope, out: np.ndarray) -
         s_ok, s_magnitude = _full_test(rng, env, s_index, s_off, s_sign, s_head, head_bits, s_spare)
         s_magnitude[s_sign.astype(bool)] *= -1
         value[slow] = np.where(s_ok, s_magnitude, _REJECTED)  # |x| < 2^31 (checked when the table is built)
-    if native.enabled():
+    if compiled:
         return native.dg_compact(value, out)
     accepted = value[value != _REJECTED][: out.shape[0]]
     out[: accepted.size] = accepted
