@@ -7,7 +7,7 @@ non-private run, which for ``ftte`` trains the plan of its private run at epsilo
 ratio and participations, as in the study), ``[secagg] threshold`` THRESHOLD (0: the default
 majority) and noise NOISE (``distributed``); one JSON line per run.
 
-    .venv/bin/python -m ftte.bench.user_dp_tune OUT HORIZON_S [--seed 1] [--clip C] [--server-lr LR]
+    .venv/bin/python -m ftte.bench.user_dp_tune OUT HORIZON_S [--seed 1] [--buffer K] [--clip C] [--server-lr LR]
         [--momentum B] [--participations P] [--max-coordinates N] ftte:1:3:8 ftte:2:3:8 fedbuff:1:1:8 ftte-memory:3.5:0.3:none
 """
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("horizon", type=float)
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--buffer", type=int, default=100, help="cohort size K (the study's 100)")
     ap.add_argument("--clip", type=float, default=None, help="[secagg] clip (default: the config's)")
     ap.add_argument("--server-lr", type=float, default=None, help="[server] lr (default: the config's)")
     ap.add_argument("--momentum", type=float, default=None, help="[server] momentum (default: the config's)")
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         variant, ratio, lr, eps, thr, noise = parts + ["0", "distributed"][len(parts) - 4:]
         private = eps != "none"
         epsilon = float(eps) if private else None
-        s = StudySettings(horizon_s=args.horizon, device_lr=float(lr), seed=args.seed, noise_ratio=float(ratio),
+        s = StudySettings(horizon_s=args.horizon, buffer=args.buffer, device_lr=float(lr), seed=args.seed, noise_ratio=float(ratio),
                           clip=args.clip, server_lr=args.server_lr, momentum=args.momentum,
                           participations=args.participations, threshold=int(thr),
                           max_coordinates=args.max_coordinates,
@@ -52,13 +53,15 @@ def main(argv: list[str] | None = None) -> None:
         cfg = run_config(s, spec)
         t = time.time()
         name = f"{variant}-{spec.noise}-ratio{ratio}-lr{lr}-eps{eps}-t{thr}-h{args.horizon:g}-p{args.participations}"
+        name += f"-k{args.buffer}" if args.buffer != 100 else ""
         name += "".join(f"-{tag}{v:g}" for tag, v in (("clip", args.clip), ("slr", args.server_lr),
                                                      ("mom", args.momentum), ("seed", args.seed)) if v is not None)
         res = run_one(cfg, args.out / name, quiet=True)
         r = run_record(spec, res.summary, res.history, s, cfg)
         keep = ("trainable_coordinates", "predicted_noise_ratio", "final_accuracy", "best_accuracy", "versions",
                 "aborted_cohorts", "devices_out_of_budget")
-        print(json.dumps({"variant": variant, "noise": spec.noise, "threshold": cfg.secagg.threshold,
+        print(json.dumps({"variant": variant, "noise": spec.noise, "buffer": args.buffer,
+                          "threshold": cfg.secagg.threshold,
                           "ratio": float(ratio), "lr": float(lr), "eps": epsilon,
                           "participations": args.participations, "clip": cfg.secagg.clip, "server_lr": cfg.server.lr,
                           "momentum": cfg.server.momentum, "seed": args.seed, **{k: r[k] for k in keep},
