@@ -86,11 +86,11 @@ def prepare_member(update: LocalUpdate, start: CohortStart) -> tuple[np.ndarray,
 @dataclass(frozen=True)
 class UserLevel:
     """User-level DP for a cohort: noise added by the members inside the masked sum
-    ("distributed") or by a trusted server to the plain sum ("server"), at multiplier ``z``."""
+    ("distributed") or by a trusted server to the plain sum ("server"), at multiplier ``z``.
+    Where the draws come from is :func:`run_cohort`'s ``seed``, like every other simulated draw."""
 
     noise: str
     z: float
-    seed: int  # the run seed: members' rounding and noise keys derive from it (simulation only)
 
 
 def simulated_identities(seed: int, devices: Sequence[int]) -> dict[int, Signer]:
@@ -116,7 +116,8 @@ def run_cohort(start: CohortStart, members: Sequence[tuple[SimDevice, LocalUpdat
     """``member_runner``: where the members' secure-aggregation work runs (a fresh runner per
     session; default this process). A member whose worker died mid-session is a dropout at
     that stage, recorded with the drawn ones. ``seed``: the run seed, from which the members'
-    session randomness derives (:func:`member_randomness`); None: they draw from the OS."""
+    session randomness (:func:`member_randomness`) and the user-level rounding and noise derive;
+    None: every one of them draws from the OS, as a deployed device (and server) does."""
     devices = {d.device_id: d for d, _ in members}
     ids = tuple(sorted(devices))
     if ids != tuple(start.members):
@@ -134,7 +135,7 @@ def run_cohort(start: CohortStart, members: Sequence[tuple[SimDevice, LocalUpdat
     else:
         run = _plain(start, ids, devices, prepared, rng, latency_s, weights, staleness)
     if user is not None and run.result.total is not None:  # the trusted server adds the noise to the sum
-        run = _with_central_noise(run, start, user)
+        run = _with_central_noise(run, start, user, seed)
     return run
 
 
@@ -202,13 +203,18 @@ def _secure(start, ids, devices, prepared, identities, rng, latency_s, weights, 
                      bytes_up, weights)
 
 
-def _with_central_noise(run: CohortRun, start: CohortStart, user: UserLevel) -> CohortRun:
+def _user_rng(seed: int | None, *context: str) -> SecureRandom:
+    """A simulated party's user-level generator: derived from the run seed, or from the OS."""
+    return SecureRandom.from_os() if seed is None else SecureRandom.from_seed(seed, *context)
+
+
+def _with_central_noise(run: CohortRun, start: CohortStart, user: UserLevel, seed: int | None) -> CohortRun:
     """The baseline: a trusted server adds Gaussian noise of std ``z C`` to the unmasked sum."""
     from ftte.privacy.distributed_dp import central_noise
 
     total = run.result.total
     assert total is not None
-    noise = central_noise(SecureRandom.from_seed(user.seed, "central-noise", start.cohort_id),
+    noise = central_noise(_user_rng(seed, "central-noise", start.cohort_id),
                           total.weighted_sum.shape[0], start.clip, user.z)
     noisy = CohortSum(total.included, total.weighted_sum + noise, total.weight_sum, 0.0)
     return CohortRun(dataclasses.replace(run.result, total=noisy, start=None), run.bytes_up, run.weights)
@@ -230,8 +236,8 @@ def _user_secure(start, ids, devices, raw, identities, rng, latency_s, weights, 
                                members=len(ids), calibrated_for=start.threshold - start.max_corrupt)
     session_start = with_user_level(start, params, user.z)
     codec = UserCodec(params, rotation_seed(start.cohort_id, contribution_binding(session_start)))
-    inputs = {m: codec.encode(raw[m], weights[m], SecureRandom.from_seed(user.seed, "user-dp", str(m),
-                                                                          start.cohort_id)).ring for m in ids}
+    inputs = {m: codec.encode(raw[m], weights[m], _user_rng(seed, "user-dp", str(m), start.cohort_id)).ring
+              for m in ids}
     result, stats, drops, duration = _masked_session(session_params(session_start), ids, devices, identities,
                                                      inputs, rng, latency_s, runner, seed)
     bytes_up = dict(stats.bytes_up)

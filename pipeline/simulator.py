@@ -132,7 +132,7 @@ class Simulation:
         self.evaluator = Evaluator(self.model, self.plan, self.data.x_test, self.data.y_test)
         self.policy = cohort_policy(cfg)
         self.dp = cfg.privacy.dp_config()
-        self.user = (UserLevel(cfg.privacy.user_noise, cfg.privacy.user_noise_multiplier(), cfg.run.seed)
+        self.user = (UserLevel(cfg.privacy.user_noise, cfg.privacy.user_noise_multiplier())
                      if cfg.privacy.user_level else None)
         self._check_delta()
         self.settings = dataclasses.replace(cfg.train.settings(clipping), prefix_chunk=chunk)
