@@ -129,8 +129,8 @@ class Coordinator:
         self.finished_members: dict[str, set[int]] = {}
         self.counters = Counters()
         self.started_at = 0.0
-        self.history_tail: dict[str, Any] | None = None
-        self.recent_history: dict[int, dict[str, Any]] = {}  # version -> history row, the last ENDED_CACHE
+        # version -> history row, the last ENDED_CACHE versions (the progress log names a cohort's accuracy)
+        self.recent_history: dict[int, dict[str, Any]] = {}
         self._merge_lock = asyncio.Lock()
         self.commit_seconds: deque[float] = deque(maxlen=1000)
         self._tasks: set[asyncio.Task] = set()
@@ -166,7 +166,8 @@ class Coordinator:
             ck = rec.checkpoint
             self.model.restore(version=ck.version, weights=ck.weights, velocity=ck.velocity,
                                reference_variance=ck.reference_variance)
-            self.history_tail = ck.history[-1] if ck.history else None
+            for row in ck.history[-ENDED_CACHE:]:
+                self.recent_history[int(row["version"])] = row
         for v, w in rec.recent_weights.items():
             self.model.remember(v, w)
         for cid, record in rec.finished.items():
@@ -608,7 +609,6 @@ class Coordinator:
             self.commit_seconds.append(time.perf_counter() - t0)
             self.counters.ledger_rows += written
             if applied.applied:
-                self.history_tail = history
                 self.recent_history[m.version] = history
                 self.recent_history.pop(m.version - ENDED_CACHE, None)
                 self.counters.cohorts_applied += 1
@@ -660,7 +660,7 @@ class Coordinator:
             "journal_entries": self.journal.entries,
             "journal_write_ms": _quantiles_ms(self.journal.write_seconds),
             "cohort_commit_ms": _quantiles_ms(self.commit_seconds),
-            "last_history_row": self.history_tail,
+            "last_history_row": self.recent_history[max(self.recent_history)] if self.recent_history else None,
         }
 
 

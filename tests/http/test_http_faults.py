@@ -86,8 +86,10 @@ def _run_with_server_kills(tmp_path, fleet, kills: int):
             killed.append(_kill_mid_buffer(server, min_version=1 + 2 * k, timeout=120, prefer=prefer))
             time.sleep(0.3)
             server.start()
-            recovered = server.metrics()["recovered_cohorts"]
-            killed[-1]["recovered"] = recovered
+            restarted = server.metrics()
+            killed[-1]["recovered"] = restarted["recovered_cohorts"]
+            # the status names the restored version's history row, read back from the checkpoint
+            assert restarted["last_history_row"]["version"] == restarted["version"] >= killed[-1]["version"]
         wait_for(lambda: server.metrics()["version"] >= killed[-1]["version"] + 3, 120, 0.2,
                  "progress after the restart")
         for e in edges:

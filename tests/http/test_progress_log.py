@@ -17,7 +17,7 @@ from ftte.deploy_messages import CohortEnd  # noqa: E402
 
 def test_one_line_per_cohort_with_version_accuracy_counts_and_active_devices():
     coordinator = SimpleNamespace(ended={"c-1": CohortEnd("c-1", "applied", 1, (5, 6, 7), "")},
-                                  counters=Counters(cohorts_applied=1), history_tail=None, version=1,
+                                  counters=Counters(cohorts_applied=1), version=1,
                                   recent_history={})
     api = SimpleNamespace(last_seen={})
     log = ProgressLog(coordinator, api, None)
@@ -27,8 +27,7 @@ def test_one_line_per_cohort_with_version_accuracy_counts_and_active_devices():
     api.last_seen.update({5: now, 6: now - 1, 7: now - ProgressLog.ACTIVE_WINDOW_S - 5})
     coordinator.ended["c-2"] = CohortEnd("c-2", "applied", 2, (5, 6), "")
     coordinator.counters.cohorts_applied = 2
-    coordinator.history_tail = {"version": 2, "accuracy": 0.8125}
-    coordinator.recent_history[2] = coordinator.history_tail
+    coordinator.recent_history[2] = {"version": 2, "accuracy": 0.8125}
     coordinator.version = 2
     coordinator.ended["c-3"] = CohortEnd("c-3", "aborted", 0, (), "only 1 survivor, threshold 2")
     coordinator.counters.cohorts_aborted = 1
@@ -44,13 +43,12 @@ def test_one_line_per_cohort_with_version_accuracy_counts_and_active_devices():
 
 def test_cohorts_that_end_between_two_looks_each_get_their_own_accuracy():
     """Under load several cohorts end between two looks; each line names its own version's accuracy."""
-    coordinator = SimpleNamespace(ended={}, counters=Counters(), history_tail=None, version=0, recent_history={})
+    coordinator = SimpleNamespace(ended={}, counters=Counters(), version=0, recent_history={})
     log = ProgressLog(coordinator, SimpleNamespace(last_seen={}), None)
     log.start()
     for v, acc in ((1, 0.5), (2, 0.625), (3, 0.75)):
         coordinator.ended[f"c-{v}"] = CohortEnd(f"c-{v}", "applied", v, (1, 2, 3), "")
         coordinator.recent_history[v] = {"version": v, "accuracy": acc}
-        coordinator.history_tail = coordinator.recent_history[v]
     coordinator.counters.cohorts_applied = 3
     lines = log.lines()
     assert [ln.split("test accuracy ")[1][:6] for ln in lines] == ["0.5000", "0.6250", "0.7500"]
