@@ -31,11 +31,21 @@ def test_gap_per_seed_against_the_best_reference_and_at_equal_versions(tmp_path)
     s0, s1 = rows
     assert s0.reference == "rise0" and s0.reference_final == pytest.approx(0.9)
     assert s0.gap == pytest.approx(0.5)
-    # at the private run's last 2 evaluations (indices 2, 3) the rising reference was at 0.3
-    assert s0.reference_at_equal_versions == pytest.approx(0.3) and s0.gap_at_equal_versions == pytest.approx(-0.1)
-    assert s1.gap == pytest.approx(0.25)
+    # at the private run's last 2 evaluations (indices 2, 3) the rising reference was at 0.3, the flat one 0.5
+    assert s0.reference_at_equal_versions == "flat0"
+    assert s0.at_equal_versions == pytest.approx(0.5) and s0.gap_at_equal_versions == pytest.approx(0.1)
+    # seed 1's reference made as many evaluations: at equal versions it is its final
+    assert s1.gap == pytest.approx(0.25) and s1.gap_at_equal_versions == pytest.approx(0.25)
     s = uds.summary(rows)
     assert s["mean_gap"] == pytest.approx(0.375) and s["within_goal"] == 0 and not s["goal_met_on_mean"]
+    assert s["mean_gap_at_equal_versions"] == pytest.approx(0.175)
+
+
+def test_a_reference_with_fewer_evaluations_counts_with_its_own_final_window(tmp_path):
+    p = _run(tmp_path / "p", 0, [0.1, 0.2, 0.3, 0.4])
+    short = _run(tmp_path / "short", 0, [0.6, 0.7])
+    (row,) = uds.seed_gaps([uds.read_run(p)], [uds.read_run(short)], window=2)
+    assert row.at_equal_versions == pytest.approx(0.65) and row.gap_at_equal_versions == pytest.approx(0.3)
 
 
 def test_only_evaluations_up_to_the_horizon_count(tmp_path):
@@ -63,7 +73,7 @@ def test_command_prints_the_table_and_json(tmp_path, capsys):
     r = _run(tmp_path / "r", 0, [0.6, 0.6])
     uds.main(["--private", str(p), "--reference", str(r)])
     out = capsys.readouterr().out
-    assert "| 0 | 0.4000 | 2 | r | 0.6000 | +0.2000 |" in out and "MISSED" in out
+    assert "| 0 | 0.4000 | 2 | r | 0.6000 | +0.2000 | r | 0.6000 | +0.2000 |" in out and "MISSED" in out
     uds.main(["--private", str(p), "--reference", str(r), "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert doc["mean_gap"] == pytest.approx(0.2) and doc["rows"][0]["reference"] == "r"
