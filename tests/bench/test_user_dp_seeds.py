@@ -61,7 +61,7 @@ def test_bad_inputs_are_refused_by_name(tmp_path):
     other = uds.read_run(_run(tmp_path / "q", 3, [0.5]))
     with pytest.raises(ValueError, match="two private runs for seed 3"):
         uds.seed_gaps([p, other], [p])
-    with pytest.raises(ValueError, match="seed 3 .* has no non-private reference"):
+    with pytest.raises(ValueError, match="seed 3 .* has no reference run"):
         uds.seed_gaps([p], [])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.toml is missing"):
@@ -77,5 +77,8 @@ def test_command_prints_the_table_and_json(tmp_path, capsys):
     uds.main(["--private", str(p), "--reference", str(r), "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert doc["mean_gap"] == pytest.approx(0.2) and doc["rows"][0]["reference"] == "r"
+    uds.main(["--private", str(p), "--reference", str(r), "--reference-label", "central", "--goal", "0.3"])
+    out = capsys.readouterr().out
+    assert "best central" in out and "(met: the goal is at most +0.30)" in out
     with pytest.raises(SystemExit):
         uds.main(["--private", str(tmp_path / "nope"), "--reference", str(r)])
