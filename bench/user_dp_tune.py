@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         variant, ratio, lr, eps, thr, noise = parts + ["0", "distributed"][len(parts) - 4:]
         private = eps != "none"
         epsilon = float(eps) if private else None
-        s = StudySettings(horizon_s=args.horizon, buffer=args.buffer, device_lr=float(lr), seed=args.seed, noise_ratio=float(ratio),
+        s = StudySettings(horizon_s=args.horizon, buffer=args.buffer, device_lr=float(lr), seed=args.seed,
+                          noise_ratio=float(ratio),
                           clip=args.clip, server_lr=args.server_lr, momentum=args.momentum,
                           participations=args.participations, threshold=int(thr),
                           max_coordinates=args.max_coordinates,

@@ -13,7 +13,8 @@ def _run(folder, seed, accs, horizon=450.0, times=None):
     folder.mkdir(parents=True)
     (folder / "config.toml").write_text(f"[run]\nseed = {seed}\nmax_virtual_time_s = {horizon}\n")
     times = times or [10.0 * (i + 1) for i in range(len(accs))]
-    rows = [{"version": i + 1, "virtual_time_s": t, "accuracy": a, "loss": 1.0, "cohort_size": 10, "mean_staleness": 0.0} for i, (t, a) in enumerate(zip(times, accs))]
+    rows = [{"version": i + 1, "virtual_time_s": t, "accuracy": a, "loss": 1.0, "cohort_size": 10,
+             "mean_staleness": 0.0} for i, (t, a) in enumerate(zip(times, accs))]
     write_history_csv(folder / "history.csv", rows)
     return folder
 
