@@ -39,8 +39,8 @@ class RunCurve:
     accuracies: tuple[float, ...]  # evaluations up to the horizon, in time order
 
     def final(self, window: int) -> float:
-        tail = self.accuracies[-window:]
-        return math.fsum(tail) / len(tail)
+        """The study's final accuracy: the mean of the last ``window`` evaluations."""
+        return self.at_evaluations(len(self.accuracies), window)
 
     def at_evaluations(self, n: int, window: int) -> float:
         """Mean of the ``window`` evaluations ending at evaluation ``n`` (or at this run's last, if
